@@ -1,0 +1,120 @@
+"""The ``cxrtriage`` command."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Chest X-ray severity triage node.")
+console = Console()
+
+
+@app.callback()
+def _root() -> None:
+    """Chest X-ray severity triage node."""
+
+
+@app.command()
+def train(
+    task: str = typer.Argument(..., help="lungs (Stage I) or disease (Stage II)"),
+    data: str = typer.Option("synthetic", help="synthetic, folder (img/ + mask/) or supervisely (img/ + ann/)"),
+    data_root: Optional[Path] = typer.Option(None, help="dataset root for folder / supervisely layouts"),
+    arch: str = typer.Option("Unet", help="smp architecture"),
+    encoder: str = typer.Option("mobilenet_v2", help="smp encoder"),
+    input_size: int = typer.Option(256, help="square model input size"),
+    in_channels: int = typer.Option(1, help="1 for grey input; 3 to match ImageNet-style models"),
+    steps: int = typer.Option(1500, help="optimiser steps"),
+    batch_size: int = typer.Option(8),
+    lr: float = typer.Option(2e-3),
+    train_images: int = typer.Option(1600, help="phantoms drawn for training (synthetic)"),
+    val_images: int = typer.Option(96, help="held-out images for model selection"),
+    eval_every: int = typer.Option(250),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1 ..."),
+    seed: int = typer.Option(0),
+    out: Path = typer.Option(Path("runs/train"), help="output folder: weights, metrics.jsonl"),
+) -> None:
+    """Train one pipeline stage and write bundled weights (fp16 safetensors)."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from .inference.training.trainer import TrainConfig
+    from .inference.training.trainer import train as run_training
+
+    if task not in ("lungs", "disease"):
+        raise typer.BadParameter("task must be 'lungs' or 'disease'")
+    cfg = TrainConfig(
+        task=task, data=data, data_root=str(data_root) if data_root else None, arch=arch, encoder=encoder,
+        input_size=input_size, in_channels=in_channels, steps=steps, batch_size=batch_size, lr=lr,
+        train_images=train_images, val_images=val_images, eval_every=eval_every, device=device, seed=seed,
+        out=str(out / task),
+    )
+    console.print(f"preparing {cfg.data} data for [bold]{task}[/] ...")
+    with Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+        TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=console,
+    ) as progress:
+        bar = progress.add_task(f"train {task}", total=cfg.steps, info="")
+
+        def on_step(step: int, record: dict) -> None:
+            info = f"loss {record['loss']:.3f}"
+            if "val_dice" in record:
+                info += f"  val dice {record['val_dice']:.3f}"
+            if "val_auc" in record:
+                info += f"  auc {record['val_auc']:.3f}"
+            progress.update(bar, completed=step, info=info)
+
+        result = run_training(cfg, on_step)
+    console.print(f"weights: {result.weights}\nmetrics: {result.metrics_log}\nbest: {json.dumps(result.best)}")
+
+
+@app.command()
+def score(
+    inputs: list[Path] = typer.Argument(..., help="DICOM / PNG / JPEG files or folders"),
+    out: Path = typer.Option(Path("cxrtriage-out"), help="folder for results.json and overlay PNGs"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="config.yaml (default: built-in settings)"),
+) -> None:
+    """Score chest radiographs offline: a table, results.json and an overlay PNG per image.
+
+    Exit status 0 when every file was scored, 1 when some were rejected (each
+    is listed with its reason), 2 when nothing could be scored.
+    """
+    from rich.table import Table
+
+    from .config import load_settings
+    from .inference.pipeline import Pipeline
+    from .inference.score_files import expand_inputs, score_files, write_report
+
+    settings = load_settings(config)
+    files = expand_inputs(inputs)
+    if not files:
+        console.print("[red]no input files found[/]")
+        raise typer.Exit(2)
+    pipeline = Pipeline(settings.inference)
+    table = Table(title=f"cxrtriage: {len(files)} file(s)")
+    for column in ("file", "score 0-6", "zones A-F", "Brixia 0-18", "P(disease)", "ms", "status"):
+        table.add_column(column)
+    outcomes = []
+    for outcome in score_files(pipeline, files, out):
+        outcomes.append(outcome)
+        if outcome.ok:
+            r = outcome.result or {}
+            zones = "".join(str(z["binary_score"]) for z in r["zones"].values())
+            table.add_row(
+                outcome.path.name, str(r["total_score"]), zones, str(r["brixia_total"]),
+                f"{r['p_disease']:.2f}", f"{r['timings_ms']['total']:.0f}", "[green]scored[/]",
+            )
+        else:
+            table.add_row(outcome.path.name, "-", "-", "-", "-", "-", f"[red]{outcome.reason}[/]: {outcome.message}")
+    report = write_report(outcomes, out, pipeline)
+    console.print(table)
+    rejected = sum(not o.ok for o in outcomes)
+    console.print(f"results: {report}  ({len(outcomes) - rejected} scored, {rejected} rejected)")
+    if rejected:
+        raise typer.Exit(2 if rejected == len(outcomes) else 1)
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()

@@ -1,0 +1,276 @@
+"""Reading chest radiographs: DICOM (CR, DX, Secondary Capture) and image files.
+
+:func:`load_radiograph` returns a :class:`Radiograph` whose ``pixels`` are
+float32 in [0, 1] as a radiologist would see them (MONOCHROME2: air dark):
+Modality LUT (rescale) then VOI LUT / window (PS3.3 C.11), MONOCHROME1
+inverted, percentile-stretched. Compressed transfer syntaxes are decoded by
+pydicom's plugins (pylibjpeg-libjpeg: JPEG baseline/extended/lossless;
+pylibjpeg-openjpeg: JPEG 2000; pyjpegls: JPEG-LS; pydicom: RLE).
+
+Anything that is not a frontal chest radiograph raises a
+:class:`RadiographError` subclass whose ``reason`` is a stable code, so the
+DICOM node can map it to a status and a log line; nothing else escapes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import cv2
+import numpy as np
+
+#: SOP classes accepted as chest radiographs (PS3.4 B.5).
+ACCEPTED_SOP_CLASSES: dict[str, str] = {
+    "1.2.840.10008.5.1.4.1.1.1": "CR Image",
+    "1.2.840.10008.5.1.4.1.1.1.1": "Digital X-Ray Image - For Presentation",
+    "1.2.840.10008.5.1.4.1.1.1.1.1": "Digital X-Ray Image - For Processing",
+    "1.2.840.10008.5.1.4.1.1.7": "Secondary Capture Image",
+    "1.2.840.10008.5.1.4.1.1.7.2": "Multi-frame Grayscale Byte Secondary Capture Image",
+    "1.2.840.10008.5.1.4.1.1.7.3": "Multi-frame Grayscale Word Secondary Capture Image",
+}
+#: Body Part Examined (0018,0015) values that are a chest (PS3.16 CID 4031 terms
+#: plus common vendor spellings). A missing value is accepted.
+CHEST_BODY_PARTS = frozenset({"CHEST", "THORAX", "LUNG", "LUNGS", "TORSO", "CHEST_PA", "CHEST_AP", "PORT CHEST"})
+#: View Position (0018,5101) values of lateral and decubitus views.
+LATERAL_VIEWS = frozenset({"LL", "RL", "LLD", "RLD", "LAT", "LATERAL", "LLO", "RLO"})
+MIN_SIDE = 64
+MAX_SIDE = 8192
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+class RadiographError(ValueError):
+    """A file that cannot be scored; ``reason`` is a stable machine-readable code."""
+
+    reason = "unreadable"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"{self.reason}: {message}")
+        self.detail = message
+
+
+class NotDicomError(RadiographError):
+    reason = "not_dicom"
+
+
+class NoPixelDataError(RadiographError):
+    reason = "no_pixel_data"
+
+
+class UnsupportedSOPClassError(RadiographError):
+    reason = "unsupported_sop_class"
+
+
+class NotChestError(RadiographError):
+    reason = "not_chest"
+
+
+class LateralViewError(RadiographError):
+    reason = "lateral_view"
+
+
+class ImageSizeError(RadiographError):
+    reason = "bad_image_size"
+
+
+class PhotometricError(RadiographError):
+    reason = "unsupported_photometric"
+
+
+class BitDepthError(RadiographError):
+    reason = "unsupported_bit_depth"
+
+
+class MultiFrameError(RadiographError):
+    reason = "multi_frame"
+
+
+class PixelDecodeError(RadiographError):
+    reason = "pixel_decode_failed"
+
+
+class UnreadableImageError(RadiographError):
+    reason = "unreadable"
+
+
+@dataclass
+class Radiograph:
+    """A decoded radiograph and the header facts the pipeline uses."""
+
+    pixels: np.ndarray  # float32 (rows, columns) in [0, 1], MONOCHROME2
+    source: str
+    pixel_spacing_mm: tuple[float, float] | None = None
+    patient_orientation: list[str] | None = None
+    image_laterality: str | None = None
+    sop_instance_uid: str | None = None
+    study_instance_uid: str | None = None
+    dataset: Any = field(default=None, repr=False)  # the pydicom Dataset, for DICOM inputs
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.pixels.shape  # type: ignore[return-value]
+
+
+def stretch(values: np.ndarray, low_pct: float = 0.5, high_pct: float = 99.5) -> np.ndarray:
+    """Map the ``low_pct``..``high_pct`` percentile range to [0, 1], clipping outside."""
+    values = values.astype(np.float32)
+    lo, hi = np.percentile(values, [low_pct, high_pct])
+    if hi <= lo:
+        lo, hi = float(values.min()), float(values.max())
+    if hi <= lo:
+        return np.zeros_like(values)
+    return np.clip((values - lo) / (hi - lo), 0.0, 1.0)
+
+
+def _check_size(rows: int, cols: int) -> None:
+    if min(rows, cols) < MIN_SIDE:
+        raise ImageSizeError(f"image is {rows}x{cols}; at least {MIN_SIDE} pixels per side are needed")
+    if max(rows, cols) > MAX_SIDE:
+        raise ImageSizeError(f"image is {rows}x{cols}; at most {MAX_SIDE} pixels per side are accepted")
+
+
+def _text(ds: Any, keyword: str) -> str:
+    value = ds.get(keyword)
+    return str(value).strip().upper() if value is not None else ""
+
+
+def check_header(ds: Any) -> None:
+    """Reject datasets that are not a single-frame frontal chest radiograph."""
+    sop_class = str(ds.get("SOPClassUID", ""))
+    if sop_class not in ACCEPTED_SOP_CLASSES:
+        raise UnsupportedSOPClassError(f"SOP class {sop_class or '(none)'} is not a radiograph class")
+    if "PixelData" not in ds and "FloatPixelData" not in ds:
+        raise NoPixelDataError("dataset has no Pixel Data (7FE0,0010)")
+    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    _check_size(rows, cols)
+    body_part = _text(ds, "BodyPartExamined")
+    if body_part and body_part not in CHEST_BODY_PARTS:
+        raise NotChestError(f"Body Part Examined is {body_part!r}")
+    view = _text(ds, "ViewPosition")
+    if view in LATERAL_VIEWS:
+        raise LateralViewError(f"View Position is {view!r}; only frontal (PA/AP) views are scored")
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames != 1:
+        raise MultiFrameError(f"{frames} frames; one image per instance is expected")
+    bits = int(ds.get("BitsStored", 0) or 0)
+    if not 8 <= bits <= 16:
+        raise BitDepthError(f"Bits Stored is {bits}; 8 to 16 are supported")
+    photometric = _text(ds, "PhotometricInterpretation")
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    grey = photometric in ("MONOCHROME1", "MONOCHROME2") and samples == 1
+    colour = photometric in ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_RCT", "YBR_ICT") and samples == 3
+    if not grey and not colour:
+        raise PhotometricError(f"Photometric Interpretation {photometric or '(none)'} with {samples} samples")
+    if colour and body_part not in CHEST_BODY_PARTS:
+        # Colour is only plausible for a screen capture of a chest film.
+        raise PhotometricError(f"{photometric} image that does not say it is a chest (Body Part Examined)")
+
+
+def dicom_pixels(ds: Any) -> np.ndarray:
+    """Presentation pixels of a checked dataset, float32 in [0, 1] (MONOCHROME2)."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    try:
+        raw = ds.pixel_array
+    except Exception as exc:  # pydicom raises many types for codec problems
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        name = getattr(syntax, "name", str(syntax))
+        raise PixelDecodeError(f"cannot decode pixel data ({name}): {exc}") from exc
+    photometric = _text(ds, "PhotometricInterpretation")
+    if raw.ndim == 3:
+        if photometric.startswith("YBR"):
+            from pydicom.pixels import convert_color_space
+
+            raw = convert_color_space(raw, photometric, "RGB")
+        raw = raw.astype(np.float32).mean(axis=2)
+        return stretch(raw)
+    values = apply_modality_lut(raw, ds)
+    has_voi = "VOILUTSequence" in ds or ("WindowCenter" in ds and "WindowWidth" in ds)
+    if has_voi:
+        try:
+            values = apply_voi_lut(values, ds, index=0)
+        except Exception:  # a malformed window is not worth rejecting the image for
+            pass
+    values = values.astype(np.float32)
+    if photometric == "MONOCHROME1":
+        values = values.max() - values
+    return stretch(values)
+
+
+def _spacing(ds: Any) -> tuple[float, float] | None:
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        value = ds.get(keyword)
+        if value is None:
+            continue
+        try:
+            rows, cols = float(value[0]), float(value[1])
+        except (TypeError, ValueError, IndexError):
+            continue
+        if rows > 0 and cols > 0:  # "0\0" means unknown (seen in real CRs)
+            return rows, cols
+    return None
+
+
+def radiograph_from_dataset(ds: Any, source: str = "<dataset>") -> Radiograph:
+    """Check and decode an in-memory pydicom Dataset."""
+    check_header(ds)
+    pixels = dicom_pixels(ds)
+    orientation = ds.get("PatientOrientation")
+    laterality = ds.get("ImageLaterality") or ds.get("Laterality")
+    return Radiograph(
+        pixels=pixels,
+        source=source,
+        pixel_spacing_mm=_spacing(ds),
+        patient_orientation=[str(v) for v in orientation] if orientation else None,
+        image_laterality=str(laterality) if laterality else None,
+        sop_instance_uid=str(ds.get("SOPInstanceUID", "")) or None,
+        study_instance_uid=str(ds.get("StudyInstanceUID", "")) or None,
+        dataset=ds,
+    )
+
+
+def load_dicom(path_or_file: str | Path | BinaryIO, source: str | None = None) -> Radiograph:
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    source = source or str(path_or_file)
+    try:
+        ds = pydicom.dcmread(path_or_file)
+    except InvalidDicomError as exc:
+        raise NotDicomError(f"{source} is not a DICOM file ({exc})") from exc
+    except Exception as exc:  # truncated or corrupt headers raise assorted errors
+        raise UnreadableImageError(f"{source}: cannot parse DICOM ({type(exc).__name__}: {exc})") from exc
+    return radiograph_from_dataset(ds, source)
+
+
+def load_image_file(path: str | Path) -> Radiograph:
+    """PNG / JPEG / TIFF for research use; colour is converted to grey."""
+    path = Path(path)
+    data = np.fromfile(str(path), dtype=np.uint8)
+    image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    if image is None:
+        raise UnreadableImageError(f"{path}: not a readable image file")
+    if image.ndim == 3:
+        image = cv2.cvtColor(image[:, :, :3], cv2.COLOR_BGR2GRAY) if image.shape[2] >= 3 else image[:, :, 0]
+    _check_size(*image.shape[:2])
+    if image.dtype == np.uint8:
+        pixels = image.astype(np.float32) / 255.0
+    else:
+        pixels = stretch(image.astype(np.float32), 0.0, 100.0)
+    return Radiograph(pixels=pixels, source=str(path))
+
+
+def load_radiograph(path: str | Path) -> Radiograph:
+    """Read a DICOM or image file by content, not by name."""
+    path = Path(path)
+    if not path.is_file():
+        raise UnreadableImageError(f"{path}: no such file")
+    with path.open("rb") as handle:
+        head = handle.read(132)
+    if len(head) == 132 and head[128:132] == b"DICM":
+        return load_dicom(path)
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return load_image_file(path)
+    # DICOM without a preamble (old ACR-NEMA style) or a misnamed file.
+    return load_dicom(path)

@@ -1,0 +1,81 @@
+"""Score files and folders without a network: the engine of ``cxrtriage score``."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from .overlay import write_overlay
+from .pipeline import Pipeline
+from .radiograph import RadiographError, load_radiograph
+
+
+@dataclass
+class FileOutcome:
+    """What happened to one input file: a result dict, or the reason it was refused."""
+
+    path: Path
+    result: dict[str, Any] | None = None
+    reason: str | None = None
+    message: str | None = None
+    overlay: Path | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.result is not None
+
+    def as_dict(self) -> dict[str, Any]:
+        if self.ok:
+            return {"file": str(self.path), "status": "scored", "overlay": str(self.overlay), **(self.result or {})}
+        return {"file": str(self.path), "status": "rejected", "reason": self.reason, "message": self.message}
+
+
+def expand_inputs(inputs: Iterable[Path]) -> list[Path]:
+    """Files as given, and every file below a given folder (sorted, hidden ones skipped)."""
+    files: list[Path] = []
+    for item in inputs:
+        if item.is_dir():
+            files.extend(
+                p for p in sorted(item.rglob("*")) if p.is_file() and not any(part.startswith(".") for part in p.parts)
+            )
+        else:
+            files.append(item)
+    return files
+
+
+def score_files(pipeline: Pipeline, files: list[Path], out_dir: Path) -> Iterator[FileOutcome]:
+    """Score each file; a bad file yields a refusal with its reason and never stops the run."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for index, path in enumerate(files):
+        try:
+            radiograph = load_radiograph(path)
+        except RadiographError as exc:
+            yield FileOutcome(path, reason=exc.reason, message=exc.detail)
+            continue
+        t0 = time.perf_counter()
+        try:
+            result = pipeline(radiograph)
+        except Exception as exc:  # a model or scoring failure on one image must not end the batch
+            yield FileOutcome(path, reason="pipeline_error", message=f"{type(exc).__name__}: {exc}")
+            continue
+        record = result.as_dict()
+        record["timings_ms"]["total"] = round((time.perf_counter() - t0) * 1000, 1)
+        overlay = write_overlay(out_dir / f"{index:04d}-{path.stem}.overlay.png", radiograph.pixels, result)
+        yield FileOutcome(path, result=record, overlay=overlay)
+
+
+def write_report(outcomes: list[FileOutcome], out_dir: Path, pipeline: Pipeline) -> Path:
+    report = {
+        "models": pipeline.model_versions,
+        "zone_threshold": pipeline.scoring.zone_threshold,
+        "brixia_cutoffs": list(pipeline.scoring.brixia_cutoffs),
+        "scored": sum(o.ok for o in outcomes),
+        "rejected": sum(not o.ok for o in outcomes),
+        "results": [o.as_dict() for o in outcomes],
+    }
+    path = out_dir / "results.json"
+    path.write_text(json.dumps(report, indent=2))
+    return path

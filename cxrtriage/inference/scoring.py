@@ -1,0 +1,385 @@
+"""Lung-zone severity scoring on binary masks.
+
+Array code only (numpy, plus ``scipy.ndimage`` for connected components): no
+torch, no OpenCV, so it can be tested exhaustively and reused by the node.
+
+Pipeline of this module:
+
+1. :func:`canonical_transform` reads the DICOM Patient Orientation (0020,0020)
+   and says how to flip/transpose the image so that the patient's right is on
+   the image left and the head is at the top (the PA/AP display convention).
+2. :func:`split_lungs` keeps the two *largest* connected components of the
+   lung mask (the published covid_scoring code takes the first two labels in
+   raster order and crops by bounding box, which leaks pixels of one lung into
+   the other) and names them patient-right / patient-left.
+3. :func:`lung_zones` cuts each lung into upper, middle and lower zones of
+   exactly equal area: the boundary row is split pixel by pixel, so the three
+   areas differ by at most one pixel (the published binary search is only
+   row-granular and can be off by a whole row).
+4. :func:`score` computes per zone the affected fraction, the binary zone
+   score (fraction > T, Danilov et al. 2022 / Toussie et al. 2020, total 0-6),
+   a Brixia-style grade 0-3 (zones A-F, Borghesi & Maroldi 2020, total 0-18),
+   the geographic-extent score per lung (0-4 by quartile, Wong et al. 2020)
+   and areas in mm^2 when the pixel spacing is known.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+from scipy import ndimage
+
+#: Zone names in report order. A-C are the patient's right lung, upper to
+#: lower; D-F the left lung (Brixia convention).
+ZONE_NAMES: tuple[str, ...] = (
+    "right_upper",
+    "right_middle",
+    "right_lower",
+    "left_upper",
+    "left_middle",
+    "left_lower",
+)
+BRIXIA_LETTERS: tuple[str, ...] = ("A", "B", "C", "D", "E", "F")
+
+_EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
+
+
+@dataclass(frozen=True)
+class OrientationTransform:
+    """How to bring an image into the canonical chest display orientation.
+
+    Applied in order: transpose (swap rows and columns), then flip rows
+    (upside down), then flip columns (mirror). :meth:`apply` and
+    :meth:`invert` are exact inverses.
+    """
+
+    transpose: bool = False
+    flip_rows: bool = False
+    flip_cols: bool = False
+
+    def apply(self, array: np.ndarray) -> np.ndarray:
+        out = array.T if self.transpose else array
+        if self.flip_rows:
+            out = out[::-1, :]
+        if self.flip_cols:
+            out = out[:, ::-1]
+        return out
+
+    def invert(self, array: np.ndarray) -> np.ndarray:
+        out = array
+        if self.flip_cols:
+            out = out[:, ::-1]
+        if self.flip_rows:
+            out = out[::-1, :]
+        return out.T if self.transpose else out
+
+
+def canonical_transform(patient_orientation: Sequence[str] | None) -> OrientationTransform:
+    """Transform to "patient right on image left, head at top".
+
+    ``patient_orientation`` is the value of Patient Orientation (0020,0020):
+    the first item is the patient direction of increasing column index (along
+    a row), the second of increasing row index (PS3.3 C.7.6.1.1.1). A PA chest
+    displayed conventionally is ``["L", "F"]``. Unknown or missing values keep
+    that convention as the default (the image is not changed).
+    """
+    if not patient_orientation or len(patient_orientation) != 2:
+        return OrientationTransform()
+    row_dir, col_dir = (str(v).upper() for v in patient_orientation)
+
+    def main_letter(value: str, letters: str) -> str | None:
+        # Oblique values like "LA" or "FL" list the dominant direction first.
+        for ch in value:
+            if ch in letters:
+                return ch
+        return None
+
+    lateral_on_rows = main_letter(row_dir, "LR")
+    axial_on_cols = main_letter(col_dir, "HF")
+    if lateral_on_rows and axial_on_cols:
+        return OrientationTransform(
+            transpose=False, flip_rows=axial_on_cols == "H", flip_cols=lateral_on_rows == "R"
+        )
+    # Rotated by 90 degrees: rows run head/feet, columns run left/right.
+    axial_on_rows = main_letter(row_dir, "HF")
+    lateral_on_cols = main_letter(col_dir, "LR")
+    if axial_on_rows and lateral_on_cols:
+        # After transposing, the old column direction runs along rows.
+        return OrientationTransform(
+            transpose=True, flip_rows=axial_on_rows == "H", flip_cols=lateral_on_cols == "R"
+        )
+    return OrientationTransform()
+
+
+@dataclass(frozen=True)
+class LungPair:
+    """Binary masks of the patient's right and left lung (canonical orientation)."""
+
+    right: np.ndarray
+    left: np.ndarray
+    components_found: int
+
+
+def largest_components(mask: np.ndarray, count: int) -> list[np.ndarray]:
+    """The ``count`` largest 8-connected components of ``mask``, largest first."""
+    labels, n = ndimage.label(mask, structure=_EIGHT_CONNECTED)
+    if n == 0:
+        return []
+    areas = np.bincount(labels.ravel())[1:]
+    order = np.argsort(-areas, kind="stable")[:count]
+    return [labels == (i + 1) for i in order]
+
+
+def remove_small_components(mask: np.ndarray, min_fraction: float) -> np.ndarray:
+    """Drop components smaller than ``min_fraction`` of the image area."""
+    labels, n = ndimage.label(mask, structure=_EIGHT_CONNECTED)
+    if n == 0:
+        return mask.astype(bool)
+    areas = np.bincount(labels.ravel())
+    keep = areas >= min_fraction * mask.size
+    keep[0] = False
+    return keep[labels]
+
+
+def _split_single_blob(blob: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """Split one blob spanning both lungs at the emptiest column near the middle."""
+    cols = np.flatnonzero(blob.any(axis=0))
+    lo, hi = cols[0], cols[-1]
+    width = hi - lo + 1
+    if width < 10:
+        return None
+    start, stop = lo + int(0.3 * width), lo + int(0.7 * width) + 1
+    profile = blob[:, start:stop].sum(axis=0)
+    cut = start + int(np.argmin(profile))
+    left_part = blob.copy()
+    left_part[:, cut:] = False
+    right_part = blob.copy()
+    right_part[:, :cut] = False
+    if not left_part.any() or not right_part.any():
+        return None
+    return left_part, right_part
+
+
+def split_lungs(mask: np.ndarray, image_laterality: str | None = None) -> LungPair:
+    """Name the two largest blobs of a canonical-orientation mask right/left.
+
+    The blob whose centroid is further to the image left is the patient's
+    right lung. A single blob that spans the midline (lungs touching) is cut
+    at the emptiest column of its middle 40 %. A single blob that does not is
+    assigned by Image Laterality (0020,0062) "R"/"L" when given, otherwise by
+    which half of the image holds its centroid.
+    """
+    mask = mask.astype(bool)
+    empty = np.zeros_like(mask)
+    blobs = largest_components(mask, 2)
+    found = len(blobs)
+    if found == 0:
+        return LungPair(empty, empty.copy(), 0)
+    if found == 1:
+        blob = blobs[0]
+        cols = np.flatnonzero(blob.any(axis=0))
+        centre = mask.shape[1] / 2
+        spans_midline = cols[0] < centre < cols[-1]
+        split = _split_single_blob(blob) if spans_midline else None
+        if split is not None:
+            return LungPair(split[0], split[1], 1)
+        side = (image_laterality or "").upper()
+        if side not in ("R", "L"):
+            side = "R" if ndimage.center_of_mass(blob)[1] < centre else "L"
+        return LungPair(blob, empty, 1) if side == "R" else LungPair(empty, blob, 1)
+    a, b = blobs
+    if ndimage.center_of_mass(a)[1] <= ndimage.center_of_mass(b)[1]:
+        return LungPair(a, b, found)
+    return LungPair(b, a, found)
+
+
+def lung_zones(lung: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Cut one lung (head at top) into upper, middle, lower zones of equal area.
+
+    Pixels are ordered top to bottom, and left to right within a row; the
+    first ``round(N/3)`` go to the upper zone, the next to the middle one.
+    Zone areas therefore differ by at most one pixel, and each zone is a
+    horizontal band except for the single row it shares with its neighbour.
+    """
+    lung = lung.astype(bool)
+    flat_index = np.flatnonzero(lung.ravel())  # raster order = top to bottom
+    n = flat_index.size
+    c1, c2 = round(n / 3), round(2 * n / 3)
+    zones = []
+    for lo, hi in ((0, c1), (c1, c2), (c2, n)):
+        zone = np.zeros(lung.size, dtype=bool)
+        zone[flat_index[lo:hi]] = True
+        zones.append(zone.reshape(lung.shape))
+    return zones[0], zones[1], zones[2]
+
+
+class ScoringConfig:
+    """Thresholds of the scores; see docs/scoring.md for their meaning."""
+
+    def __init__(
+        self,
+        zone_threshold: float = 0.30,
+        brixia_cutoffs: Sequence[float] = (0.05, 0.30, 0.60),
+    ) -> None:
+        if not 0.0 <= zone_threshold <= 1.0:
+            raise ValueError(f"zone_threshold must be a fraction in [0, 1], got {zone_threshold}")
+        cut = tuple(float(c) for c in brixia_cutoffs)
+        if len(cut) != 3 or list(cut) != sorted(cut) or not all(0.0 <= c <= 1.0 for c in cut):
+            raise ValueError(f"brixia_cutoffs must be 3 increasing fractions, got {brixia_cutoffs}")
+        self.zone_threshold = float(zone_threshold)
+        self.brixia_cutoffs = cut
+
+
+@dataclass
+class ZoneScores:
+    """All scores of one radiograph. Zone lists follow :data:`ZONE_NAMES`."""
+
+    fractions: list[float]
+    binary: list[int]
+    brixia: list[int]
+    total: int
+    brixia_total: int
+    extent_right: int
+    extent_left: int
+    zone_threshold: float
+    lungs_found: int
+    lung_area_px: int
+    lesion_area_px: int
+    lung_area_mm2: float | None = None
+    lesion_area_mm2: float | None = None
+    zone_area_px: list[int] = field(default_factory=list)
+
+    @property
+    def extent_total(self) -> int:
+        return self.extent_right + self.extent_left
+
+    def as_dict(self) -> dict[str, object]:
+        zones = {
+            name: {
+                "brixia_zone": letter,
+                "affected_fraction": round(frac, 4),
+                "binary_score": b,
+                "brixia_grade": g,
+                "area_px": a,
+            }
+            for name, letter, frac, b, g, a in zip(
+                ZONE_NAMES, BRIXIA_LETTERS, self.fractions, self.binary, self.brixia, self.zone_area_px
+            )
+        }
+        return {
+            "total_score": self.total,
+            "brixia_total": self.brixia_total,
+            "geographic_extent": {
+                "right": self.extent_right,
+                "left": self.extent_left,
+                "total": self.extent_total,
+            },
+            "zone_threshold": self.zone_threshold,
+            "lungs_found": self.lungs_found,
+            "lung_area_px": self.lung_area_px,
+            "lesion_area_px": self.lesion_area_px,
+            "lung_area_mm2": self.lung_area_mm2,
+            "lesion_area_mm2": self.lesion_area_mm2,
+            "zones": zones,
+        }
+
+
+def brixia_grade(fraction: float, cutoffs: Sequence[float]) -> int:
+    """0 when ``fraction <= cutoffs[0]``; then 1, 2, 3 above each further cut-off."""
+    return int(sum(fraction > c for c in cutoffs))
+
+
+def extent_grade(fraction: float) -> int:
+    """Geographic extent of one lung: 0 none, 1 <25 %, 2 25-50 %, 3 50-75 %, 4 >75 %."""
+    if fraction <= 0.0:
+        return 0
+    return min(4, 1 + int(fraction // 0.25))
+
+
+@dataclass(frozen=True)
+class ZoneMasks:
+    """The six zone masks in :data:`ZONE_NAMES` order, in the source orientation."""
+
+    zones: tuple[np.ndarray, ...]
+    right: np.ndarray
+    left: np.ndarray
+    lungs_found: int
+
+
+def zone_masks(
+    lung_mask: np.ndarray,
+    patient_orientation: Sequence[str] | None = None,
+    image_laterality: str | None = None,
+) -> ZoneMasks:
+    """Split a lung mask into the six zones, returned in the mask's own orientation."""
+    transform = canonical_transform(patient_orientation)
+    pair = split_lungs(transform.apply(lung_mask), image_laterality)
+    zones = lung_zones(pair.right) + lung_zones(pair.left)
+    back = tuple(np.ascontiguousarray(transform.invert(z)) for z in zones)
+    return ZoneMasks(
+        zones=back,
+        right=np.ascontiguousarray(transform.invert(pair.right)),
+        left=np.ascontiguousarray(transform.invert(pair.left)),
+        lungs_found=pair.components_found,
+    )
+
+
+def score_zones(
+    zones: ZoneMasks,
+    disease_mask: np.ndarray,
+    config: ScoringConfig | None = None,
+    pixel_spacing_mm: tuple[float, float] | None = None,
+) -> ZoneScores:
+    """Score the disease mask against precomputed zones."""
+    config = config or ScoringConfig()
+    disease = disease_mask.astype(bool)
+    zone_area = [int(z.sum()) for z in zones.zones]
+    affected = [int(np.count_nonzero(z & disease)) for z in zones.zones]
+    fractions = [a / z if z else 0.0 for a, z in zip(affected, zone_area)]
+    binary = [int(f > config.zone_threshold) for f in fractions]
+    brixia = [brixia_grade(f, config.brixia_cutoffs) for f in fractions]
+
+    def lung_fraction(idx: slice) -> float:
+        area = sum(zone_area[idx])
+        return sum(affected[idx]) / area if area else 0.0
+
+    lung_px = sum(zone_area)
+    lesion_px = sum(affected)
+    pixel_mm2 = None
+    if pixel_spacing_mm and all(s > 0 for s in pixel_spacing_mm):
+        pixel_mm2 = float(pixel_spacing_mm[0]) * float(pixel_spacing_mm[1])
+    return ZoneScores(
+        fractions=fractions,
+        binary=binary,
+        brixia=brixia,
+        total=sum(binary),
+        brixia_total=sum(brixia),
+        extent_right=extent_grade(lung_fraction(slice(0, 3))),
+        extent_left=extent_grade(lung_fraction(slice(3, 6))),
+        zone_threshold=config.zone_threshold,
+        lungs_found=zones.lungs_found,
+        lung_area_px=lung_px,
+        lesion_area_px=lesion_px,
+        lung_area_mm2=lung_px * pixel_mm2 if pixel_mm2 else None,
+        lesion_area_mm2=lesion_px * pixel_mm2 if pixel_mm2 else None,
+        zone_area_px=zone_area,
+    )
+
+
+def score(
+    lung_mask: np.ndarray,
+    disease_mask: np.ndarray,
+    config: ScoringConfig | None = None,
+    patient_orientation: Sequence[str] | None = None,
+    image_laterality: str | None = None,
+    pixel_spacing_mm: tuple[float, float] | None = None,
+) -> tuple[ZoneScores, ZoneMasks]:
+    """Zones and scores of one radiograph's lung and disease masks.
+
+    The disease mask counts only inside the lungs that were kept: opacity
+    outside the two lung components is ignored.
+    """
+    zones = zone_masks(lung_mask, patient_orientation, image_laterality)
+    return score_zones(zones, disease_mask, config, pixel_spacing_mm), zones

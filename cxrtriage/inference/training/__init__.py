@@ -1,0 +1,1 @@
+"""Training of the two pipeline stages (``cxrtriage train lungs|disease``)."""

@@ -1,0 +1,238 @@
+"""The training loop of both stages: CPU or CUDA (bf16 autocast), same code.
+
+Samples are prepared once into memory at model size (the expensive part,
+drawing phantoms or decoding files, happens once), then augmented on the fly
+each step. Every ``eval_every`` steps the held-out set is scored; the best
+model is kept and finally written as a bundled fp16 safetensors file with its
+:class:`~cxrtriage.inference.models.ModelSpec`, next to a JSONL metrics log.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..metrics import dice, roc_auc
+from ..models import ModelSpec, create_model, save_bundled
+from .augment import augment
+from .datasets import Sample, Task, dataset_samples, synthetic_samples
+from .losses import DynamicWeighting, segmentation_loss
+
+#: Phantom seeds at or above this value are never used for training.
+HELD_OUT_SEED_BASE = 1_000_000
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    task: Task
+    arch: str = "Unet"
+    encoder: str = "mobilenet_v2"
+    arch_kwargs: dict[str, Any] = Field(default_factory=lambda: {"decoder_channels": [128, 64, 32, 16, 8]})
+    input_size: int = 256
+    in_channels: int = 1
+    equalize: bool = Field(True, description="histogram-equalise whole images first (see preprocess.equalize)")
+    data: str = Field("synthetic", description="synthetic, folder or supervisely")
+    data_root: str | None = None
+    train_images: int = Field(1600, ge=1, description="phantoms drawn for training (synthetic data)")
+    val_images: int = Field(96, ge=2)
+    steps: int = Field(1500, ge=1)
+    batch_size: int = Field(8, ge=1)
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    loss_alpha: float = 0.5
+    zone_threshold: float = 0.30
+    eval_every: int = 250
+    seed: int = 0
+    device: str = "auto"
+    workers: int = Field(default_factory=lambda: os.cpu_count() or 1)
+    version: str = "synthetic-1"
+    out: str = "runs/train"
+
+    def spec(self) -> ModelSpec:
+        return ModelSpec(
+            arch=self.arch,
+            encoder=self.encoder,
+            input_size=self.input_size,
+            in_channels=self.in_channels,
+            classification_head=self.task == "disease",
+            arch_kwargs=self.arch_kwargs,
+            equalize=self.equalize,
+            mean=(0.5,),
+            std=(0.25,),
+            zone_threshold=self.zone_threshold if self.task == "disease" else None,
+            version=f"{self.task}-{self.arch}-{self.encoder}-{self.input_size}-{self.version}",
+        )
+
+
+@dataclass
+class TrainResult:
+    weights: Path
+    metrics_log: Path
+    best: dict[str, float]
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_samples(cfg: TrainConfig) -> tuple[list[Sample], list[Sample]]:
+    """Training and held-out samples. Synthetic held-out seeds never overlap training ones."""
+    if cfg.data == "synthetic":
+        base = cfg.seed * 100_000
+        train = synthetic_samples(
+            cfg.task, range(base, base + cfg.train_images), cfg.input_size, cfg.workers, cfg.equalize
+        )
+        val_seeds = range(HELD_OUT_SEED_BASE + 50_000, HELD_OUT_SEED_BASE + 50_000 + cfg.val_images)
+        val = synthetic_samples(cfg.task, val_seeds, cfg.input_size, cfg.workers, cfg.equalize)
+        return train, val
+    samples = dataset_samples(cfg.task, cfg.data, cfg.data_root, cfg.input_size, cfg.equalize)
+    if len(samples) < 2:
+        raise ValueError(f"{cfg.data_root}: found {len(samples)} usable images; need at least 2")
+    rng = np.random.default_rng(cfg.seed)
+    order = rng.permutation(len(samples))
+    n_val = max(1, min(cfg.val_images, len(samples) // 10))
+    return [samples[i] for i in order[n_val:]], [samples[i] for i in order[:n_val]]
+
+
+def _batch(
+    samples: list[Sample], idx: np.ndarray, rng: np.random.Generator | None, mean: float, std: float, channels: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    images, masks, labels = [], [], []
+    for i in idx:
+        s = samples[int(i)]
+        image, (mask,) = augment(rng, s.image, [s.mask]) if rng is not None else (s.image, [s.mask])
+        images.append(image)
+        masks.append(mask)
+        labels.append(s.label)
+    x = (torch.from_numpy(np.stack(images))[:, None] - mean) / std
+    x = x.expand(-1, channels, -1, -1).contiguous(memory_format=torch.channels_last)
+    y = torch.from_numpy(np.stack(masks).astype(np.float32))[:, None]
+    return x, y, torch.tensor(labels, dtype=torch.float32)[:, None]
+
+
+def evaluate(model: torch.nn.Module, cfg: TrainConfig, val: list[Sample], device: torch.device) -> dict[str, float]:
+    """Held-out Dice (of the gated mask for Stage II) and, for Stage II, ROC AUC."""
+    spec = cfg.spec()
+    model.eval()
+    dices, probs, labels = [], [], []
+    with torch.inference_mode():
+        for start in range(0, len(val), cfg.batch_size):
+            idx = np.arange(start, min(start + cfg.batch_size, len(val)))
+            x, y, lab = _batch(val, idx, None, spec.mean[0], spec.std[0], cfg.in_channels)
+            out = model(x.to(device))
+            seg, cls = out if isinstance(out, tuple) else (out, None)
+            prob = torch.sigmoid(seg.float()).cpu().numpy()[:, 0]
+            if cls is not None:
+                p = torch.sigmoid(cls.float()).cpu().numpy()[:, 0]
+                probs.extend(p.tolist())
+                labels.extend(lab.numpy()[:, 0].tolist())
+                prob = prob * (p >= 0.5)[:, None, None]
+            for pred, truth in zip(prob > 0.5, y.numpy()[:, 0] > 0.5):
+                dices.append(dice(pred, truth))
+    model.train()
+    metrics = {"dice": float(np.mean(dices))}
+    if probs and len(set(labels)) == 2:
+        metrics["auc"] = roc_auc(np.array(probs), np.array(labels))
+    return metrics
+
+
+def _score(metrics: dict[str, float]) -> float:
+    return metrics["dice"] + metrics.get("auc", 0.0)
+
+
+def train(cfg: TrainConfig, on_step: Callable[[int, dict[str, float]], None] | None = None) -> TrainResult:
+    """Train one stage; returns where the weights and the log were written."""
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    device = pick_device(cfg.device)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log_path = out / "metrics.jsonl"
+    log = log_path.open("w")
+
+    t0 = time.time()
+    train_set, val_set = load_samples(cfg)
+    log.write(json.dumps({"event": "data", "train": len(train_set), "val": len(val_set), "seconds": time.time() - t0}) + "\n")
+
+    spec = cfg.spec()
+    model = create_model(spec).to(device).to(memory_format=torch.channels_last)
+    model.train()
+    optimiser = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warmup = max(1, cfg.steps // 20)
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return cfg.lr * (step + 1) / warmup
+        progress = (step - warmup) / max(1, cfg.steps - warmup)
+        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    weighting = DynamicWeighting(cfg.loss_alpha)
+    rng = np.random.default_rng(cfg.seed + 1)
+    autocast = device.type == "cuda"
+    best: dict[str, float] = {}
+    best_state: dict[str, torch.Tensor] | None = None
+    start = time.time()
+    for step in range(cfg.steps):
+        for group in optimiser.param_groups:
+            group["lr"] = lr_at(step)
+        idx = rng.integers(0, len(train_set), cfg.batch_size)
+        x, y, lab = _batch(train_set, idx, rng, spec.mean[0], spec.std[0], cfg.in_channels)
+        x, y, lab = x.to(device, non_blocking=True), y.to(device), lab.to(device)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
+            out_t = model(x)
+        if isinstance(out_t, tuple):
+            seg, cls = out_t
+            seg_loss = segmentation_loss(seg.float(), y)
+            cls_loss = torch.nn.functional.binary_cross_entropy_with_logits(cls.float(), lab)
+            loss = weighting([seg_loss, cls_loss])
+            parts = {"seg_loss": seg_loss.item(), "cls_loss": cls_loss.item()}
+        else:
+            loss = segmentation_loss(out_t.float(), y)
+            parts = {}
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+
+        record: dict[str, Any] = {"step": step + 1, "loss": loss.item(), "lr": lr_at(step), **parts}
+        last = step + 1 == cfg.steps
+        if (step + 1) % cfg.eval_every == 0 or last:
+            metrics = evaluate(model, cfg, val_set, device)
+            record.update({f"val_{k}": v for k, v in metrics.items()})
+            if not best or _score(metrics) >= _score(best):
+                best = metrics
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        record["elapsed_s"] = round(time.time() - start, 1)
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+        if on_step:
+            on_step(step + 1, record)
+
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    extra = {
+        "data": cfg.data,
+        "data_root": cfg.data_root,
+        "train_images": len(train_set),
+        "val_images": len(val_set),
+        "steps": cfg.steps,
+        "batch_size": cfg.batch_size,
+        "device": str(device),
+        "seconds": round(time.time() - start, 1),
+        "best_val": best,
+    }
+    weights = save_bundled(model, spec, out / f"{cfg.task}.safetensors", extra)
+    log.write(json.dumps({"event": "done", "weights": str(weights), **extra}) + "\n")
+    log.close()
+    return TrainResult(weights=weights, metrics_log=log_path, best=best)
