@@ -75,6 +75,8 @@ def score(
     inputs: list[Path] = typer.Argument(..., help="DICOM / PNG / JPEG files or folders"),
     out: Path = typer.Option(Path("cxrtriage-out"), help="folder for results.json and overlay PNGs"),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="config.yaml (default: built-in settings)"),
+    dicom: bool = typer.Option(False, "--dicom", help="also write the DICOM SEG + TID 1500 SR the node sends"),
+    jpeg2000: bool = typer.Option(False, "--jpeg2000", help="JPEG 2000 lossless SEG (about 100x smaller)"),
 ) -> None:
     """Score chest radiographs offline: a table, results.json and an overlay PNG per image.
 
@@ -97,7 +99,7 @@ def score(
     for column in ("file", "score 0-6", "zones A-F", "Brixia 0-18", "P(disease)", "ms", "status"):
         table.add_column(column)
     outcomes = []
-    for outcome in score_files(pipeline, files, out):
+    for outcome in score_files(pipeline, files, out, dicom=dicom, jpeg2000=jpeg2000):
         outcomes.append(outcome)
         if outcome.ok:
             r = outcome.result or {}

@@ -11,6 +11,7 @@ there, so they can be written as a DICOM Segmentation of the source.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -19,6 +20,7 @@ import cv2
 import numpy as np
 import torch
 
+from .. import __version__
 from ..config import InferenceSettings
 from .models import ModelSpec
 from .predictors import Predictor, TorchPredictor
@@ -47,7 +49,14 @@ class Result:
 
     @property
     def algorithm_version(self) -> str:
-        return f"pipeline-{PIPELINE_VERSION}+{self.models['lungs']}+{self.models['disease']}"
+        """Short (fits a DICOM LO): package and pipeline versions plus a hash of the models."""
+        digest = hashlib.sha1(f"{self.models['lungs']}|{self.models['disease']}".encode()).hexdigest()[:10]
+        return f"{__version__}-p{PIPELINE_VERSION}-{digest}"
+
+    @property
+    def software_versions(self) -> list[str]:
+        """For Software Versions (0018,1020): the short version, then each model's."""
+        return [self.algorithm_version, self.models["lungs"][:64], self.models["disease"][:64]]
 
     def as_dict(self) -> dict[str, Any]:
         return {

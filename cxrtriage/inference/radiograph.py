@@ -138,6 +138,8 @@ def _text(ds: Any, keyword: str) -> str:
 def check_header(ds: Any) -> None:
     """Reject datasets that are not a single-frame frontal chest radiograph."""
     sop_class = str(ds.get("SOPClassUID", ""))
+    if not sop_class and "Rows" not in ds and "PixelData" not in ds:
+        raise UnreadableImageError("incomplete dataset (truncated?): no SOP Class UID and no image attributes")
     if sop_class not in ACCEPTED_SOP_CLASSES:
         raise UnsupportedSOPClassError(f"SOP class {sop_class or '(none)'} is not a radiograph class")
     if "PixelData" not in ds and "FloatPixelData" not in ds:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from .dicom_results import build_result_objects
 from .overlay import write_overlay
 from .pipeline import Pipeline
 from .radiograph import RadiographError, load_radiograph
@@ -22,6 +23,7 @@ class FileOutcome:
     reason: str | None = None
     message: str | None = None
     overlay: Path | None = None
+    dicom: list[Path] | None = None
 
     @property
     def ok(self) -> bool:
@@ -29,7 +31,8 @@ class FileOutcome:
 
     def as_dict(self) -> dict[str, Any]:
         if self.ok:
-            return {"file": str(self.path), "status": "scored", "overlay": str(self.overlay), **(self.result or {})}
+            extra = {"dicom": [str(p) for p in self.dicom]} if self.dicom is not None else {}
+            return {"file": str(self.path), "status": "scored", "overlay": str(self.overlay), **extra, **(self.result or {})}
         return {"file": str(self.path), "status": "rejected", "reason": self.reason, "message": self.message}
 
 
@@ -46,8 +49,14 @@ def expand_inputs(inputs: Iterable[Path]) -> list[Path]:
     return files
 
 
-def score_files(pipeline: Pipeline, files: list[Path], out_dir: Path) -> Iterator[FileOutcome]:
-    """Score each file; a bad file yields a refusal with its reason and never stops the run."""
+def score_files(
+    pipeline: Pipeline, files: list[Path], out_dir: Path, *, dicom: bool = False, jpeg2000: bool = False
+) -> Iterator[FileOutcome]:
+    """Score each file; a bad file yields a refusal with its reason and never stops the run.
+
+    With ``dicom``, DICOM inputs also get the SEG and SR the node would send
+    (image files have no DICOM header to derive them from; ``dicom`` is then []).
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     for index, path in enumerate(files):
         try:
@@ -64,7 +73,13 @@ def score_files(pipeline: Pipeline, files: list[Path], out_dir: Path) -> Iterato
         record = result.as_dict()
         record["timings_ms"]["total"] = round((time.perf_counter() - t0) * 1000, 1)
         overlay = write_overlay(out_dir / f"{index:04d}-{path.stem}.overlay.png", radiograph.pixels, result)
-        yield FileOutcome(path, result=record, overlay=overlay)
+        written = None
+        if dicom:
+            written = []
+            if radiograph.dataset is not None:
+                objects = build_result_objects(radiograph.dataset, result, jpeg2000=jpeg2000)
+                written = list(objects.save(out_dir / "dicom"))
+        yield FileOutcome(path, result=record, overlay=overlay, dicom=written)
 
 
 def write_report(outcomes: list[FileOutcome], out_dir: Path, pipeline: Pipeline) -> Path:

@@ -1,0 +1,159 @@
+"""Training: dataset layouts, augmentations, loss weighting, and a real (tiny) run."""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from cxrtriage.config import InferenceSettings
+from cxrtriage.inference.phantom import PhantomGenerator
+from cxrtriage.inference.pipeline import Pipeline
+from cxrtriage.inference.radiograph import Radiograph
+from cxrtriage.inference.training.augment import augment
+from cxrtriage.inference.training.datasets import (
+    decode_supervisely_bitmap,
+    folder_examples,
+    prepare,
+    supervisely_examples,
+)
+from cxrtriage.inference.training.losses import DynamicWeighting
+
+
+def _png(array: np.ndarray) -> bytes:
+    ok, buf = cv2.imencode(".png", array)
+    assert ok
+    return buf.tobytes()
+
+
+def _bitmap(mask: np.ndarray) -> str:
+    rgba = np.zeros((*mask.shape, 4), dtype=np.uint8)
+    rgba[mask] = (255, 255, 255, 255)
+    return base64.b64encode(zlib.compress(_png(rgba))).decode()
+
+
+def write_folder_layout(root: Path, count: int = 3) -> None:
+    """Mendeley 8gf9vpkhgy: <dataset>/img/*.png + <dataset>/mask/*.png (soft edges)."""
+    generator = PhantomGenerator(160, 144)
+    for i in range(count):
+        p = generator(3_000_000 + i)
+        for sub in ("img", "mask"):
+            (root / "Montgomery" / sub).mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(root / "Montgomery/img" / f"{i}.png"), (p.image * 255).astype(np.uint8))
+        soft = cv2.GaussianBlur(p.lungs.astype(np.float32) * 255, (5, 5), 1).astype(np.uint8)
+        cv2.imwrite(str(root / "Montgomery/mask" / f"{i}.png"), soft)
+
+
+def write_supervisely_layout(root: Path) -> list:
+    """Mendeley 36fjrg9s69: <dataset>/img/<f> + <dataset>/ann/<f>.json with bitmaps."""
+    generator = PhantomGenerator(160, 144)
+    phantoms = [generator(3_000_100, affected_zones=(1, 2)), generator(3_000_101, affected_zones=())]
+    (root / "Actualmed/img").mkdir(parents=True)
+    (root / "Actualmed/ann").mkdir(parents=True)
+    for i, p in enumerate(phantoms):
+        name = f"case{i}.png"
+        cv2.imwrite(str(root / "Actualmed/img" / name), (p.image * 255).astype(np.uint8))
+        objects = []
+        for title, mask in (("Lungs", p.lungs), ("COVID-19", p.disease)):
+            if not mask.any():
+                continue
+            ys, xs = np.nonzero(mask)
+            y0, x0 = int(ys.min()), int(xs.min())
+            patch = mask[y0 : ys.max() + 1, x0 : xs.max() + 1]
+            objects.append({"classTitle": title, "bitmap": {"data": _bitmap(patch), "origin": [x0, y0]}})
+        tags = [{"name": "Score R", "value": 2}, {"name": "Score D", "value": 3}] if p.has_disease else [{"name": "Normal", "value": None}]
+        ann = {"size": {"height": 160, "width": 144}, "tags": tags, "objects": objects}
+        (root / "Actualmed/ann" / f"{name}.json").write_text(json.dumps(ann))
+    return phantoms
+
+
+def test_folder_layout(tmp_path: Path) -> None:
+    write_folder_layout(tmp_path)
+    examples = list(folder_examples(tmp_path))
+    assert len(examples) == 3
+    truth = PhantomGenerator(160, 144)(3_000_000).lungs
+    assert (examples[0].lungs == truth).mean() > 0.98  # soft edge cut at 127
+
+
+def test_supervisely_layout(tmp_path: Path) -> None:
+    phantoms = write_supervisely_layout(tmp_path)
+    examples = list(supervisely_examples(tmp_path))
+    assert [e.label for e in examples] == [1, 0]
+    np.testing.assert_array_equal(examples[0].lungs, phantoms[0].lungs)
+    np.testing.assert_array_equal(examples[0].disease, phantoms[0].disease)
+    assert examples[0].scores == {"Score R": 2.0, "Score D": 3.0}
+    sample = prepare("disease", examples[0], 64)
+    assert sample.image.shape == (64, 64) and sample.mask.any() and sample.label == 1.0
+
+
+def test_supervisely_bitmap_decodes_alpha() -> None:
+    mask = np.zeros((7, 9), dtype=bool)
+    mask[2:5, 3:8] = True
+    np.testing.assert_array_equal(decode_supervisely_bitmap(_bitmap(mask)), mask)
+
+
+def test_missing_layout_is_named(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="img"):
+        list(folder_examples(tmp_path))
+
+
+def test_augmentations_keep_mask_aligned() -> None:
+    image = np.zeros((64, 64), dtype=np.float32)
+    mask = np.zeros((64, 64), dtype=bool)
+    image[20:40, 10:30] = 1.0
+    mask[20:40, 10:30] = True
+    for seed in range(20):
+        out, (m,) = augment(np.random.default_rng(seed), image, [mask])
+        assert out.shape == m.shape == (64, 64)
+        if m.sum() > 20:
+            # The bright square and the mask moved together.
+            assert out[m].mean() > out[~m].mean() + 0.2
+
+
+def test_dynamic_weighting_balances_losses() -> None:
+    weighting = DynamicWeighting(alpha=0.5)
+    for _ in range(10):
+        w = weighting.weights([torch.tensor(10.0), torch.tensor(0.1)])
+    assert sum(w) == pytest.approx(2.0)
+    assert w[0] * 10.0 == pytest.approx(w[1] * 0.1, rel=1e-6)
+    with pytest.raises(ValueError):
+        DynamicWeighting(alpha=0.0)
+
+
+def test_train_command_writes_weights_the_pipeline_loads(tmp_path: Path) -> None:
+    out = tmp_path / "runs"
+    for task in ("lungs", "disease"):
+        proc = subprocess.run(
+            [sys.executable, "-m", "cxrtriage", "train", task, "--steps", "3", "--train-images", "6",
+             "--val-images", "4", "--eval-every", "2", "--input-size", "64", "--batch-size", "2", "--out", str(out)],
+            capture_output=True, text=True, timeout=600,
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        records = [json.loads(line) for line in (out / task / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in records if "step" in r] == [1, 2, 3]
+        assert any("val_dice" in r for r in records) and records[-1]["event"] == "done"
+    settings = InferenceSettings(
+        lungs={"weights": str(out / "lungs/lungs.safetensors")},
+        disease={"weights": str(out / "disease/disease.safetensors")},
+    )
+    pipeline = Pipeline(settings)
+    phantom = PhantomGenerator(200, 180)(7)
+    result = pipeline(Radiograph(pixels=phantom.image, source="x"))
+    assert result.lungs.shape == (200, 180)
+
+
+def test_train_on_folder_layout(tmp_path: Path) -> None:
+    from cxrtriage.inference.training.trainer import TrainConfig, train
+
+    write_folder_layout(tmp_path / "data", count=4)
+    result = train(TrainConfig(task="lungs", data="folder", data_root=str(tmp_path / "data"), steps=2,
+                               eval_every=1, input_size=64, batch_size=2, out=str(tmp_path / "out")))
+    assert result.weights.exists() and 0.0 <= result.best["dice"] <= 1.0
