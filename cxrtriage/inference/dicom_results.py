@@ -20,6 +20,7 @@ models gives the same UIDs, never a second copy.
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +28,7 @@ import highdicom as hd
 import numpy as np
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
-from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
 
 from .pipeline import Result
 from .scoring import BRIXIA_LETTERS
@@ -60,9 +61,17 @@ SEG_RIGHT_LUNG, SEG_LEFT_LUNG, SEG_OPACITY = 1, 2, 3
 SEG_FIRST_ZONE = 4  # zones A-F are segments 4-9
 
 
+#: Namespace of the name-based UUIDs behind derived UIDs (PS3.5 B.2: "2.25." + UUID as integer).
+_UID_NAMESPACE = uuid.UUID("6f0c5a0e-2f3b-5a51-9a4e-6378727472ca")
+
+
 def derived_uid(source_uid: str, algorithm_version: str, what: str) -> str:
-    """A UID fixed by (source instance, algorithm version, object kind): 2.25 form."""
-    return generate_uid(prefix=None, entropy_srcs=[source_uid, algorithm_version, what])
+    """A UID fixed by (source instance, algorithm version, object kind).
+
+    A UUIDv5 of those three, written in the 2.25 form; pydicom's
+    ``generate_uid(prefix=None)`` would ignore its entropy and be random.
+    """
+    return "2.25." + str(uuid.uuid5(_UID_NAMESPACE, f"{source_uid}|{algorithm_version}|{what}").int)
 
 
 @dataclass
