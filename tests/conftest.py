@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import uuid
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -45,3 +48,41 @@ def pipeline():
     from cxrtriage.inference.pipeline import Pipeline
 
     return Pipeline()
+
+
+@pytest.fixture
+def database_url(tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty database: SQLite by default; PostgreSQL when
+    CXRTRIAGE_TEST_DATABASE_URL points at a server (a new database per test)."""
+    server = os.environ.get("CXRTRIAGE_TEST_DATABASE_URL")
+    if not server:
+        yield f"sqlite:///{tmp_path / 'cxrtriage.db'}"
+        return
+    import sqlalchemy as sa
+
+    from cxrtriage.storage.db import make_engine
+
+    name = f"cxrtriage_test_{uuid.uuid4().hex[:12]}"
+    admin = make_engine(server).execution_options(isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    url = sa.engine.make_url(server).set(database=name).render_as_string(hide_password=False)
+    try:
+        yield url
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(
+                f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}' AND pid <> pg_backend_pid()"
+            )
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}"')
+        admin.dispose()
+
+
+@pytest.fixture
+def database(database_url: str):
+    from cxrtriage.storage.db import Database
+
+    db = Database(database_url)
+    db.migrate()
+    yield db
+    db.dispose()

@@ -1,0 +1,1 @@
+"""Durable state of the node: database (SQLAlchemy 2, Alembic), archive on disk, job queue."""

@@ -1,0 +1,102 @@
+"""Tables of the node (SQLAlchemy 2 declarative; schema changes go through Alembic)."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from sqlalchemy import DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Instance(Base):
+    """One stored DICOM instance: a received image, or a SEG / SR the node wrote."""
+
+    __tablename__ = "instances"
+    __table_args__ = (UniqueConstraint("sop_instance_uid", "sha256", name="uq_instance_bytes"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
+    study_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    patient_id: Mapped[str] = mapped_column(String(64), default="", index=True)
+    patient_name: Mapped[str] = mapped_column(String(324), default="")
+    patient_birth_date: Mapped[str] = mapped_column(String(8), default="")
+    patient_sex: Mapped[str] = mapped_column(String(16), default="")
+    study_date: Mapped[str] = mapped_column(String(8), default="")
+    study_time: Mapped[str] = mapped_column(String(16), default="")
+    study_id: Mapped[str] = mapped_column(String(16), default="")
+    accession_number: Mapped[str] = mapped_column(String(16), default="")
+    study_description: Mapped[str] = mapped_column(String(64), default="")
+    referring_physician: Mapped[str] = mapped_column(String(324), default="")
+    modality: Mapped[str] = mapped_column(String(16), default="")
+    series_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    series_description: Mapped[str] = mapped_column(String(64), default="")
+    instance_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    body_part: Mapped[str] = mapped_column(String(16), default="")
+    view_position: Mapped[str] = mapped_column(String(16), default="")
+    requested_priority: Mapped[str] = mapped_column(String(16), default="")  # (0040,1003)
+    dimse_priority: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    calling_aet: Mapped[str] = mapped_column(String(16), default="")
+    path: Mapped[str] = mapped_column(String(512))  # relative to the archive root
+    sha256: Mapped[str] = mapped_column(String(64))
+    size: Mapped[int] = mapped_column(Integer)
+    kind: Mapped[str] = mapped_column(String(8), default="source")  # source | seg | sr
+    duplicate_of_id: Mapped[int | None] = mapped_column(ForeignKey("instances.id"), nullable=True)
+    derived_from_id: Mapped[int | None] = mapped_column(ForeignKey("instances.id"), nullable=True, index=True)
+    received_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Job(Base):
+    """A unit of durable work: score an instance, or send one to a destination."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (
+        UniqueConstraint("kind", "instance_id", "destination", name="uq_job"),
+        Index("ix_jobs_claim", "kind", "state", "available_at"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))  # score | send
+    instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id"))
+    destination: Mapped[str] = mapped_column(String(64), default="")
+    priority: Mapped[int] = mapped_column(Integer, default=0)  # higher first
+    state: Mapped[str] = mapped_column(String(16), default="pending")  # pending running done failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer, default=5)
+    available_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    lease_until: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    worker: Mapped[str] = mapped_column(String(128), default="")
+    last_error: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class ScoreResult(Base):
+    """The outcome of scoring one source instance."""
+
+    __tablename__ = "results"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id"), unique=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    status: Mapped[str] = mapped_column(String(16))  # scored | not_scorable | failed
+    reason: Mapped[str] = mapped_column(String(64), default="")
+    message: Mapped[str] = mapped_column(Text, default="")
+    total_score: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    brixia_total: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    p_disease: Mapped[float | None] = mapped_column(Float, nullable=True)
+    details: Mapped[str] = mapped_column(Text, default="{}")  # JSON of all scores
+    algorithm_version: Mapped[str] = mapped_column(String(64), default="")
+    seg_instance_id: Mapped[int | None] = mapped_column(ForeignKey("instances.id"), nullable=True)
+    sr_instance_id: Mapped[int | None] = mapped_column(ForeignKey("instances.id"), nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -1,0 +1,134 @@
+"""The durable job queue, in the database.
+
+Workers claim one job at a time with a lease. A job whose lease expires
+(its worker crashed or hung) is claimable again, so it is re-run; a job
+that fails is retried with exponential backoff until ``max_attempts``,
+then stays ``failed`` with its last error. Claiming is race-free on both
+databases: SQLite transactions start with ``BEGIN IMMEDIATE`` (see
+:mod:`.db`), PostgreSQL uses ``SELECT ... FOR UPDATE SKIP LOCKED`` so
+concurrent workers skip each other's rows instead of waiting.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import Session
+
+from .db import Database, is_sqlite
+from .models import Job, utcnow
+
+PENDING, RUNNING, DONE, FAILED = "pending", "running", "done", "failed"
+
+
+@dataclass(frozen=True)
+class Claimed:
+    id: int
+    kind: str
+    instance_id: int
+    destination: str
+    attempts: int
+    max_attempts: int
+
+
+def backoff_seconds(attempts: int, base: float, cap: float) -> float:
+    """Delay before retry number ``attempts`` (1-based): base, 2 base, 4 base, ... capped."""
+    return min(cap, base * 2 ** max(0, attempts - 1))
+
+
+class JobQueue:
+    def __init__(self, db: Database, backoff_base: float = 5.0, backoff_cap: float = 600.0) -> None:
+        self.db = db
+        self.backoff_base = backoff_base
+        self.backoff_cap = backoff_cap
+
+    def enqueue(
+        self, session: Session, kind: str, instance_id: int, destination: str = "", *, priority: int = 0,
+        max_attempts: int = 5,
+    ) -> None:
+        """Add a job inside the caller's transaction; an identical job already queued is kept as is."""
+        values = dict(
+            kind=kind, instance_id=instance_id, destination=destination, priority=priority, state=PENDING,
+            attempts=0, max_attempts=max_attempts, available_at=utcnow(), created_at=utcnow(),
+            worker="", last_error="",
+        )
+        insert = sqlite_insert if is_sqlite(self.db.engine) else pg_insert
+        session.execute(insert(Job).values(**values).on_conflict_do_nothing())
+
+    def claim(self, kind: str, worker: str, lease_seconds: float) -> Claimed | None:
+        """Take the most urgent ready job of ``kind`` (or an expired lease), or None."""
+        now = utcnow()
+        ready = or_(
+            and_(Job.state == PENDING, Job.available_at <= now),
+            and_(Job.state == RUNNING, Job.lease_until < now),
+        )
+        query = (
+            select(Job).where(Job.kind == kind, ready)
+            .order_by(Job.priority.desc(), Job.available_at, Job.id).limit(1)
+        )
+        if not is_sqlite(self.db.engine):
+            query = query.with_for_update(skip_locked=True)
+        with self.db.session() as session:
+            job = session.scalars(query).first()
+            if job is None:
+                return None
+            job.state = RUNNING
+            job.attempts += 1
+            job.worker = worker
+            job.lease_until = now + dt.timedelta(seconds=lease_seconds)
+            return Claimed(job.id, job.kind, job.instance_id, job.destination, job.attempts, job.max_attempts)
+
+    def _owned(self, job_id: int, worker: str):  # type: ignore[no-untyped-def]
+        return update(Job).where(Job.id == job_id, Job.worker == worker, Job.state == RUNNING)
+
+    def complete(self, session: Session, job: Claimed, worker: str) -> bool:
+        """Mark done inside the caller's transaction; False if the lease was lost meanwhile."""
+        result = session.execute(self._owned(job.id, worker).values(state=DONE, finished_at=utcnow(), lease_until=None))
+        return result.rowcount == 1
+
+    def fail(self, job: Claimed, worker: str, error: str, *, retry: bool = True) -> str:
+        """Record a failure: back to pending after a backoff, or failed for good. Returns the new state."""
+        final = not retry or job.attempts >= job.max_attempts
+        delay = backoff_seconds(job.attempts, self.backoff_base, self.backoff_cap)
+        values = dict(
+            state=FAILED if final else PENDING,
+            last_error=error[:4000],
+            lease_until=None,
+            available_at=utcnow() + dt.timedelta(seconds=0 if final else delay),
+            finished_at=utcnow() if final else None,
+        )
+        with self.db.session() as session:
+            session.execute(self._owned(job.id, worker).values(**values))
+        return values["state"]  # type: ignore[return-value]
+
+    def retry_failed(self, kind: str | None = None) -> int:
+        """Give failed jobs a fresh set of attempts (an operator's or the scheduler's decision)."""
+        query = update(Job).where(Job.state == FAILED)
+        if kind:
+            query = query.where(Job.kind == kind)
+        with self.db.session() as session:
+            return session.execute(
+                query.values(state=PENDING, attempts=0, available_at=utcnow(), finished_at=None)
+            ).rowcount
+
+    def release_worker(self, worker_prefix: str, keep: str) -> int:
+        """Re-queue jobs leased by earlier runs of this node (``worker_prefix``), not by ``keep``.
+
+        Called at start-up: a previous process of the same node is certainly
+        dead, so its leases need not run out first.
+        """
+        with self.db.session() as session:
+            return session.execute(
+                update(Job)
+                .where(Job.state == RUNNING, Job.worker.like(f"{worker_prefix}%"), Job.worker.notlike(f"{keep}%"))
+                .values(state=PENDING, lease_until=None, available_at=utcnow())
+            ).rowcount
+
+    def depth(self) -> dict[tuple[str, str], int]:
+        with self.db.session() as session:
+            rows = session.execute(select(Job.kind, Job.state, func.count()).group_by(Job.kind, Job.state))
+            return {(kind, state): count for kind, state, count in rows}

@@ -1,0 +1,138 @@
+"""Archive and durable queue, on SQLite and (with CXRTRIAGE_TEST_DATABASE_URL) PostgreSQL."""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select, update
+
+from cxrtriage.storage.archive import Archive, InvalidUIDError, check_uid
+from cxrtriage.storage.models import Instance, Job
+from cxrtriage.storage.queue import DONE, FAILED, PENDING, JobQueue, backoff_seconds
+
+
+def add_instance(db, n: int) -> int:
+    with db.session() as s:
+        inst = Instance(
+            sop_instance_uid=f"1.2.3.{n}", sop_class_uid="1.2.840.10008.5.1.4.1.1.1", transfer_syntax_uid="1.2.840.10008.1.2.1",
+            study_instance_uid="1.2.3", series_instance_uid="1.2.3.0", path=f"x/{n}.dcm", sha256=f"{n:064d}", size=1,
+        )
+        s.add(inst)
+        s.flush()
+        return inst.id
+
+
+@pytest.mark.parametrize(
+    "uid",
+    ["", "../../etc/passwd", "1.2/../../3", "1.2.840\\..\\x", "1.02.3", "1..2", ".1.2", "1.2.", "1.2.3 4", "a.b.c", "1" * 65],
+)
+def test_invalid_uids_never_become_paths(tmp_path: Path, uid: str) -> None:
+    archive = Archive(tmp_path)
+    with pytest.raises(InvalidUIDError):
+        archive.relative_path("1.2.3", uid or "", "1.2.3.4")
+    with pytest.raises(InvalidUIDError):
+        archive.relative_path(uid, "1.2.3", "1.2.3.4")
+
+
+def test_archive_writes_durably_and_quarantines(tmp_path: Path) -> None:
+    archive = Archive(tmp_path / "a")
+    rel = archive.relative_path("1.2.3", "1.2.3.4", "1.2.3.4.5")
+    sha, size = archive.write(rel, b"DICM-bytes")
+    assert archive.read(rel) == b"DICM-bytes" and size == 10 and len(sha) == 64
+    assert check_uid("1.2.840.10008.1.2\x00", "x") == "1.2.840.10008.1.2"  # UI padding
+    q = archive.quarantine(b"junk", "unreadable", "cannot parse", "MODALITY")
+    assert q.read_bytes() == b"junk" and "cannot parse" in q.with_suffix(".json").read_text()
+    assert not list(archive.tmp.iterdir())  # no temp files left behind
+
+
+def test_enqueue_is_idempotent_and_claims_by_priority(database) -> None:
+    queue = JobQueue(database)
+    ids = [add_instance(database, n) for n in range(3)]
+    with database.session() as s:
+        queue.enqueue(s, "score", ids[0])
+        queue.enqueue(s, "score", ids[0])  # same job again: kept once
+        queue.enqueue(s, "score", ids[1], priority=10)
+        queue.enqueue(s, "send", ids[2], "PACS")
+    assert queue.depth()[("score", PENDING)] == 2
+    first = queue.claim("score", "w1", 60)
+    assert first.instance_id == ids[1]  # higher priority first
+    second = queue.claim("score", "w1", 60)
+    assert second.instance_id == ids[0]
+    assert queue.claim("score", "w1", 60) is None
+    with database.session() as s:
+        assert queue.complete(s, first, "w1")
+    assert queue.depth()[("score", DONE)] == 1
+
+
+def test_concurrent_workers_claim_each_job_exactly_once(database) -> None:
+    queue = JobQueue(database)
+    with database.session() as s:
+        for n in range(120):
+            s.add(Instance(sop_instance_uid=f"1.9.{n}", sop_class_uid="1", transfer_syntax_uid="1", study_instance_uid="1",
+                           series_instance_uid="1", path="p", sha256=str(n), size=1))
+    with database.session() as s:
+        for inst_id in s.scalars(select(Instance.id)).all():
+            queue.enqueue(s, "score", inst_id)
+    claimed: list[int] = []
+    lock = threading.Lock()
+
+    def worker(name: str) -> None:
+        while (job := queue.claim("score", name, 60)) is not None:
+            with database.session() as s:
+                assert queue.complete(s, job, name)
+            with lock:
+                claimed.append(job.instance_id)
+
+    threads = [threading.Thread(target=worker, args=(f"w{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert sorted(claimed) == sorted(set(claimed)) and len(claimed) == 120
+    assert queue.depth() == {("score", DONE): 120}
+
+
+def test_expired_lease_is_reclaimed_and_stale_worker_cannot_complete(database) -> None:
+    queue = JobQueue(database)
+    with database.session() as s:
+        queue.enqueue(s, "score", add_instance(database, 1))
+    job = queue.claim("score", "crashed", lease_seconds=0.05)
+    assert queue.claim("score", "other", 60) is None  # lease still held
+    time.sleep(0.1)
+    again = queue.claim("score", "other", 60)
+    assert again is not None and again.id == job.id and again.attempts == 2
+    with database.session() as s:
+        assert not queue.complete(s, job, "crashed")  # lost its lease
+        assert queue.complete(s, again, "other")
+
+
+def test_failures_back_off_then_fail_for_good(database) -> None:
+    queue = JobQueue(database, backoff_base=0.2, backoff_cap=1.0)
+    with database.session() as s:
+        queue.enqueue(s, "send", add_instance(database, 1), "PACS", max_attempts=2)
+    job = queue.claim("send", "w", 60)
+    assert queue.fail(job, "w", "association refused") == PENDING
+    assert queue.claim("send", "w", 60) is None  # backing off
+    time.sleep(0.25)
+    job = queue.claim("send", "w", 60)
+    assert job.attempts == 2
+    assert queue.fail(job, "w", "association refused") == FAILED
+    with database.session() as s:
+        row = s.get(Job, job.id)
+        assert row.state == FAILED and row.last_error == "association refused"
+    assert queue.retry_failed("send") == 1
+    assert queue.claim("send", "w", 60) is not None
+    assert [backoff_seconds(n, 5, 600) for n in (1, 2, 3, 10)] == [5, 10, 20, 600]
+
+
+def test_restart_releases_own_dead_leases(database) -> None:
+    queue = JobQueue(database)
+    with database.session() as s:
+        queue.enqueue(s, "score", add_instance(database, 1))
+    queue.claim("score", "node-a:111:score-0", 3600)
+    assert queue.release_worker("node-a:", keep="node-a:222") == 1
+    assert queue.claim("score", "node-a:222:score-0", 60) is not None
