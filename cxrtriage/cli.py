@@ -118,5 +118,21 @@ def score(
         raise typer.Exit(2 if rejected == len(outcomes) else 1)
 
 
+@app.command()
+def serve(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="config.yaml (default: built-in settings)"),
+) -> None:
+    """Run the DICOM node: receive, score, write SEG + SR, send to PACS, answer queries."""
+    from .config import load_settings
+    from .node import Node
+    from .observability import setup_logging
+
+    settings = load_settings(config)
+    setup_logging(settings.logging)
+    d = settings.dicom
+    console.print(f"cxrtriage node [bold]{d.ae_title}[/] on {d.host}:{d.port}  (Ctrl+C stops)", highlight=False)
+    Node(settings).serve_forever()
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()

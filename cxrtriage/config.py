@@ -63,10 +63,94 @@ class InferenceSettings(BaseModel):
         return lungs, disease
 
 
-class Settings(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class TLSSettings(BaseModel):
+    """DICOM TLS (PS3.15 B.1): server certificate and, for mutual auth, the CA of client certificates."""
 
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = False
+    certificate: str | None = None
+    private_key: str | None = None
+    ca_certificates: str | None = Field(None, description="CA bundle; set to require and verify peer certificates")
+
+
+class Peer(BaseModel):
+    """A remote application entity."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ae_title: str = Field(max_length=16)
+    host: str
+    port: int = Field(ge=1, le=65535)
+    tls: TLSSettings = Field(default_factory=TLSSettings)
+
+
+class DicomSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    ae_title: str = Field("CXRTRIAGE", max_length=16)
+    host: str = Field("127.0.0.1", description="address to listen on; 0.0.0.0 for all interfaces")
+    port: int = Field(11112, ge=1, le=65535)
+    max_associations: int = Field(16, ge=1)
+    maximum_pdu_size: int = Field(1048576, ge=0, description="0 = unlimited; pynetdicom's 16 KiB default is slow")
+    acse_timeout: float = 30.0
+    dimse_timeout: float = 60.0
+    network_timeout: float = 120.0
+    allowed_calling_aets: list[str] = Field(default_factory=list, description="empty = accept any calling AE")
+    require_called_aet: bool = Field(False, description="reject associations not addressed to our AE title")
+    tls: TLSSettings = Field(default_factory=TLSSettings)
+    move_destinations: list[Peer] = Field(default_factory=list, description="AEs C-MOVE may send to")
+
+
+class StorageSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    database_url: str = "sqlite:///cxrtriage-data/cxrtriage.db"
+    archive_dir: str = "cxrtriage-data/archive"
+    min_free_mb: int = Field(500, ge=0, description="below this free space, C-STORE answers 0xA700")
+
+
+class WorkerSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    scoring_workers: int = Field(1, ge=0)
+    send_workers: int = Field(2, ge=0)
+    lease_seconds: float = Field(300.0, gt=0)
+    max_attempts: int = Field(8, ge=1)
+    backoff_seconds: float = Field(5.0, gt=0)
+    backoff_max_seconds: float = Field(600.0, gt=0)
+    poll_seconds: float = Field(0.2, gt=0)
+    seg_jpeg2000: bool = Field(False, description="JPEG 2000 lossless SEG (about 100x smaller)")
+
+
+class LoggingSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    level: str = "INFO"
+    json_lines: bool = Field(True, description="one JSON object per line")
+    patient_names: bool = Field(False, description="log patient names (off by default)")
+    file: str | None = None
+
+
+class MetricsSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(9110, ge=0, le=65535, description="Prometheus /metrics; 0 = pick a free port")
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    node_name: str = Field("cxrtriage", description="names this node's workers in the job table")
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
+    dicom: DicomSettings = Field(default_factory=DicomSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    workers: WorkerSettings = Field(default_factory=WorkerSettings)
+    destinations: list[Peer] = Field(default_factory=list, description="where SEG and SR are sent (PACS)")
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
 
 
 def load_settings(path: str | Path | None = None) -> Settings:

@@ -1,0 +1,77 @@
+"""Structured logs (no patient names unless configured) and Prometheus metrics."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from .config import LoggingSettings
+
+log = logging.getLogger("cxrtriage")
+
+#: Keys that may carry patient identity; dropped from log records unless allowed.
+PHI_KEYS = ("patient_name", "patient_birth_date")
+
+
+class JsonFormatter(logging.Formatter):
+    def __init__(self, patient_names: bool) -> None:
+        super().__init__()
+        self.patient_names = patient_names
+
+    def format(self, record: logging.LogRecord) -> str:
+        payload = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        fields = getattr(record, "fields", None) or {}
+        for key, value in fields.items():
+            if key in PHI_KEYS and not self.patient_names:
+                continue
+            payload[key] = value
+        if record.exc_info:
+            payload["exc"] = self.formatException(record.exc_info)
+        return json.dumps(payload, default=str)
+
+
+def setup_logging(settings: LoggingSettings) -> None:
+    handler: logging.Handler = logging.FileHandler(settings.file) if settings.file else logging.StreamHandler(sys.stderr)
+    if settings.json_lines:
+        handler.setFormatter(JsonFormatter(settings.patient_names))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    root = logging.getLogger("cxrtriage")
+    root.handlers[:] = [handler]
+    root.setLevel(settings.level.upper())
+    root.propagate = False
+    # pynetdicom logs handler exceptions and protocol errors; only to a NullHandler by default.
+    network = logging.getLogger("pynetdicom")
+    network.handlers[:] = [handler]
+    network.setLevel(logging.WARNING)
+    network.propagate = False
+
+
+def event(logger: logging.Logger, level: int, message: str, **fields: object) -> None:
+    """Log ``message`` with structured ``fields`` (PHI keys filtered by the formatter)."""
+    logger.log(level, message, extra={"fields": fields})
+
+
+class Metrics:
+    """The node's Prometheus metrics, in their own registry."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.received = Counter("cxrtriage_received_total", "Instances received by C-STORE", ["status"], registry=r)
+        self.scored = Counter("cxrtriage_scored_total", "Scoring outcomes", ["outcome"], registry=r)
+        self.sent = Counter("cxrtriage_sent_total", "Instances sent to destinations", ["destination", "outcome"], registry=r)
+        self.queue_depth = Gauge("cxrtriage_queue_depth", "Jobs by kind and state", ["kind", "state"], registry=r)
+        self.latency = Histogram(
+            "cxrtriage_stage_seconds", "Latency of processing stages", ["stage"], registry=r,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+        )

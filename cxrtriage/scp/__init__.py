@@ -1,0 +1,1 @@
+"""DICOM networking: storage SCP, query/retrieve SCP, C-STORE SCU to PACS."""

@@ -1,0 +1,1 @@
+"""Triage: the priority model, scheduler jobs and the reading worklist."""
