@@ -81,10 +81,11 @@ def write_bad_corpus(good: Path, folder: Path) -> dict[Path, str]:
         broken.save_as(path, enforce_file_format=False)
         expected[path] = reason
     raw = good.read_bytes()
-    (folder / "truncated_header.dcm").write_bytes(raw[:300])
+    meta_end = 132 + 12 + int(pydicom.filereader.read_file_meta_info(good).FileMetaInformationGroupLength)
+    (folder / "truncated_header.dcm").write_bytes(raw[: meta_end + 50])  # cut inside the dataset's header
     expected[folder / "truncated_header.dcm"] = "unreadable"
     (folder / "truncated_pixels.dcm").write_bytes(raw[: len(raw) - len(raw) // 3])
-    expected[folder / "truncated_pixels.dcm"] = "pixel_decode_failed"
+    expected[folder / "truncated_pixels.dcm"] = "unreadable"
     (folder / "not_dicom.dcm").write_bytes(b"this is a text file, not DICOM\n" * 10)
     expected[folder / "not_dicom.dcm"] = "not_dicom"
     (folder / "empty.dcm").write_bytes(b"")

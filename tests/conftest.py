@@ -50,14 +50,20 @@ def pipeline():
     return Pipeline()
 
 
-@pytest.fixture
-def database_url(tmp_path: Path) -> Iterator[str]:
-    """A fresh, empty database: SQLite by default; PostgreSQL when
-    CXRTRIAGE_TEST_DATABASE_URL points at a server (a new database per test)."""
+def _database_backends() -> list[str]:
+    return ["sqlite", "postgresql"] if os.environ.get("CXRTRIAGE_TEST_DATABASE_URL") else ["sqlite"]
+
+
+@pytest.fixture(params=_database_backends())
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty database. Every test using it runs on SQLite and, when
+    CXRTRIAGE_TEST_DATABASE_URL points at a PostgreSQL server, again on
+    PostgreSQL (a new database per test, dropped afterwards)."""
     server = os.environ.get("CXRTRIAGE_TEST_DATABASE_URL")
-    if not server:
+    if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'cxrtriage.db'}"
         return
+    assert server
     import sqlalchemy as sa
 
     from cxrtriage.storage.db import make_engine

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -19,7 +20,9 @@ CLI = [sys.executable, "-m", "cxrtriage"]
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=600)
+    # A wide terminal, so that rich does not wrap the reasons in the printed table.
+    env = {**os.environ, "COLUMNS": "300"}
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=600, env=env)
 
 
 def test_score_mixed_folder(tmp_path: Path, phantom_cr: Path, rg1: Path) -> None:

@@ -135,6 +135,26 @@ def _text(ds: Any, keyword: str) -> str:
     return str(value).strip().upper() if value is not None else ""
 
 
+def truncated_element(ds: Any) -> str | None:
+    """The keyword of an element cut short by the end of the file, or None.
+
+    pydicom reads a truncated value without complaint; right after parsing,
+    the last raw element still carries the length it declared, so the cut
+    shows as a value shorter than that length.
+    """
+    elements = getattr(ds, "_dict", {})
+    if not elements:
+        return None
+    tag = max(elements)
+    last = elements[tag]
+    length, value = getattr(last, "length", None), getattr(last, "value", None)
+    if isinstance(value, (bytes, bytearray)) and length not in (None, 0xFFFFFFFF) and len(value) < length:
+        from pydicom.datadict import keyword_for_tag
+
+        return keyword_for_tag(tag) or str(tag)
+    return None
+
+
 def check_header(ds: Any) -> None:
     """Reject datasets that are not a single-frame frontal chest radiograph."""
     sop_class = str(ds.get("SOPClassUID", ""))
@@ -243,6 +263,8 @@ def load_dicom(path_or_file: str | Path | BinaryIO, source: str | None = None) -
         raise NotDicomError(f"{source} is not a DICOM file ({exc})") from exc
     except Exception as exc:  # truncated or corrupt headers raise assorted errors
         raise UnreadableImageError(f"{source}: cannot parse DICOM ({type(exc).__name__}: {exc})") from exc
+    if (cut := truncated_element(ds)) is not None:
+        raise UnreadableImageError(f"{source}: the file ends inside {cut}: truncated")
     return radiograph_from_dataset(ds, source)
 
 

@@ -31,6 +31,7 @@ import pydicom
 from pydicom.filewriter import write_file_meta_info
 from sqlalchemy import select
 
+from ..inference.radiograph import truncated_element
 from ..observability import Metrics, event
 from ..storage.archive import Archive, InvalidUIDError, check_uid
 from ..storage.catalog import instance_row, integer, text
@@ -105,6 +106,8 @@ class Ingest:
             return self._refuse(Status.OUT_OF_RESOURCES, "disk_full", "free space below the configured floor", None, calling)
         try:
             ds = pydicom.dcmread(io.BytesIO(data), defer_size="256 KB")
+            if (cut := truncated_element(ds)) is not None:
+                raise ValueError(f"the dataset ends inside {cut}: truncated")
             transfer_syntax = str(ds.file_meta.TransferSyntaxUID)
             sop_class = str(ds.get("SOPClassUID", ""))
             _ = ds.get("PixelData")  # force the parse to the end of the dataset

@@ -1,0 +1,139 @@
+"""Real processes for network tests: the node, DCMTK storescp, network namespaces."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from .tools import require
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.25) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def port_open(port: int, netns: str | None = None) -> bool:
+    if netns:
+        probe = f"import socket; socket.create_connection(('127.0.0.1', {port}), 1).close()"
+        return subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c", probe], capture_output=True).returncode == 0
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def in_netns(netns: str | None, argv: list[str]) -> list[str]:
+    return ["ip", "netns", "exec", netns, *argv] if netns else argv
+
+
+class NodeProcess:
+    """``cxrtriage serve`` in a subprocess with its own config, archive and database."""
+
+    def __init__(self, workdir: Path, database_url: str, *, netns: str | None = None, **overrides: Any) -> None:
+        self.workdir = workdir
+        self.port = overrides.pop("port", None) or free_port()
+        self.netns = netns
+        workdir.mkdir(parents=True, exist_ok=True)
+        config: dict[str, Any] = {
+            "node_name": "testnode",
+            "storage": {"database_url": database_url, "archive_dir": str(workdir / "archive"), "min_free_mb": 1},
+            "dicom": {"port": self.port, "ae_title": "CXRTRIAGE"},
+            "metrics": {"port": 0},
+            "workers": {"backoff_seconds": 0.3, "backoff_max_seconds": 2.0, "poll_seconds": 0.1},
+            "logging": {"file": str(workdir / "node.log")},
+        }
+        for section, values in overrides.items():
+            if isinstance(values, dict):
+                config.setdefault(section, {}).update(values)
+            else:
+                config[section] = values
+        self.config_path = workdir / "config.yaml"
+        self.config_path.write_text(yaml.safe_dump(config))
+        self.database_url = database_url
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def log(self) -> str:
+        path = self.workdir / "node.log"
+        return path.read_text() if path.exists() else ""
+
+    def start(self, timeout: float = 120) -> "NodeProcess":
+        argv = in_netns(self.netns, [sys.executable, "-m", "cxrtriage", "serve", "-c", str(self.config_path)])
+        out = open(self.workdir / "stdout.log", "ab")
+        self.process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=self.workdir)
+        wait_for(lambda: port_open(self.port, self.netns) or self.process.poll() is not None, timeout, "the node to listen")
+        if self.process.poll() is not None:
+            raise AssertionError(f"node exited with {self.process.returncode}:\n{self.log[-3000:]}")
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL: no clean-up, as in a power cut or an OOM kill."""
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def db(self):  # type: ignore[no-untyped-def]
+        from cxrtriage.storage.db import Database
+
+        return Database(self.database_url)
+
+
+class StoreSCP:
+    """DCMTK ``storescp`` writing what it receives into a folder, one file per SOP instance."""
+
+    def __init__(self, folder: Path, ae_title: str = "PACS", port: int | None = None, netns: str | None = None) -> None:
+        self.folder = folder
+        self.ae_title = ae_title
+        self.port = port or free_port()
+        self.netns = netns
+        folder.mkdir(parents=True, exist_ok=True)
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> "StoreSCP":
+        exe = require("storescp", "dcmtk")
+        argv = in_netns(self.netns, [exe, "-aet", self.ae_title, "-od", str(self.folder), "+B", str(self.port)])
+        self.log = open(self.folder.parent / f"storescp-{self.port}.log", "ab")
+        self.process = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT)
+        wait_for(lambda: port_open(self.port, self.netns), 30, "storescp to listen")
+        return self
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=30)
+
+    def received(self) -> list[Path]:
+        return sorted(p for p in self.folder.iterdir() if p.is_file() and not p.name.endswith(".log"))
+
+
+def netns_available() -> bool:
+    return os.geteuid() == 0 and subprocess.run(["ip", "netns", "list"], capture_output=True).returncode == 0
