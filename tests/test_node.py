@@ -78,6 +78,12 @@ def test_dcmtk_send_score_query_retrieve(tmp_path: Path, database_url: str, rg1:
                             if "Modality" in line and "(0008,0060)" in line and "[" in line and "CS" in line)
         assert modalities == ["", "CR", "SEG", "SR"] or modalities == ["CR", "SEG", "SR"]
 
+        severity = dcmtk("findscu", "-v", "-aet", "VIEWER", "-aec", "CXRTRIAGE", "-S", "-k", "QueryRetrieveLevel=STUDY",
+                         "-k", f"StudyInstanceUID={rg1_study}", "-k", "(0032,4000)", "-k", "(0099,0010)",
+                         "127.0.0.1", str(node.port))
+        assert "cxrtriage SCORED: zone score" in severity.stderr  # Study Comments (0032,4000)
+        assert "CXRTRIAGE" in severity.stderr and "(0099,1004)" in severity.stderr  # the private block
+
         moved = dcmtk("movescu", "-aet", "VIEWER", "-aec", "CXRTRIAGE", "-aem", "MOVESCP", "-S",
                       "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={rg1_study}", "127.0.0.1", str(node.port))
         assert moved.returncode == 0 and "Failed" not in moved.stderr, moved.stderr

@@ -6,8 +6,14 @@ C.2.2.2: universal (empty), single value, wildcard (``*``, ``?``; case-
 insensitive for person names), list of UIDs, and ranges for dates and
 times (``A-B``, ``A-``, ``-B``).
 
-Study-level responses for studies the node has scored carry the AI
-severity in a private block (creator ``CXRTRIAGE``, group 0x0099):
+Study-level responses carry the AI severity, as requested keys only:
+
+* Study Comments (0032,4000), when requested: a one-line summary such as
+  ``cxrtriage SCORED: zone score 3/6, Brixia-style 8/18, P(disease) 0.97``.
+  The element is retired but every PACS dictionary knows it, so it passes
+  through systems that drop unknown private elements (Orthanc does).
+* a private block (creator ``CXRTRIAGE``, group 0x0099), when the query
+  names any element of group 0x0099:
 
 =========== == =====================================================
 (0099,1001) IS highest 0-6 zone score among the study's images
@@ -145,6 +151,13 @@ def study_severities(db: Database, study_uids: Iterable[str]) -> dict[str, Study
     return out
 
 
+def severity_summary(severity: StudySeverity) -> str:
+    if severity.total is None:
+        return f"cxrtriage {severity.status}"
+    return (f"cxrtriage {severity.status}: zone score {severity.total}/6, Brixia-style {severity.brixia}/18, "
+            f"P(disease) {severity.p_disease:.2f}")
+
+
 def add_severity(identifier: Dataset, severity: StudySeverity) -> None:
     block = identifier.private_block(PRIVATE_GROUP, PRIVATE_CREATOR, create=True)
     if severity.total is not None:
@@ -216,8 +229,14 @@ class QueryEngine:
             if "SpecificCharacterSet" in identifier:
                 response.SpecificCharacterSet = "ISO_IR 192"
             response.RetrieveAETitle = self.ae_title
-            if level == "STUDY" and first.study_instance_uid in severities:
-                add_severity(response, severities[first.study_instance_uid])
+            severity = severities.get(first.study_instance_uid)
+            if severity is not None:
+                if "StudyComments" in identifier:
+                    response.StudyComments = severity_summary(severity)
+                if any(element.tag.group == PRIVATE_GROUP for element in identifier):
+                    for element in [e for e in response if e.tag.group == PRIVATE_GROUP]:
+                        del response[element.tag]
+                    add_severity(response, severity)
             yield response
 
     def _value(self, keyword: str, first: Instance, members: list[Instance]) -> Any:
