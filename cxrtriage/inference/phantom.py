@@ -42,6 +42,17 @@ _LUNG_OUTLINE = np.array(
 )
 
 
+@dataclass(frozen=True)
+class Thorax:
+    """Placement of the chest in the image, as fractions of its width and height."""
+
+    cx: float  # midline
+    top: float  # lung apices
+    bottom: float  # costophrenic angles
+    half_width: float  # midline to the lateral lung wall
+    gap: float  # midline to the medial lung border
+
+
 @dataclass
 class Phantom:
     """A synthetic radiograph and its truth (canonical PA orientation).
@@ -141,34 +152,34 @@ class PhantomGenerator:
         xs = np.linspace(0.0, 1.0, w, dtype=np.float32)[None, :]
         ys = np.linspace(0.0, 1.0, h, dtype=np.float32)[:, None]
 
-        # Thorax placement: centre, scale and tilt of the whole chest.
-        cx = 0.5 + rng.uniform(-0.04, 0.04)
-        top = rng.uniform(0.05, 0.2)
-        bottom = rng.uniform(0.7, 0.9)
-        half_width = rng.uniform(0.3, 0.46)
-        gap = rng.uniform(0.025, 0.06)
-
-        right_lung, left_lung = self._lungs(rng, (h, w), cx, top, bottom, half_width, gap)
-        heart = self._heart(rng, (h, w), cx, top, bottom, half_width)
+        t = Thorax(
+            cx=0.5 + rng.uniform(-0.04, 0.04),
+            top=rng.uniform(0.05, 0.2),
+            bottom=rng.uniform(0.7, 0.9),
+            half_width=rng.uniform(0.3, 0.46),
+            gap=rng.uniform(0.025, 0.06),
+        )
+        right_lung, left_lung = self._lungs(rng, (h, w), t)
+        heart = self._heart(rng, (h, w), t)
         right_lung &= ~heart
         left_lung &= ~heart
 
-        body = self._body(rng, xs, ys, cx, half_width)
+        body = self._body(rng, xs, ys, t.cx, t.half_width)
         lungs = (right_lung | left_lung).astype(np.float32)
         lung_soft = _blur(lungs, 0.006 * h)
 
         density = 0.55 * body
-        density += 0.18 * _blur(((ys > bottom - 0.1) & (body > 0.5)).astype(np.float32), 0.02 * h)
+        density += 0.18 * _blur(((ys > t.bottom - 0.1) & (body > 0.5)).astype(np.float32), 0.02 * h)
         density -= rng.uniform(0.2, 0.42) * lung_soft
         density += rng.uniform(0.05, 0.14) * _blur(heart.astype(np.float32), 0.01 * h)
         # Mediastinum between the lungs, and broad soft-tissue shadows (breasts, muscle).
-        density += rng.uniform(0.04, 0.12) * np.exp(-(((xs - cx) / (gap + 0.04)) ** 2)).astype(np.float32) * body
+        density += rng.uniform(0.04, 0.12) * np.exp(-(((xs - t.cx) / (t.gap + 0.04)) ** 2)).astype(np.float32) * body
         density += rng.uniform(0.0, 0.06) * _smooth_noise(rng, (h, w), 0.12 * h) * body
-        density += self._spine(rng, xs, ys, cx)
-        density += self._ribs(rng, (h, w), cx, top, bottom, half_width) * (0.4 + 0.6 * body)
-        density += self._clavicles(rng, (h, w), cx, top, half_width)
+        density += self._spine(rng, xs, ys, t.cx)
+        density += self._ribs(rng, (h, w), t) * (0.4 + 0.6 * body)
+        density += self._clavicles(rng, (h, w), t)
         # Vessel markings: fine texture, strongest near the hila.
-        hilum = np.exp(-(((xs - cx) / 0.25) ** 2)).astype(np.float32)
+        hilum = np.exp(-(((xs - t.cx) / 0.25) ** 2)).astype(np.float32)
         density += 0.03 * _smooth_noise(rng, (h, w), 0.004 * h) * lung_soft * hilum
 
         zones = lung_zones(right_lung) + lung_zones(left_lung)
@@ -195,17 +206,9 @@ class PhantomGenerator:
         aspect = rng.uniform(0.8, 1.25)
         return base, int(round(base * aspect))
 
-    def _lungs(
-        self,
-        rng: np.random.Generator,
-        shape: tuple[int, int],
-        cx: float,
-        top: float,
-        bottom: float,
-        half_width: float,
-        gap: float,
-    ) -> tuple[np.ndarray, np.ndarray]:
+    def _lungs(self, rng: np.random.Generator, shape: tuple[int, int], t: Thorax) -> tuple[np.ndarray, np.ndarray]:
         h, w = shape
+        cx, top, bottom, half_width, gap = t.cx, t.top, t.bottom, t.half_width, t.gap
         masks = []
         for side in (-1, 1):  # -1: image left = patient right
             lung_w = (half_width - gap) * rng.uniform(0.9, 1.05)
@@ -219,16 +222,9 @@ class PhantomGenerator:
             masks.append(_fill(shape, _chaikin(np.stack([px, py], axis=1))))
         return masks[0], masks[1]
 
-    def _heart(
-        self,
-        rng: np.random.Generator,
-        shape: tuple[int, int],
-        cx: float,
-        top: float,
-        bottom: float,
-        half_width: float,
-    ) -> np.ndarray:
+    def _heart(self, rng: np.random.Generator, shape: tuple[int, int], t: Thorax) -> np.ndarray:
         h, w = shape
+        cx, top, bottom, half_width = t.cx, t.top, t.bottom, t.half_width
         centre = (
             (cx + rng.uniform(0.03, 0.08)) * (w - 1),
             (bottom - rng.uniform(0.1, 0.16) * (bottom - top) * 2.2) * (h - 1),
@@ -264,16 +260,9 @@ class PhantomGenerator:
         vertebrae = 0.8 + 0.2 * np.cos(2 * np.pi * ys / period).astype(np.float32)
         return 0.22 * column * vertebrae
 
-    def _ribs(
-        self,
-        rng: np.random.Generator,
-        shape: tuple[int, int],
-        cx: float,
-        top: float,
-        bottom: float,
-        half_width: float,
-    ) -> np.ndarray:
+    def _ribs(self, rng: np.random.Generator, shape: tuple[int, int], t: Thorax) -> np.ndarray:
         h, w = shape
+        cx, top, bottom, half_width = t.cx, t.top, t.bottom, t.half_width
         canvas = np.zeros(shape, dtype=np.float32)
         n_ribs = int(rng.integers(8, 11))
         spacing = (bottom - top) / n_ribs
@@ -289,15 +278,9 @@ class PhantomGenerator:
                 cv2.polylines(canvas, [pts], False, float(rng.uniform(0.07, 0.15)), thickness)
         return _blur(canvas, 0.003 * h)
 
-    def _clavicles(
-        self,
-        rng: np.random.Generator,
-        shape: tuple[int, int],
-        cx: float,
-        top: float,
-        half_width: float,
-    ) -> np.ndarray:
+    def _clavicles(self, rng: np.random.Generator, shape: tuple[int, int], t: Thorax) -> np.ndarray:
         h, w = shape
+        cx, top, half_width = t.cx, t.top, t.half_width
         canvas = np.zeros(shape, dtype=np.float32)
         thickness = max(1, int(rng.uniform(0.018, 0.026) * h))
         for side in (-1, 1):
