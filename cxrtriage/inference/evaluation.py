@@ -61,6 +61,8 @@ def evaluate_synthetic(pipeline: Pipeline, images: int = 200, first_seed: int = 
                 "lung_dice": dice(result.lungs, phantom.lungs),
                 "score": result.scores.total,
                 "truth": truth.total,
+                "brixia": result.scores.brixia_total,
+                "truth_brixia": truth.brixia_total,
                 "zone_hits": zone_hits,
                 "brixia_error": abs(result.scores.brixia_total - truth.brixia_total),
                 "p_disease": result.p_disease,

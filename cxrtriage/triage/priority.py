@@ -1,11 +1,37 @@
-"""Priorities that came with the order, as numbers the queue can sort by."""
+"""The reading priority of a study: AI severity, the order's priority, and waiting time.
+
+A study's priority is a number; the worklist shows studies from the highest
+down, ties broken by arrival (earlier first). Three rules:
+
+1. **Base**: the higher of the AI's severity base and the order's base. The
+   AI never lowers a priority that came with the order (Requested Procedure
+   Priority (0040,1003) STAT/HIGH/ROUTINE/MEDIUM/LOW, or a HIGH DIMSE priority).
+2. **Band**: critical, high, moderate, low from the AI result (the most
+   severe image of the study counts); ``unscored`` while scoring is pending,
+   ``ai_failed`` when the AI could not score it. Those two are never hidden:
+   they rank as if moderate and are flagged.
+3. **Aging**: priority rises linearly with waiting time from the base to
+   :data:`TOP` at the band's maximum wait, so any study reaches the top of
+   the list no later than its maximum wait, whatever arrives meanwhile
+   (newly arrived studies have a base below TOP). Overdue studies keep
+   rising above TOP, the longest-overdue first.
+"""
 
 from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field
 
 #: Requested Procedure Priority (0040,1003) defined terms, most urgent first.
 REQUESTED_PRIORITY_RANK: dict[str, int] = {"STAT": 3, "HIGH": 2, "ROUTINE": 1, "MEDIUM": 1, "LOW": 0}
 #: DIMSE Priority (0000,0700): 1 HIGH, 0 MEDIUM, 2 LOW (PS3.7 C.4.2.1.7.1).
 DIMSE_PRIORITY_RANK: dict[int, int] = {1: 2, 0: 1, 2: 0}
+
+TOP = 100.0
+BANDS = ("critical", "high", "moderate", "low", "unscored", "ai_failed")
 
 
 def order_priority(requested: str | None, dimse: int | None) -> int:
@@ -17,3 +43,109 @@ def order_priority(requested: str | None, dimse: int | None) -> int:
     requested_rank = REQUESTED_PRIORITY_RANK.get((requested or "").strip().upper(), 1)
     dimse_rank = DIMSE_PRIORITY_RANK.get(dimse if dimse is not None else 0, 1)
     return 10 * requested_rank + dimse_rank
+
+
+class PrioritySettings(BaseModel):
+    """The priority model's parameters (config.yaml ``triage.priority``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    critical_total: int = Field(5, ge=0, le=6, description="zone score (0-6) from which a study is critical")
+    high_total: int = Field(3, ge=0, le=6)
+    moderate_total: int = Field(1, ge=0, le=6)
+    moderate_p_disease: float = Field(0.5, ge=0, le=1, description="P(disease) that makes a study at least moderate")
+    base: dict[str, float] = Field(
+        default_factory=lambda: {"critical": 80.0, "high": 60.0, "moderate": 40.0, "low": 20.0,
+                                 "unscored": 40.0, "ai_failed": 40.0},
+        description="starting priority of each band (below TOP = 100)",
+    )
+    max_wait_minutes: dict[str, float] = Field(
+        default_factory=lambda: {"critical": 30.0, "high": 120.0, "moderate": 360.0, "low": 720.0,
+                                 "unscored": 240.0, "ai_failed": 240.0},
+        description="at this wait a study of the band has reached the top of the list",
+    )
+    #: Base given by the order's own priority; the AI can only raise it.
+    order_base: dict[str, float] = Field(
+        default_factory=lambda: {"STAT": 90.0, "HIGH": 60.0, "ROUTINE": 0.0, "MEDIUM": 0.0, "LOW": 0.0}
+    )
+
+
+@dataclass
+class ImageFinding:
+    """What the priority model needs from one image of a study."""
+
+    status: str  # scored | pending | not_scorable | failed
+    total: int | None = None
+    brixia: int | None = None
+    p_disease: float | None = None
+
+
+@dataclass
+class StudyPriority:
+    band: str
+    base: float
+    priority: float
+    waited_minutes: float
+    severity: float  # within-band order: zone score, Brixia-style total, P(disease)
+    flags: list[str] = field(default_factory=list)
+
+
+def study_band(images: Sequence[ImageFinding], settings: PrioritySettings) -> tuple[str, float, ImageFinding | None]:
+    """Band, within-band severity and the most severe scored image of a study."""
+    scored = [i for i in images if i.status == "scored"]
+    if scored:
+        worst = max(scored, key=lambda i: (i.total or 0, i.brixia or 0, i.p_disease or 0.0))
+        total, p = worst.total or 0, worst.p_disease or 0.0
+        if total >= settings.critical_total:
+            band = "critical"
+        elif total >= settings.high_total:
+            band = "high"
+        elif total >= settings.moderate_total or p >= settings.moderate_p_disease:
+            band = "moderate"
+        else:
+            band = "low"
+        # Up to 9.9 points inside the band: zone score, then Brixia-style total, then P(disease).
+        severity = 1.2 * total + 0.1 * min(worst.brixia or 0, 18) + 0.9 * p
+        return band, severity, worst
+    if any(i.status == "pending" for i in images) or not images:
+        return "unscored", 0.0, None
+    return "ai_failed", 0.0, None
+
+
+def prioritise(
+    images: Sequence[ImageFinding],
+    requested_priorities: Iterable[str],
+    received_at: dt.datetime,
+    now: dt.datetime,
+    settings: PrioritySettings | None = None,
+    dimse_high: bool = False,
+) -> StudyPriority:
+    settings = settings or PrioritySettings()
+    band, severity, _ = study_band(images, settings)
+    requested = [r.strip().upper() for r in requested_priorities if r and r.strip()]
+    order_base = max([settings.order_base.get(r, 0.0) for r in requested] + [0.0])
+    if dimse_high:
+        order_base = max(order_base, settings.order_base.get("HIGH", 0.0))
+    ai_base = settings.base[band] + severity
+    base = max(ai_base, order_base)  # the AI never lowers the order's priority
+    waited = max(0.0, (now - received_at).total_seconds() / 60.0)
+    max_wait = settings.max_wait_minutes[band]
+    if waited <= max_wait:
+        priority = base + (TOP - base) * waited / max_wait
+    else:
+        priority = TOP + (waited - max_wait) / max_wait  # overdue: the longest-overdue first
+    flags = []
+    if "STAT" in requested:
+        flags.append("STAT")
+    if band == "unscored":
+        flags.append("AI pending")
+    if band == "ai_failed":
+        flags.append("AI failed")
+    if waited > max_wait:
+        flags.append("overdue")
+    return StudyPriority(band=band, base=base, priority=priority, waited_minutes=waited, severity=severity, flags=flags)
+
+
+def rank(entries: Sequence[tuple[StudyPriority, dt.datetime]]) -> list[int]:
+    """Indices of ``entries`` in reading order: priority descending, then arrival ascending."""
+    return sorted(range(len(entries)), key=lambda i: (-entries[i][0].priority, entries[i][1]))
