@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .inference.models import ModelSpec, read_spec
 from .inference.presets import PAPER_ZONE_THRESHOLDS, PRESETS
+from .triage.priority import PrioritySettings
 
 
 class ScoringSettings(BaseModel):
@@ -140,6 +141,21 @@ class MetricsSettings(BaseModel):
     port: int = Field(9110, ge=0, le=65535, description="Prometheus /metrics; 0 = pick a free port")
 
 
+class WebSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    host: str = Field("127.0.0.1", description="bound to loopback by default; set a token before exposing it")
+    port: int = Field(8080, ge=0, le=65535, description="0 = pick a free port")
+    token: str | None = Field(None, description="when set: Bearer token, or the password of HTTP Basic auth")
+
+
+class TriageSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    priority: PrioritySettings = Field(default_factory=PrioritySettings)
+
+
 class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -151,6 +167,8 @@ class Settings(BaseModel):
     destinations: list[Peer] = Field(default_factory=list, description="where SEG and SR are sent (PACS)")
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    web: WebSettings = Field(default_factory=WebSettings)
+    triage: TriageSettings = Field(default_factory=TriageSettings)
 
 
 def load_settings(path: str | Path | None = None) -> Settings:

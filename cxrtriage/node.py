@@ -31,6 +31,7 @@ from .storage.catalog import instance_row
 from .storage.db import Database
 from .storage.models import Instance, ScoreResult
 from .storage.queue import Claimed, JobQueue
+from .triage.worklist import Worklist
 
 log = logging.getLogger("cxrtriage.node")
 
@@ -70,6 +71,8 @@ class Node:
         self.threads: list[threading.Thread] = []
         self.server: Any = None
         self.metrics_server: Any = None
+        self.web_server: Any = None
+        self.worklist = Worklist(self.db, settings.triage.priority)
 
     # -- lifecycle -------------------------------------------------------
 
@@ -102,11 +105,31 @@ class Node:
             m = self.settings.metrics
             self.metrics_server, _ = start_http_server(m.port, addr=m.host, registry=self.metrics.registry)
             event(log, logging.INFO, "metrics", url=f"http://{m.host}:{self.metrics_server.server_port}/metrics")
+        if self.settings.web.enabled:
+            self._start_web()
         event(log, logging.INFO, "node started", incarnation=self.incarnation,
               destinations=sorted(self.destinations), database=self.db.engine.dialect.name)
 
+    def _start_web(self) -> None:
+        import uvicorn
+
+        from .triage.web import create_app
+
+        web = self.settings.web
+        app = create_app(self.worklist, self.archive.root / "overlays", token=web.token, metrics=self.metrics)
+        config = uvicorn.Config(app, host=web.host, port=web.port, log_level="warning", access_log=False)
+        self.web_server = uvicorn.Server(config)
+        self._spawn("web", self.web_server.run)
+        deadline = time.monotonic() + 30
+        while not self.web_server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        port = self.web_server.servers[0].sockets[0].getsockname()[1] if self.web_server.servers else web.port
+        event(log, logging.INFO, "worklist", url=f"http://{web.host}:{port}/")
+
     def stop(self) -> None:
         self.stopping.set()
+        if self.web_server is not None:
+            self.web_server.should_exit = True
         if self.server is not None:
             self.server.shutdown()
         for thread in self.threads:
@@ -173,6 +196,7 @@ class Node:
 
     def _score(self, job: Claimed, worker: str) -> None:
         from .inference.dicom_results import build_result_objects
+        from .inference.overlay import write_overlay
         from .inference.radiograph import RadiographError, radiograph_from_dataset
 
         with self.db.session() as session:
@@ -195,6 +219,7 @@ class Node:
             relative = self.archive.relative_path(obj.StudyInstanceUID, obj.SeriesInstanceUID, obj.SOPInstanceUID)
             sha, size = self.archive.write(relative, data)
             written.append((obj, kind, relative, sha, size))
+        write_overlay(self.archive.root / "overlays" / f"{instance.sop_instance_uid}.png", radiograph.pixels, result)
         t2 = time.perf_counter()
         scores = result.scores
         with self.db.session() as session:

@@ -60,6 +60,7 @@ class NodeProcess:
             "storage": {"database_url": database_url, "archive_dir": str(workdir / "archive"), "min_free_mb": 1},
             "dicom": {"port": self.port, "ae_title": "CXRTRIAGE"},
             "metrics": {"port": 0},
+            "web": {"port": 0},
             "workers": {"backoff_seconds": 0.3, "backoff_max_seconds": 2.0, "poll_seconds": 0.1},
             "logging": {"file": str(workdir / "node.log")},
         }
@@ -79,6 +80,7 @@ class NodeProcess:
         return path.read_text() if path.exists() else ""
 
     def start(self, timeout: float = 120) -> "NodeProcess":
+        self.log_offset = len(self.log)  # the log file is shared with earlier runs in the same folder
         argv = in_netns(self.netns, [sys.executable, "-m", "cxrtriage", "serve", "-c", str(self.config_path)])
         out = open(self.workdir / "stdout.log", "ab")
         self.process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=self.workdir)
@@ -100,6 +102,14 @@ class NodeProcess:
                 self.process.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 self.kill()
+
+    def web_url(self) -> str:
+        """Base URL of the worklist web server (from the node's log)."""
+        import re
+
+        match = wait_for(lambda: re.search(r'"msg": "worklist", "url": "(http://[^"]+)/"', self.log[self.log_offset:]),
+                         60, "the web server")
+        return match.group(1)
 
     def db(self):  # type: ignore[no-untyped-def]
         from cxrtriage.storage.db import Database

@@ -100,3 +100,18 @@ class ScoreResult(Base):
     seg_instance_id: Mapped[int | None] = mapped_column(ForeignKey("instances.id"), nullable=True)
     sr_instance_id: Mapped[int | None] = mapped_column(ForeignKey("instances.id"), nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Reading(Base):
+    """A radiologist's state on a study: unread, claimed by one reader, or read."""
+
+    __tablename__ = "readings"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    state: Mapped[str] = mapped_column(String(16), default="unread")  # unread | claimed | read
+    reader: Mapped[str] = mapped_column(String(64), default="")
+    claimed_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    read_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    escalated_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -1,0 +1,84 @@
+"""The worklist through a running node: order, reading state, persistence, auth."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from cxrtriage.inference.phantom import PhantomGenerator, write_cr
+
+from .harness import NodeProcess, wait_for
+from .test_bad_input_network import send_raw
+
+pytestmark = pytest.mark.slow
+
+
+def call(url: str, method: str = "GET", body: dict | None = None, token: str | None = None) -> tuple[int, object]:
+    request = urllib.request.Request(url, method=method, data=json.dumps(body).encode() if body else None,
+                                     headers={"Content-Type": "application/json"})
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b"null")
+
+
+def test_worklist_order_claims_and_restart(tmp_path: Path, database_url: str) -> None:
+    generator = PhantomGenerator(448, 416)
+    severities = {0: (), 3: (0, 1, 2), 6: (0, 1, 2, 3, 4, 5), 1: (4,)}
+    files = {n: write_cr(generator(4_500_000 + n, affected_zones=z), tmp_path / f"s{n}.dcm") for n, z in severities.items()}
+    node = NodeProcess(tmp_path / "node", database_url).start()
+    try:
+        for path in files.values():
+            assert send_raw(node.port, path) == 0x0000
+        base = node.web_url()
+        worklist = wait_for(lambda: (lambda s, b: b if all(e["band"] != "unscored" for e in b) and len(b) == 4 else None)(
+            *call(f"{base}/api/worklist")), 300, "four scored studies")
+        assert [e["total_score"] for e in worklist] == [6, 3, 1, 0]
+        assert [e["band"] for e in worklist] == ["critical", "high", "moderate", "low"]
+        assert all(len(e["zone_brixia"]) == 6 for e in worklist)
+        top = worklist[0]["study_instance_uid"]
+
+        assert call(f"{base}/api/studies/{top}/claim", "POST", {"reader": "dr_a"})[0] == 200
+        status, body = call(f"{base}/api/studies/{top}/claim", "POST", {"reader": "dr_b"})
+        assert status == 409 and "another reader" in body["detail"]
+        assert call(f"{base}/api/studies/1.2.3.999/claim", "POST", {"reader": "dr_a"})[0] == 404
+        status, study = call(f"{base}/api/studies/{top}")
+        assert study["reading_state"] == "claimed" and study["reader"] == "dr_a"
+        assert study["image_results"][0]["status"] == "scored"
+        overlay = urllib.request.urlopen(f"{base}/api/images/{study['image_results'][0]['sop_instance_uid']}/overlay.png")
+        assert overlay.read(8) == b"\x89PNG\r\n\x1a\n"
+        assert call(f"{base}/api/worklist?band=critical")[1][0]["study_instance_uid"] == top
+        assert len(call(f"{base}/api/worklist?unread_only=true")[1]) == 3
+        page = urllib.request.urlopen(f"{base}/").read().decode()
+        assert "Chest X-ray worklist" in page and "PHANTOM" not in page
+    finally:
+        node.stop()
+
+    restarted = NodeProcess(tmp_path / "node", database_url, port=node.port).start()
+    try:
+        base = restarted.web_url()
+        study = call(f"{base}/api/studies/{top}")[1]
+        assert study["reading_state"] == "claimed" and study["reader"] == "dr_a"  # survived the restart
+        assert call(f"{base}/api/studies/{top}/read", "POST", {"reader": "dr_a"})[0] == 200
+        assert top not in [e["study_instance_uid"] for e in call(f"{base}/api/worklist")[1]]
+    finally:
+        restarted.stop()
+
+
+def test_token_protects_the_web(tmp_path: Path, database_url: str) -> None:
+    node = NodeProcess(tmp_path / "node", database_url, web={"token": "s3cret"}, workers={"scoring_workers": 0}).start()
+    try:
+        base = node.web_url()
+        assert call(f"{base}/api/worklist")[0] == 401
+        assert call(f"{base}/api/worklist", token="wrong")[0] == 401
+        assert call(f"{base}/api/worklist", token="s3cret") == (200, [])
+        assert call(f"{base}/api/health")[0] == 200  # health stays open for monitoring
+    finally:
+        node.stop()
