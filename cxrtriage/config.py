@@ -150,10 +150,26 @@ class WebSettings(BaseModel):
     token: str | None = Field(None, description="when set: Bearer token, or the password of HTTP Basic auth")
 
 
+class EscalationSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    deadline_minutes: dict[str, float] = Field(
+        default_factory=lambda: {"critical": 15.0, "high": 60.0},
+        description="bands that escalate, and after how long unread",
+    )
+    webhook_url: str | None = Field(None, description="POSTed a JSON summary once per escalated study")
+    webhook_timeout_seconds: float = 5.0
+    interval_seconds: float = Field(30.0, gt=0)
+
+
 class TriageSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     priority: PrioritySettings = Field(default_factory=PrioritySettings)
+    escalation: EscalationSettings = Field(default_factory=EscalationSettings)
+    retry_failed_minutes: float = Field(60.0, gt=0, description="failed scoring/sending jobs get new attempts")
+    retention_days: float = Field(0.0, ge=0, description="purge read, fully sent studies older than this; 0 = never")
+    purge_interval_hours: float = Field(24.0, gt=0)
 
 
 class Settings(BaseModel):

@@ -72,6 +72,7 @@ class Node:
         self.server: Any = None
         self.metrics_server: Any = None
         self.web_server: Any = None
+        self.scheduler: Any = None
         self.worklist = Worklist(self.db, settings.triage.priority)
 
     # -- lifecycle -------------------------------------------------------
@@ -107,6 +108,9 @@ class Node:
             event(log, logging.INFO, "metrics", url=f"http://{m.host}:{self.metrics_server.server_port}/metrics")
         if self.settings.web.enabled:
             self._start_web()
+        from .triage.scheduler import start_scheduler
+
+        self.scheduler = start_scheduler(self.settings, self.db.engine)
         event(log, logging.INFO, "node started", incarnation=self.incarnation,
               destinations=sorted(self.destinations), database=self.db.engine.dialect.name)
 
@@ -128,6 +132,8 @@ class Node:
 
     def stop(self) -> None:
         self.stopping.set()
+        if self.scheduler is not None:
+            self.scheduler.shutdown(wait=False)
         if self.web_server is not None:
             self.web_server.should_exit = True
         if self.server is not None:

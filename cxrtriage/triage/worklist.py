@@ -126,6 +126,8 @@ class Worklist:
         requested = [m.requested_priority for m in members]
         priority = prioritise(findings, requested, received, now, self.settings,
                               dimse_high=any(m.dimse_priority == 1 for m in members))
+        if reading is not None and reading.escalated_at is not None:
+            priority.flags.append("escalated")
         first = members[0]
         entry = WorklistEntry(
             study_instance_uid=uid, accession_number=first.accession_number, patient_id=first.patient_id,

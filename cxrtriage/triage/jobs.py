@@ -1,0 +1,144 @@
+"""Scheduler jobs: importable functions whose only argument is the settings as JSON.
+
+APScheduler's persistent job store pickles a job's callable by reference and
+its arguments by value, so every job here is a module-level function that
+rebuilds what it needs from the settings. Database engines are cached per URL.
+
+The worklist itself needs no re-ranking job: it is computed from the database
+on every request, so every new result and every minute of waiting is in the
+order at once. The jobs handle what must happen without anyone looking:
+escalation of severe studies left unread, retries of failed work, and purging.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import threading
+import urllib.request
+
+from sqlalchemy import delete, select, update
+
+from ..config import Settings
+from ..observability import event
+from ..storage.archive import Archive
+from ..storage.db import Database, is_sqlite
+from ..storage.models import Instance, Job, Reading, ScoreResult, utcnow
+from ..storage.queue import JobQueue
+from .worklist import Worklist
+
+log = logging.getLogger("cxrtriage.triage.jobs")
+_databases: dict[str, Database] = {}
+_lock = threading.Lock()
+
+
+def _database(url: str) -> Database:
+    with _lock:
+        if url not in _databases:
+            _databases[url] = Database(url)
+        return _databases[url]
+
+
+def _post(url: str, payload: dict, timeout: float) -> None:
+    request = urllib.request.Request(url, data=json.dumps(payload).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        if response.status >= 300:
+            raise OSError(f"webhook answered HTTP {response.status}")
+
+
+def escalate_overdue(settings_json: str) -> int:
+    """Escalate severe unread studies past their deadline, each exactly once; returns how many."""
+    settings = Settings.model_validate_json(settings_json)
+    rules = settings.triage.escalation
+    db = _database(settings.storage.database_url)
+    worklist = Worklist(db, settings.triage.priority)
+    fired = 0
+    for entry in worklist.entries():
+        deadline = rules.deadline_minutes.get(entry.priority.band)
+        if deadline is None or entry.priority.waited_minutes < deadline or "escalated" in entry.priority.flags:
+            continue
+        payload = {
+            "event": "cxrtriage.escalation",
+            "study_instance_uid": entry.study_instance_uid,
+            "accession_number": entry.accession_number,
+            "band": entry.priority.band,
+            "total_score": entry.total_score,
+            "p_disease": entry.p_disease,
+            "waited_minutes": round(entry.priority.waited_minutes, 1),
+            "deadline_minutes": deadline,
+            "reading_state": entry.reading_state,
+        }
+        if rules.webhook_url:
+            try:
+                _post(rules.webhook_url, payload, rules.webhook_timeout_seconds)
+            except OSError as exc:  # not marked: the next run tries again
+                event(log, logging.ERROR, "escalation webhook failed", error=str(exc), **payload)
+                continue
+        if _mark_escalated(db, entry.study_instance_uid):
+            fired += 1
+            event(log, logging.WARNING, "escalated", **payload)
+    return fired
+
+
+def _mark_escalated(db: Database, uid: str) -> bool:
+    from sqlalchemy.dialects.postgresql import insert as pg_insert
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+    insert = sqlite_insert if is_sqlite(db.engine) else pg_insert
+    with db.session() as session:
+        session.execute(insert(Reading).values(study_instance_uid=uid, state="unread", reader="", updated_at=utcnow())
+                        .on_conflict_do_nothing())
+        done = session.execute(update(Reading).where(Reading.study_instance_uid == uid, Reading.escalated_at.is_(None))
+                               .values(escalated_at=utcnow()))
+        return done.rowcount == 1
+
+
+def retry_failed(settings_json: str) -> int:
+    """Give failed scoring and sending jobs a fresh set of attempts."""
+    settings = Settings.model_validate_json(settings_json)
+    queue = JobQueue(_database(settings.storage.database_url))
+    count = queue.retry_failed("send") + queue.retry_failed("score")
+    if count:
+        event(log, logging.INFO, "retrying failed jobs", jobs=count)
+    return count
+
+
+def purge(settings_json: str) -> int:
+    """Delete studies older than the retention that are read and fully sent; returns how many.
+
+    Never purged: unread or claimed studies, and studies with any job not done.
+    """
+    settings = Settings.model_validate_json(settings_json)
+    days = settings.triage.retention_days
+    if not days:
+        return 0
+    db = _database(settings.storage.database_url)
+    archive = Archive(settings.storage.archive_dir)
+    cutoff = utcnow() - dt.timedelta(days=days)
+    purged = 0
+    with db.session() as session:
+        read = set(session.scalars(select(Reading.study_instance_uid).where(Reading.state == "read")))
+        rows = session.scalars(select(Instance).where(Instance.study_instance_uid.in_(read))).all()
+        by_study: dict[str, list[Instance]] = {}
+        for row in rows:
+            by_study.setdefault(row.study_instance_uid, []).append(row)
+        for uid, instances in by_study.items():
+            ids = [i.id for i in instances]
+            newest = max(i.received_at if i.received_at.tzinfo else i.received_at.replace(tzinfo=dt.timezone.utc)
+                         for i in instances)
+            open_jobs = session.scalar(select(Job.id).where(Job.instance_id.in_(ids), Job.state != "done").limit(1))
+            if newest > cutoff or open_jobs is not None:
+                continue
+            for instance in instances:
+                archive.remove(instance.path)
+                (archive.root / "overlays" / f"{instance.sop_instance_uid}.png").unlink(missing_ok=True)
+            session.execute(delete(Job).where(Job.instance_id.in_(ids)))
+            session.execute(delete(ScoreResult).where(ScoreResult.instance_id.in_(ids)))
+            session.execute(update(Instance).where(Instance.id.in_(ids)).values(duplicate_of_id=None, derived_from_id=None))
+            session.execute(delete(Instance).where(Instance.id.in_(ids)))
+            session.execute(delete(Reading).where(Reading.study_instance_uid == uid))
+            purged += 1
+            event(log, logging.INFO, "purged", study_instance_uid=uid, instances=len(ids))
+    return purged

@@ -1,0 +1,34 @@
+"""The node's APScheduler 3 jobs (see :mod:`.jobs`).
+
+Escalation runs every few seconds from memory. Retrying failed work and
+purging are kept in the database (APScheduler's SQLAlchemy job store, table
+``apscheduler_jobs``) so that a run missed while the node was down happens
+when it comes back.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..config import Settings
+from .jobs import escalate_overdue, purge, retry_failed
+
+
+def start_scheduler(settings: Settings, engine: Any) -> Any:
+    from apscheduler.jobstores.memory import MemoryJobStore
+    from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
+    from apscheduler.schedulers.background import BackgroundScheduler
+
+    scheduler = BackgroundScheduler(
+        jobstores={"default": MemoryJobStore(), "persistent": SQLAlchemyJobStore(engine=engine)}, timezone="UTC"
+    )
+    payload = settings.model_dump_json()
+    triage = settings.triage
+    common = {"args": [payload], "coalesce": True, "max_instances": 1}
+    scheduler.add_job(escalate_overdue, "interval", seconds=triage.escalation.interval_seconds, id="escalate", **common)
+    scheduler.add_job(retry_failed, "interval", minutes=triage.retry_failed_minutes, id="retry_failed",
+                      jobstore="persistent", replace_existing=True, misfire_grace_time=3600, **common)
+    scheduler.add_job(purge, "interval", hours=triage.purge_interval_hours, id="purge",
+                      jobstore="persistent", replace_existing=True, misfire_grace_time=86400, **common)
+    scheduler.start()
+    return scheduler

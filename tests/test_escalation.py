@@ -1,0 +1,59 @@
+"""Escalation: a severe study unread past its deadline is POSTed to the webhook exactly once."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+
+import pytest
+
+from cxrtriage.inference.phantom import PhantomGenerator, write_cr
+
+from .harness import NodeProcess, wait_for
+from .test_bad_input_network import send_raw
+from .test_worklist import call
+
+pytestmark = pytest.mark.slow
+
+
+class Receiver(BaseHTTPRequestHandler):
+    received: list[dict] = []
+
+    def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+        length = int(self.headers["Content-Length"])
+        Receiver.received.append(json.loads(self.rfile.read(length)))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_escalation_fires_once(tmp_path: Path, database_url: str) -> None:
+    Receiver.received = []
+    server = HTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    hook = f"http://127.0.0.1:{server.server_address[1]}/hook"
+    node = NodeProcess(tmp_path / "node", database_url, triage={
+        "escalation": {"deadline_minutes": {"critical": 0.01}, "webhook_url": hook, "interval_seconds": 0.5}})
+    node.start()
+    try:
+        generator = PhantomGenerator(448, 416)
+        severe = write_cr(generator(4_600_000, affected_zones=(0, 1, 2, 3, 4, 5)), tmp_path / "severe.dcm")
+        mild = write_cr(generator(4_600_001, affected_zones=(2,)), tmp_path / "mild.dcm")
+        assert send_raw(node.port, severe) == 0x0000 and send_raw(node.port, mild) == 0x0000
+        wait_for(lambda: Receiver.received, 300, "the escalation webhook")
+        time.sleep(3)  # several more scheduler runs
+        assert len(Receiver.received) == 1
+        sent = Receiver.received[0]
+        assert sent["band"] == "critical" and sent["total_score"] == 6 and sent["event"] == "cxrtriage.escalation"
+        worklist = call(f"{node.web_url()}/api/worklist")[1]
+        flagged = [e for e in worklist if "escalated" in e["flags"]]
+        assert [e["study_instance_uid"] for e in flagged] == [sent["study_instance_uid"]]
+        assert node.log.count('"msg": "escalated"') == 1
+    finally:
+        node.stop()
+        server.shutdown()
