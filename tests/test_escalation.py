@@ -57,3 +57,37 @@ def test_escalation_fires_once(tmp_path: Path, database_url: str) -> None:
     finally:
         node.stop()
         server.shutdown()
+
+
+def test_purge_keeps_unread_and_unsent_studies(tmp_path: Path, database_url: str) -> None:
+    from cxrtriage.config import load_settings
+    from cxrtriage.triage.jobs import purge
+
+    from .harness import StoreSCP
+
+    pacs = StoreSCP(tmp_path / "pacs").start()
+    node = NodeProcess(tmp_path / "node", database_url,
+                       destinations=[{"ae_title": "PACS", "host": "127.0.0.1", "port": pacs.port}])
+    node.start()
+    try:
+        generator = PhantomGenerator(448, 416)
+        paths = [write_cr(generator(4_700_000 + i), tmp_path / f"p{i}.dcm") for i in range(2)]
+        for path in paths:
+            assert send_raw(node.port, path) == 0x0000
+        base = node.web_url()
+        studies = wait_for(lambda: (lambda b: b if len(b) == 2 and all(e["band"] != "unscored" for e in b) else None)(
+            call(f"{base}/api/worklist")[1]), 300, "two scored studies")
+        wait_for(lambda: len(pacs.received()) == 4, 120, "SEG and SR of both at the PACS")
+        read_uid = studies[0]["study_instance_uid"]
+        assert call(f"{base}/api/studies/{read_uid}/read", "POST", {"reader": "dr_a"})[0] == 200
+        settings = load_settings(node.config_path).model_copy(deep=True)
+        settings.triage.retention_days = 1e-5  # about one second
+        time.sleep(1.5)
+        assert purge(settings.model_dump_json()) == 1
+        remaining = call(f"{base}/api/worklist")[1]
+        assert [e["study_instance_uid"] for e in remaining] == [studies[1]["study_instance_uid"]]
+        assert call(f"{base}/api/studies/{read_uid}")[0] == 404
+        assert purge(settings.model_dump_json()) == 0  # the unread study stays
+    finally:
+        node.stop()
+        pacs.stop()
