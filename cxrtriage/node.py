@@ -62,7 +62,8 @@ class Node:
         self.metrics = Metrics()
         self.ingest = Ingest(self.db, self.archive, self.queue, self.metrics,
                              settings.storage.min_free_mb * 1024 * 1024, w.max_attempts)
-        self.query = QueryEngine(self.db, self.archive, settings.dicom.ae_title)
+        self.worklist = Worklist(self.db, settings.triage.priority)
+        self.query = QueryEngine(self.db, self.archive, settings.dicom.ae_title, self.worklist)
         self.destinations = {d.ae_title: d for d in settings.destinations}
         self.move_destinations = {d.ae_title: d for d in settings.dicom.move_destinations}
         self._pipeline = pipeline
@@ -73,7 +74,6 @@ class Node:
         self.metrics_server: Any = None
         self.web_server: Any = None
         self.scheduler: Any = None
-        self.worklist = Worklist(self.db, settings.triage.priority)
 
     # -- lifecycle -------------------------------------------------------
 

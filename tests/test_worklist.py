@@ -45,6 +45,12 @@ def test_worklist_order_claims_and_restart(tmp_path: Path, database_url: str) ->
         assert all(len(e["zone_brixia"]) == 6 for e in worklist)
         top = worklist[0]["study_instance_uid"]
 
+        # The same order as a UPS Pull worklist over DICOM, with Scheduled Procedure Step Priority.
+        items = ups_find(node.port, ProcedureStepState="SCHEDULED")
+        assert [i.StudyInstanceUID for i in items] == [e["study_instance_uid"] for e in worklist]
+        assert [i.ScheduledProcedureStepPriority for i in items] == ["HIGH", "HIGH", "MEDIUM", "LOW"]
+        assert len({i.SOPInstanceUID for i in items}) == 4
+
         assert call(f"{base}/api/studies/{top}/claim", "POST", {"reader": "dr_a"})[0] == 200
         status, body = call(f"{base}/api/studies/{top}/claim", "POST", {"reader": "dr_b"})
         assert status == 409 and "another reader" in body["detail"]
@@ -70,6 +76,26 @@ def test_worklist_order_claims_and_restart(tmp_path: Path, database_url: str) ->
         assert top not in [e["study_instance_uid"] for e in call(f"{base}/api/worklist")[1]]
     finally:
         restarted.stop()
+
+
+def ups_find(port: int, **keys: str) -> list:
+    from pydicom import Dataset
+    from pynetdicom import AE
+    from pynetdicom.sop_class import UnifiedProcedureStepPull  # type: ignore[attr-defined]
+
+    ae = AE(ae_title="READER")
+    ae.add_requested_context(UnifiedProcedureStepPull)
+    assoc = ae.associate("127.0.0.1", port, ae_title="CXRTRIAGE")
+    assert assoc.is_established
+    query = Dataset()
+    for keyword in ("StudyInstanceUID", "ScheduledProcedureStepPriority", "ProcedureStepLabel", "AccessionNumber"):
+        setattr(query, keyword, "")
+    for keyword, value in keys.items():
+        setattr(query, keyword, value)
+    items = [identifier for status, identifier in assoc.send_c_find(query, UnifiedProcedureStepPull)
+             if status and status.Status in (0xFF00, 0xFF01)]
+    assoc.release()
+    return items
 
 
 def test_token_protects_the_web(tmp_path: Path, database_url: str) -> None:

@@ -20,7 +20,14 @@ Study-level responses carry the AI severity, as requested keys only:
 (0099,1002) IS highest Brixia-style total (0-18)
 (0099,1003) DS highest P(disease)
 (0099,1004) CS AI status: SCORED, PENDING, FAILED or NOT_SCORABLE
+(0099,1005) DS reading priority (higher first; see cxrtriage.triage.priority)
+(0099,1006) CS worklist band: CRITICAL, HIGH, MODERATE, LOW, UNSCORED, AI_FAILED
 =========== == =====================================================
+
+The reading worklist is also offered as a UPS Pull worklist (C-FIND on
+Unified Procedure Step - Pull, PS3.4 CC.2.5): one workitem per unread
+study, in reading order, with Scheduled Procedure Step Priority (0074,1200)
+HIGH for critical and high studies, LOW for low ones, MEDIUM otherwise.
 """
 
 from __future__ import annotations
@@ -117,6 +124,8 @@ class StudySeverity:
     brixia: int | None
     p_disease: float | None
     status: str
+    priority: float | None = None
+    band: str | None = None
 
 
 def study_severities(db: Database, study_uids: Iterable[str]) -> dict[str, StudySeverity]:
@@ -152,10 +161,11 @@ def study_severities(db: Database, study_uids: Iterable[str]) -> dict[str, Study
 
 
 def severity_summary(severity: StudySeverity) -> str:
+    band = f", worklist {severity.band}" if severity.band else ""
     if severity.total is None:
-        return f"cxrtriage {severity.status}"
+        return f"cxrtriage {severity.status}{band}"
     return (f"cxrtriage {severity.status}: zone score {severity.total}/6, Brixia-style {severity.brixia}/18, "
-            f"P(disease) {severity.p_disease:.2f}")
+            f"P(disease) {severity.p_disease:.2f}{band}")
 
 
 def add_severity(identifier: Dataset, severity: StudySeverity) -> None:
@@ -165,15 +175,19 @@ def add_severity(identifier: Dataset, severity: StudySeverity) -> None:
         block.add_new(0x02, "IS", severity.brixia)
         block.add_new(0x03, "DS", f"{severity.p_disease:.4f}")
     block.add_new(0x04, "CS", severity.status)
+    if severity.priority is not None:
+        block.add_new(0x05, "DS", f"{severity.priority:.2f}")
+        block.add_new(0x06, "CS", (severity.band or "").upper())
 
 
 class QueryEngine:
     """Matches identifiers against the instance table and builds responses."""
 
-    def __init__(self, db: Database, archive: Archive, ae_title: str) -> None:
+    def __init__(self, db: Database, archive: Archive, ae_title: str, worklist: Any = None) -> None:
         self.db = db
         self.archive = archive
         self.ae_title = ae_title
+        self.worklist = worklist
 
     def _level(self, identifier: Dataset, model: str) -> str:
         level = str(identifier.get("QueryRetrieveLevel", "")).upper()
@@ -213,6 +227,11 @@ class QueryEngine:
         for row in rows:
             groups.setdefault(str(getattr(row, LEVEL_KEY[level])), []).append(row)
         severities = study_severities(self.db, (g[0].study_instance_uid for g in groups.values())) if level == "STUDY" else {}
+        if severities and self.worklist is not None:
+            for entry in self.worklist.entries(include_read=True):
+                if entry.study_instance_uid in severities:
+                    severities[entry.study_instance_uid].priority = entry.priority.priority
+                    severities[entry.study_instance_uid].band = entry.priority.band
         for members in groups.values():
             first = members[0]
             response = Dataset()
@@ -294,15 +313,69 @@ class Retrieval:
             yield pydicom.dcmread(self.archive.path(row.path))
 
 
+UPS_PULL = "1.2.840.10008.5.1.4.34.6.3"
+UPS_SOP_CLASS = "1.2.840.10008.5.1.4.34.6.1"
+UPS_PRIORITY = {"critical": "HIGH", "high": "HIGH", "low": "LOW"}
+UPS_STATE = {"unread": "SCHEDULED", "claimed": "IN PROGRESS", "read": "COMPLETED"}
+
+
+def workitems(worklist: Any, ae_title: str) -> Iterator[Dataset]:
+    """One UPS workitem per unread or claimed study, in reading order (PS3.4 CC.2.5)."""
+    from ..inference.dicom_results import derived_uid
+
+    for entry in worklist.entries():
+        item = Dataset()
+        item.SOPClassUID = UPS_SOP_CLASS
+        item.SOPInstanceUID = derived_uid(entry.study_instance_uid, "reading", "ups")
+        item.ProcedureStepState = UPS_STATE[entry.reading_state]
+        item.ScheduledProcedureStepPriority = UPS_PRIORITY.get(entry.priority.band, "MEDIUM")
+        item.ProcedureStepLabel = f"Read chest X-ray ({entry.priority.band.replace('_', ' ')})"
+        item.WorklistLabel = f"{ae_title} reading"
+        item.ScheduledProcedureStepStartDateTime = entry.received_at.strftime("%Y%m%d%H%M%S")
+        item.InputReadinessState = "READY"
+        item.PatientID = entry.patient_id
+        item.StudyInstanceUID = entry.study_instance_uid
+        item.AccessionNumber = entry.accession_number
+        item.CommentsOnTheScheduledProcedureStep = (
+            f"priority {entry.priority.priority:.1f}; flags: {', '.join(entry.priority.flags) or 'none'}"
+        )
+        yield item
+
+
+def ups_matches(identifier: Dataset, item: Dataset) -> Dataset | None:
+    """Filter a workitem by the identifier's keys and keep only the requested ones."""
+    response = Dataset()
+    for element in identifier:
+        keyword = element.keyword
+        if not keyword or keyword in IGNORED:
+            continue
+        value = item.get(keyword)
+        if element.VR != "SQ" and not matches(element.value, value, element.VR):
+            return None
+        setattr(response, keyword, value if value is not None else (element.value if element.VR == "SQ" else ""))
+    response.SOPClassUID = UPS_SOP_CLASS
+    response.SOPInstanceUID = item.SOPInstanceUID
+    return response
+
+
 def model_of(evt: Any) -> str:
     """PATIENT or STUDY root, from the context's abstract syntax 1.2.840.10008.5.1.4.1.2.<root>.<op>."""
     return "STUDY" if str(evt.context.abstract_syntax).split(".")[9] == "2" else "PATIENT"
 
 
 def make_handlers(engine: QueryEngine, move_lookup: Callable[[str], tuple[str, int, dict] | None]) -> dict[str, Callable]:
-    """pynetdicom handlers for C-FIND, C-MOVE and C-GET bound to ``engine``."""
+    """pynetdicom handlers for C-FIND (Q/R and UPS Pull), C-MOVE and C-GET bound to ``engine``."""
 
     def handle_find(evt: Any) -> Iterator[tuple[int, Dataset | None]]:
+        if str(evt.context.abstract_syntax) == UPS_PULL:
+            if engine.worklist is None:
+                yield 0xC000, None
+                return
+            for item in workitems(engine.worklist, engine.ae_title):
+                response = ups_matches(evt.identifier, item)
+                if response is not None:
+                    yield 0xFF00, response
+            return
         try:
             model = model_of(evt)
             for response in engine.find(evt.identifier, model):

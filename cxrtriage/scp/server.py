@@ -31,7 +31,7 @@ def server_tls(settings: DicomSettings) -> ssl.SSLContext | None:
     return context
 
 
-def build_ae(settings: DicomSettings, *, with_ups: bool = False) -> AE:
+def build_ae(settings: DicomSettings) -> AE:
     ae = AE(ae_title=settings.ae_title)
     ae.maximum_associations = settings.max_associations
     ae.maximum_pdu_size = settings.maximum_pdu_size
@@ -48,16 +48,13 @@ def build_ae(settings: DicomSettings, *, with_ups: bool = False) -> AE:
         ae.add_supported_context(sop_class, TRANSFER_SYNTAXES, scu_role=True, scp_role=True)
     for sop_class in FIND_CLASSES + MOVE_CLASSES + GET_CLASSES:
         ae.add_supported_context(sop_class)
-    if with_ups:
-        ae.add_supported_context(UnifiedProcedureStepPull)
+    ae.add_supported_context(UnifiedProcedureStepPull)  # the reading worklist as UPS workitems
     return ae
 
 
-def start_server(
-    settings: DicomSettings, handlers: dict[str, Callable[[Any], Any]], *, with_ups: bool = False
-):  # type: ignore[no-untyped-def]
+def start_server(settings: DicomSettings, handlers: dict[str, Callable[[Any], Any]]):  # type: ignore[no-untyped-def]
     """Start listening (non-blocking); returns pynetdicom's threaded server."""
-    ae = build_ae(settings, with_ups=with_ups)
+    ae = build_ae(settings)
     bound = [
         (evt.EVT_C_ECHO, lambda e: 0x0000),
         (evt.EVT_C_STORE, handlers["store"]),
