@@ -134,5 +134,37 @@ def serve(
     Node(settings).serve_forever()
 
 
+@app.command()
+def demo(
+    host: str = typer.Option("127.0.0.1", help="the node's address"),
+    port: int = typer.Option(11112, help="the node's DICOM port"),
+    called_ae: str = typer.Option("CXRTRIAGE", help="the node's AE title"),
+    studies: int = typer.Option(12, min=1, max=200, help="synthetic studies to send"),
+    seed: int = typer.Option(7_000_000, help="first phantom seed"),
+    web: str = typer.Option("http://127.0.0.1:8080/", help="where the node's worklist is"),
+) -> None:
+    """Send synthetic studies of mixed severity (and the real RG1 CR) to a running node."""
+    from rich.table import Table
+
+    from .demo import run_demo
+
+    try:
+        sent = run_demo(host, port, called_ae, studies, seed)
+    except ConnectionError as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(2)
+    table = Table(title=f"sent to {called_ae}@{host}:{port}")
+    table.add_column("study")
+    table.add_column("C-STORE status")
+    for item in sent:
+        ok = item.status == 0
+        table.add_row(item.label, f"[green]0x{item.status:04X}[/]" if ok else f"[red]{item.status}[/]")
+    console.print(table)
+    console.print(f"Worklist: [bold]{web}[/] (studies appear, scored, within seconds)\n"
+                  f"DICOM:    findscu -S -k QueryRetrieveLevel=STUDY -k \"(0032,4000)\" -aec {called_ae} {host} {port}")
+    if any(item.status != 0 for item in sent):
+        raise typer.Exit(1)
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()

@@ -357,6 +357,7 @@ def write_cr(
     patient_id: str | None = None,
     study_uid: str | None = None,
     mirrored: bool = False,
+    requested_priority: str | None = None,
 ) -> Path:
     """Write a phantom as a DICOM CR Image (PS3.3 A.2) with fresh UIDs.
 
@@ -421,6 +422,12 @@ def write_cr(
     ds.WindowCenter = f"{max_value / 2:.1f}"
     ds.WindowWidth = f"{max_value + 1}"
     ds.PixelData = values.tobytes()
+    if requested_priority:
+        # As a modality copies it from the worklist: Request Attributes Sequence (PS3.3 C.4.10).
+        request = Dataset()
+        request.RequestedProcedurePriority = requested_priority
+        request.RequestedProcedureID = ds.AccessionNumber
+        ds.RequestAttributesSequence = [request]
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -34,7 +34,7 @@ from sqlalchemy import select
 from ..inference.radiograph import truncated_element
 from ..observability import Metrics, event
 from ..storage.archive import Archive, InvalidUIDError, check_uid
-from ..storage.catalog import instance_row, integer, text
+from ..storage.catalog import instance_row, integer, requested_priority, text
 from ..storage.db import Database
 from ..storage.models import Instance
 from ..storage.queue import JobQueue
@@ -139,7 +139,7 @@ class Ingest:
         try:
             self.archive.write(relative, data)
             kind = "source" if is_image else ("seg" if text(ds, "Modality") == "SEG" else "sr")
-            priority = order_priority(text(ds, "RequestedProcedurePriority"), dimse_priority)
+            priority = order_priority(requested_priority(ds), dimse_priority)
             with self.db.session() as session:
                 row = instance_row(
                     ds, dimse_priority=dimse_priority, calling_aet=calling, path=relative, sha256=sha,

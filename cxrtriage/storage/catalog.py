@@ -22,6 +22,17 @@ def integer(ds: pydicom.Dataset, keyword: str) -> int | None:
         return None
 
 
+def requested_priority(ds: pydicom.Dataset) -> str:
+    """Requested Procedure Priority (0040,1003), top level or in the Request Attributes Sequence."""
+    value = text(ds, "RequestedProcedurePriority", 16)
+    if not value:
+        for item in ds.get("RequestAttributesSequence", []) or []:
+            value = text(item, "RequestedProcedurePriority", 16)
+            if value:
+                break
+    return value.upper()
+
+
 def instance_row(ds: pydicom.Dataset, **fields: Any) -> Instance:
     """An Instance with the header's patient/study/series/instance attributes plus ``fields``.
 
@@ -49,6 +60,6 @@ def instance_row(ds: pydicom.Dataset, **fields: Any) -> Instance:
         instance_number=integer(ds, "InstanceNumber"),
         body_part=text(ds, "BodyPartExamined", 16),
         view_position=text(ds, "ViewPosition", 16),
-        requested_priority=text(ds, "RequestedProcedurePriority", 16),
+        requested_priority=requested_priority(ds),
         **fields,
     )
