@@ -4,7 +4,6 @@ without a reload; a study is opened and claimed. Screenshots go to test-artifact
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path

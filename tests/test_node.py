@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import threading
-import time
 from pathlib import Path
 
 import pydicom
@@ -17,7 +15,7 @@ from sqlalchemy import func, select
 from cxrtriage.inference.phantom import PhantomGenerator, write_cr
 from cxrtriage.storage.models import Instance, Job, ScoreResult
 
-from .harness import NodeProcess, StoreSCP, wait_for
+from .harness import NodeProcess, StoreSCP, free_port, wait_for
 from .tools import dciodvfy_errors, require
 
 pytestmark = pytest.mark.slow
@@ -165,7 +163,7 @@ def test_kill_9_while_receiving_loses_nothing(tmp_path: Path, database_url: str)
 
 def test_destination_down_for_a_while(tmp_path: Path, database_url: str) -> None:
     up = StoreSCP(tmp_path / "up", "ARCHIVE").start()
-    down_port = __import__("tests.harness", fromlist=["free_port"]).free_port()
+    down_port = free_port()
     node = NodeProcess(
         tmp_path / "node", database_url,
         destinations=[

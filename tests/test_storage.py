@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import threading
 import time
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import select
 
 from cxrtriage.storage.archive import Archive, InvalidUIDError, check_uid
 from cxrtriage.storage.models import Instance, Job

@@ -39,7 +39,7 @@ from ..storage.db import Database
 from ..storage.models import Instance
 from ..storage.queue import JobQueue
 from ..triage.priority import order_priority
-from .contexts import IMAGE_CLASSES, RESULT_CLASSES, UNCOMPRESSED, Status
+from .contexts import IMAGE_CLASSES, UNCOMPRESSED, Status
 
 log = logging.getLogger("cxrtriage.scp.store")
 

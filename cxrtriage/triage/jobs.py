@@ -23,7 +23,7 @@ from sqlalchemy import delete, select, update
 from ..config import Settings
 from ..observability import event
 from ..storage.archive import Archive
-from ..storage.db import Database, is_sqlite
+from ..storage.db import Database
 from ..storage.models import Instance, Job, Reading, ScoreResult, utcnow
 from ..storage.queue import JobQueue
 from .worklist import Worklist
@@ -76,23 +76,10 @@ def escalate_overdue(settings_json: str) -> int:
             except OSError as exc:  # not marked: the next run tries again
                 event(log, logging.ERROR, "escalation webhook failed", error=str(exc), **payload)
                 continue
-        if _mark_escalated(db, entry.study_instance_uid):
+        if worklist.mark_escalated(entry.study_instance_uid):
             fired += 1
             event(log, logging.WARNING, "escalated", **payload)
     return fired
-
-
-def _mark_escalated(db: Database, uid: str) -> bool:
-    from sqlalchemy.dialects.postgresql import insert as pg_insert
-    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-
-    insert = sqlite_insert if is_sqlite(db.engine) else pg_insert
-    with db.session() as session:
-        session.execute(insert(Reading).values(study_instance_uid=uid, state="unread", reader="", updated_at=utcnow())
-                        .on_conflict_do_nothing())
-        done = session.execute(update(Reading).where(Reading.study_instance_uid == uid, Reading.escalated_at.is_(None))
-                               .values(escalated_at=utcnow()))
-        return done.rowcount == 1
 
 
 def retry_failed(settings_json: str) -> int:

@@ -200,6 +200,10 @@ class Worklist:
         return self._transition(uid, (Reading.state == "claimed") & (Reading.reader == reader),
                                 state="unread", reader="", claimed_at=None)
 
+    def mark_escalated(self, uid: str) -> bool:
+        """Record an escalation; False when the study was escalated before (it fires once)."""
+        return self._transition(uid, Reading.escalated_at.is_(None), escalated_at=utcnow())
+
     def mark_read(self, uid: str, reader: str) -> bool:
         """Mark read; allowed for the reader who claimed it, or on an unclaimed study."""
         return self._transition(
