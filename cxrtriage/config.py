@@ -32,6 +32,7 @@ class InferenceSettings(BaseModel):
     preset: str = Field("bundled", description="bundled | danilov2022")
     lungs: dict[str, Any] = Field(default_factory=dict, description="ModelSpec fields overriding the preset")
     disease: dict[str, Any] = Field(default_factory=dict)
+    backend: str = Field("torch", pattern="^(torch|onnx)$", description="torch, or onnx (ONNX Runtime)")
     device: str = "auto"
     threads: int = Field(0, ge=0, description="torch CPU threads; 0 = all cores")
     batch_size: int = Field(1, ge=1)

@@ -23,7 +23,7 @@ import torch
 from .. import __version__
 from ..config import InferenceSettings
 from .models import ModelSpec
-from .predictors import Predictor, TorchPredictor
+from .predictors import Predictor, make_predictor
 from .preprocess import equalize, lung_box, masked_lung_crop, normalise, resize
 from .radiograph import Radiograph
 from .scoring import ScoringConfig, ZoneMasks, ZoneScores, largest_components, remove_small_components, score
@@ -101,8 +101,9 @@ class Pipeline:
             torch.set_num_threads(self.settings.threads)
         if lungs is None or disease is None:
             lung_spec, disease_spec = self.settings.model_specs()
-            lungs = lungs or TorchPredictor(lung_spec, self.settings.device)
-            disease = disease or TorchPredictor(disease_spec, self.settings.device)
+            backend, device = self.settings.backend, self.settings.device
+            lungs = lungs or make_predictor(lung_spec, backend, device)
+            disease = disease or make_predictor(disease_spec, backend, device)
         self.lungs_model = lungs
         self.disease_model = disease
         scoring = self.settings.scoring

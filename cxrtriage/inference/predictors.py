@@ -1,17 +1,22 @@
 """Model runners: a batch of prepared inputs in, probabilities out.
 
-The pipeline only sees :class:`Predictor`; the torch runner is the default,
-and another backend (ONNX Runtime) can stand in without touching the rest.
+The pipeline only sees :class:`Predictor`. :class:`TorchPredictor` runs eager
+torch; :class:`OnnxPredictor` exports the same model once to ONNX (cached
+beside the settings' cache folder, keyed by the weights' content) and runs it
+with ONNX Runtime: CUDA or TensorRT execution providers when present, else CPU.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import torch
 
-from .models import ModelSpec, load_model
+from .models import ModelSpec, load_model, resolve_weights
 
 
 class Predictor(Protocol):
@@ -45,3 +50,64 @@ class TorchPredictor:
         probs = torch.sigmoid(seg.float())[:, 0].cpu().numpy()
         p = torch.sigmoid(cls.float())[:, 0].cpu().numpy() if cls is not None else None
         return probs, p
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def onnx_cache_dir() -> Path:
+    return Path(os.environ.get("CXRTRIAGE_CACHE", Path.home() / ".cache" / "cxrtriage")) / "onnx"
+
+
+class OnnxPredictor:
+    """ONNX Runtime inference of a model built from ``spec`` (same outputs as the torch one)."""
+
+    def __init__(self, spec: ModelSpec, device: str = "auto", cache: Path | None = None) -> None:
+        import onnxruntime as ort
+
+        self.spec = spec
+        path = self._export(spec, cache or onnx_cache_dir())
+        available = ort.get_available_providers()
+        wanted = ["CPUExecutionProvider"]
+        if device != "cpu":
+            wanted = [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in available] + wanted
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(str(path), options, providers=wanted)
+        self.outputs = [o.name for o in self.session.get_outputs()]
+
+    @staticmethod
+    def _export(spec: ModelSpec, cache: Path) -> Path:
+        """Export once per (spec, weights content); later runs load the cached file."""
+        digest = hashlib.sha256(spec.model_dump_json(exclude={"weights"}).encode())
+        if spec.weights:
+            digest.update(resolve_weights(spec.weights).read_bytes())
+        path = cache / f"{spec.arch}-{spec.encoder}-{spec.input_size}-{digest.hexdigest()[:16]}.onnx"
+        if path.exists():
+            return path
+        cache.mkdir(parents=True, exist_ok=True)
+        model = load_model(spec, "cpu")
+        example = torch.zeros(1, spec.in_channels, spec.input_size, spec.input_size)
+        names = ["mask", "label"] if spec.classification_head else ["mask"]
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        with torch.inference_mode():
+            torch.onnx.export(model, (example,), str(tmp), input_names=["image"], output_names=names,
+                              dynamic_axes={"image": {0: "batch"}, **{n: {0: "batch"} for n in names}},
+                              opset_version=17, dynamo=False)
+        os.replace(tmp, path)
+        return path
+
+    def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        out = self.session.run(self.outputs, {"image": np.ascontiguousarray(batch, dtype=np.float32)})
+        probs = _sigmoid(out[0][:, 0])
+        p = _sigmoid(out[1][:, 0]) if len(out) > 1 else None
+        return probs, p
+
+
+def make_predictor(spec: ModelSpec, backend: str, device: str) -> Predictor:
+    if backend == "torch":
+        return TorchPredictor(spec, device)
+    if backend == "onnx":
+        return OnnxPredictor(spec, device)
+    raise ValueError(f"unknown inference backend {backend!r}; use torch or onnx")

@@ -1,0 +1,133 @@
+"""Ingest: DCMTK storescp against the cxrtriage node, side by side in one run.
+
+    python bench/ingest.py [--images 50] [--rounds 3]
+
+50 synthetic 2500x2048 16-bit CRs are sent by DCMTK /usr/bin/storescu in one
+association to (a) DCMTK storescp writing them to disk and (b) the node
+(durable receive: fsync'd archive file, database row, scoring job enqueued;
+scoring and sending switched off so that only ingest is measured). The two
+are measured alternately, ``--rounds`` times each; the medians and their
+ratio are printed. Issue #5 asks for >= 0.8 of storescp.
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+from pydicom.uid import generate_uid
+
+from cxrtriage.inference.phantom import PhantomGenerator, write_cr
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on {port}")
+
+
+def make_images(folder: Path, count: int) -> list[Path]:
+    """One 2500x2048 phantom written ``count`` times with fresh UIDs (content does not matter here)."""
+    import pydicom
+
+    template = write_cr(PhantomGenerator(2500, 2048)(1), folder / "template.dcm")
+    ds = pydicom.dcmread(template)
+    files = []
+    for i in range(count):
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+        path = folder / f"img{i:03d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        files.append(path)
+    template.unlink()
+    return files
+
+
+def send(port: int, called: str, files: list[Path]) -> float:
+    t0 = time.perf_counter()
+    proc = subprocess.run(["/usr/bin/storescu", "-aet", "BENCH", "-aec", called, "127.0.0.1", str(port),
+                           *map(str, files)], capture_output=True, text=True)
+    elapsed = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr)
+    return elapsed
+
+
+def run_storescp(work: Path, files: list[Path]) -> float:
+    out = work / f"storescp-{time.monotonic_ns()}"
+    out.mkdir()
+    port = free_port()
+    server = subprocess.Popen(["/usr/bin/storescp", "-aet", "STORESCP", "-od", str(out), str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port)
+        return send(port, "STORESCP", files)
+    finally:
+        server.terminate()
+        server.wait()
+
+
+def run_node(work: Path, files: list[Path]) -> float:
+    folder = work / f"node-{time.monotonic_ns()}"
+    folder.mkdir()
+    port = free_port()
+    config = {
+        "storage": {"database_url": f"sqlite:///{folder / 'db.sqlite'}", "archive_dir": str(folder / "archive")},
+        "dicom": {"port": port},
+        "workers": {"scoring_workers": 0, "send_workers": 0},
+        "web": {"enabled": False},
+        "metrics": {"enabled": False},
+        "logging": {"file": str(folder / "node.log")},
+    }
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    node = subprocess.Popen([sys.executable, "-m", "cxrtriage", "serve", "-c", str(folder / "config.yaml")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port)
+        return send(port, "CXRTRIAGE", files)
+    finally:
+        node.terminate()
+        node.wait()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=50)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="cxrtriage-bench-") as tmp:
+        work = Path(tmp)
+        files = make_images(work / "images", args.images)
+        megabytes = sum(f.stat().st_size for f in files) / 1e6
+        dcmtk, node = [], []
+        for _ in range(args.rounds):  # alternate, so drift in machine load hits both
+            dcmtk.append(run_storescp(work, files))
+            node.append(run_node(work, files))
+        a, b = statistics.median(dcmtk), statistics.median(node)
+        print(f"{args.images} images, {megabytes:.0f} MB, one association, {args.rounds} rounds each (median)")
+        print(f"  DCMTK storescp : {args.images / a:6.1f} images/s  ({megabytes / a:6.0f} MB/s)  runs {np.round(dcmtk, 2).tolist()} s")
+        print(f"  cxrtriage node : {args.images / b:6.1f} images/s  ({megabytes / b:6.0f} MB/s)  runs {np.round(node, 2).tolist()} s")
+        print(f"  ratio node / storescp: {a / b:.2f}  (goal >= 0.80)")
+
+
+if __name__ == "__main__":
+    main()
