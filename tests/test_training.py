@@ -140,6 +140,7 @@ def test_train_command_writes_weights_the_pipeline_loads(tmp_path: Path) -> None
         records = [json.loads(line) for line in (out / task / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in records if "step" in r] == [1, 2, 3]
         assert any("val_dice" in r for r in records) and records[-1]["event"] == "done"
+        assert (out / task / f"{task}.best.safetensors").exists() and (out / task / f"{task}.last.safetensors").exists()
     settings = InferenceSettings(
         lungs={"weights": str(out / "lungs/lungs.safetensors")},
         disease={"weights": str(out / "disease/disease.safetensors")},

@@ -2,9 +2,10 @@
 
 Samples are prepared once into memory at model size (the expensive part,
 drawing phantoms or decoding files, happens once), then augmented on the fly
-each step. Every ``eval_every`` steps the held-out set is scored; the best
-model is kept and finally written as a bundled fp16 safetensors file with its
-:class:`~cxrtriage.inference.models.ModelSpec`, next to a JSONL metrics log.
+each step. Every ``eval_every`` steps the held-out set is scored and
+``<task>.last.safetensors`` / ``<task>.best.safetensors`` checkpoints are
+written; at the end the best model becomes ``<task>.safetensors`` (fp16, with
+its :class:`~cxrtriage.inference.models.ModelSpec`), next to a JSONL metrics log.
 """
 
 from __future__ import annotations
@@ -210,9 +211,12 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict[str, float]], None] | N
         if (step + 1) % cfg.eval_every == 0 or last:
             metrics = evaluate(model, cfg, val_set, device)
             record.update({f"val_{k}": v for k, v in metrics.items()})
+            # Checkpoints on disk at every evaluation: an interrupted run keeps its progress.
+            save_bundled(model, spec, out / f"{cfg.task}.last.safetensors", {"step": step + 1, "val": metrics})
             if not best or _score(metrics) >= _score(best):
                 best = metrics
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                save_bundled(model, spec, out / f"{cfg.task}.best.safetensors", {"step": step + 1, "val": metrics})
         record["elapsed_s"] = round(time.time() - start, 1)
         log.write(json.dumps(record) + "\n")
         log.flush()
