@@ -72,11 +72,12 @@ def send(port: int, called: str, files: list[Path]) -> float:
     return elapsed
 
 
-def run_storescp(work: Path, files: list[Path]) -> float:
+def run_storescp(work: Path, files: list[Path], max_pdu: int | None = None) -> float:
     out = work / f"storescp-{time.monotonic_ns()}"
     out.mkdir()
     port = free_port()
-    server = subprocess.Popen(["/usr/bin/storescp", "-aet", "STORESCP", "-od", str(out), str(port)],
+    pdu = ["--max-pdu", str(max_pdu)] if max_pdu else []
+    server = subprocess.Popen(["/usr/bin/storescp", "-aet", "STORESCP", *pdu, "-od", str(out), str(port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_port(port)
@@ -113,6 +114,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--storescp-max-pdu", type=int, default=None,
+                        help="storescp's maximum receive PDU (its default is 16384; the node's is 1 MiB)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="cxrtriage-bench-") as tmp:
         work = Path(tmp)
@@ -120,10 +123,12 @@ def main() -> None:
         megabytes = sum(f.stat().st_size for f in files) / 1e6
         dcmtk, node = [], []
         for _ in range(args.rounds):  # alternate, so drift in machine load hits both
-            dcmtk.append(run_storescp(work, files))
+            dcmtk.append(run_storescp(work, files, args.storescp_max_pdu))
             node.append(run_node(work, files))
         a, b = statistics.median(dcmtk), statistics.median(node)
-        print(f"{args.images} images, {megabytes:.0f} MB, one association, {args.rounds} rounds each (median)")
+        pdu = args.storescp_max_pdu or "default (16384)"
+        print(f"{args.images} images, {megabytes:.0f} MB, one association, {args.rounds} rounds each (median); "
+              f"storescp max PDU {pdu}")
         print(f"  DCMTK storescp : {args.images / a:6.1f} images/s  ({megabytes / a:6.0f} MB/s)  runs {np.round(dcmtk, 2).tolist()} s")
         print(f"  cxrtriage node : {args.images / b:6.1f} images/s  ({megabytes / b:6.0f} MB/s)  runs {np.round(node, 2).tolist()} s")
         print(f"  ratio node / storescp: {a / b:.2f}  (goal >= 0.80)")
