@@ -72,19 +72,24 @@ def send(port: int, called: str, files: list[Path]) -> float:
     return elapsed
 
 
+def timed_receiver(argv: list[str], port: int, called: str, files: list[Path]) -> float:
+    """Start a receiver, time one storescu association into it, stop it."""
+    server = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port)
+        return send(port, called, files)
+    finally:
+        server.terminate()
+        server.wait()
+
+
 def run_storescp(work: Path, files: list[Path], max_pdu: int | None = None) -> float:
     out = work / f"storescp-{time.monotonic_ns()}"
     out.mkdir()
     port = free_port()
     pdu = ["--max-pdu", str(max_pdu)] if max_pdu else []
-    server = subprocess.Popen(["/usr/bin/storescp", "-aet", "STORESCP", *pdu, "-od", str(out), str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_port(port)
-        return send(port, "STORESCP", files)
-    finally:
-        server.terminate()
-        server.wait()
+    return timed_receiver(["/usr/bin/storescp", "-aet", "STORESCP", *pdu, "-od", str(out), str(port)],
+                          port, "STORESCP", files)
 
 
 def run_node(work: Path, files: list[Path]) -> float:
@@ -100,14 +105,8 @@ def run_node(work: Path, files: list[Path]) -> float:
         "logging": {"file": str(folder / "node.log")},
     }
     (folder / "config.yaml").write_text(yaml.safe_dump(config))
-    node = subprocess.Popen([sys.executable, "-m", "cxrtriage", "serve", "-c", str(folder / "config.yaml")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_port(port)
-        return send(port, "CXRTRIAGE", files)
-    finally:
-        node.terminate()
-        node.wait()
+    return timed_receiver([sys.executable, "-m", "cxrtriage", "serve", "-c", str(folder / "config.yaml")],
+                          port, "CXRTRIAGE", files)
 
 
 def main() -> None:

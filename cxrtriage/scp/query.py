@@ -232,6 +232,7 @@ class QueryEngine:
                 if entry.study_instance_uid in severities:
                     severities[entry.study_instance_uid].priority = entry.priority.priority
                     severities[entry.study_instance_uid].band = entry.priority.band
+        studies: dict[str, list[Instance]] = {}  # each study's instances, read once per C-FIND
         for members in groups.values():
             first = members[0]
             response = Dataset()
@@ -240,7 +241,7 @@ class QueryEngine:
                 keyword = element.keyword
                 if not keyword or keyword in IGNORED:
                     continue
-                value = self._value(keyword, first, members)
+                value = self._value(keyword, first, members, studies)
                 if value is not None:
                     setattr(response, keyword, value)
                 elif keyword:
@@ -258,24 +259,28 @@ class QueryEngine:
                     add_severity(response, severity)
             yield response
 
-    def _value(self, keyword: str, first: Instance, members: list[Instance]) -> Any:
+    def _value(self, keyword: str, first: Instance, members: list[Instance], studies: dict[str, list[Instance]]) -> Any:
         column = _column(keyword)
         if column:
             value = getattr(first, column)
             return "" if value is None else value
-        if keyword == "ModalitiesInStudy":
-            return sorted({m.modality for m in self._study(first) if m.modality})
-        if keyword == "NumberOfStudyRelatedInstances":
-            return len(self._study(first))
-        if keyword == "NumberOfStudyRelatedSeries":
-            return len({m.series_instance_uid for m in self._study(first)})
         if keyword == "NumberOfSeriesRelatedInstances":
             return len(members)
         if keyword == "NumberOfPatientRelatedStudies":
             return len({m.study_instance_uid for m in members})
-        if keyword == "SOPClassesInStudy":
-            return sorted({m.sop_class_uid for m in self._study(first)})
-        return None
+        if keyword not in ("ModalitiesInStudy", "NumberOfStudyRelatedInstances", "NumberOfStudyRelatedSeries",
+                           "SOPClassesInStudy"):
+            return None
+        if first.study_instance_uid not in studies:
+            studies[first.study_instance_uid] = self._study(first)
+        study = studies[first.study_instance_uid]
+        if keyword == "ModalitiesInStudy":
+            return sorted({m.modality for m in study if m.modality})
+        if keyword == "NumberOfStudyRelatedInstances":
+            return len(study)
+        if keyword == "NumberOfStudyRelatedSeries":
+            return len({m.series_instance_uid for m in study})
+        return sorted({m.sop_class_uid for m in study})
 
     def _study(self, first: Instance) -> list[Instance]:
         with self.db.session() as session:

@@ -83,16 +83,21 @@ class Worklist:
 
     def entries(
         self, now: dt.datetime | None = None, *, band: str | None = None, modality: str | None = None,
-        unread_only: bool = False, include_read: bool = False,
+        unread_only: bool = False, include_read: bool = False, study: str | None = None,
     ) -> list[WorklistEntry]:
-        """Studies in reading order. Read studies are left out unless ``include_read``."""
+        """Studies in reading order. Read studies are left out unless ``include_read``;
+        ``study`` restricts the list to one Study Instance UID."""
         now = now or utcnow()
+        images_query = select(Instance).where(Instance.kind == "source", Instance.duplicate_of_id.is_(None))
+        results_query, readings_query = select(ScoreResult), select(Reading)
+        if study is not None:
+            images_query = images_query.where(Instance.study_instance_uid == study)
+            results_query = results_query.where(ScoreResult.study_instance_uid == study)
+            readings_query = readings_query.where(Reading.study_instance_uid == study)
         with self.db.session() as session:
-            images = session.scalars(
-                select(Instance).where(Instance.kind == "source", Instance.duplicate_of_id.is_(None))
-            ).all()
-            results = {r.instance_id: r for r in session.scalars(select(ScoreResult)).all()}
-            readings = {r.study_instance_uid: r for r in session.scalars(select(Reading)).all()}
+            images = session.scalars(images_query).all()
+            results = {r.instance_id: r for r in session.scalars(results_query).all()}
+            readings = {r.study_instance_uid: r for r in session.scalars(readings_query).all()}
         studies: dict[str, list[Instance]] = {}
         for image in images:
             studies.setdefault(image.study_instance_uid, []).append(image)
@@ -151,7 +156,7 @@ class Worklist:
 
     def study(self, uid: str) -> dict[str, Any] | None:
         """Everything about one study: its worklist entry and each image's result."""
-        matches = [e for e in self.entries(include_read=True) if e.study_instance_uid == uid]
+        matches = self.entries(include_read=True, study=uid)
         if not matches:
             return None
         with self.db.session() as session:
