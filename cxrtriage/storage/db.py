@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
@@ -51,6 +51,14 @@ def make_engine(url: str) -> Engine:
 
 def is_sqlite(engine: Engine) -> bool:
     return engine.dialect.name == "sqlite"
+
+
+def upsert_insert(engine: Engine, table: Any) -> Any:
+    """INSERT with the dialect's ON CONFLICT support (``.on_conflict_do_nothing()`` and friends)."""
+    from sqlalchemy.dialects.postgresql import insert as pg_insert
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+    return (sqlite_insert if is_sqlite(engine) else pg_insert)(table)
 
 
 class Database:

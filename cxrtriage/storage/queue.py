@@ -15,11 +15,9 @@ import datetime as dt
 from dataclasses import dataclass
 
 from sqlalchemy import and_, func, or_, select, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from .db import Database, is_sqlite
+from .db import Database, is_sqlite, upsert_insert
 from .models import Job, utcnow
 
 PENDING, RUNNING, DONE, FAILED = "pending", "running", "done", "failed"
@@ -56,8 +54,7 @@ class JobQueue:
             attempts=0, max_attempts=max_attempts, available_at=utcnow(), created_at=utcnow(),
             worker="", last_error="",
         )
-        insert = sqlite_insert if is_sqlite(self.db.engine) else pg_insert
-        session.execute(insert(Job).values(**values).on_conflict_do_nothing())
+        session.execute(upsert_insert(self.db.engine, Job).values(**values).on_conflict_do_nothing())
 
     def claim(self, kind: str, worker: str, lease_seconds: float) -> Claimed | None:
         """Take the most urgent ready job of ``kind`` (or an expired lease), or None."""

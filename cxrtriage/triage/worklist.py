@@ -14,10 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import or_, select, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-from ..storage.db import Database, is_sqlite
+from ..storage.db import Database, upsert_insert
 from ..storage.models import Instance, Reading, ScoreResult, utcnow
 from .priority import REQUESTED_PRIORITY_RANK, ImageFinding, PrioritySettings, StudyPriority, prioritise, rank
 
@@ -179,8 +177,7 @@ class Worklist:
     # -- reading state ---------------------------------------------------
 
     def _ensure(self, session: Any, uid: str) -> None:
-        insert = sqlite_insert if is_sqlite(self.db.engine) else pg_insert
-        session.execute(insert(Reading).values(study_instance_uid=uid, state="unread", reader="",
+        session.execute(upsert_insert(self.db.engine, Reading).values(study_instance_uid=uid, state="unread", reader="",
                                                updated_at=utcnow()).on_conflict_do_nothing())
 
     def _transition(self, uid: str, allowed_from: Any, **values: Any) -> bool:

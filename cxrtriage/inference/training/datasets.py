@@ -31,10 +31,9 @@ import numpy as np
 
 from ..phantom import PhantomGenerator
 from ..preprocess import equalize, lung_box, masked_lung_crop, resize
-from ..radiograph import load_image_file
+from ..radiograph import IMAGE_SUFFIXES, load_image_file
 
 Task = Literal["lungs", "disease"]
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
 @dataclass
