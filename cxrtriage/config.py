@@ -34,6 +34,8 @@ class InferenceSettings(BaseModel):
     disease: dict[str, Any] = Field(default_factory=dict)
     backend: str = Field("torch", pattern="^(torch|onnx)$", description="torch, or onnx (ONNX Runtime)")
     device: str = "auto"
+    precision: str = Field("fp32", pattern="^(fp32|bf16)$",
+                           description="fp32, or bf16 autocast (torch backend; CPUs with AVX512-BF16/AMX, CUDA)")
     threads: int = Field(0, ge=0, description="torch CPU threads; 0 = all cores")
     batch_size: int = Field(1, ge=1)
     min_lung_blob_fraction: float = Field(0.01, ge=0.0, lt=0.5, description="smaller lung blobs are dropped")
@@ -115,7 +117,8 @@ class StorageSettings(BaseModel):
 class WorkerSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    scoring_workers: int = Field(1, ge=0)
+    scoring_workers: int = Field(1, ge=0, description="scoring threads in the node process")
+    scoring_processes: int = Field(0, ge=0, description="score in this many worker processes instead (0 = in the node)")
     send_workers: int = Field(2, ge=0)
     lease_seconds: float = Field(300.0, gt=0)
     max_attempts: int = Field(8, ge=1)

@@ -43,12 +43,6 @@ class LeaseLost(RuntimeError):
     """Another worker took the job over; this worker's results are rolled back."""
 
 
-def dataset_bytes(ds: pydicom.Dataset) -> bytes:
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
-
-
 class Node:
     def __init__(self, settings: Settings, pipeline: Any = None) -> None:
         self.settings = settings
@@ -68,6 +62,7 @@ class Node:
         self.move_destinations = {d.ae_title: d for d in settings.dicom.move_destinations}
         self._pipeline = pipeline
         self._pipeline_lock = threading.Lock()
+        self.pool: Any = None  # ScoringPool when workers.scoring_processes > 0
         self.stopping = threading.Event()
         self.threads: list[threading.Thread] = []
         self.server: Any = None
@@ -91,11 +86,17 @@ class Node:
         if released:
             event(log, logging.WARNING, "re-queued jobs of a previous run", jobs=released)
         w = self.settings.workers
-        if w.scoring_workers:
+        scoring_threads = max(w.scoring_workers, w.scoring_processes)
+        if w.scoring_processes:
+            from .inference.parallel import ScoringPool
+
+            self.pool = ScoringPool(self.settings.inference, w.scoring_processes)
+            self.pool.warm_up()  # models loaded in every worker before accepting work
+        elif w.scoring_workers:
             _ = self.pipeline  # load models before accepting work
         handlers: dict[str, Any] = {"store": self.ingest.handle, **make_handlers(self.query, self._move_target)}
         self.server = start_server(self.settings.dicom, handlers)
-        for i in range(w.scoring_workers):
+        for i in range(scoring_threads):
             self._spawn(f"score-{i}", self._work_loop, "score", self._score)
         for i in range(w.send_workers):
             self._spawn(f"send-{i}", self._work_loop, "send", self._send)
@@ -140,6 +141,8 @@ class Node:
             self.server.shutdown()
         for thread in self.threads:
             thread.join(timeout=30)
+        if self.pool is not None:
+            self.pool.close()
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
         self.db.dispose()
@@ -201,33 +204,28 @@ class Node:
         self.metrics.scored.labels(outcome=fields.get("reason") or fields.get("status", "")).inc()
 
     def _score(self, job: Claimed, worker: str) -> None:
-        from .inference.dicom_results import build_result_objects
-        from .inference.overlay import write_overlay
-        from .inference.radiograph import RadiographError, radiograph_from_dataset
+        from .inference.instance import InstanceRefused, score_instance
 
         with self.db.session() as session:
             instance = session.get(Instance, job.instance_id)
-        t0 = time.perf_counter()
-        ds = pydicom.dcmread(self.archive.path(instance.path))
-        try:
-            radiograph = radiograph_from_dataset(ds, instance.sop_instance_uid)
-        except RadiographError as exc:
-            self._record_result(job, worker, status="not_scorable", reason=exc.reason, message=exc.detail)
-            event(log, logging.WARNING, "not scored", sop_instance_uid=instance.sop_instance_uid, reason=exc.reason,
-                  detail=exc.detail)
+        args = (self.archive.path(instance.path), instance.sop_instance_uid,
+                self.archive.root / "overlays" / f"{instance.sop_instance_uid}.png")
+        jpeg2000 = self.settings.workers.seg_jpeg2000
+        if self.pool is not None:
+            outcome = self.pool.submit_instance(*args, jpeg2000=jpeg2000).result()
+        else:
+            outcome = score_instance(self.pipeline, *args, jpeg2000=jpeg2000)
+        if isinstance(outcome, InstanceRefused):
+            self._record_result(job, worker, status="not_scorable", reason=outcome.reason, message=outcome.detail)
+            event(log, logging.WARNING, "not scored", sop_instance_uid=instance.sop_instance_uid, reason=outcome.reason,
+                  detail=outcome.detail)
             return
-        result = self.pipeline(radiograph)
-        t1 = time.perf_counter()
-        objects = build_result_objects(ds, result, jpeg2000=self.settings.workers.seg_jpeg2000)
         written = []
-        for obj, kind in ((objects.seg, "seg"), (objects.sr, "sr")):
-            data = dataset_bytes(obj)
+        for data, kind in ((outcome.seg, "seg"), (outcome.sr, "sr")):
+            obj = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
             relative = self.archive.relative_path(obj.StudyInstanceUID, obj.SeriesInstanceUID, obj.SOPInstanceUID)
             sha, size = self.archive.write(relative, data)
             written.append((obj, kind, relative, sha, size))
-        write_overlay(self.archive.root / "overlays" / f"{instance.sop_instance_uid}.png", radiograph.pixels, result)
-        t2 = time.perf_counter()
-        scores = result.scores
         with self.db.session() as session:
             ids = {}
             for obj, kind, relative, sha, size in written:
@@ -246,19 +244,20 @@ class Node:
             existing = session.scalars(select(ScoreResult).where(ScoreResult.instance_id == instance.id)).first()
             record = existing or ScoreResult(instance_id=instance.id, study_instance_uid=instance.study_instance_uid)
             record.status, record.reason, record.message = "scored", "", ""
-            record.total_score, record.brixia_total = scores.total, scores.brixia_total
-            record.p_disease = result.p_disease
-            record.details = json.dumps(result.as_dict())
-            record.algorithm_version = result.algorithm_version
+            record.total_score, record.brixia_total = outcome.total, outcome.brixia_total
+            record.p_disease = outcome.p_disease
+            record.details = json.dumps(outcome.details)
+            record.algorithm_version = outcome.algorithm_version
             record.seg_instance_id, record.sr_instance_id = ids["seg"], ids["sr"]
             session.add(record)
             if not self.queue.complete(session, job, worker):
                 raise LeaseLost()
         self.metrics.scored.labels(outcome="scored").inc()
-        self.metrics.latency.labels(stage="inference").observe(t1 - t0)
-        self.metrics.latency.labels(stage="dicom_results").observe(t2 - t1)
-        event(log, logging.INFO, "scored", sop_instance_uid=instance.sop_instance_uid, total=scores.total,
-              brixia=scores.brixia_total, p_disease=round(result.p_disease, 3), ms=round(1000 * (t2 - t0)))
+        for stage, seconds in outcome.seconds.items():
+            self.metrics.latency.labels(stage=stage).observe(seconds)
+        event(log, logging.INFO, "scored", sop_instance_uid=instance.sop_instance_uid, total=outcome.total,
+              brixia=outcome.brixia_total, p_disease=round(outcome.p_disease, 3),
+              ms=round(1000 * sum(outcome.seconds.values())))
 
     def _send(self, job: Claimed, worker: str) -> None:
         peer: Peer | None = self.destinations.get(job.destination)

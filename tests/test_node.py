@@ -208,3 +208,60 @@ def test_access_control(tmp_path: Path, database_url: str) -> None:
         assert "association rejected" in node.log
     finally:
         node.stop()
+
+
+def _worker_pids(parent: int) -> list[int]:
+    """The node's scoring worker processes (multiprocessing spawn children)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(fields[1]) == parent and b"spawn_main" in cmdline:
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def test_scoring_in_worker_processes_survives_a_killed_worker(
+    tmp_path: Path, database_url: str, pipeline
+) -> None:
+    import os
+    import signal
+
+    pacs = StoreSCP(tmp_path / "pacs", "PACS").start()
+    node = NodeProcess(
+        tmp_path / "node", database_url,
+        destinations=[{"ae_title": "PACS", "host": "127.0.0.1", "port": pacs.port}],
+        workers={"scoring_processes": 2},
+    ).start()
+    try:
+        files = write_crs(tmp_path / "in", 8, 4_300_000)
+        workers = wait_for(lambda: len(_worker_pids(node.process.pid)) == 2 and _worker_pids(node.process.pid),
+                           120, "two scoring worker processes")
+        sent = dcmtk("storescu", "-aet", "MODALITY", "-aec", "CXRTRIAGE", "127.0.0.1", str(node.port), *map(str, files))
+        assert sent.returncode == 0, sent.stderr
+        os.kill(workers[0], signal.SIGKILL)  # as the kernel's OOM killer would
+        wait_for(lambda: scored(node) == 8, 300, "8 images scored despite the killed worker")
+        wait_for(lambda: sends_done(node) == 16, 300, "16 SEG/SR sent to the PACS")
+        at_pacs = [pydicom.dcmread(p, stop_before_pixels=True).Modality for p in pacs.received()]
+        assert sorted(at_pacs) == ["SEG"] * 8 + ["SR"] * 8
+        db = node.db()
+        try:
+            with db.session() as s:
+                rows = s.execute(select(Instance.sop_instance_uid, ScoreResult.total_score)
+                                 .join(ScoreResult, ScoreResult.instance_id == Instance.id)).all()
+        finally:
+            db.dispose()
+        from cxrtriage.inference.radiograph import load_radiograph
+
+        expected = {}
+        for path in files:
+            radiograph = load_radiograph(path)
+            expected[radiograph.sop_instance_uid] = pipeline(radiograph).scores.total
+        assert dict(rows) == expected  # the same scores as in-process scoring
+        assert workers[0] not in _worker_pids(node.process.pid)
+    finally:
+        node.stop()
+        pacs.stop()

@@ -101,9 +101,9 @@ class Pipeline:
             torch.set_num_threads(self.settings.threads)
         if lungs is None or disease is None:
             lung_spec, disease_spec = self.settings.model_specs()
-            backend, device = self.settings.backend, self.settings.device
-            lungs = lungs or make_predictor(lung_spec, backend, device)
-            disease = disease or make_predictor(disease_spec, backend, device)
+            backend, device, precision = self.settings.backend, self.settings.device, self.settings.precision
+            lungs = lungs or make_predictor(lung_spec, backend, device, precision)
+            disease = disease or make_predictor(disease_spec, backend, device, precision)
         self.lungs_model = lungs
         self.disease_model = disease
         scoring = self.settings.scoring

@@ -32,7 +32,8 @@ class FileOutcome:
     def as_dict(self) -> dict[str, Any]:
         if self.ok:
             extra = {"dicom": [str(p) for p in self.dicom]} if self.dicom is not None else {}
-            return {"file": str(self.path), "status": "scored", "overlay": str(self.overlay), **extra, **(self.result or {})}
+            picture = {"overlay": str(self.overlay)} if self.overlay is not None else {}
+            return {"file": str(self.path), "status": "scored", **picture, **extra, **(self.result or {})}
         return {"file": str(self.path), "status": "rejected", "reason": self.reason, "message": self.message}
 
 
@@ -49,37 +50,61 @@ def expand_inputs(inputs: Iterable[Path]) -> list[Path]:
     return files
 
 
-def score_files(
-    pipeline: Pipeline, files: list[Path], out_dir: Path, *, dicom: bool = False, jpeg2000: bool = False
-) -> Iterator[FileOutcome]:
-    """Score each file; a bad file yields a refusal with its reason and never stops the run.
+def score_batch(
+    pipeline: Pipeline, items: list[tuple[int, Path]], out_dir: Path, *,
+    dicom: bool = False, jpeg2000: bool = False, overlay: bool = True,
+) -> list[FileOutcome]:
+    """Score numbered files with one model call per stage; outcomes in input order.
 
-    With ``dicom``, DICOM inputs also get the SEG and SR the node would send
+    A bad file gives a refusal with its reason, never an exception. With
+    ``dicom``, DICOM inputs also get the SEG and SR the node would send
     (image files have no DICOM header to derive them from; ``dicom`` is then []).
     """
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for index, path in enumerate(files):
+    outcomes: dict[int, FileOutcome] = {}
+    loaded = []
+    for index, path in items:
         try:
-            radiograph = load_radiograph(path)
+            loaded.append((index, path, load_radiograph(path)))
         except RadiographError as exc:
-            yield FileOutcome(path, reason=exc.reason, message=exc.detail)
-            continue
-        t0 = time.perf_counter()
-        try:
-            result = pipeline(radiograph)
-        except Exception as exc:  # a model or scoring failure on one image must not end the batch
-            yield FileOutcome(path, reason="pipeline_error", message=f"{type(exc).__name__}: {exc}")
-            continue
+            outcomes[index] = FileOutcome(path, reason=exc.reason, message=exc.detail)
+    t0 = time.perf_counter()
+    try:
+        results = pipeline.run_batch([radiograph for _, _, radiograph in loaded])
+    except Exception as exc:  # a model or scoring failure must not end the run
+        if len(loaded) > 1:  # find the culprit: its neighbours still get scored
+            singles = [score_batch(pipeline, [(i, p)], out_dir, dicom=dicom, jpeg2000=jpeg2000, overlay=overlay)[0]
+                       for i, p, _ in loaded]
+            outcomes.update({i: outcome for (i, _, _), outcome in zip(loaded, singles)})
+            return [outcomes[i] for i, _ in items]
+        results = []
+        for index, path, _ in loaded:
+            outcomes[index] = FileOutcome(path, reason="pipeline_error", message=f"{type(exc).__name__}: {exc}")
+    elapsed_ms = (time.perf_counter() - t0) * 1000 / max(len(loaded), 1)
+    for (index, path, radiograph), result in zip(loaded, results):
         record = result.as_dict()
-        record["timings_ms"]["total"] = round((time.perf_counter() - t0) * 1000, 1)
-        overlay = write_overlay(out_dir / f"{index:04d}-{path.stem}.overlay.png", radiograph.pixels, result)
+        record["timings_ms"]["total"] = round(elapsed_ms, 1)
+        picture = None
+        if overlay:
+            picture = write_overlay(out_dir / f"{index:04d}-{path.stem}.overlay.png", radiograph.pixels, result)
         written = None
         if dicom:
             written = []
             if radiograph.dataset is not None:
                 objects = build_result_objects(radiograph.dataset, result, jpeg2000=jpeg2000)
                 written = list(objects.save(out_dir / "dicom"))
-        yield FileOutcome(path, result=record, overlay=overlay, dicom=written)
+        outcomes[index] = FileOutcome(path, result=record, overlay=picture, dicom=written)
+    return [outcomes[i] for i, _ in items]
+
+
+def score_files(
+    pipeline: Pipeline, files: list[Path], out_dir: Path, *, dicom: bool = False, jpeg2000: bool = False
+) -> Iterator[FileOutcome]:
+    """Score each file, in order, in this process (``batch_size`` files per model call)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    size = pipeline.settings.batch_size
+    numbered = list(enumerate(files))
+    for start in range(0, len(numbered), size):
+        yield from score_batch(pipeline, numbered[start : start + size], out_dir, dicom=dicom, jpeg2000=jpeg2000)
 
 
 def write_report(outcomes: list[FileOutcome], out_dir: Path, pipeline: Pipeline) -> Path:

@@ -1,0 +1,74 @@
+"""Draw docs/benchmarks.png from the JSON files the benchmarks wrote.
+
+    pip install -e '.[bench]'
+    python bench/plot.py [--results bench/results] [--out docs/benchmarks.png]
+
+Left: pipeline throughput (bench/pipeline.py --json) per model preset. Right: end-to-end
+latency per offered rate (bench/latency.py --json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def pipeline_panel(ax, runs: list[dict]) -> None:
+    names = list(runs[0]["contenders"])
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        rates = [run["contenders"][name]["images_per_s"] for run in runs]
+        bars = ax.bar([x + i * width for x in range(len(runs))], rates, width, label=name)
+        for bar, run in zip(bars, runs):
+            ratio = run["contenders"][name]["ratio"]
+            ax.annotate(f"{ratio:.2f}x", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                        ha="center", va="bottom", fontsize=8)
+    ax.set_xticks([x + width * (len(names) - 1) / 2 for x in range(len(runs))])
+    ax.set_xticklabels([f"{run['preset']}\n{run['images']} CRs {run['size'][0]}x{run['size'][1]}" for run in runs])
+    ax.set_ylabel("images/s (2-core CPU), SEG + SR written")
+    ax.set_title("Pipeline: published covid_scoring vs cxrtriage")
+    ax.legend(fontsize=8)
+
+
+def latency_panel(ax, report: dict) -> None:
+    for run in report["runs"]:
+        values = sorted(run["latencies"])
+        ax.plot(values, [(k + 1) / len(values) for k in range(len(values))],
+                label=f"{run['rate']:g} images/s offered (p50 {run['p50']:.1f} s, p95 {run['p95']:.1f} s)")
+    ax.set_xscale("log")
+    ax.set_xlabel("C-STORE success -> SR at destination (s)")
+    ax.set_ylabel("fraction of images")
+    ax.set_title("End-to-end latency, node defaults")
+    ax.legend(fontsize=8)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", type=Path, default=Path("bench/results"))
+    parser.add_argument("--out", type=Path, default=Path("docs/benchmarks.png"))
+    args = parser.parse_args()
+    pipelines = [json.loads(p.read_text()) for p in sorted(args.results.glob("pipeline-*.json"))]
+    latency = args.results / "latency.json"
+    panels = bool(pipelines) + latency.exists()
+    if not panels:
+        raise SystemExit(f"no pipeline-*.json or latency.json in {args.results}: run the benchmarks with --json")
+    fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.5), squeeze=False)
+    column = 0
+    if pipelines:
+        pipeline_panel(axes[0][column], pipelines)
+        column += 1
+    if latency.exists():
+        latency_panel(axes[0][column], json.loads(latency.read_text()))
+    fig.tight_layout()
+    fig.savefig(args.out, dpi=110)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
