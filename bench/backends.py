@@ -1,4 +1,4 @@
-"""Pipeline throughput: eager torch against ONNX Runtime, same models, side by side.
+"""Pipeline throughput: eager torch (fp32, bf16) against ONNX Runtime, same models, side by side.
 
     python bench/backends.py [--images 40] [--rounds 3] [--config config.yaml]
 
@@ -30,6 +30,7 @@ def main() -> None:
     pipelines = {
         "torch": Pipeline(settings.model_copy(update={"backend": "torch"})),
         "onnx": Pipeline(settings.model_copy(update={"backend": "onnx"})),
+        "bf16": Pipeline(settings.model_copy(update={"backend": "torch", "precision": "bf16"})),
     }
     generator = PhantomGenerator(2048, 1800)
     images = [Radiograph(pixels=generator(8_000_000 + i).image, source=str(i)) for i in range(args.images)]
@@ -42,11 +43,14 @@ def main() -> None:
             t0 = time.perf_counter()
             totals[name] = [pipeline(image).scores.total for image in images]
             times[name].append(time.perf_counter() - t0)
-    torch_s, onnx_s = statistics.median(times["torch"]), statistics.median(times["onnx"])
+    torch_s = statistics.median(times["torch"])
     print(f"{args.images} images 2048x1800, {args.rounds} rounds each (median), models {pipelines['torch'].model_versions}")
-    print(f"  torch (eager, channels_last): {args.images / torch_s:5.2f} images/s")
-    print(f"  ONNX Runtime (CPU)          : {args.images / onnx_s:5.2f} images/s")
-    print(f"  ratio onnx / torch: {torch_s / onnx_s:.2f}; same 0-6 scores on {sum(a == b for a, b in zip(totals['torch'], totals['onnx']))}/{args.images}")
+    for name, label in (("torch", "torch fp32 (eager, channels_last)"), ("onnx", "ONNX Runtime (CPU)"),
+                        ("bf16", "torch bf16 (eager, channels_last)")):
+        seconds = statistics.median(times[name])
+        same = sum(a == b for a, b in zip(totals["torch"], totals[name]))
+        print(f"  {label:34s}: {args.images / seconds:5.2f} images/s  ratio to torch fp32 {torch_s / seconds:.2f}  "
+              f"same 0-6 scores {same}/{args.images}")
 
 
 if __name__ == "__main__":

@@ -2,8 +2,10 @@
 
     python bench/latency.py [--rates 1 5] [--images 30] [--json out.json]
 
-A node (default settings, bundled models, SQLite) is started with one destination: a
-pynetdicom storage SCP in this process, standing in for PACS. For each rate, ``--images``
+A node (bundled models, SQLite) is started with one destination: a pynetdicom storage SCP
+in this process, standing in for PACS; twice, one after the other: with the default
+settings (one scoring thread, fp32) and with ``workers.scoring_processes: 2`` and
+``inference.precision: bf16``. For each rate, ``--images``
 distinct synthetic 2500x2048 CRs are sent at that steady rate, one association per image as
 a modality would. For each image the clock runs from the moment the node answers C-STORE
 success to the moment the destination has received the image's SR (the node sends the SEG
@@ -71,7 +73,14 @@ class Destination:
         self.server.shutdown()
 
 
-def start_node(folder: Path, destination_port: int) -> tuple[subprocess.Popen, int]:
+VARIANTS: dict[str, dict] = {
+    "defaults (1 scoring thread, fp32)": {},
+    "2 scoring processes, bf16": {"workers": {"scoring_processes": 2}, "inference": {"precision": "bf16"}},
+}
+
+
+def start_node(folder: Path, destination_port: int, overrides: dict) -> tuple[subprocess.Popen, int]:
+    folder.mkdir(parents=True)
     port = free_port()
     config = {
         "storage": {"database_url": f"sqlite:///{folder / 'db.sqlite'}", "archive_dir": str(folder / "archive")},
@@ -80,6 +89,7 @@ def start_node(folder: Path, destination_port: int) -> tuple[subprocess.Popen, i
         "web": {"enabled": False},
         "metrics": {"enabled": False},
         "logging": {"file": str(folder / "node.log")},
+        **overrides,
     }
     (folder / "config.yaml").write_text(yaml.safe_dump(config))
     node = subprocess.Popen([sys.executable, "-m", "cxrtriage", "serve", "-c", str(folder / "config.yaml")],
@@ -123,31 +133,37 @@ def main() -> None:
     report: dict[str, object] = {"images": args.images, "runs": []}
     with tempfile.TemporaryDirectory(prefix="cxrtriage-latency-") as tmp:
         root = Path(tmp)
-        files = make_images(root / "images", args.images * len(args.rates), 2500, 2048)
+        files = make_images(root / "images", args.images * len(args.rates) * len(VARIANTS) + 1, 2500, 2048)
         destination = Destination()
-        node, port = start_node(root, destination.port)
-        try:
-            send_steadily(port, files[:1], 1.0)  # warm-up: models and highdicom's first call
-            destination.wait_for([str(pydicom.dcmread(files[0]).SOPInstanceUID)], 300)
-            print(f"{args.images} CRs 2500x2048 per rate; node defaults (bundled models, 1 scoring worker, SQLite); "
-                  "one association per image; latency = C-STORE success -> SR received by the destination")
-            for n, rate in enumerate(args.rates):
-                batch = files[n * args.images : (n + 1) * args.images]
-                t0 = time.monotonic()
-                acknowledged = send_steadily(port, batch, rate)
-                destination.wait_for(list(acknowledged), 600)
-                elapsed = max(destination.arrived[u] for u in acknowledged) - t0
-                latency = [destination.arrived[u] - t for u, t in acknowledged.items()]
-                run = {"rate": rate, "p50": percentile(latency, 50), "p95": percentile(latency, 95),
-                       "max": max(latency), "mean": statistics.fmean(latency), "throughput": len(batch) / elapsed,
-                       "latencies": latency}
-                report["runs"].append(run)  # type: ignore[union-attr]
-                print(f"  {rate:4.1f} images/s offered: p50 {run['p50']:6.2f} s  p95 {run['p95']:6.2f} s  "
-                      f"max {run['max']:6.2f} s   (node finished {run['throughput']:.2f} images/s)")
-        finally:
-            node.terminate()
-            node.wait(timeout=60)
-            destination.close()
+        print(f"{args.images} CRs 2500x2048 per rate; bundled models, SQLite; one association per image; "
+              "latency = C-STORE success -> SR received by the destination")
+        for v, (variant, overrides) in enumerate(VARIANTS.items()):
+            node, port = start_node(root / f"node{v}", destination.port, overrides)
+            try:
+                warm = files[-1:]
+                destination.arrived.clear()
+                send_steadily(port, warm, 1.0)  # warm-up: models and highdicom's first call
+                destination.wait_for([str(pydicom.dcmread(warm[0]).SOPInstanceUID)], 300)
+                destination.arrived.clear()
+                print(f"  {variant}")
+                for n, rate in enumerate(args.rates):
+                    first = (v * len(args.rates) + n) * args.images
+                    batch = files[first : first + args.images]
+                    t0 = time.monotonic()
+                    acknowledged = send_steadily(port, batch, rate)
+                    destination.wait_for(list(acknowledged), 600)
+                    elapsed = max(destination.arrived[u] for u in acknowledged) - t0
+                    latency = [destination.arrived[u] - t for u, t in acknowledged.items()]
+                    run = {"variant": variant, "rate": rate, "p50": percentile(latency, 50),
+                           "p95": percentile(latency, 95), "max": max(latency), "mean": statistics.fmean(latency),
+                           "throughput": len(batch) / elapsed, "latencies": latency}
+                    report["runs"].append(run)  # type: ignore[union-attr]
+                    print(f"    {rate:4.1f} images/s offered: p50 {run['p50']:6.2f} s  p95 {run['p95']:6.2f} s  "
+                          f"max {run['max']:6.2f} s   (node finished {run['throughput']:.2f} images/s)")
+            finally:
+                node.terminate()
+                node.wait(timeout=60)
+        destination.close()
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
 

@@ -37,15 +37,18 @@ def pipeline_panel(ax, runs: list[dict]) -> None:
 
 
 def latency_panel(ax, report: dict) -> None:
+    variants = list(dict.fromkeys(run["variant"] for run in report["runs"]))
     for run in report["runs"]:
         values = sorted(run["latencies"])
-        ax.plot(values, [(k + 1) / len(values) for k in range(len(values))],
-                label=f"{run['rate']:g} images/s offered (p50 {run['p50']:.1f} s, p95 {run['p95']:.1f} s)")
+        style = "-" if run["rate"] <= 1 else "--"
+        ax.plot(values, [(k + 1) / len(values) for k in range(len(values))], style,
+                color=f"C{variants.index(run['variant'])}",
+                label=f"{run['variant']}, {run['rate']:g}/s offered: p50 {run['p50']:.1f} s, p95 {run['p95']:.1f} s")
     ax.set_xscale("log")
     ax.set_xlabel("C-STORE success -> SR at destination (s)")
     ax.set_ylabel("fraction of images")
-    ax.set_title("End-to-end latency, node defaults")
-    ax.legend(fontsize=8)
+    ax.set_title("Node end to end: C-STORE to SR at PACS")
+    ax.legend(fontsize=7, loc="lower right")
 
 
 def main() -> None:

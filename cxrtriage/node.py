@@ -178,7 +178,7 @@ class Node:
                 self.stopping.wait(1.0)
                 continue
             if job is None:
-                self.stopping.wait(self.settings.workers.poll_seconds)
+                self.queue.wait_for_work(self.settings.workers.poll_seconds)
                 continue
             try:
                 process(job, worker)

@@ -12,9 +12,11 @@ concurrent workers skip each other's rows instead of waiting.
 from __future__ import annotations
 
 import datetime as dt
+import threading
 from dataclasses import dataclass
 
 from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import event as sa_event
 from sqlalchemy.orm import Session
 
 from .db import Database, is_sqlite, upsert_insert
@@ -43,6 +45,18 @@ class JobQueue:
         self.db = db
         self.backoff_base = backoff_base
         self.backoff_cap = backoff_cap
+        # Wakes this process's idle workers when a job it enqueued is committed;
+        # polling remains for jobs from other processes and for retries.
+        self._new_work = threading.Condition()
+
+    def _announce(self, _session: Session) -> None:
+        with self._new_work:
+            self._new_work.notify_all()
+
+    def wait_for_work(self, timeout: float) -> None:
+        """Sleep until a job is committed in this process, at most ``timeout`` seconds."""
+        with self._new_work:
+            self._new_work.wait(timeout)
 
     def enqueue(
         self, session: Session, kind: str, instance_id: int, destination: str = "", *, priority: int = 0,
@@ -55,6 +69,7 @@ class JobQueue:
             worker="", last_error="",
         )
         session.execute(upsert_insert(self.db.engine, Job).values(**values).on_conflict_do_nothing())
+        sa_event.listen(session, "after_commit", self._announce, once=True)
 
     def claim(self, kind: str, worker: str, lease_seconds: float) -> Claimed | None:
         """Take the most urgent ready job of ``kind`` (or an expired lease), or None."""
