@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Any, Iterator, Optional
 
 import typer
 from rich.console import Console
@@ -70,6 +70,20 @@ def train(
     console.print(f"weights: {result.weights}\nmetrics: {result.metrics_log}\nbest: {json.dumps(result.best)}")
 
 
+def _scored(settings: Any, files: list[Path], out: Path, workers: int, **options: bool) -> Iterator[Any]:
+    """Outcomes in input order, from this process or from a pool of worker processes."""
+    if workers == 1:
+        from .inference.pipeline import Pipeline
+        from .inference.score_files import score_files
+
+        yield from score_files(Pipeline(settings), files, out, **options)
+        return
+    from .inference.parallel import ScoringPool
+
+    with ScoringPool(settings, workers) as pool:
+        yield from pool.map(files, out, overlay=True, **options)
+
+
 @app.command()
 def score(
     inputs: list[Path] = typer.Argument(..., help="DICOM / PNG / JPEG files or folders"),
@@ -77,6 +91,7 @@ def score(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="config.yaml (default: built-in settings)"),
     dicom: bool = typer.Option(False, "--dicom", help="also write the DICOM SEG + TID 1500 SR the node sends"),
     jpeg2000: bool = typer.Option(False, "--jpeg2000", help="JPEG 2000 lossless SEG (about 100x smaller)"),
+    workers: int = typer.Option(1, "--workers", "-w", min=1, help="worker processes (each loads the models)"),
 ) -> None:
     """Score chest radiographs offline: a table, results.json and an overlay PNG per image.
 
@@ -86,20 +101,18 @@ def score(
     from rich.table import Table
 
     from .config import load_settings
-    from .inference.pipeline import Pipeline
-    from .inference.score_files import expand_inputs, score_files, write_report
+    from .inference.score_files import expand_inputs, write_report
 
     settings = load_settings(config)
     files = expand_inputs(inputs)
     if not files:
         console.print("[red]no input files found[/]")
         raise typer.Exit(2)
-    pipeline = Pipeline(settings.inference)
     table = Table(title=f"cxrtriage: {len(files)} file(s)")
     for column in ("file", "score 0-6", "zones A-F", "Brixia 0-18", "P(disease)", "ms", "status"):
         table.add_column(column)
     outcomes = []
-    for outcome in score_files(pipeline, files, out, dicom=dicom, jpeg2000=jpeg2000):
+    for outcome in _scored(settings.inference, files, out, workers, dicom=dicom, jpeg2000=jpeg2000):
         outcomes.append(outcome)
         if outcome.ok:
             r = outcome.result or {}
@@ -110,7 +123,7 @@ def score(
             )
         else:
             table.add_row(outcome.path.name, "-", "-", "-", "-", "-", f"[red]{outcome.reason}[/]: {outcome.message}")
-    report = write_report(outcomes, out, pipeline)
+    report = write_report(outcomes, out, settings.inference)
     console.print(table)
     rejected = sum(not o.ok for o in outcomes)
     console.print(f"results: {report}  ({len(outcomes) - rejected} scored, {rejected} rejected)")

@@ -66,6 +66,12 @@ class InferenceSettings(BaseModel):
             disease = disease.model_copy(update={"zone_threshold": PAPER_ZONE_THRESHOLDS.get(disease.arch, 0.30)})
         return lungs, disease
 
+    def zone_threshold(self, disease: ModelSpec) -> float:
+        """T: the configured one, else the disease model's own, else the paper's 0.30."""
+        if self.scoring.zone_threshold is not None:
+            return self.scoring.zone_threshold
+        return disease.zone_threshold if disease.zone_threshold is not None else 0.30
+
 
 class TLSSettings(BaseModel):
     """DICOM TLS (PS3.15 B.1): server certificate and, for mutual auth, the CA of client certificates."""

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pytest
 
 from cxrtriage.inference.phantom import PhantomGenerator, write_cr
 
@@ -25,7 +26,8 @@ def run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=600, env=env)
 
 
-def test_score_mixed_folder(tmp_path: Path, phantom_cr: Path, rg1: Path) -> None:
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_score_mixed_folder(tmp_path: Path, phantom_cr: Path, rg1: Path, workers: str) -> None:
     folder = tmp_path / "in"
     expected_bad = write_bad_corpus(phantom_cr, folder / "bad")
     generator = PhantomGenerator(600, 560)
@@ -39,7 +41,7 @@ def test_score_mixed_folder(tmp_path: Path, phantom_cr: Path, rg1: Path) -> None
     good.append(png)
 
     out = tmp_path / "out"
-    proc = run("score", str(folder), "--out", str(out))
+    proc = run("score", str(folder), "--out", str(out), "--workers", workers)
     assert proc.returncode == 1, proc.stdout + proc.stderr  # some files were rejected
     report = json.loads((out / "results.json").read_text())
     by_name = {Path(r["file"]).name: r for r in report["results"]}

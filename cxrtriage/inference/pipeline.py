@@ -106,11 +106,7 @@ class Pipeline:
             disease = disease or make_predictor(disease_spec, backend, device, precision)
         self.lungs_model = lungs
         self.disease_model = disease
-        scoring = self.settings.scoring
-        threshold = scoring.zone_threshold
-        if threshold is None:
-            threshold = disease.spec.zone_threshold if disease.spec.zone_threshold is not None else 0.30
-        self.scoring = ScoringConfig(threshold, scoring.brixia_cutoffs)
+        self.scoring = ScoringConfig(self.settings.zone_threshold(disease.spec), self.settings.scoring.brixia_cutoffs)
 
     @property
     def model_versions(self) -> dict[str, str]:

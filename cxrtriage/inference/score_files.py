@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from ..config import InferenceSettings
 from .dicom_results import build_result_objects
 from .overlay import write_overlay
 from .pipeline import Pipeline
@@ -107,11 +108,12 @@ def score_files(
         yield from score_batch(pipeline, numbered[start : start + size], out_dir, dicom=dicom, jpeg2000=jpeg2000)
 
 
-def write_report(outcomes: list[FileOutcome], out_dir: Path, pipeline: Pipeline) -> Path:
+def write_report(outcomes: list[FileOutcome], out_dir: Path, settings: InferenceSettings) -> Path:
+    lungs, disease = settings.model_specs()
     report = {
-        "models": pipeline.model_versions,
-        "zone_threshold": pipeline.scoring.zone_threshold,
-        "brixia_cutoffs": list(pipeline.scoring.brixia_cutoffs),
+        "models": {"lungs": lungs.version, "disease": disease.version},
+        "zone_threshold": settings.zone_threshold(disease),
+        "brixia_cutoffs": list(settings.scoring.brixia_cutoffs),
         "scored": sum(o.ok for o in outcomes),
         "rejected": sum(not o.ok for o in outcomes),
         "results": [o.as_dict() for o in outcomes],
