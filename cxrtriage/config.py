@@ -35,7 +35,7 @@ class InferenceSettings(BaseModel):
     backend: str = Field("torch", pattern="^(torch|onnx)$", description="torch, or onnx (ONNX Runtime)")
     device: str = "auto"
     precision: str = Field("fp32", pattern="^(fp32|bf16)$",
-                           description="fp32, or bf16 autocast (torch backend; CPUs with AVX512-BF16/AMX, CUDA)")
+                           description="fp32, or bf16 weights and inputs (torch backend; CPUs with AVX512-BF16/AMX, CUDA)")
     threads: int = Field(0, ge=0, description="torch CPU threads; 0 = all cores")
     batch_size: int = Field(1, ge=1)
     min_lung_blob_fraction: float = Field(0.01, ge=0.0, lt=0.5, description="smaller lung blobs are dropped")

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import tempfile
+import time
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -81,9 +83,6 @@ class ScoringPool:
         (SEG + SR to a scratch folder), paying its first-call costs
         (kernel selection for the batch shape, highdicom's first object) now.
         """
-        import tempfile
-        import time
-
         seen: set[int] = set()
         deadline = time.monotonic() + timeout
         with tempfile.TemporaryDirectory(prefix="cxrtriage-warm-") as scratch:
@@ -139,8 +138,6 @@ class ScoringPool:
 
 
 def _warm_worker(sample: Path | None, scratch: Path, batch_size: int) -> int:
-    import time
-
     if sample is not None:
         _score_in_worker([(0, sample)] * batch_size, scratch, True, False, False)
     time.sleep(0.05)  # long enough that the tasks spread over the workers
