@@ -112,17 +112,17 @@ def split_lung_into_segments(lung: np.ndarray) -> list[np.ndarray]:
 class CovidScoringNet:
     """CovidScoringNet.predict, one image at a time, eager fp32, as published."""
 
-    def __init__(self, lungs: ModelSpec, disease: ModelSpec, zone_threshold: float) -> None:
+    def __init__(self, lungs: ModelSpec, disease: ModelSpec, zone_threshold: float, device: str = "cpu") -> None:
         self.lung_spec, self.disease_spec = lungs, disease
-        self.lung_model = load_model(lungs, "cpu").eval()
-        self.disease_model = load_model(disease, "cpu").eval()
+        self.device = torch.device(device)
+        self.lung_model = load_model(lungs, self.device).eval()
+        self.disease_model = load_model(disease, self.device).eval()
         self.threshold = zone_threshold
         self.contour_area = CONTOUR_AREA_AT_512 * (lungs.input_size / 512) ** 2
 
-    @staticmethod
-    def _tensor(image_u8: np.ndarray, spec: ModelSpec) -> torch.Tensor:
+    def _tensor(self, image_u8: np.ndarray, spec: ModelSpec) -> torch.Tensor:
         """ToTensor, Resize (bicubic), Normalize; channels as the model was trained."""
-        x = TF.to_tensor(image_u8[:, :, : spec.in_channels])
+        x = TF.to_tensor(image_u8[:, :, : spec.in_channels]).to(self.device)
         x = TF.resize(x, [spec.input_size, spec.input_size], InterpolationMode.BICUBIC, antialias=False)
         return TF.normalize(x, spec.channel_stats()[0], spec.channel_stats()[1])[None]
 
@@ -138,7 +138,7 @@ class CovidScoringNet:
     def predict(self, radiograph: Radiograph) -> Result:
         image = self._source_image(radiograph.pixels)
         with torch.no_grad():
-            lungs = torch.sigmoid(self.lung_model(self._tensor(image, self.lung_spec)))[0, 0].numpy()
+            lungs = torch.sigmoid(self.lung_model(self._tensor(image, self.lung_spec)))[0, 0].cpu().numpy()
         mask = filter_img((lungs > 0.5).astype(np.uint8), self.contour_area)
         boxes = find_obj_bbox(mask)
         if boxes:
@@ -149,14 +149,14 @@ class CovidScoringNet:
         crop = (image * mask[:, :, None])[y1:y2, x1:x2]
         with torch.no_grad():
             seg, cls = self.disease_model(self._tensor(crop, self.disease_spec))
-            covid = (torch.sigmoid(seg) * torch.round(torch.sigmoid(cls))[:, :, None, None])[0, 0].numpy()
+            covid = (torch.sigmoid(seg) * torch.round(torch.sigmoid(cls))[:, :, None, None])[0, 0].cpu().numpy()
         lung_crop = cv2.resize(mask[y1:y2, x1:x2], (CROP_SPACE, CROP_SPACE))
         covid_crop = cv2.resize(covid, (CROP_SPACE, CROP_SPACE)) > 0.5
         left, right = separate_lungs(lung_crop)
         zones = split_lung_into_segments(left) + split_lung_into_segments(right)
         fractions = [float((covid_crop & z).sum() / max(z.sum(), 1e-14)) for z in zones]
         return self._result(radiograph, lung_crop, covid_crop, left, right, zones, fractions,
-                            float(torch.sigmoid(cls)), (x1, y1, x2, y2))
+                            float(torch.sigmoid(cls).cpu()), (x1, y1, x2, y2))
 
     def _result(self, radiograph, lung_crop, covid_crop, left, right, zones, fractions, p, box) -> Result:
         """The crop-space outcome as a full-resolution :class:`Result`, for the SEG and SR.

@@ -86,16 +86,18 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch", type=int, default=2, help="cxrtriage images per model call")
     parser.add_argument("--size", default="2500x2048", help="rows x columns of the synthetic CRs")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (both contenders; on a GPU machine raise "
+                        "--workers to the CPU cores and --batch to 8-32)")
     parser.add_argument("--json", type=Path, help="also write the numbers here (bench/plot.py reads them)")
     args = parser.parse_args()
     rows, cols = (int(v) for v in args.size.split("x"))
 
-    settings = InferenceSettings(preset=args.preset, batch_size=args.batch)
+    settings = InferenceSettings(preset=args.preset, batch_size=args.batch, device=args.device)
     lungs, disease = settings.model_specs()
     with tempfile.TemporaryDirectory(prefix="cxrt-bench-") as tmp:
         root = Path(tmp)
         files = make_images(root / "in", args.images, rows, cols)
-        net = CovidScoringNet(lungs, disease, disease.zone_threshold)
+        net = CovidScoringNet(lungs, disease, disease.zone_threshold, args.device)
         pools = {
             "cxrtriage fp32": ScoringPool(settings, args.workers),
             "cxrtriage bf16": ScoringPool(settings.model_copy(update={"precision": "bf16"}), args.workers),
@@ -117,10 +119,10 @@ def main() -> None:
 
     rates = {name: args.images / statistics.median(s) for name, s in seconds.items()}
     base = rates["covid_scoring"]
-    print(f"{args.images} CRs {rows}x{cols}, preset {args.preset} ({lungs.arch}/{lungs.encoder} @ {lungs.input_size}, "
+    print(f"{args.images} CRs {rows}x{cols} on {args.device}, preset {args.preset} ({lungs.arch}/{lungs.encoder} @ {lungs.input_size}, "
           f"{disease.arch}/{disease.encoder} @ {disease.input_size}), {args.rounds} rounds (median), "
           f"{torch.get_num_threads()} cores, cxrtriage with {args.workers} worker processes, batch {args.batch}")
-    report = {"preset": args.preset, "images": args.images, "size": [rows, cols], "workers": args.workers,
+    report = {"preset": args.preset, "device": args.device, "images": args.images, "size": [rows, cols], "workers": args.workers,
               "batch": args.batch,
               "contenders": {}}
     for name, rate in rates.items():

@@ -87,13 +87,8 @@ class Node:
             event(log, logging.WARNING, "re-queued jobs of a previous run", jobs=released)
         w = self.settings.workers
         scoring_threads = max(w.scoring_workers, w.scoring_processes)
-        if w.scoring_processes:
-            from .inference.parallel import ScoringPool
-
-            self.pool = ScoringPool(self.settings.inference, w.scoring_processes)
-            self.pool.warm_up()  # models loaded in every worker before accepting work
-        elif w.scoring_workers:
-            _ = self.pipeline  # load models before accepting work
+        if scoring_threads:
+            self._warm_up_scoring()
         handlers: dict[str, Any] = {"store": self.ingest.handle, **make_handlers(self.query, self._move_target)}
         self.server = start_server(self.settings.dicom, handlers)
         for i in range(scoring_threads):
@@ -114,6 +109,36 @@ class Node:
         self.scheduler = start_scheduler(self.settings, self.db.engine)
         event(log, logging.INFO, "node started", incarnation=self.incarnation,
               destinations=sorted(self.destinations), database=self.db.engine.dialect.name)
+
+    def _warm_up_scoring(self) -> None:
+        """Load the models and score one small phantom before accepting work.
+
+        The first SEG + SR a process builds costs about a second more than
+        the next (imports, highdicom's first use); the first real image
+        should not wait for that.
+        """
+        from .inference.instance import score_instance
+        from .inference.phantom import PhantomGenerator, write_cr
+
+        t0 = time.perf_counter()
+        w = self.settings.workers
+        if w.scoring_processes:
+            from .inference.parallel import ScoringPool
+
+            self.pool = ScoringPool(self.settings.inference, w.scoring_processes)
+        sample = write_cr(PhantomGenerator(320, 288)(0), self.archive.tmp / f"warm-up-{os.getpid()}.dcm")
+        try:
+            if self.pool is not None:
+                self.pool.warm_up(sample)
+            else:
+                score_instance(self.pipeline, sample, "warm-up")
+        except Exception as exc:  # models that cannot load fail every job with the reason; ingest goes on
+            event(log, logging.ERROR, "scoring warm-up failed", error=f"{type(exc).__name__}: {exc}")
+            return
+        finally:
+            sample.unlink(missing_ok=True)
+        event(log, logging.INFO, "scoring ready", processes=self.settings.workers.scoring_processes,
+              seconds=round(time.perf_counter() - t0, 1))
 
     def _start_web(self) -> None:
         import uvicorn
