@@ -15,7 +15,8 @@ All read the DICOM files and write SEG + SR files; models are loaded before timi
 alternate within each round; medians, ratios against covid_scoring and the agreement of the
 0-6 scores are printed. ``--preset danilov2022`` uses the paper's architectures and sizes
 (DeepLabV3+/efficientnet-b1 @ 512, MA-Net/regnetx_064 @ 544) with untrained weights: its
-speeds are the paper's, its scores mean nothing (agreement is printed for the bundled models).
+speeds are the paper's; its weights are drawn once (seeded) and shared by all contenders, so the
+agreement printed compares two implementations on the same (meaningless) masks.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import torch
 from covid_scoring import CovidScoringNet
 from cxrtriage.config import InferenceSettings
 from cxrtriage.inference.dicom_results import build_result_objects
+from cxrtriage.inference.models import create_model
 from cxrtriage.inference.parallel import ScoringPool
 from cxrtriage.inference.phantom import PhantomGenerator, write_cr
 from cxrtriage.inference.radiograph import load_radiograph
@@ -48,6 +50,24 @@ def make_images(folder: Path, count: int, rows: int, cols: int) -> list[Path]:
         image = cv2.resize(phantom.image, (cols, rows), interpolation=cv2.INTER_CUBIC).clip(0.0, 1.0)
         files.append(write_cr(dataclasses.replace(phantom, image=image), folder / f"cr{i:03d}.dcm"))
     return files
+
+
+def pin_untrained_weights(settings: InferenceSettings, folder: Path) -> InferenceSettings:
+    """Give every process the same weights where the preset has none (danilov2022 here).
+
+    Untrained models are initialised at random in each process; saved once
+    (seeded) and loaded everywhere, the contenders run identical networks.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    overrides = {}
+    for index, (name, spec) in enumerate(zip(("lungs", "disease"), settings.model_specs())):
+        if spec.weights:
+            continue
+        torch.manual_seed(index)
+        path = folder / f"{name}-untrained.pth"
+        torch.save(create_model(spec).state_dict(), path)
+        overrides[name] = {**getattr(settings, name), "weights": str(path)}
+    return settings.model_copy(update=overrides)
 
 
 def run_reference(net: CovidScoringNet, files: list[Path], out: Path) -> list[list[int]]:
@@ -67,6 +87,13 @@ def run_pool(pool: ScoringPool, files: list[Path], out: Path) -> list[list[int]]
             raise RuntimeError(f"{outcome.path}: {outcome.reason} {outcome.message}")
         zones.append([z["binary_score"] for z in outcome.result["zones"].values()])
     return zones
+
+
+def cpu_ticks() -> tuple[int, int]:
+    """(busy, total) jiffies of the whole machine, from /proc/stat."""
+    values = [int(v) for v in open("/proc/stat").readline().split()[1:]]
+    idle = values[3] + values[4]  # idle + iowait
+    return sum(values) - idle, sum(values)
 
 
 def agreement(a: list[list[int]], b: list[list[int]]) -> dict[str, float]:
@@ -92,10 +119,11 @@ def main() -> None:
     args = parser.parse_args()
     rows, cols = (int(v) for v in args.size.split("x"))
 
-    settings = InferenceSettings(preset=args.preset, batch_size=args.batch, device=args.device)
-    lungs, disease = settings.model_specs()
     with tempfile.TemporaryDirectory(prefix="cxrt-bench-") as tmp:
         root = Path(tmp)
+        settings = InferenceSettings(preset=args.preset, batch_size=args.batch, device=args.device)
+        settings = pin_untrained_weights(settings, root / "weights")
+        lungs, disease = settings.model_specs()
         files = make_images(root / "in", args.images, rows, cols)
         net = CovidScoringNet(lungs, disease, disease.zone_threshold, args.device)
         pools = {
@@ -108,12 +136,15 @@ def main() -> None:
         contenders = {"covid_scoring": lambda out: run_reference(net, files, out)}
         contenders.update({name: (lambda out, p=pool: run_pool(p, files, out)) for name, pool in pools.items()})
         seconds: dict[str, list[float]] = {name: [] for name in contenders}
+        busy: dict[str, list[float]] = {name: [] for name in contenders}
         zones: dict[str, list[list[int]]] = {}
         for round_ in range(args.rounds):
             for name, run in contenders.items():
-                t0 = time.perf_counter()
+                t0, (b0, a0) = time.perf_counter(), cpu_ticks()
                 zones[name] = run(root / f"out-{round_}-{name.replace(' ', '-')}")
                 seconds[name].append(time.perf_counter() - t0)
+                b1, a1 = cpu_ticks()
+                busy[name].append((b1 - b0) / max(a1 - a0, 1))
         for pool in pools.values():
             pool.close()
 
@@ -127,8 +158,11 @@ def main() -> None:
               "contenders": {}}
     for name, rate in rates.items():
         agree = agreement(zones["covid_scoring"], zones[name])
-        report["contenders"][name] = {"images_per_s": rate, "ratio": rate / base, "agreement": agree}
-        print(f"  {name:15s}: {rate:5.2f} images/s  ratio {rate / base:4.2f}  same 0-6 score as covid_scoring "
+        cores_busy = statistics.median(busy[name])
+        report["contenders"][name] = {"images_per_s": rate, "ratio": rate / base, "agreement": agree,
+                                      "cores_busy": cores_busy}
+        print(f"  {name:15s}: {rate:5.2f} images/s  ratio {rate / base:4.2f}  cores busy {100 * cores_busy:3.0f}%  "
+              f"same 0-6 score as covid_scoring "
               f"{agree['same_total']}/{args.images} (MAE {agree['total_mae']:.2f}, zones {100 * agree['same_zone']:.0f}%)")
     fp32_bf16 = agreement(zones["cxrtriage fp32"], zones["cxrtriage bf16"])
     report["fp32_vs_bf16"] = fp32_bf16
