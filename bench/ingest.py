@@ -92,21 +92,26 @@ def run_storescp(work: Path, files: list[Path], max_pdu: int | None = None) -> f
                           port, "STORESCP", files)
 
 
+def node_command(folder: Path, port: int, **sections: dict) -> list[str]:
+    """Write a node config (SQLite, no web page or metrics) into ``folder``; the command that serves it."""
+    config = {
+        "storage": {"database_url": f"sqlite:///{folder / 'db.sqlite'}", "archive_dir": str(folder / "archive")},
+        "dicom": {"port": port},
+        "web": {"enabled": False},
+        "metrics": {"enabled": False},
+        "logging": {"file": str(folder / "node.log")},
+        **sections,
+    }
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    return [sys.executable, "-m", "cxrtriage", "serve", "-c", str(folder / "config.yaml")]
+
+
 def run_node(work: Path, files: list[Path]) -> float:
     folder = work / f"node-{time.monotonic_ns()}"
     folder.mkdir()
     port = free_port()
-    config = {
-        "storage": {"database_url": f"sqlite:///{folder / 'db.sqlite'}", "archive_dir": str(folder / "archive")},
-        "dicom": {"port": port},
-        "workers": {"scoring_workers": 0, "send_workers": 0},
-        "web": {"enabled": False},
-        "metrics": {"enabled": False},
-        "logging": {"file": str(folder / "node.log")},
-    }
-    (folder / "config.yaml").write_text(yaml.safe_dump(config))
-    return timed_receiver([sys.executable, "-m", "cxrtriage", "serve", "-c", str(folder / "config.yaml")],
-                          port, "CXRTRIAGE", files)
+    argv = node_command(folder, port, workers={"scoring_workers": 0, "send_workers": 0})
+    return timed_receiver(argv, port, "CXRTRIAGE", files)
 
 
 def main() -> None:

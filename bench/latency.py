@@ -20,7 +20,6 @@ import argparse
 import json
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -28,11 +27,10 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-import yaml
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Comprehensive3DSRStorage, ComputedRadiographyImageStorage, SegmentationStorage
 
-from ingest import free_port, wait_port
+from ingest import free_port, node_command, wait_port
 from pipeline import make_images
 
 
@@ -82,18 +80,9 @@ VARIANTS: dict[str, dict] = {
 def start_node(folder: Path, destination_port: int, overrides: dict) -> tuple[subprocess.Popen, int]:
     folder.mkdir(parents=True)
     port = free_port()
-    config = {
-        "storage": {"database_url": f"sqlite:///{folder / 'db.sqlite'}", "archive_dir": str(folder / "archive")},
-        "dicom": {"port": port},
-        "destinations": [{"ae_title": "FAKEPACS", "host": "127.0.0.1", "port": destination_port}],
-        "web": {"enabled": False},
-        "metrics": {"enabled": False},
-        "logging": {"file": str(folder / "node.log")},
-        **overrides,
-    }
-    (folder / "config.yaml").write_text(yaml.safe_dump(config))
-    node = subprocess.Popen([sys.executable, "-m", "cxrtriage", "serve", "-c", str(folder / "config.yaml")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    destinations = [{"ae_title": "FAKEPACS", "host": "127.0.0.1", "port": destination_port}]
+    argv = node_command(folder, port, destinations=destinations, **overrides)
+    node = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_port(port)
     return node, port
 

@@ -9,7 +9,7 @@ The same synthetic 2500x2048 16-bit CRs go through
   one image after another;
 * ``cxrtriage fp32`` and ``cxrtriage bf16``: ``cxrtriage.inference.parallel.ScoringPool``
   (worker processes, channels_last, full-resolution masks and scoring, SEG + SR written),
-  in fp32 and with bf16 autocast.
+  in fp32 and with bf16 weights.
 
 All read the DICOM files and write SEG + SR files; models are loaded before timing. Contenders
 alternate within each round; medians, ratios against covid_scoring and the agreement of the
