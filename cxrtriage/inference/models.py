@@ -47,6 +47,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 
+#: What a model may have been trained on. Only "real" means real radiographs;
+#: a model without it produces research-use results (labelled wherever shown).
+TRAINING_DATA_KINDS = ("synthetic", "ct-derived", "real")
+
 
 class ModelSpec(BaseModel):
     """Everything needed to rebuild a model and feed it."""
@@ -68,6 +72,28 @@ class ModelSpec(BaseModel):
     zone_threshold: float | None = Field(None, ge=0.0, le=1.0, description="T: zone fraction > T scores 1")
     weights: str | None = Field(None, description="path, or a file name in the bundled weights folder")
     version: str = "unversioned"
+    name: str | None = Field(None, description="human-readable model name shown to clinicians; default: version")
+    origin: str = Field("user", description="bundled | published | user: who made the weights")
+    training_data: tuple[str, ...] = Field(
+        (), description="what it was trained on: synthetic, ct-derived, real; empty = not stated"
+    )
+
+    @field_validator("training_data")
+    @classmethod
+    def _known_training_data(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = [v for v in value if v not in TRAINING_DATA_KINDS]
+        if unknown:
+            raise ValueError(f"unknown training data {unknown}; choose from {list(TRAINING_DATA_KINDS)}")
+        return value
+
+    @property
+    def trained_on_real_radiographs(self) -> bool:
+        """False for models trained only on synthetic or CT-derived images, or on data not stated."""
+        return "real" in self.training_data
+
+    @property
+    def display_name(self) -> str:
+        return self.name or self.version
 
     @field_validator("arch")
     @classmethod

@@ -24,8 +24,17 @@ BUNDLED_DISEASE = "disease.safetensors"
 
 
 def bundled() -> tuple[ModelSpec, ModelSpec]:
-    """The small models trained on synthetic radiographs that ship in the package."""
-    return read_spec(BUNDLED_LUNGS), read_spec(BUNDLED_DISEASE)
+    """The small models that ship in the package (never trained on real radiographs)."""
+    specs = []
+    for file, label in ((BUNDLED_LUNGS, "lungs"), (BUNDLED_DISEASE, "disease")):
+        spec = read_spec(file)
+        specs.append(spec.model_copy(update={
+            "origin": "bundled",
+            "name": spec.name or f"cxrtriage bundled {label} ({spec.arch}/{spec.encoder})",
+            # files written before training_data was recorded were trained on phantoms only
+            "training_data": spec.training_data or ("synthetic",),
+        }))
+    return specs[0], specs[1]
 
 
 def danilov2022() -> tuple[ModelSpec, ModelSpec]:
@@ -37,11 +46,13 @@ def danilov2022() -> tuple[ModelSpec, ModelSpec]:
     lungs = ModelSpec(
         arch="DeepLabV3Plus", encoder="efficientnet-b1", input_size=512, in_channels=3,
         mean=IMAGENET_MEAN, std=IMAGENET_STD, version="danilov2022-lungs-DeepLabV3+_efficientnet-b1",
+        name="Danilov et al. 2022 lungs (DeepLabV3+/efficientnet-b1)", origin="published", training_data=("real",),
     )
     disease = ModelSpec(
         arch="MAnet", encoder="timm-regnetx_064", input_size=544, in_channels=3, classification_head=True,
         mean=IMAGENET_MEAN, std=IMAGENET_STD, zone_threshold=PAPER_ZONE_THRESHOLDS["MAnet"],
         version="danilov2022-covid-MAnet_timm-regnetx_064",
+        name="Danilov et al. 2022 COVID-19 (MA-Net/regnetx_064)", origin="published", training_data=("real",),
     )
     return lungs, disease
 
