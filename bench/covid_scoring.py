@@ -38,6 +38,7 @@ import torch
 import torchvision.transforms.functional as TF
 from torchvision.transforms import InterpolationMode
 
+from cxrtriage.inference.identity import ModelIdentity
 from cxrtriage.inference.models import ModelSpec, load_model
 from cxrtriage.inference.pipeline import Result
 from cxrtriage.inference.preprocess import CropBox
@@ -190,5 +191,6 @@ class CovidScoringNet:
         return Result(
             source=radiograph.source, lungs=lungs, disease=disease, zones=zone_masks, scores=scores, p_disease=p,
             timings_ms={}, models={"lungs": self.lung_spec.version, "disease": self.disease_spec.version},
+            identity=ModelIdentity.from_specs(self.lung_spec, self.disease_spec),
             sop_instance_uid=radiograph.sop_instance_uid, study_instance_uid=radiograph.study_instance_uid,
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import highdicom as hd
@@ -12,8 +13,16 @@ import numpy as np
 import pydicom
 import pytest
 
-from cxrtriage.inference.dicom_results import SEG_FIRST_ZONE, SEG_OPACITY, build_result_objects
+from cxrtriage.inference.dicom_results import (
+    SEG_FIRST_ZONE,
+    SEG_OPACITY,
+    algorithm_name,
+    algorithm_parameters,
+    build_result_objects,
+)
+from cxrtriage.inference.identity import RESEARCH_USE_NOTICE, ModelIdentity
 from cxrtriage.inference.radiograph import load_radiograph
+from cxrtriage.inference.scoring import ScoringConfig, score
 
 from .tools import dciodvfy_errors
 
@@ -100,3 +109,54 @@ def test_score_command_writes_dicom(tmp_path: Path, phantom_cr: Path) -> None:
     record = json.loads((tmp_path / "results.json").read_text())["results"][0]
     kinds = sorted(pydicom.dcmread(p).Modality for p in record["dicom"])
     assert kinds == ["SEG", "SR"]
+
+
+def test_seg_and_sr_name_the_models_and_the_research_notice(scored, tmp_path: Path) -> None:
+    r, result = scored
+    assert result.identity.research_use  # the bundled models never saw a real radiograph
+    seg_path, sr_path = build_result_objects(r.dataset, result).save(tmp_path)
+    seg = pydicom.dcmread(seg_path)
+    assert "RESEARCH USE" in seg.SeriesDescription and "bundled" in seg.SeriesDescription
+    for segment in seg.SegmentSequence:
+        algorithm = segment.SegmentationAlgorithmIdentificationSequence[0]
+        assert segment.SegmentAlgorithmName == algorithm.AlgorithmName == algorithm_name(result)
+        assert result.identity.lungs.version in algorithm.AlgorithmParameters
+        assert result.identity.disease.version in algorithm.AlgorithmParameters
+    sr = pydicom.dcmread(sr_path)
+    assert "RESEARCH USE" in sr.SeriesDescription
+    # TID 4019 Algorithm Identification: name, version and parameters as TEXT items.
+    items = set(text_items(sr))
+    assert ("Algorithm Name", algorithm_name(result)) in items
+    assert ("Algorithm Version", result.algorithm_version) in items
+    parameters = [value for name, value in items if name == "Algorithm Parameters"]
+    assert RESEARCH_USE_NOTICE in parameters
+    assert any(result.identity.lungs.name in p and "trained on synthetic" in p for p in parameters)
+
+
+def text_items(item: pydicom.Dataset):
+    """(concept name, text) of every TEXT content item in an SR tree."""
+    for child in item.get("ContentSequence", []):
+        if child.ValueType == "TEXT":
+            yield child.ConceptNameCodeSequence[0].CodeMeaning, child.TextValue
+        yield from text_items(child)
+
+
+def test_published_models_carry_no_research_notice(scored) -> None:
+    _, result = scored
+    real = ModelIdentity(*(replace(m, origin="published", training_data=("real",))
+                           for m in (result.identity.lungs, result.identity.disease)))
+    published = replace(result, identity=real)
+    assert not real.research_use and RESEARCH_USE_NOTICE not in algorithm_parameters(published)
+    assert algorithm_name(published) == "cxrtriage: published models"
+
+
+def test_one_lung_result_leaves_the_missing_zones_out_of_the_sr(scored, tmp_path: Path) -> None:
+    r, result = scored
+    scores, zones = score(result.zones.right, result.disease, ScoringConfig(result.scores.zone_threshold),
+                          r.patient_orientation, r.image_laterality, r.pixel_spacing_mm)
+    one_lung = replace(result, lungs=result.zones.right, zones=zones, scores=scores)
+    assert scores.missing_lungs == ["left"]
+    seg_path, sr_path = build_result_objects(r.dataset, one_lung).save(tmp_path)
+    assert dciodvfy_errors(seg_path) == [] and dciodvfy_errors(sr_path) == []
+    groups = hd.sr.srread(sr_path).content.get_volumetric_roi_measurement_groups()
+    assert [g.tracking_identifier for g in groups if g.tracking_identifier.startswith("Zone")] == ["Zone A", "Zone B", "Zone C"]

@@ -106,3 +106,20 @@ def test_ranking_quality_on_200_synthetic_studies(pipeline) -> None:
     rho = spearmanr(-position, truth).statistic
     print(f"Spearman rho (worklist order vs true severity, 200 studies): {rho:.3f}")
     assert rho >= 0.9
+
+
+def test_a_missing_lung_is_not_ranked_as_clear() -> None:
+    # Two zones of the found lung affected, the other lung not found (a white-out is
+    # exactly what a lung model can miss): ranked with the missing zones as affected.
+    one_lung = ImageFinding("scored", total=2, brixia=4, p_disease=0.9, unscored_zones=3)
+    two_lungs = scored(2, brixia=4)
+    flagged = prioritise([one_lung], [], T0, T0)
+    plain = prioritise([two_lungs], [], T0, T0)
+    assert flagged.band == "critical" and plain.band == "moderate"
+    assert "one lung found" in flagged.flags and "one lung found" not in plain.flags
+    assert flagged.priority > plain.priority
+    # Configurable, and then it is still flagged for a human to look at.
+    off = prioritise([one_lung], [], T0, T0, PrioritySettings(missing_lung_zones_affected=False))
+    assert off.band == "moderate" and "one lung found" in off.flags
+    nothing = prioritise([ImageFinding("scored", total=0, brixia=0, p_disease=0.2, unscored_zones=6)], [], T0, T0)
+    assert nothing.band == "critical" and "no lung found" in nothing.flags

@@ -115,7 +115,7 @@ def test_two_largest_of_three_blobs_are_kept() -> None:
     mask = two_lung_mask()
     mask[2:6, 38:42] = True  # a small third blob between the lungs, first in raster order
     pair = split_lungs(mask)
-    assert pair.components_found == 2
+    assert pair.lungs_found == 2
     assert not pair.right[2:6, 38:42].any() and not pair.left[2:6, 38:42].any()
     assert pair.right.sum() == 40 * 20 and pair.left.sum() == 36 * 12
 
@@ -192,3 +192,70 @@ def test_bad_scoring_config_is_refused() -> None:
         ScoringConfig(zone_threshold=30)
     with pytest.raises(ValueError, match="brixia_cutoffs"):
         ScoringConfig(brixia_cutoffs=(0.5, 0.1, 0.9))
+
+
+# -- one lung found (issue #9 item 3) ------------------------------------------
+
+
+def test_one_lung_across_the_centre_is_one_lung() -> None:
+    # The issue's example: one lung whose blob crosses the centre column has no
+    # waist and must not be cut into a "right" and a "left" lung.
+    mask = np.zeros((100, 100), dtype=bool)
+    mask[20:91, 30:56] = True
+    pair = split_lungs(mask)
+    assert pair.lungs_found == 1
+    assert pair.right.sum() == mask.sum() and not pair.left.any()  # centroid on the image left: patient right
+
+
+def test_one_lung_scores_its_own_zones_and_flags_the_other_unscored() -> None:
+    lungs = np.zeros((100, 100), dtype=bool)
+    lungs[20:91, 30:56] = True
+    disease = lungs & (np.arange(100)[:, None] < 44)  # the upper third of that lung
+    scores, zones = score(lungs, disease)
+    assert scores.lungs_found == 1
+    assert scores.scored == [True, True, True, False, False, False]
+    assert scores.missing_lungs == ["left"]
+    assert scores.binary[:3] == [1, 0, 0] and scores.total == 1  # the opacity scores the right upper zone only
+    assert not any(z.any() for z in zones.zones[3:])
+    record = scores.as_dict()
+    assert record["zones_scored"] == 3 and record["missing_lungs"] == ["left"]
+    left = [record["zones"][name] for name in ("left_upper", "left_middle", "left_lower")]
+    assert all(z["scored"] is False and z["binary_score"] is None and z["brixia_grade"] is None for z in left)
+    assert record["zones"]["right_upper"]["binary_score"] == 1
+
+
+def test_no_lung_leaves_every_zone_unscored() -> None:
+    empty = np.zeros((30, 30), dtype=bool)
+    record = score(empty, empty)[0].as_dict()
+    assert record["zones_scored"] == 0 and record["missing_lungs"] == ["right", "left"]
+
+
+@st.composite
+def single_lungs(draw: st.DrawFn) -> np.ndarray:
+    """One lung-like blob (an ellipse, optionally with a costophrenic notch) anywhere across the image."""
+    mask = np.zeros((120, 120), dtype=bool)
+    rows, cols = np.ogrid[:120, :120]
+    cy, cx = draw(st.integers(45, 75)), draw(st.integers(35, 85))
+    ry, rx = draw(st.integers(25, 40)), draw(st.integers(10, 30))
+    mask |= ((rows - cy) / ry) ** 2 + ((cols - cx) / rx) ** 2 <= 1.0
+    if draw(st.booleans()):  # a flat, diaphragm-like base
+        mask[cy + ry // 2:, :] = False
+    return mask
+
+
+@given(single_lungs())
+@settings(max_examples=80, deadline=None)
+def test_a_single_lung_is_never_cut_in_two(mask: np.ndarray) -> None:
+    pair = split_lungs(mask)
+    assert pair.lungs_found == 1
+    assert (pair.right | pair.left).sum() == mask.sum() and not (pair.right.any() and pair.left.any())
+
+
+@given(st.integers(1, 6), st.integers(0, 40))
+@settings(max_examples=40, deadline=None)
+def test_touching_lungs_are_cut_at_their_waist(bridge_rows: int, bridge_top: int) -> None:
+    mask = two_lung_mask()
+    mask[bridge_top:bridge_top + bridge_rows, 20:70] |= True  # the lungs touch across the mediastinum
+    pair = split_lungs(mask)
+    assert pair.lungs_found == 2
+    assert pair.right.any() and pair.left.any() and ndcentre(pair.right) < ndcentre(pair.left)

@@ -13,7 +13,12 @@
 
 Both carry the IHE AI Results Contributing Equipment item ("Processing
 Algorithm", 99IHE) and the source's patient/study attributes, so they file
-into the source's study. Their UIDs are derived from the source SOP Instance
+into the source's study. Both name the models that produced them: the SEG in
+its Series Description and each segment's Algorithm Identification (name,
+version, parameters), the SR in TID 4019 Algorithm Identification (PS3.16),
+whose parameters list each model, its origin and training data, and the
+research-use notice when the models never saw a real radiograph. Zones of a
+lung that was not found are left out of the SR (unscored, never "absent"). Their UIDs are derived from the source SOP Instance
 UID and the algorithm version: re-scoring the same image with the same
 models gives the same UIDs, never a second copy.
 """
@@ -156,13 +161,26 @@ def _source_header(source: Dataset) -> Dataset:
     return header
 
 
+def algorithm_name(result: Result) -> str:
+    """Algorithm Name (LO, at most 64 characters): the product and which models, with the notice."""
+    return f"{MANUFACTURER}: {result.identity.short_label}"[:64]
+
+
+def algorithm_parameters(result: Result) -> list[str]:
+    """TID 4019 Algorithm Parameters: each model, its origin and training data; T; the notice."""
+    return [*result.identity.lines(), f"zone threshold T={result.scores.zone_threshold:g}"]
+
+
 def build_segmentation(
     source: Dataset, result: Result, *, series_number: int = 9901, jpeg2000: bool = False
 ) -> hd.seg.Segmentation:
     version = result.algorithm_version
     src_uid = str(source.SOPInstanceUID)
+    identity = result.identity
     algorithm = hd.AlgorithmIdentificationSequence(
-        name=MANUFACTURER, family=codes.DCM.ArtificialIntelligence, version=version
+        name=algorithm_name(result), family=codes.DCM.ArtificialIntelligence, version=version,
+        parameters={"lungs": identity.lungs.describe(), "disease": identity.disease.describe(),
+                    "research_use": "yes" if identity.research_use else "no"},
     )
     zones = result.zones
     # Segments stacked as planes, then viewed as (1, rows, columns, segments):
@@ -189,6 +207,7 @@ def build_segmentation(
         omit_empty_frames=bool(stack.any()),
         contributing_equipment=[_contributing_equipment(result.software_versions)],
     )
+    seg.SeriesDescription = f"cxrtriage lung zones ({identity.short_label})"[:64]
     # Type 2C in the General Image module; highdicom does not copy it.
     seg.PatientOrientation = source.get("PatientOrientation", "")
     return seg
@@ -236,7 +255,10 @@ def build_report(
     version = result.algorithm_version
     src_uid = str(source.SOPInstanceUID)
     s = result.scores
-    algorithm_id = hd.sr.AlgorithmIdentification(name=MANUFACTURER, version=version)
+    # TID 4019 Algorithm Identification, repeated in every measurement it produced.
+    algorithm_id = hd.sr.AlgorithmIdentification(
+        name=algorithm_name(result), version=version, parameters=algorithm_parameters(result)
+    )
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -246,7 +268,7 @@ def build_report(
             model_name=MODEL_NAME,
         ),
     )
-    groups: list = [_zone_group(k, result, seg, source, algorithm_id) for k in range(6)]
+    groups: list = [_zone_group(k, result, seg, source, algorithm_id) for k in range(6) if s.scored[k]]
     opacity_measurements = []
     if s.lesion_area_mm2 is not None:
         opacity_measurements.append(
@@ -305,7 +327,7 @@ def build_report(
         is_verified=False,
         contributing_equipment=[_contributing_equipment(result.software_versions)],
     )
-    sr.SeriesDescription = "cxrtriage lung zone severity report"
+    sr.SeriesDescription = f"cxrtriage zone severity ({result.identity.short_label})"[:64]
     # Declare the private coding scheme (PS3.3 C.12.1.1.8).
     scheme = Dataset()
     scheme.CodingSchemeDesignator = SCHEME

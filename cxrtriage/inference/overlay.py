@@ -1,4 +1,9 @@
-"""An overlay PNG a person can look at: lungs, zones with their scores, opacity."""
+"""An overlay PNG a person can look at: lungs, zones with their scores, opacity.
+
+A footer names the models that produced it and, when they never saw a real
+radiograph, carries the research-use notice in amber: the picture may be
+shown on its own, so it has to say this itself.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +12,14 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from .identity import RESEARCH_USE_NOTICE
 from .pipeline import Result
 from .scoring import BRIXIA_LETTERS
 
 LUNG_COLOUR = (255, 255, 0)  # cyan (BGR)
 ZONE_COLOUR = (0, 215, 255)  # amber
 OPACITY_COLOUR = (0, 0, 255)  # red
+NOTICE_COLOUR = (0, 191, 255)  # amber banner behind the research-use notice
 
 
 def _contours(mask: np.ndarray) -> list[np.ndarray]:
@@ -40,7 +47,7 @@ def render_overlay(pixels: np.ndarray, result: Result, max_side: int = 1024) -> 
         zone_small = small(zone)
         cv2.drawContours(canvas, _contours(zone_small), -1, ZONE_COLOUR, 1)
         ys, xs = np.nonzero(zone_small)
-        if xs.size == 0:
+        if xs.size == 0 or not result.scores.scored[k]:
             continue
         label = f"{BRIXIA_LETTERS[k]} {100 * result.scores.fractions[k]:.0f}% s{result.scores.binary[k]} g{result.scores.brixia[k]}"
         org = (int(xs.mean()) - int(40 * font_scale), int(ys.mean()))
@@ -49,10 +56,30 @@ def render_overlay(pixels: np.ndarray, result: Result, max_side: int = 1024) -> 
     for lung in (result.zones.right, result.zones.left):
         cv2.drawContours(canvas, _contours(small(lung)), -1, LUNG_COLOUR, thickness)
     s = result.scores
-    header = f"score {s.total}/6  Brixia-style {s.brixia_total}/18  P(disease) {result.p_disease:.2f}  (R = patient right)"
-    cv2.rectangle(canvas, (0, 0), (size[0], int(28 * font_scale * 2)), (0, 0, 0), -1)
-    cv2.putText(canvas, header, (8, int(20 * font_scale * 2)), cv2.FONT_HERSHEY_SIMPLEX, font_scale, (255, 255, 255), thickness, cv2.LINE_AA)
+    header = [f"score {s.total}/{sum(s.scored)}  Brixia-style {s.brixia_total}/18  P(disease) {result.p_disease:.2f}"
+              "  (R = patient right)"]
+    if s.missing_lungs:
+        header.append(f"{' and '.join(s.missing_lungs)} lung not found: its zones are unscored")
+    line_height = int(28 * font_scale * 2)
+    _banner(canvas, 0, header, (0, 0, 0), (255, 255, 255), font_scale, thickness, line_height)
+    identity = result.identity
+    footer = [f"{m.stage}: {m.name} (trained on {m.training_label})" for m in (identity.lungs, identity.disease)]
+    if identity.research_use:
+        footer.insert(0, RESEARCH_USE_NOTICE.upper())
+    colour = NOTICE_COLOUR if identity.research_use else (0, 0, 0)
+    text = (0, 0, 0) if identity.research_use else (255, 255, 255)
+    _banner(canvas, size[1] - line_height * len(footer), footer, colour, text, font_scale, thickness, line_height)
     return canvas
+
+
+def _banner(canvas: np.ndarray, top: int, lines: list[str], background: tuple[int, int, int],
+            colour: tuple[int, int, int], font_scale: float, thickness: int, line_height: int) -> None:
+    """Lines of text on a filled band across the whole image, starting at row ``top``."""
+    width = canvas.shape[1]
+    cv2.rectangle(canvas, (0, top), (width, top + line_height * len(lines)), background, -1)
+    for i, line in enumerate(lines):
+        baseline = top + i * line_height + int(0.72 * line_height)
+        cv2.putText(canvas, line, (8, baseline), cv2.FONT_HERSHEY_SIMPLEX, font_scale, colour, thickness, cv2.LINE_AA)
 
 
 def write_overlay(path: str | Path, pixels: np.ndarray, result: Result) -> Path:

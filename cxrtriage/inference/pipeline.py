@@ -22,6 +22,7 @@ import torch
 
 from .. import __version__
 from ..config import InferenceSettings
+from .identity import ModelIdentity
 from .models import ModelSpec
 from .predictors import Predictor, make_predictor
 from .preprocess import equalize, lung_box, masked_lung_crop, normalise, resize
@@ -43,6 +44,7 @@ class Result:
     p_disease: float
     timings_ms: dict[str, float]
     models: dict[str, str]
+    identity: ModelIdentity
     sop_instance_uid: str | None = None
     study_instance_uid: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -68,6 +70,8 @@ class Result:
             "p_disease": round(self.p_disease, 4),
             **self.scores.as_dict(),
             "models": self.models,
+            "model_identity": self.identity.as_dict(),
+            "research_use": self.identity.research_use,
             "algorithm_version": self.algorithm_version,
             "timings_ms": {k: round(v, 1) for k, v in self.timings_ms.items()},
         }
@@ -111,6 +115,10 @@ class Pipeline:
     @property
     def model_versions(self) -> dict[str, str]:
         return {"lungs": self.lungs_model.spec.version, "disease": self.disease_model.spec.version}
+
+    @property
+    def identity(self) -> ModelIdentity:
+        return ModelIdentity.from_specs(self.lungs_model.spec, self.disease_model.spec)
 
     def _inputs(self, images: Sequence[np.ndarray], spec: ModelSpec) -> np.ndarray:
         mean, std = spec.channel_stats()
@@ -174,6 +182,7 @@ class Pipeline:
                         "scoring": (time.perf_counter() - t_post) * 1000,
                     },
                     models=self.model_versions,
+                    identity=self.identity,
                     sop_instance_uid=r.sop_instance_uid,
                     study_instance_uid=r.study_instance_uid,
                 )

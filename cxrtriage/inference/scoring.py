@@ -119,7 +119,7 @@ class LungPair:
 
     right: np.ndarray
     left: np.ndarray
-    components_found: int
+    lungs_found: int
 
 
 def centroid_column(blob: np.ndarray) -> float:
@@ -149,16 +149,30 @@ def remove_small_components(mask: np.ndarray, min_fraction: float) -> np.ndarray
     return keep[labels]
 
 
+#: A single blob is two touching lungs only where its column profile dips to
+#: at most this fraction of the lower of the two peaks on either side.
+WAIST_RATIO = 0.5
+
+
 def _split_single_blob(blob: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    """Split one blob spanning both lungs at the emptiest column near the middle."""
-    cols = np.flatnonzero(blob.any(axis=0))
+    """Split one blob at a real waist between two touching lungs, else ``None``.
+
+    The cut is the emptiest column of the blob's middle 40 %. It counts as a
+    waist only when the column profile (lung pixels per column) rises again
+    on both sides of it to at least ``1 / WAIST_RATIO`` times its height: a
+    single lung, whose profile has one hump, is never cut in two.
+    """
+    profile = np.count_nonzero(blob, axis=0)
+    cols = np.flatnonzero(profile)
     lo, hi = cols[0], cols[-1]
     width = hi - lo + 1
     if width < 10:
         return None
     start, stop = lo + int(0.3 * width), lo + int(0.7 * width) + 1
-    profile = blob[:, start:stop].sum(axis=0)
-    cut = start + int(np.argmin(profile))
+    cut = start + int(np.argmin(profile[start:stop]))
+    lower_peak = min(int(profile[:cut].max(initial=0)), int(profile[cut + 1:].max(initial=0)))
+    if lower_peak == 0 or profile[cut] > WAIST_RATIO * lower_peak:
+        return None
     left_part = blob.copy()
     left_part[:, cut:] = False
     right_part = blob.copy()
@@ -172,10 +186,11 @@ def split_lungs(mask: np.ndarray, image_laterality: str | None = None) -> LungPa
     """Name the two largest blobs of a canonical-orientation mask right/left.
 
     The blob whose centroid is further to the image left is the patient's
-    right lung. A single blob that spans the midline (lungs touching) is cut
-    at the emptiest column of its middle 40 %. A single blob that does not is
-    assigned by Image Laterality (0020,0062) "R"/"L" when given, otherwise by
-    which half of the image holds its centroid.
+    right lung. A single blob is cut in two only at a real waist (two
+    touching lungs, :func:`_split_single_blob`); otherwise it is one lung,
+    assigned by Image Laterality (0020,0062) "R"/"L" when given, else by
+    which half of the image holds its centroid, and the other side is empty
+    (its zones are reported unscored, never as clear).
     """
     mask = mask.astype(bool)
     empty = np.zeros_like(mask)
@@ -185,15 +200,12 @@ def split_lungs(mask: np.ndarray, image_laterality: str | None = None) -> LungPa
         return LungPair(empty, empty.copy(), 0)
     if found == 1:
         blob = blobs[0]
-        cols = np.flatnonzero(blob.any(axis=0))
-        centre = mask.shape[1] / 2
-        spans_midline = cols[0] < centre < cols[-1]
-        split = _split_single_blob(blob) if spans_midline else None
+        split = _split_single_blob(blob)
         if split is not None:
-            return LungPair(split[0], split[1], 1)
+            return LungPair(split[0], split[1], 2)
         side = (image_laterality or "").upper()
         if side not in ("R", "L"):
-            side = "R" if centroid_column(blob) < centre else "L"
+            side = "R" if centroid_column(blob) < mask.shape[1] / 2 else "L"
         return LungPair(blob, empty, 1) if side == "R" else LungPair(empty, blob, 1)
     a, b = blobs
     if centroid_column(a) <= centroid_column(b):
@@ -261,21 +273,35 @@ class ZoneScores:
     def extent_total(self) -> int:
         return self.extent_right + self.extent_left
 
+    @property
+    def scored(self) -> list[bool]:
+        """Per zone: was its lung found? A zone of a missing lung is unscored, not clear."""
+        return [area > 0 for area in self.zone_area_px] if self.zone_area_px else [True] * len(ZONE_NAMES)
+
+    @property
+    def missing_lungs(self) -> list[str]:
+        """"right" and/or "left" when that lung was not found."""
+        scored = self.scored
+        return [side for side, k in (("right", 0), ("left", 3)) if not scored[k]]
+
     def as_dict(self) -> dict[str, object]:
         zones = {
             name: {
                 "brixia_zone": letter,
-                "affected_fraction": round(frac, 4),
-                "binary_score": b,
-                "brixia_grade": g,
+                "scored": ok,
+                "affected_fraction": round(frac, 4) if ok else None,
+                "binary_score": b if ok else None,
+                "brixia_grade": g if ok else None,
                 "area_px": a,
             }
-            for name, letter, frac, b, g, a in zip(
-                ZONE_NAMES, BRIXIA_LETTERS, self.fractions, self.binary, self.brixia, self.zone_area_px
+            for name, letter, ok, frac, b, g, a in zip(
+                ZONE_NAMES, BRIXIA_LETTERS, self.scored, self.fractions, self.binary, self.brixia, self.zone_area_px
             )
         }
         return {
             "total_score": self.total,
+            "zones_scored": sum(self.scored),
+            "missing_lungs": self.missing_lungs,
             "brixia_total": self.brixia_total,
             "geographic_extent": {
                 "right": self.extent_right,
@@ -328,7 +354,7 @@ def zone_masks(
         zones=back,
         right=np.ascontiguousarray(transform.invert(pair.right)),
         left=np.ascontiguousarray(transform.invert(pair.left)),
-        lungs_found=pair.components_found,
+        lungs_found=pair.lungs_found,
     )
 
 

@@ -33,6 +33,7 @@ HIGH for critical and high studies, LOW for low ones, MEDIUM otherwise.
 from __future__ import annotations
 
 import fnmatch
+import json
 import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
@@ -126,6 +127,7 @@ class StudySeverity:
     status: str
     priority: float | None = None
     band: str | None = None
+    research_use: bool = False
 
 
 def study_severities(db: Database, study_uids: Iterable[str]) -> dict[str, StudySeverity]:
@@ -151,6 +153,8 @@ def study_severities(db: Database, study_uids: Iterable[str]) -> dict[str, Study
             out[uid] = StudySeverity(
                 max(r.total_score or 0 for r in scored), max(r.brixia_total or 0 for r in scored),
                 max(r.p_disease or 0.0 for r in scored), "SCORED",
+                # results from before identities were recorded came from the synthetic-only bundle
+                research_use=any(json.loads(r.details or "{}").get("research_use", True) for r in scored),
             )
         elif uid in pending:
             out[uid] = StudySeverity(None, None, None, "PENDING")
@@ -164,8 +168,9 @@ def severity_summary(severity: StudySeverity) -> str:
     band = f", worklist {severity.band}" if severity.band else ""
     if severity.total is None:
         return f"cxrtriage {severity.status}{band}"
+    notice = ", RESEARCH USE: models not trained on real radiographs" if severity.research_use else ""
     return (f"cxrtriage {severity.status}: zone score {severity.total}/6, Brixia-style {severity.brixia}/18, "
-            f"P(disease) {severity.p_disease:.2f}{band}")
+            f"P(disease) {severity.p_disease:.2f}{band}{notice}")
 
 
 def add_severity(identifier: Dataset, severity: StudySeverity) -> None:

@@ -10,6 +10,10 @@ down, ties broken by arrival (earlier first). Three rules:
    severe image of the study counts); ``unscored`` while scoring is pending,
    ``ai_failed`` when the AI could not score it. Those two are never hidden:
    they rank as if moderate and are flagged.
+   A zone of a lung the AI did not find is unscored, never clear: for ranking
+   it counts as affected (``missing_lung_zones_affected``; a white-out lung
+   is exactly what a lung model can miss), and the study is flagged
+   "one lung found" / "no lung found".
 3. **Aging**: priority rises linearly with waiting time from the base to
    :data:`TOP` at the band's maximum wait, so any study reaches the top of
    the list no later than its maximum wait, whatever arrives meanwhile
@@ -31,6 +35,7 @@ REQUESTED_PRIORITY_RANK: dict[str, int] = {"STAT": 3, "HIGH": 2, "ROUTINE": 1, "
 DIMSE_PRIORITY_RANK: dict[int, int] = {1: 2, 0: 1, 2: 0}
 
 TOP = 100.0
+ZONES_PER_IMAGE = 6  # zones A-F
 BANDS = ("critical", "high", "moderate", "low", "unscored", "ai_failed")
 
 
@@ -68,6 +73,9 @@ class PrioritySettings(BaseModel):
     order_base: dict[str, float] = Field(
         default_factory=lambda: {"STAT": 90.0, "HIGH": 60.0, "ROUTINE": 0.0, "MEDIUM": 0.0, "LOW": 0.0}
     )
+    missing_lung_zones_affected: bool = Field(
+        True, description="rank the zones of a lung the AI did not find as affected (never as clear)"
+    )
 
 
 @dataclass
@@ -78,6 +86,12 @@ class ImageFinding:
     total: int | None = None
     brixia: int | None = None
     p_disease: float | None = None
+    unscored_zones: int = 0  # zones of a lung that was not found
+
+    def ranking_total(self, settings: PrioritySettings) -> int:
+        """The zone score the ranking uses: unscored zones count as affected unless configured off."""
+        extra = self.unscored_zones if settings.missing_lung_zones_affected else 0
+        return min(ZONES_PER_IMAGE, (self.total or 0) + extra)
 
 
 @dataclass
@@ -94,8 +108,8 @@ def study_band(images: Sequence[ImageFinding], settings: PrioritySettings) -> tu
     """Band, within-band severity and the most severe scored image of a study."""
     scored = [i for i in images if i.status == "scored"]
     if scored:
-        worst = max(scored, key=lambda i: (i.total or 0, i.brixia or 0, i.p_disease or 0.0))
-        total, p = worst.total or 0, worst.p_disease or 0.0
+        worst = max(scored, key=lambda i: (i.ranking_total(settings), i.brixia or 0, i.p_disease or 0.0))
+        total, p = worst.ranking_total(settings), worst.p_disease or 0.0
         if total >= settings.critical_total:
             band = "critical"
         elif total >= settings.high_total:
@@ -141,6 +155,9 @@ def prioritise(
         flags.append("AI pending")
     if band == "ai_failed":
         flags.append("AI failed")
+    unscored = max((i.unscored_zones for i in images if i.status == "scored"), default=0)
+    if unscored:
+        flags.append("no lung found" if unscored >= ZONES_PER_IMAGE else "one lung found")
     if waited > max_wait:
         flags.append("overdue")
     return StudyPriority(band=band, base=base, priority=priority, waited_minutes=waited, severity=severity, flags=flags)

@@ -17,6 +17,7 @@ from sqlalchemy import or_, select, update
 
 from ..storage.db import Database, upsert_insert
 from ..storage.models import Instance, Reading, ScoreResult, utcnow
+from ..inference.identity import RESEARCH_USE_NOTICE
 from .priority import REQUESTED_PRIORITY_RANK, ImageFinding, PrioritySettings, StudyPriority, prioritise, rank
 
 ZONE_KEYS = ("right_upper", "right_middle", "right_lower", "left_upper", "left_middle", "left_lower")
@@ -40,8 +41,12 @@ class WorklistEntry:
     brixia_total: int | None = None
     p_disease: float | None = None
     zone_binary: list[int] = field(default_factory=list)
-    zone_brixia: list[int] = field(default_factory=list)
+    zone_brixia: list[int | None] = field(default_factory=list)
+    zones_scored: int | None = None
+    missing_lungs: list[str] = field(default_factory=list)
     worst_sop_instance_uid: str | None = None
+    research_use: bool = False
+    models: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         p = self.priority
@@ -66,7 +71,12 @@ class WorklistEntry:
             "p_disease": self.p_disease,
             "zone_binary": self.zone_binary,
             "zone_brixia": self.zone_brixia,
+            "zones_scored": self.zones_scored,
+            "missing_lungs": self.missing_lungs,
             "worst_sop_instance_uid": self.worst_sop_instance_uid,
+            "research_use": self.research_use,
+            "research_use_notice": RESEARCH_USE_NOTICE if self.research_use else "",
+            "models": self.models,
         }
 
 
@@ -119,12 +129,17 @@ class Worklist:
     def _entry(self, uid: str, members: list[Instance], results: dict[int, ScoreResult], reading: Reading | None,
                now: dt.datetime) -> WorklistEntry:
         findings = []
+        details: dict[int, dict[str, Any]] = {}
         for image in members:
             result = results.get(image.id)
             if result is None:
                 findings.append(ImageFinding("pending"))
-            else:
-                findings.append(ImageFinding(result.status, result.total_score, result.brixia_total, result.p_disease))
+                continue
+            if result.status == "scored":
+                details[image.id] = json.loads(result.details or "{}")
+            unscored = len(ZONE_KEYS) - details[image.id].get("zones_scored", len(ZONE_KEYS)) if image.id in details else 0
+            findings.append(ImageFinding(result.status, result.total_score, result.brixia_total, result.p_disease,
+                                         unscored_zones=unscored))
         received = min(_aware(m.received_at) for m in members)
         requested = [m.requested_priority for m in members]
         priority = prioritise(findings, requested, received, now, self.settings,
@@ -140,16 +155,22 @@ class Worklist:
             reader=reading.reader if reading else "",
             requested_priority=max(requested, key=lambda r: REQUESTED_PRIORITY_RANK.get(r.upper(), -1), default=""),
         )
-        scored = [(results[m.id], m) for m in members if m.id in results and results[m.id].status == "scored"]
+        scored = [(finding, results[m.id], m) for finding, m in zip(findings, members) if m.id in details]
         if scored:
-            worst, image = max(scored, key=lambda pair: (pair[0].total_score or 0, pair[0].brixia_total or 0,
-                                                         pair[0].p_disease or 0.0))
-            details = json.loads(worst.details or "{}")
-            zones = details.get("zones", {})
+            _, worst, image = max(scored, key=lambda t: (t[0].ranking_total(self.settings), t[1].brixia_total or 0,
+                                                         t[1].p_disease or 0.0))
+            worst_details = details[image.id]
+            zones = worst_details.get("zones", {})
             entry.total_score, entry.brixia_total, entry.p_disease = worst.total_score, worst.brixia_total, worst.p_disease
             entry.zone_binary = [zones.get(k, {}).get("binary_score", 0) for k in ZONE_KEYS]
             entry.zone_brixia = [zones.get(k, {}).get("brixia_grade", 0) for k in ZONE_KEYS]
+            entry.zones_scored = worst_details.get("zones_scored", len(ZONE_KEYS))
+            entry.missing_lungs = list(worst_details.get("missing_lungs", []))
             entry.worst_sop_instance_uid = image.sop_instance_uid
+            # Results written before identities were recorded came from the synthetic-only bundle.
+            identities = [d.get("model_identity") for d in details.values()]
+            entry.research_use = any(i is None or i.get("research_use", True) for i in identities)
+            entry.models = sorted({i[stage]["name"] for i in identities if i for stage in ("lungs", "disease")})
         return entry
 
     def study(self, uid: str) -> dict[str, Any] | None:

@@ -24,3 +24,18 @@ function minutes(m) {
 function escapeHtml(s) {
   return String(s ?? "").replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
 }
+
+function scoreText(s) {
+  // "4/6", or "2/3 (one lung)" when only one lung was found: unscored zones are not clear.
+  if (s.total_score === null || s.total_score === undefined) return "-";
+  const zones = s.zones_scored ?? 6;
+  return zones === 6 ? `${s.total_score}/6` : `${s.total_score}/${zones} <span class="badge flag-missing-lung">${escapeHtml((s.missing_lungs || []).join(" + "))} lung not found</span>`;
+}
+
+function researchBadge(s) {
+  return s.research_use ? `<span class="badge research-use" title="${escapeHtml(s.research_use_notice)}">research use</span>` : "";
+}
+
+function flagBadges(flags) {
+  return flags.map((f) => `<span class="badge flag-${f.replaceAll(" ", "-")}">${escapeHtml(f)}</span>`).join("");
+}
