@@ -147,3 +147,23 @@ class StoreSCP:
 
 def netns_available() -> bool:
     return os.geteuid() == 0 and subprocess.run(["ip", "netns", "list"], capture_output=True).returncode == 0
+
+
+def white_out_left_lung(phantom: Any) -> Any:
+    """The phantom with its patient-left lung filled to the density around it.
+
+    A white-out (complete opacification, or no aerated lung at all) is what a
+    lung model misses: the node must then report one lung, not a clear one.
+    """
+    import dataclasses
+
+    import cv2
+    import numpy as np
+
+    image = phantom.image.copy()
+    side = max(3, image.shape[1] // 16) | 1
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (side, side))
+    region = cv2.dilate(phantom.left_lung.astype(np.uint8), kernel).astype(bool)
+    ring = cv2.dilate(region.astype(np.uint8), kernel).astype(bool) & ~region
+    image[region] = float(np.median(image[ring]))
+    return dataclasses.replace(phantom, image=cv2.GaussianBlur(image, (0, 0), 1.5))

@@ -77,6 +77,13 @@ def test_worklist_in_a_browser(tmp_path: Path, browser, database_url: str) -> No
         bands = [cls.removeprefix("band-") for _, cls, _ in rows[1:]]
         severity = {"critical": 0, "high": 1, "moderate": 2, "low": 3}
         assert [severity[b] for b in bands] == sorted(severity[b] for b in bands)
+        # Models trained only on synthetic / CT-derived images: the notice and the model names are on screen.
+        from cxrtriage.inference.presets import bundled
+
+        names = [spec.display_name for spec in bundled()]
+        banner = text("research-banner")
+        assert "not trained on real radiographs" in banner and all(name in banner for name in names)
+        assert all("research use" in row_text for _, _, row_text in rows)
         browser.save_screenshot(str(ARTIFACTS / "worklist.png"))
 
         browser.execute_script(f"document.querySelector('tr[data-study=\"{page_order[1]}\"] a').click();")  # most severe
@@ -87,6 +94,8 @@ def test_worklist_in_a_browser(tmp_path: Path, browser, database_url: str) -> No
         browser.find_element(By.ID, "reader").send_keys("dr_chromium")
         browser.find_element(By.ID, "claim").click()
         wait_for(lambda: "claimed (dr_chromium)" in text("state"), 30, "the claim")
+        assert "not trained on real radiographs" in text("research-banner")
+        assert all(name in text("models") for name in names) and "trained on" in text("models")
         browser.save_screenshot(str(ARTIFACTS / "study.png"))
         claimed = call(f"{base}/api/studies/{page_order[1]}")[1]
         assert claimed["reading_state"] == "claimed" and claimed["reader"] == "dr_chromium"

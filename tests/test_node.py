@@ -80,6 +80,7 @@ def test_dcmtk_send_score_query_retrieve(tmp_path: Path, database_url: str, rg1:
                          "-k", f"StudyInstanceUID={rg1_study}", "-k", "(0032,4000)", "-k", "(0099,0010)",
                          "127.0.0.1", str(node.port))
         assert "cxrtriage SCORED: zone score" in severity.stderr  # Study Comments (0032,4000)
+        assert "RESEARCH USE: models not trained on real radiographs" in severity.stderr  # the bundled models
         assert "CXRTRIAGE" in severity.stderr and "(0099,1004)" in severity.stderr  # the private block
 
         moved = dcmtk("movescu", "-aet", "VIEWER", "-aec", "CXRTRIAGE", "-aem", "MOVESCP", "-S",

@@ -11,7 +11,7 @@ import pytest
 
 from cxrtriage.inference.phantom import PhantomGenerator, write_cr
 
-from .harness import NodeProcess, wait_for
+from .harness import NodeProcess, wait_for, white_out_left_lung
 from .test_bad_input_network import send_raw
 
 pytestmark = pytest.mark.slow
@@ -106,5 +106,42 @@ def test_token_protects_the_web(tmp_path: Path, database_url: str) -> None:
         assert call(f"{base}/api/worklist", token="wrong")[0] == 401
         assert call(f"{base}/api/worklist", token="s3cret") == (200, [])
         assert call(f"{base}/api/health")[0] == 200  # health stays open for monitoring
+    finally:
+        node.stop()
+
+
+def test_one_lung_and_the_models_identity_through_the_node(tmp_path: Path, database_url: str, pipeline) -> None:
+    from cxrtriage.inference.radiograph import load_radiograph
+
+    generator = PhantomGenerator(448, 416)
+    one_lung = None
+    for seed in range(4_600_000, 4_600_024):  # a white-out the bundled lung model reports as one lung
+        candidate = write_cr(white_out_left_lung(generator(seed, affected_zones=(0, 1))), tmp_path / f"w{seed}.dcm")
+        if pipeline(load_radiograph(candidate)).scores.missing_lungs == ["left"]:
+            one_lung = candidate
+            break
+    assert one_lung is not None, "no white-out phantom left the bundled lung model with one lung"
+    normal = write_cr(generator(4_600_100, affected_zones=()), tmp_path / "normal.dcm")
+    identity = pipeline.identity
+    node = NodeProcess(tmp_path / "node", database_url).start()
+    try:
+        for path in (one_lung, normal):
+            assert send_raw(node.port, path) == 0x0000
+        base = node.web_url()
+        worklist = wait_for(lambda: (lambda s, b: b if len(b) == 2 and all(e["band"] != "unscored" for e in b) else None)(
+            *call(f"{base}/api/worklist")), 300, "two scored studies")
+        flagged = [e for e in worklist if "one lung found" in e["flags"]]
+        assert len(flagged) == 1, worklist
+        entry = flagged[0]
+        assert entry["zones_scored"] == 3 and entry["missing_lungs"] == ["left"]
+        assert entry["zone_binary"][3:] == [None, None, None]  # unscored, not clear
+        assert worklist[0] is entry  # its missing zones rank as affected: above the normal film
+        for e in worklist:  # the bundled models never saw a real radiograph: every row says so
+            assert e["research_use"] and "not trained on real radiographs" in e["research_use_notice"]
+            assert identity.lungs.name in e["models"] and identity.disease.name in e["models"]
+        study = call(f"{base}/api/studies/{entry['study_instance_uid']}")[1]
+        recorded = study["image_results"][0]["scores"]["model_identity"]
+        assert recorded["lungs"]["version"] == identity.lungs.version
+        assert recorded["disease"]["training_data"] == list(identity.disease.training_data)
     finally:
         node.stop()
