@@ -27,6 +27,7 @@ from .models import ModelSpec
 from .predictors import Predictor, make_predictor
 from .preprocess import equalize, lung_box, masked_lung_crop, normalise, resize
 from .radiograph import Radiograph
+from .result_model import ImageResult
 from .scoring import ScoringConfig, ZoneMasks, ZoneScores, largest_components, remove_small_components, score
 
 PIPELINE_VERSION = "1"
@@ -61,7 +62,11 @@ class Result:
         return [self.algorithm_version, self.models["lungs"][:64], self.models["disease"][:64]]
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        """The :class:`~.result_model.ImageResult` record, as plain JSON-ready data."""
+        return self.record().model_dump()
+
+    def record(self) -> ImageResult:
+        return ImageResult.model_validate({
             "source": self.source,
             "sop_instance_uid": self.sop_instance_uid,
             "study_instance_uid": self.study_instance_uid,
@@ -74,7 +79,7 @@ class Result:
             "research_use": self.identity.research_use,
             "algorithm_version": self.algorithm_version,
             "timings_ms": {k: round(v, 1) for k, v in self.timings_ms.items()},
-        }
+        })
 
 
 def clean_lung_probabilities(prob: np.ndarray, threshold: float, min_fraction: float) -> np.ndarray:

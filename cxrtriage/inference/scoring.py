@@ -31,8 +31,8 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
-#: Zone names in report order. A-C are the patient's right lung, upper to
-#: lower; D-F the left lung (Brixia convention).
+#: Zone names in report order, the project's one definition. A-C are the
+#: patient's right lung, upper to lower; D-F the left lung (Brixia convention).
 ZONE_NAMES: tuple[str, ...] = (
     "right_upper",
     "right_middle",

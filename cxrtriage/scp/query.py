@@ -33,7 +33,6 @@ HIGH for critical and high studies, LOW for low ones, MEDIUM otherwise.
 from __future__ import annotations
 
 import fnmatch
-import json
 import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
@@ -42,6 +41,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from sqlalchemy import select
 
+from ..inference.result_model import ImageResult
 from ..observability import event
 from ..storage.archive import Archive
 from ..storage.db import Database
@@ -154,7 +154,7 @@ def study_severities(db: Database, study_uids: Iterable[str]) -> dict[str, Study
                 max(r.total_score or 0 for r in scored), max(r.brixia_total or 0 for r in scored),
                 max(r.p_disease or 0.0 for r in scored), "SCORED",
                 # results from before identities were recorded came from the synthetic-only bundle
-                research_use=any(json.loads(r.details or "{}").get("research_use", True) for r in scored),
+                research_use=any(ImageResult.model_validate_json(r.details or "{}").research_use for r in scored),
             )
         elif uid in pending:
             out[uid] = StudySeverity(None, None, None, "PENDING")

@@ -18,9 +18,9 @@ from sqlalchemy import or_, select, update
 from ..storage.db import Database, upsert_insert
 from ..storage.models import Instance, Reading, ScoreResult, utcnow
 from ..inference.identity import RESEARCH_USE_NOTICE
+from ..inference.result_model import ImageResult
 from .priority import REQUESTED_PRIORITY_RANK, ImageFinding, PrioritySettings, StudyPriority, prioritise, rank
 
-ZONE_KEYS = ("right_upper", "right_middle", "right_lower", "left_upper", "left_middle", "left_lower")
 
 
 @dataclass
@@ -40,7 +40,7 @@ class WorklistEntry:
     total_score: int | None = None
     brixia_total: int | None = None
     p_disease: float | None = None
-    zone_binary: list[int] = field(default_factory=list)
+    zone_binary: list[int | None] = field(default_factory=list)
     zone_brixia: list[int | None] = field(default_factory=list)
     zones_scored: int | None = None
     missing_lungs: list[str] = field(default_factory=list)
@@ -129,15 +129,15 @@ class Worklist:
     def _entry(self, uid: str, members: list[Instance], results: dict[int, ScoreResult], reading: Reading | None,
                now: dt.datetime) -> WorklistEntry:
         findings = []
-        details: dict[int, dict[str, Any]] = {}
+        details: dict[int, ImageResult] = {}
         for image in members:
             result = results.get(image.id)
             if result is None:
                 findings.append(ImageFinding("pending"))
                 continue
             if result.status == "scored":
-                details[image.id] = json.loads(result.details or "{}")
-            unscored = len(ZONE_KEYS) - details[image.id].get("zones_scored", len(ZONE_KEYS)) if image.id in details else 0
+                details[image.id] = ImageResult.model_validate_json(result.details or "{}")
+            unscored = details[image.id].unscored_zones if image.id in details else 0
             findings.append(ImageFinding(result.status, result.total_score, result.brixia_total, result.p_disease,
                                          unscored_zones=unscored))
         received = min(_aware(m.received_at) for m in members)
@@ -159,18 +159,15 @@ class Worklist:
         if scored:
             _, worst, image = max(scored, key=lambda t: (t[0].ranking_total(self.settings), t[1].brixia_total or 0,
                                                          t[1].p_disease or 0.0))
-            worst_details = details[image.id]
-            zones = worst_details.get("zones", {})
+            record = details[image.id]
             entry.total_score, entry.brixia_total, entry.p_disease = worst.total_score, worst.brixia_total, worst.p_disease
-            entry.zone_binary = [zones.get(k, {}).get("binary_score", 0) for k in ZONE_KEYS]
-            entry.zone_brixia = [zones.get(k, {}).get("brixia_grade", 0) for k in ZONE_KEYS]
-            entry.zones_scored = worst_details.get("zones_scored", len(ZONE_KEYS))
-            entry.missing_lungs = list(worst_details.get("missing_lungs", []))
+            entry.zone_binary = record.zone_values("binary_score")
+            entry.zone_brixia = record.zone_values("brixia_grade")
+            entry.zones_scored, entry.missing_lungs = record.zones_scored, list(record.missing_lungs)
             entry.worst_sop_instance_uid = image.sop_instance_uid
-            # Results written before identities were recorded came from the synthetic-only bundle.
-            identities = [d.get("model_identity") for d in details.values()]
-            entry.research_use = any(i is None or i.get("research_use", True) for i in identities)
-            entry.models = sorted({i[stage]["name"] for i in identities if i for stage in ("lungs", "disease")})
+            entry.research_use = any(d.research_use for d in details.values())
+            entry.models = sorted({m.name for d in details.values() if d.model_identity
+                                   for m in (d.model_identity.lungs, d.model_identity.disease)})
         return entry
 
     def study(self, uid: str) -> dict[str, Any] | None:
