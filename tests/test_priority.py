@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from scipy.stats import spearmanr
 
-from cxrtriage.triage.priority import TOP, ImageFinding, PrioritySettings, prioritise, rank
+from cxrtriage.config import PrioritySettings
+from cxrtriage.triage.priority import TOP, ImageFinding, prioritise, rank
 
 T0 = dt.datetime(2026, 11, 22, 8, 0, tzinfo=dt.timezone.utc)
 SETTINGS = PrioritySettings()

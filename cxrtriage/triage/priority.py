@@ -27,7 +27,7 @@ import datetime as dt
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field
+from ..config import PrioritySettings
 
 #: Requested Procedure Priority (0040,1003) defined terms, most urgent first.
 REQUESTED_PRIORITY_RANK: dict[str, int] = {"STAT": 3, "HIGH": 2, "ROUTINE": 1, "MEDIUM": 1, "LOW": 0}
@@ -48,34 +48,6 @@ def order_priority(requested: str | None, dimse: int | None) -> int:
     requested_rank = REQUESTED_PRIORITY_RANK.get((requested or "").strip().upper(), 1)
     dimse_rank = DIMSE_PRIORITY_RANK.get(dimse if dimse is not None else 0, 1)
     return 10 * requested_rank + dimse_rank
-
-
-class PrioritySettings(BaseModel):
-    """The priority model's parameters (config.yaml ``triage.priority``)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    critical_total: int = Field(5, ge=0, le=6, description="zone score (0-6) from which a study is critical")
-    high_total: int = Field(3, ge=0, le=6)
-    moderate_total: int = Field(1, ge=0, le=6)
-    moderate_p_disease: float = Field(0.5, ge=0, le=1, description="P(disease) that makes a study at least moderate")
-    base: dict[str, float] = Field(
-        default_factory=lambda: {"critical": 80.0, "high": 60.0, "moderate": 40.0, "low": 20.0,
-                                 "unscored": 40.0, "ai_failed": 40.0},
-        description="starting priority of each band (below TOP = 100)",
-    )
-    max_wait_minutes: dict[str, float] = Field(
-        default_factory=lambda: {"critical": 30.0, "high": 120.0, "moderate": 360.0, "low": 720.0,
-                                 "unscored": 240.0, "ai_failed": 240.0},
-        description="at this wait a study of the band has reached the top of the list",
-    )
-    #: Base given by the order's own priority; the AI can only raise it.
-    order_base: dict[str, float] = Field(
-        default_factory=lambda: {"STAT": 90.0, "HIGH": 60.0, "ROUTINE": 0.0, "MEDIUM": 0.0, "LOW": 0.0}
-    )
-    missing_lung_zones_affected: bool = Field(
-        True, description="rank the zones of a lung the AI did not find as affected (never as clear)"
-    )
 
 
 @dataclass

@@ -19,7 +19,8 @@ from ..storage.db import Database, upsert_insert
 from ..storage.models import Instance, Reading, ScoreResult, utcnow
 from ..inference.identity import RESEARCH_USE_NOTICE
 from ..inference.result_model import ImageResult
-from .priority import REQUESTED_PRIORITY_RANK, ImageFinding, PrioritySettings, StudyPriority, prioritise, rank
+from ..config import PrioritySettings
+from .priority import REQUESTED_PRIORITY_RANK, ImageFinding, StudyPriority, prioritise, rank
 
 
 
