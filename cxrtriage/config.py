@@ -7,10 +7,10 @@ config file at all; config.yaml in the repository lists them with comments.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .inference.models import ModelSpec, read_spec
 from .inference.presets import PAPER_ZONE_THRESHOLDS, PRESETS
@@ -22,17 +22,26 @@ class ScoringSettings(BaseModel):
     zone_threshold: float | None = Field(
         None, ge=0.0, le=1.0, description="T; null = the disease model's own (per-architecture) T"
     )
-    brixia_cutoffs: tuple[float, float, float] = (0.05, 0.30, 0.60)
+    brixia_cutoffs: tuple[float, float, float] = Field(
+        (0.05, 0.30, 0.60), description="three increasing fractions of a zone: grades 1, 2, 3 above each"
+    )
+
+    @field_validator("brixia_cutoffs")
+    @classmethod
+    def _increasing_fractions(cls, value: tuple[float, float, float]) -> tuple[float, float, float]:
+        if list(value) != sorted(value) or not all(0.0 <= v <= 1.0 for v in value):
+            raise ValueError(f"must be three increasing fractions between 0 and 1, got {list(value)}")
+        return value
 
 
 class InferenceSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    preset: str = Field("bundled", description="bundled | danilov2022")
+    preset: Literal["bundled", "danilov2022"] = Field("bundled", description="bundled | danilov2022")
     lungs: dict[str, Any] = Field(default_factory=dict, description="ModelSpec fields overriding the preset")
     disease: dict[str, Any] = Field(default_factory=dict)
     backend: str = Field("torch", pattern="^(torch|onnx)$", description="torch, or onnx (ONNX Runtime)")
-    device: str = "auto"
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$", description="auto, cpu, cuda, cuda:N or mps")
     precision: str = Field("fp32", pattern="^(fp32|bf16)$",
                            description="fp32, or bf16 weights and inputs (torch backend; CPUs with AVX512-BF16/AMX, CUDA)")
     threads: int = Field(0, ge=0, description="torch CPU threads; 0 = all cores")
@@ -136,7 +145,12 @@ class WorkerSettings(BaseModel):
 class LoggingSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    level: str = "INFO"
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
     json_lines: bool = Field(True, description="one JSON object per line")
     patient_names: bool = Field(False, description="log patient names (off by default)")
     file: str | None = None
@@ -157,6 +171,10 @@ class WebSettings(BaseModel):
     host: str = Field("127.0.0.1", description="bound to loopback by default; set a token before exposing it")
     port: int = Field(8080, ge=0, le=65535, description="0 = pick a free port")
     token: str | None = Field(None, description="when set: Bearer token, or the password of HTTP Basic auth")
+
+
+#: Worklist bands, most severe first; ``unscored`` and ``ai_failed`` have no AI result.
+BANDS = ("critical", "high", "moderate", "low", "unscored", "ai_failed")
 
 
 class PrioritySettings(BaseModel):
@@ -185,6 +203,30 @@ class PrioritySettings(BaseModel):
     missing_lung_zones_affected: bool = Field(
         True, description="rank the zones of a lung the AI did not find as affected (never as clear)"
     )
+
+    @field_validator("base", "max_wait_minutes")
+    @classmethod
+    def _every_band(cls, value: dict[str, float]) -> dict[str, float]:
+        missing, unknown = [b for b in BANDS if b not in value], [b for b in value if b not in BANDS]
+        if missing or unknown:
+            raise ValueError(f"needs exactly the bands {list(BANDS)}; missing {missing}, unknown {unknown}")
+        return value
+
+    @field_validator("max_wait_minutes")
+    @classmethod
+    def _positive_waits(cls, value: dict[str, float]) -> dict[str, float]:
+        if any(v <= 0 for v in value.values()):
+            raise ValueError(f"every maximum wait must be above 0 minutes, got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _ordered_bands(self) -> PrioritySettings:
+        if not self.critical_total >= self.high_total >= self.moderate_total:
+            raise ValueError(
+                f"band thresholds must satisfy critical_total >= high_total >= moderate_total, got "
+                f"{self.critical_total}, {self.high_total}, {self.moderate_total}"
+            )
+        return self
 
 
 class EscalationSettings(BaseModel):
@@ -224,14 +266,36 @@ class Settings(BaseModel):
     triage: TriageSettings = Field(default_factory=TriageSettings)
 
 
+class ConfigError(ValueError):
+    """config.yaml cannot be used; the message names the file, the key, the value and what is allowed."""
+
+
+def _describe(error: Any) -> str:
+    where = ".".join(str(p) for p in error["loc"]) or "(top level)"
+    message = error["msg"].removeprefix("Value error, ")
+    value = error.get("input")
+    shown = "" if isinstance(value, dict) or error["type"] == "missing" else f" (got {value!r})"
+    return f"{where}: {message}{shown}"
+
+
 def load_settings(path: str | Path | None = None) -> Settings:
-    """Read config.yaml; ``None`` gives the defaults."""
+    """Read config.yaml; ``None`` gives the defaults.
+
+    Raises :class:`ConfigError` with one line per problem, each naming the key,
+    the value and what is allowed, before anything else starts.
+    """
     if path is None:
         return Settings()
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
-    data = yaml.safe_load(path.read_text()) or {}
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}".splitlines()[0]) from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: the top level must be a mapping")
-    return Settings.model_validate(data)
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError("\n".join(f"{path}: {_describe(e)}" for e in exc.errors())) from None
