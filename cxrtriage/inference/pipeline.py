@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import cv2
@@ -48,7 +48,6 @@ class Result:
     identity: ModelIdentity
     sop_instance_uid: str | None = None
     study_instance_uid: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def algorithm_version(self) -> str:
