@@ -38,6 +38,8 @@ from cxrtriage.inference.dicom_results import build_result_objects
 from cxrtriage.inference.models import create_model
 from cxrtriage.inference.parallel import ScoringPool
 from cxrtriage.inference.phantom import PhantomGenerator, write_cr
+from cxrtriage.inference.model_cache import ModelNotCached
+from cxrtriage.inference.presets import PRESETS, model_specs
 from cxrtriage.inference.radiograph import load_radiograph
 
 
@@ -60,7 +62,11 @@ def pin_untrained_weights(settings: InferenceSettings, folder: Path) -> Inferenc
     """
     folder.mkdir(parents=True, exist_ok=True)
     overrides = {}
-    for index, (name, spec) in enumerate(zip(("lungs", "disease"), settings.model_specs())):
+    try:
+        specs = model_specs(settings)
+    except ModelNotCached:  # the published files are not here: the architectures, without weights
+        specs = PRESETS[settings.preset](need_weights=(False, False))
+    for index, (name, spec) in enumerate(zip(("lungs", "disease"), specs)):
         if spec.weights:
             continue
         torch.manual_seed(index)
@@ -123,7 +129,7 @@ def main() -> None:
         root = Path(tmp)
         settings = InferenceSettings(preset=args.preset, batch_size=args.batch, device=args.device)
         settings = pin_untrained_weights(settings, root / "weights")
-        lungs, disease = settings.model_specs()
+        lungs, disease = model_specs(settings)
         files = make_images(root / "in", args.images, rows, cols)
         net = CovidScoringNet(lungs, disease, disease.zone_threshold, args.device)
         pools = {

@@ -12,15 +12,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .inference.models import ModelSpec, read_spec
-from .inference.presets import PAPER_ZONE_THRESHOLDS, PRESETS
 
 
 class ScoringSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     zone_threshold: float | None = Field(
-        None, ge=0.0, le=1.0, description="T; null = the disease model's own (per-architecture) T"
+        None, ge=0.0, le=1.0, description="T; null = the disease model's own (per-architecture) T, else 0.30"
     )
     brixia_cutoffs: tuple[float, float, float] = Field(
         (0.05, 0.30, 0.60), description="three increasing fractions of a zone: grades 1, 2, 3 above each"
@@ -38,7 +36,9 @@ class InferenceSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     preset: Literal["bundled", "danilov2022"] = Field("bundled", description="bundled | danilov2022")
-    lungs: dict[str, Any] = Field(default_factory=dict, description="ModelSpec fields overriding the preset")
+    lungs: dict[str, Any] = Field(
+        default_factory=dict, description="ModelSpec fields overriding the preset (inference.presets.model_specs)"
+    )
     disease: dict[str, Any] = Field(default_factory=dict)
     backend: str = Field("torch", pattern="^(torch|onnx)$", description="torch, or onnx (ONNX Runtime)")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$", description="auto, cpu, cuda, cuda:N or mps")
@@ -49,36 +49,6 @@ class InferenceSettings(BaseModel):
     min_lung_blob_fraction: float = Field(0.01, ge=0.0, lt=0.5, description="smaller lung blobs are dropped")
     crop_margin: float = Field(0.02, ge=0.0, lt=0.5, description="margin around the lung box, fraction of image")
     scoring: ScoringSettings = Field(default_factory=ScoringSettings)
-
-    def model_specs(self) -> tuple[ModelSpec, ModelSpec]:
-        """The preset's specs with the overrides applied.
-
-        An override whose ``weights`` is a ``.safetensors`` file written by
-        ``cxrtriage train`` brings its own spec, so a retrained model only
-        needs its path.
-        """
-        if self.preset not in PRESETS:
-            raise ValueError(f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
-        preset_pair: tuple[ModelSpec, ModelSpec] | None = None
-        specs = []
-        for index, override in enumerate((self.lungs, self.disease)):
-            weights = override.get("weights")
-            if weights and str(weights).endswith(".safetensors"):
-                base = read_spec(weights)
-            else:
-                preset_pair = preset_pair or PRESETS[self.preset]()
-                base = preset_pair[index]
-            specs.append(ModelSpec.model_validate({**base.model_dump(), **override}))
-        lungs, disease = specs
-        if disease.zone_threshold is None:
-            disease = disease.model_copy(update={"zone_threshold": PAPER_ZONE_THRESHOLDS.get(disease.arch, 0.30)})
-        return lungs, disease
-
-    def zone_threshold(self, disease: ModelSpec) -> float:
-        """T: the configured one, else the disease model's own, else the paper's 0.30."""
-        if self.scoring.zone_threshold is not None:
-            return self.scoring.zone_threshold
-        return disease.zone_threshold if disease.zone_threshold is not None else 0.30
 
 
 class TLSSettings(BaseModel):

@@ -8,14 +8,17 @@ from two kinds of file:
   :class:`ModelSpec` as JSON in the file's metadata, so a file describes the
   model it belongs to;
 * ``.pth`` / ``.pt``, a ``torch.save(model.state_dict())`` checkpoint such as
-  the ones published with Danilov et al. 2022. Encoder names that smp has
-  since renamed (``timm-regnetx_064`` became ``tu-regnetx_064`` in smp 0.5)
-  are remapped, and loading is always ``strict=True``.
+  the ones published with Danilov et al. 2022 (saved by smp < 0.5). Keys that
+  smp has since moved are renamed (:func:`legacy_key`: the ``timm-regnet*``
+  wrappers became ``tu-`` encoders in smp 0.5, the DeepLabV3 decoder got named
+  submodules), and loading is always ``strict=True``.
 """
 
 from __future__ import annotations
 
 import json
+import inspect
+import re
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -127,7 +130,7 @@ def create_model(spec: ModelSpec) -> torch.nn.Module:
     if spec.classification_head:
         # Danilov et al.: average pooling, dropout 0.2, one sigmoid output.
         aux = dict(pooling="avg", dropout=0.2, activation=None, classes=1)
-    return smp.create_model(
+    model = smp.create_model(
         spec.arch,
         encoder_name=spec.smp_encoder,
         encoder_weights=None,
@@ -137,6 +140,44 @@ def create_model(spec: ModelSpec) -> torch.nn.Module:
         aux_params=aux,
         **spec.arch_kwargs,
     )
+    if spec.encoder.startswith("timm-regnet"):
+        _dilate_like_smp04(model.encoder, _arch_default(spec, "encoder_output_stride", 32))
+    return model
+
+
+def _arch_default(spec: ModelSpec, parameter: str, fallback: int) -> int:
+    """``arch_kwargs[parameter]``, else the smp architecture's default for it (``fallback`` if it has none)."""
+    if parameter in spec.arch_kwargs:
+        return int(spec.arch_kwargs[parameter])
+    import segmentation_models_pytorch as smp
+
+    found = inspect.signature(getattr(smp, spec.arch)).parameters.get(parameter)
+    return fallback if found is None or found.default is inspect.Parameter.empty else int(found.default)
+
+
+def _dilate_like_smp04(encoder: torch.nn.Module, output_stride: int) -> None:
+    """Dilate every k x k conv of a RegNet stage by the stage's full rate, as smp < 0.5 did.
+
+    DeepLabV3 (output stride 8) and DeepLabV3+ (16) trade the last strides for
+    dilation. smp < 0.5 gave every conv of stage ``s<k>`` the rate
+    ``2**(k+1) / output_stride`` (``make_dilated``); timm, which serves these
+    encoders since smp 0.5, keeps each dilated stage's first block at the
+    previous rate. Same weights, different network: a published
+    DeepLabV3+/timm-regnetx_032 loads strictly and yet computes something else
+    without this (found by comparing outputs of smp 0.4.0 and 0.6.0).
+    """
+    model = getattr(encoder, "model", None)
+    if model is None or output_stride >= 32:
+        return
+    for name, stage in model.named_children():
+        match = re.fullmatch(r"s(\d)", name)
+        rate = 2 ** (int(match.group(1)) + 1) // output_stride if match else 1
+        if rate <= 1:
+            continue
+        for conv in stage.modules():
+            if isinstance(conv, torch.nn.Conv2d) and conv.kernel_size[0] > 1:
+                conv.dilation = (rate, rate)
+                conv.padding = (conv.kernel_size[0] // 2 * rate, conv.kernel_size[1] // 2 * rate)
 
 
 def resolve_weights(name: str) -> Path:
@@ -149,20 +190,57 @@ def resolve_weights(name: str) -> Path:
     raise FileNotFoundError(f"model weights not found: {name} (looked in {path.resolve()} and {WEIGHTS_DIR})")
 
 
-def remap_legacy_keys(state_dict: Mapping[str, torch.Tensor], spec: ModelSpec) -> dict[str, torch.Tensor]:
-    """Rename encoder keys of checkpoints saved by smp < 0.5 for legacy timm encoders.
+#: smp < 0.5 built DeepLabV3's decoder as ``Sequential(ASPP, Conv, BN, ReLU)``;
+#: smp >= 0.5 names the same modules ``aspp``, ``conv`` and ``bn``.
+_DEEPLABV3_DECODER = {"decoder.0.": "decoder.aspp.", "decoder.1.": "decoder.conv.", "decoder.2.": "decoder.bn."}
 
-    ``encoder.stem.conv.weight`` becomes ``encoder.model.stem.conv.weight``;
-    other keys are unchanged. A state dict that is already in the new layout
-    passes through untouched.
+#: Stage modules of the legacy timm RegNet wrapper: ``s1`` .. ``s4``.
+_REGNET_STAGE = re.compile(r"^encoder\.model\.s(\d)\.")
+
+
+def encoder_depth(spec: ModelSpec) -> int:
+    """How many encoder stages the smp model uses (PSPNet defaults to 3, the others to 5)."""
+    return _arch_default(spec, "encoder_depth", 5)
+
+
+def legacy_key(key: str, spec: ModelSpec) -> str | None:
+    """The current smp name of a checkpoint key saved by smp < 0.5; None for a parameter smp no longer builds.
+
+    * legacy timm encoders: ``encoder.X`` -> ``encoder.model.X`` (smp 0.5 serves
+      them through the timm universal encoder, one level deeper);
+    * RegNet stages beyond the encoder depth (PSPNet uses 3 of 5) are None: the
+      old wrapper built and saved all stages although forward never ran them,
+      the universal encoder does not build them at all;
+    * DeepLabV3: ``decoder.0/1/2.`` -> ``decoder.aspp/conv/bn.``.
+
+    Keys already in the new layout pass through unchanged.
     """
-    if not spec.encoder.startswith(LEGACY_TIMM_ENCODERS):
-        return dict(state_dict)
+    if spec.encoder.startswith(LEGACY_TIMM_ENCODERS) and key.startswith("encoder."):
+        if not key.startswith("encoder.model."):
+            key = "encoder.model." + key.removeprefix("encoder.")
+        stage = _REGNET_STAGE.match(key)
+        if spec.encoder.startswith("timm-regnet") and stage and int(stage.group(1)) >= encoder_depth(spec):
+            return None
+    if spec.arch == "DeepLabV3":
+        for old, new in _DEEPLABV3_DECODER.items():
+            if key.startswith(old):
+                return new + key.removeprefix(old)
+    return key
+
+
+def remap_legacy_keys(state_dict: Mapping[str, torch.Tensor], spec: ModelSpec) -> dict[str, torch.Tensor]:
+    """Rename (and drop never-used) keys of checkpoints saved by smp < 0.5, see :func:`legacy_key`.
+
+    ``encoder.stem.conv.weight`` of a ``timm-regnetx_064`` checkpoint becomes
+    ``encoder.model.stem.conv.weight``. A state dict that is already in the new
+    layout passes through untouched; the strict load that follows still
+    refuses any other missing or unexpected key.
+    """
     out: dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():
-        if key.startswith("encoder.") and not key.startswith("encoder.model."):
-            key = "encoder.model." + key.removeprefix("encoder.")
-        out[key] = value
+        new_key = legacy_key(key, spec)
+        if new_key is not None:
+            out[new_key] = value
     return out
 
 

@@ -26,6 +26,7 @@ from .identity import ModelIdentity
 from .models import ModelSpec
 from .predictors import Predictor, make_predictor
 from .preprocess import equalize, lung_box, masked_lung_crop, normalise, resize
+from .presets import model_specs, zone_threshold
 from .radiograph import Radiograph
 from .result_model import ImageResult
 from .scoring import ScoringConfig, ZoneMasks, ZoneScores, largest_components, remove_small_components, score
@@ -108,13 +109,13 @@ class Pipeline:
         if self.settings.threads:
             torch.set_num_threads(self.settings.threads)
         if lungs is None or disease is None:
-            lung_spec, disease_spec = self.settings.model_specs()
+            lung_spec, disease_spec = model_specs(self.settings)
             backend, device, precision = self.settings.backend, self.settings.device, self.settings.precision
             lungs = lungs or make_predictor(lung_spec, backend, device, precision)
             disease = disease or make_predictor(disease_spec, backend, device, precision)
         self.lungs_model = lungs
         self.disease_model = disease
-        self.scoring = ScoringConfig(self.settings.zone_threshold(disease.spec), self.settings.scoring.brixia_cutoffs)
+        self.scoring = ScoringConfig(zone_threshold(self.settings, disease.spec), self.settings.scoring.brixia_cutoffs)
 
     @property
     def model_versions(self) -> dict[str, str]:

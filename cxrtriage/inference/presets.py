@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-from .models import IMAGENET_MEAN, IMAGENET_STD, ModelSpec, read_spec
+from typing import Any, Mapping
 
-#: Zone threshold T per Stage II architecture, as a fraction of zone area:
-#: the optima of the published threshold sweep (covid_scoring,
-#: resources/threshold_selection). DeepLabV3 had no usable optimum there.
-PAPER_ZONE_THRESHOLDS: dict[str, float] = {
-    "DeepLabV3Plus": 0.30,
-    "FPN": 0.26,
-    "Linknet": 0.15,
-    "MAnet": 0.31,
-    "PAN": 0.40,
-    "PSPNet": 0.38,
-    "UnetPlusPlus": 0.33,
-    "Unet": 0.30,
-    "DeepLabV3": 0.30,
-}
+from ..config import InferenceSettings
+from .model_cache import ModelNotCached, cached_path, is_cached
+from .models import ModelSpec, read_spec
+from .registry import PAIRS, PAPER_ZONE_THRESHOLDS, expand
+
+__all__ = ["PAPER_ZONE_THRESHOLDS", "PRESETS", "bundled", "danilov2022", "model_specs", "preset_specs", "zone_threshold"]
+
+#: T when neither the config nor the disease model's architecture gives one (Danilov et al. 2022).
+DEFAULT_ZONE_THRESHOLD = 0.30
 
 BUNDLED_LUNGS = "lungs.safetensors"
 BUNDLED_DISEASE = "disease.safetensors"
@@ -37,24 +32,72 @@ def bundled() -> tuple[ModelSpec, ModelSpec]:
     return specs[0], specs[1]
 
 
-def danilov2022() -> tuple[ModelSpec, ModelSpec]:
+def danilov2022(need_weights: tuple[bool, bool] = (True, True)) -> tuple[ModelSpec, ModelSpec]:
     """Danilov et al. 2022: DeepLabV3+/efficientnet-b1 @ 512 and MA-Net/regnetx_064 @ 544.
 
-    Weights are not bundled (30 MB and 416 MB); point ``lungs.weights`` and
-    ``disease.weights`` in config.yaml at the published ``weights.pth`` files.
+    The weights (30 MB and 416 MB) are not bundled: they come from the model
+    cache, filled by ``cxrtriage models pull danilov2022`` (or ``models import``).
+    A stage whose ``need_weights`` is False gets ``weights=None`` (its config
+    names its own file). Raises :class:`~cxrtriage.inference.model_cache.ModelNotCached`,
+    whose message gives both commands, when a needed file is not cached.
     """
-    lungs = ModelSpec(
-        arch="DeepLabV3Plus", encoder="efficientnet-b1", input_size=512, in_channels=3,
-        mean=IMAGENET_MEAN, std=IMAGENET_STD, version="danilov2022-lungs-DeepLabV3+_efficientnet-b1",
-        name="Danilov et al. 2022 lungs (DeepLabV3+/efficientnet-b1)", origin="published", training_data=("real",),
-    )
-    disease = ModelSpec(
-        arch="MAnet", encoder="timm-regnetx_064", input_size=544, in_channels=3, classification_head=True,
-        mean=IMAGENET_MEAN, std=IMAGENET_STD, zone_threshold=PAPER_ZONE_THRESHOLDS["MAnet"],
-        version="danilov2022-covid-MAnet_timm-regnetx_064",
-        name="Danilov et al. 2022 COVID-19 (MA-Net/regnetx_064)", origin="published", training_data=("real",),
-    )
+    return _registry_pair("danilov2022", need_weights)
+
+
+def _registry_pair(name: str, need_weights: tuple[bool, bool]) -> tuple[ModelSpec, ModelSpec]:
+    entries = expand(name)
+    missing = [e for e, need in zip(entries, need_weights) if need and not is_cached(e)]
+    if missing:
+        raise ModelNotCached(missing, command_name=name)
+    lungs, disease = (e.spec(cached_path(e) if need else None) for e, need in zip(entries, need_weights))
     return lungs, disease
 
 
 PRESETS = {"bundled": bundled, "danilov2022": danilov2022}
+
+
+def preset_specs(name: str, lungs: Mapping[str, Any], disease: Mapping[str, Any]) -> tuple[ModelSpec, ModelSpec]:
+    """A preset's pair for config overrides ``lungs`` / ``disease``.
+
+    Published weights are looked up in the cache only for a stage whose
+    override names no ``weights`` of its own: explicit paths win, and work
+    with an empty cache.
+    """
+    if name in PAIRS:
+        return _registry_pair(name, (not lungs.get("weights"), not disease.get("weights")))
+    return PRESETS[name]()
+
+
+def model_specs(settings: InferenceSettings) -> tuple[ModelSpec, ModelSpec]:
+    """The configured preset's specs with the config's overrides applied.
+
+    An override whose ``weights`` is a ``.safetensors`` file written by
+    ``cxrtriage train`` brings its own spec, so a retrained model only needs
+    its path. Raises :class:`~cxrtriage.inference.model_cache.ModelNotCached`
+    (naming the command to run) when a published preset's file is not cached.
+    """
+    if settings.preset not in PRESETS:
+        raise ValueError(f"unknown preset {settings.preset!r}; choose one of {sorted(PRESETS)}")
+    preset_pair: tuple[ModelSpec, ModelSpec] | None = None
+    specs = []
+    for index, override in enumerate((settings.lungs, settings.disease)):
+        weights = override.get("weights")
+        if weights and str(weights).endswith(".safetensors"):
+            base = read_spec(weights)
+        else:
+            preset_pair = preset_pair or preset_specs(settings.preset, settings.lungs, settings.disease)
+            base = preset_pair[index]
+        specs.append(ModelSpec.model_validate({**base.model_dump(), **override}))
+    lungs, disease = specs
+    if disease.zone_threshold is None:
+        disease = disease.model_copy(
+            update={"zone_threshold": PAPER_ZONE_THRESHOLDS.get(disease.arch, DEFAULT_ZONE_THRESHOLD)}
+        )
+    return lungs, disease
+
+
+def zone_threshold(settings: InferenceSettings, disease: ModelSpec) -> float:
+    """T: the configured one, else the disease model's own, else the paper's 0.30."""
+    if settings.scoring.zone_threshold is not None:
+        return settings.scoring.zone_threshold
+    return disease.zone_threshold if disease.zone_threshold is not None else DEFAULT_ZONE_THRESHOLD

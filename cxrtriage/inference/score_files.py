@@ -12,6 +12,7 @@ from ..config import InferenceSettings
 from .dicom_results import build_result_objects
 from .overlay import write_overlay
 from .pipeline import Pipeline
+from .presets import model_specs, zone_threshold
 from .radiograph import RadiographError, load_radiograph
 
 
@@ -109,10 +110,10 @@ def score_files(
 
 
 def write_report(outcomes: list[FileOutcome], out_dir: Path, settings: InferenceSettings) -> Path:
-    lungs, disease = settings.model_specs()
+    lungs, disease = model_specs(settings)
     report = {
         "models": {"lungs": lungs.version, "disease": disease.version},
-        "zone_threshold": settings.zone_threshold(disease),
+        "zone_threshold": zone_threshold(settings, disease),
         "brixia_cutoffs": list(settings.scoring.brixia_cutoffs),
         "scored": sum(o.ok for o in outcomes),
         "rejected": sum(not o.ok for o in outcomes),
