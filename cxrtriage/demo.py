@@ -11,6 +11,8 @@ from .inference.phantom import PhantomGenerator, write_cr
 
 @dataclass
 class Sent:
+    """One file sent, with the C-STORE status the node answered (None: no valid response)."""
+
     label: str
     path: Path
     status: int | None
@@ -40,24 +42,18 @@ def demo_files(folder: Path, studies: int, seed: int) -> list[tuple[str, Path]]:
 
 
 def send(host: str, port: int, called_ae: str, files: list[tuple[str, Path]]) -> list[Sent]:
-    from pydicom import dcmread
-    from pynetdicom import AE
+    """C-STORE ``files`` to the node over one association (the node's own sender, as ``CXRDEMO``)."""
+    from .config import Peer
+    from .scp.sender import SendError, send_files
 
-    ae = AE(ae_title="CXRDEMO")
-    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.1", ["1.2.840.10008.1.2.1"])
-    assoc = ae.associate(host, port, ae_title=called_ae)
-    if not assoc.is_established:
-        raise ConnectionError(f"no association with {called_ae}@{host}:{port}: is `cxrtriage serve` running?")
-    sent = []
     try:
-        for label, path in files:
-            status = assoc.send_c_store(dcmread(path))
-            sent.append(Sent(label, path, int(status.Status) if status and "Status" in status else None))
-    finally:
-        assoc.release()
-    return sent
+        statuses = send_files(Peer(ae_title=called_ae, host=host, port=port), [path for _, path in files], "CXRDEMO")
+    except SendError as exc:
+        raise ConnectionError(f"{exc}: is `cxrtriage serve` running?") from exc
+    return [Sent(label, path, status) for (label, path), status in zip(files, statuses)]
 
 
 def run_demo(host: str, port: int, called_ae: str, studies: int, seed: int) -> list[Sent]:
+    """Write the demo files to a temp folder and send them."""
     folder = Path(tempfile.mkdtemp(prefix="cxrtriage-demo-"))
     return send(host, port, called_ae, demo_files(folder, studies, seed))

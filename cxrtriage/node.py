@@ -1,6 +1,8 @@
 """The running node: storage SCP, scoring workers, send workers, metrics.
 
-``cxrtriage serve`` builds one :class:`Node`. All durable state lives in the
+``cxrtriage serve`` builds one :class:`Node`. It only wires things and starts
+and stops them: receiving is :mod:`.scp.ingest`, the workers are
+:mod:`.stages` run by the lease loop. All durable state lives in the
 database and the archive, so a node killed at any moment restarts where it
 stopped: jobs its previous process held are released at start-up, and
 scoring and sending pick up every job not marked done.
@@ -8,42 +10,34 @@ scoring and sending pick up every job not marked done.
 
 from __future__ import annotations
 
-import io
-import json
 import logging
 import os
 import threading
 import time
 import uuid
-from typing import Any
+from typing import Any, Callable
 
-import pydicom
-from sqlalchemy import select
-
-from .config import Peer, Settings
+from .config import Settings
 from .observability import Metrics, event
 from .scp.ingest import Ingest
 from .scp.query import QueryEngine, make_handlers
-from .scp.sender import SendError, send_files
+from .scp.sender import client_tls
 from .scp.server import start_server
+from .stages.lease_loop import FailureHook, LeaseLoop, Stage
+from .stages.score import LocalScorer, PoolScorer, Scorer, ScoreStage, warm_up
+from .stages.send import SendStage
 from .storage.archive import Archive
-from .storage.catalog import instance_row
 from .storage.db import Database
-from .storage.models import Instance, ScoreResult
-from .storage.queue import Claimed, JobQueue
+from .storage.models import JobKind
+from .storage.queue import JobQueue
 from .triage.worklist import Worklist
 
 log = logging.getLogger("cxrtriage.node")
 
-#: C-STORE statuses a destination may answer that mean "stored".
-STORED_STATUSES = {0x0000, 0xB000, 0xB006, 0xB007}
-
-
-class LeaseLost(RuntimeError):
-    """Another worker took the job over; this worker's results are rolled back."""
-
 
 class Node:
+    """Database, archive, queue and the services around them, for one ``Settings``."""
+
     def __init__(self, settings: Settings, pipeline: Any = None) -> None:
         self.settings = settings
         self.worker_prefix = f"{settings.node_name}:"
@@ -51,35 +45,24 @@ class Node:
         self.db = Database(settings.storage.database_url)
         self.db.migrate()
         self.archive = Archive(settings.storage.archive_dir)
-        w = settings.workers
+        w, d = settings.workers, settings.dicom
         self.queue = JobQueue(self.db, backoff_base=w.backoff_seconds, backoff_cap=w.backoff_max_seconds)
         self.metrics = Metrics()
         self.ingest = Ingest(self.db, self.archive, self.queue, self.metrics,
                              settings.storage.min_free_mb * 1024 * 1024, w.max_attempts)
         self.worklist = Worklist(self.db, settings.triage.priority)
-        self.query = QueryEngine(self.db, self.archive, settings.dicom.ae_title, self.worklist)
-        self.destinations = {d.ae_title: d for d in settings.destinations}
-        self.move_destinations = {d.ae_title: d for d in settings.dicom.move_destinations}
-        self._pipeline = pipeline
-        self._pipeline_lock = threading.Lock()
-        self.pool: Any = None  # ScoringPool when workers.scoring_processes > 0
+        self.query = QueryEngine(self.db, self.archive, d.ae_title, self.worklist)
+        self.destinations = {p.ae_title: p for p in settings.destinations}
+        self.move_destinations = {p.ae_title: p for p in d.move_destinations}
+        self.scorer: Scorer = LocalScorer(settings.inference, jpeg2000=w.seg_jpeg2000, pipeline=pipeline)
+        self.send_stage = SendStage(self.db, self.archive, self.queue, self.metrics, self.destinations,
+                                    ae_title=d.ae_title, timeout=d.network_timeout)
         self.stopping = threading.Event()
         self.threads: list[threading.Thread] = []
         self.server: Any = None
         self.metrics_server: Any = None
         self.web_server: Any = None
         self.scheduler: Any = None
-
-    # -- lifecycle -------------------------------------------------------
-
-    @property
-    def pipeline(self) -> Any:
-        with self._pipeline_lock:
-            if self._pipeline is None:
-                from .inference.pipeline import Pipeline
-
-                self._pipeline = Pipeline(self.settings.inference)
-            return self._pipeline
 
     def start(self) -> None:
         released = self.queue.release_worker(self.worker_prefix, keep=self.incarnation)
@@ -88,13 +71,11 @@ class Node:
         w = self.settings.workers
         scoring_threads = max(w.scoring_workers, w.scoring_processes)
         if scoring_threads:
-            self._warm_up_scoring()
+            self._start_scoring(scoring_threads)
         handlers: dict[str, Any] = {"store": self.ingest.handle, **make_handlers(self.query, self._move_target)}
         self.server = start_server(self.settings.dicom, handlers)
-        for i in range(scoring_threads):
-            self._spawn(f"score-{i}", self._work_loop, "score", self._score)
         for i in range(w.send_workers):
-            self._spawn(f"send-{i}", self._work_loop, "send", self._send)
+            self._spawn_loop(f"send-{i}", JobKind.SEND, self.send_stage)
         self._spawn("gauges", self._gauge_loop)
         if self.settings.metrics.enabled:
             from prometheus_client import start_http_server
@@ -110,35 +91,19 @@ class Node:
         event(log, logging.INFO, "node started", incarnation=self.incarnation,
               destinations=sorted(self.destinations), database=self.db.engine.dialect.name)
 
-    def _warm_up_scoring(self) -> None:
-        """Load the models and score one small phantom before accepting work.
-
-        The first SEG + SR a process builds costs about a second more than
-        the next (imports, highdicom's first use); the first real image
-        should not wait for that.
-        """
-        from .inference.instance import score_instance
-        from .inference.phantom import PhantomGenerator, write_cr
-
-        t0 = time.perf_counter()
+    def _start_scoring(self, threads: int) -> None:
+        """Scoring workers (threads; with ``scoring_processes``, each waits on the pool), warmed up first."""
         w = self.settings.workers
         if w.scoring_processes:
             from .inference.parallel import ScoringPool
 
-            self.pool = ScoringPool(self.settings.inference, w.scoring_processes)
-        sample = write_cr(PhantomGenerator(320, 288)(0), self.archive.tmp / f"warm-up-{os.getpid()}.dcm")
-        try:
-            if self.pool is not None:
-                self.pool.warm_up(sample)
-            else:
-                score_instance(self.pipeline, sample, "warm-up")
-        except Exception as exc:  # models that cannot load fail every job with the reason; ingest goes on
-            event(log, logging.ERROR, "scoring warm-up failed", error=f"{type(exc).__name__}: {exc}")
-            return
-        finally:
-            sample.unlink(missing_ok=True)
-        event(log, logging.INFO, "scoring ready", processes=self.settings.workers.scoring_processes,
-              seconds=round(time.perf_counter() - t0, 1))
+            self.scorer = PoolScorer(ScoringPool(self.settings.inference, w.scoring_processes), jpeg2000=w.seg_jpeg2000)
+        warm_up(self.scorer, self.archive.tmp, w.scoring_processes)
+        stage = ScoreStage(self.db, self.archive, self.queue, self.metrics, self.scorer,
+                           destinations=list(self.destinations), ae_title=self.settings.dicom.ae_title,
+                           max_attempts=w.max_attempts)
+        for i in range(threads):
+            self._spawn_loop(f"score-{i}", JobKind.SCORE, stage, stage.record_failed)
 
     def _start_web(self) -> None:
         import uvicorn
@@ -166,147 +131,30 @@ class Node:
             self.server.shutdown()
         for thread in self.threads:
             thread.join(timeout=30)
-        if self.pool is not None:
-            self.pool.close()
+        self.scorer.close()
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
         self.db.dispose()
         event(log, logging.INFO, "node stopped")
 
-    def _spawn(self, name: str, target: Any, *args: Any) -> None:
+    def _spawn(self, name: str, target: Callable[..., Any], *args: Any) -> None:
         thread = threading.Thread(target=target, args=args, name=name, daemon=True)
         thread.start()
         self.threads.append(thread)
 
-    def _worker_id(self) -> str:
-        return f"{self.incarnation}:{threading.current_thread().name}"
+    def _spawn_loop(self, name: str, kind: JobKind, stage: Stage, on_failed: FailureHook | None = None) -> None:
+        """A worker thread running ``stage`` on jobs of ``kind``; its lease holder is ``<incarnation>:<name>``."""
+        w = self.settings.workers
+        loop = LeaseLoop(self.queue, kind, stage, worker=f"{self.incarnation}:{name}", lease_seconds=w.lease_seconds,
+                         poll_seconds=w.poll_seconds, stopping=self.stopping, on_failed=on_failed)
+        self._spawn(name, loop.run)
 
     def _move_target(self, ae_title: str) -> tuple[str, int, dict] | None:
         peer = self.move_destinations.get(ae_title)
         if peer is None:
             return None
-        from .scp.sender import client_tls
-
         tls = client_tls(peer.tls, peer.host)
         return peer.host, peer.port, ({"tls_args": tls} if tls else {})
-
-    # -- workers ---------------------------------------------------------
-
-    def _work_loop(self, kind: str, process: Any) -> None:
-        lease = self.settings.workers.lease_seconds
-        worker = self._worker_id()
-        while not self.stopping.is_set():
-            try:
-                job = self.queue.claim(kind, worker, lease)
-            except Exception as exc:  # database briefly unavailable: wait and retry
-                event(log, logging.ERROR, "claim failed", kind=kind, error=str(exc))
-                self.stopping.wait(1.0)
-                continue
-            if job is None:
-                self.queue.wait_for_work(self.settings.workers.poll_seconds)
-                continue
-            try:
-                process(job, worker)
-            except LeaseLost:
-                event(log, logging.WARNING, "lease lost; result discarded", job=job.id, kind=kind)
-            except Exception as exc:
-                state = self.queue.fail(job, worker, f"{type(exc).__name__}: {exc}")
-                event(log, logging.ERROR, f"{kind} job failed", job=job.id, attempt=job.attempts, next_state=state,
-                      error=f"{type(exc).__name__}: {exc}")
-                if kind == "score" and state == "failed":
-                    self._record_result(job, worker, status="failed", reason="pipeline_error", message=str(exc))
-
-    def _record_result(self, job: Claimed, worker: str, **fields: Any) -> None:
-        with self.db.session() as session:
-            instance = session.get(Instance, job.instance_id)
-            existing = session.scalars(select(ScoreResult).where(ScoreResult.instance_id == job.instance_id)).first()
-            row = existing or ScoreResult(instance_id=job.instance_id, study_instance_uid=instance.study_instance_uid)
-            for key, value in fields.items():
-                setattr(row, key, value)
-            session.add(row)
-            if fields.get("status") != "failed" and not self.queue.complete(session, job, worker):
-                raise LeaseLost()
-        self.metrics.scored.labels(outcome=fields.get("reason") or fields.get("status", "")).inc()
-
-    def _score(self, job: Claimed, worker: str) -> None:
-        from .inference.instance import InstanceRefused, score_instance
-
-        with self.db.session() as session:
-            instance = session.get(Instance, job.instance_id)
-        args = (self.archive.path(instance.path), instance.sop_instance_uid,
-                self.archive.root / "overlays" / f"{instance.sop_instance_uid}.png")
-        jpeg2000 = self.settings.workers.seg_jpeg2000
-        if self.pool is not None:
-            outcome = self.pool.submit_instance(*args, jpeg2000=jpeg2000).result()
-        else:
-            outcome = score_instance(self.pipeline, *args, jpeg2000=jpeg2000)
-        if isinstance(outcome, InstanceRefused):
-            self._record_result(job, worker, status="not_scorable", reason=outcome.reason, message=outcome.detail)
-            event(log, logging.WARNING, "not scored", sop_instance_uid=instance.sop_instance_uid, reason=outcome.reason,
-                  detail=outcome.detail)
-            return
-        written = []
-        for data, kind in ((outcome.seg, "seg"), (outcome.sr, "sr")):
-            obj = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
-            relative = self.archive.relative_path(obj.StudyInstanceUID, obj.SeriesInstanceUID, obj.SOPInstanceUID)
-            sha, size = self.archive.write(relative, data)
-            written.append((obj, kind, relative, sha, size))
-        with self.db.session() as session:
-            ids = {}
-            for obj, kind, relative, sha, size in written:
-                row = session.scalars(select(Instance).where(Instance.sop_instance_uid == obj.SOPInstanceUID)).first()
-                if row is None:
-                    row = instance_row(obj, path=relative, sha256=sha, size=size, kind=kind,
-                                       derived_from_id=instance.id, calling_aet=self.settings.dicom.ae_title)
-                    session.add(row)
-                else:  # re-scored with the same models: same UID, refreshed bytes
-                    row.path, row.sha256, row.size = relative, sha, size
-                session.flush()
-                ids[kind] = row.id
-                for destination in self.destinations:
-                    self.queue.enqueue(session, "send", row.id, destination,
-                                       max_attempts=self.settings.workers.max_attempts)
-            existing = session.scalars(select(ScoreResult).where(ScoreResult.instance_id == instance.id)).first()
-            record = existing or ScoreResult(instance_id=instance.id, study_instance_uid=instance.study_instance_uid)
-            record.status, record.reason, record.message = "scored", "", ""
-            record.total_score, record.brixia_total = outcome.total, outcome.brixia_total
-            record.p_disease = outcome.p_disease
-            record.details = json.dumps(outcome.details)
-            record.algorithm_version = outcome.algorithm_version
-            record.seg_instance_id, record.sr_instance_id = ids["seg"], ids["sr"]
-            session.add(record)
-            if not self.queue.complete(session, job, worker):
-                raise LeaseLost()
-        self.metrics.scored.labels(outcome="scored").inc()
-        for stage, seconds in outcome.seconds.items():
-            self.metrics.latency.labels(stage=stage).observe(seconds)
-        event(log, logging.INFO, "scored", sop_instance_uid=instance.sop_instance_uid, total=outcome.total,
-              brixia=outcome.brixia_total, p_disease=round(outcome.p_disease, 3),
-              ms=round(1000 * sum(outcome.seconds.values())))
-
-    def _send(self, job: Claimed, worker: str) -> None:
-        peer: Peer | None = self.destinations.get(job.destination)
-        if peer is None:
-            self.queue.fail(job, worker, f"destination {job.destination!r} is no longer configured", retry=False)
-            return
-        with self.db.session() as session:
-            instance = session.get(Instance, job.instance_id)
-        t0 = time.perf_counter()
-        try:
-            (status,) = send_files(peer, [self.archive.path(instance.path)], self.settings.dicom.ae_title,
-                                   timeout=self.settings.dicom.network_timeout)
-        except SendError:
-            self.metrics.sent.labels(destination=peer.ae_title, outcome="unreachable").inc()
-            raise
-        if status not in STORED_STATUSES:
-            self.metrics.sent.labels(destination=peer.ae_title, outcome=f"0x{status:04X}").inc()
-            raise RuntimeError(f"{peer.ae_title} answered C-STORE status 0x{status:04X}")
-        with self.db.session() as session:
-            if not self.queue.complete(session, job, worker):
-                raise LeaseLost()
-        self.metrics.sent.labels(destination=peer.ae_title, outcome="sent").inc()
-        self.metrics.latency.labels(stage="send").observe(time.perf_counter() - t0)
-        event(log, logging.INFO, "sent", sop_instance_uid=instance.sop_instance_uid, destination=peer.ae_title)
 
     def _gauge_loop(self) -> None:
         while not self.stopping.wait(2.0):

@@ -11,8 +11,6 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from .config import LoggingSettings
 
-log = logging.getLogger("cxrtriage")
-
 #: Keys that may carry patient identity; dropped from log records unless allowed.
 PHI_KEYS = ("patient_name", "patient_birth_date")
 
@@ -59,6 +57,11 @@ def setup_logging(settings: LoggingSettings) -> None:
 def event(logger: logging.Logger, level: int, message: str, **fields: object) -> None:
     """Log ``message`` with structured ``fields`` (PHI keys filtered by the formatter)."""
     logger.log(level, message, extra={"fields": fields})
+
+
+def hex_status(code: int) -> str:
+    """A DIMSE status as the metrics and logs label it: ``0xA700``."""
+    return f"0x{code:04X}"
 
 
 class Metrics:

@@ -145,25 +145,43 @@ class StoreSCP:
         return sorted(p for p in self.folder.iterdir() if p.is_file() and not p.name.endswith(".log"))
 
 
+class RecordingSCP:
+    """An in-process pynetdicom storage SCP on 127.0.0.1 that keeps what arrives, byte for byte.
+
+    Each C-STORE is kept as (transfer syntax, the dataset bytes exactly as
+    received) and answered with ``status``.
+    """
+
+    def __init__(self, ae_title: str = "PACS", status: int = 0x0000, sop_classes: tuple[str, ...] = (),
+                 transfer_syntaxes: tuple[str, ...] = ()) -> None:
+        self.ae_title = ae_title
+        self.status = status
+        self.sop_classes = sop_classes
+        self.transfer_syntaxes = transfer_syntaxes  # empty: every syntax pynetdicom knows
+        self.port = free_port()
+        self.received: list[tuple[str, bytes]] = []
+        self.server: Any = None
+
+    def start(self) -> "RecordingSCP":
+        from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+        from pynetdicom.sop_class import Comprehensive3DSRStorage, SegmentationStorage  # type: ignore[attr-defined]
+
+        ae = AE(ae_title=self.ae_title)
+        for sop_class in self.sop_classes or (SegmentationStorage, Comprehensive3DSRStorage):
+            ae.add_supported_context(sop_class, list(self.transfer_syntaxes) or ALL_TRANSFER_SYNTAXES)
+
+        def keep(event: Any) -> int:
+            self.received.append((str(event.context.transfer_syntax), event.request.DataSet.getvalue()))
+            return self.status
+
+        self.server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, keep)])
+        return self
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+
+
 def netns_available() -> bool:
     return os.geteuid() == 0 and subprocess.run(["ip", "netns", "list"], capture_output=True).returncode == 0
 
-
-def white_out_left_lung(phantom: Any) -> Any:
-    """The phantom with its patient-left lung filled to the density around it.
-
-    A white-out (complete opacification, or no aerated lung at all) is what a
-    lung model misses: the node must then report one lung, not a clear one.
-    """
-    import dataclasses
-
-    import cv2
-    import numpy as np
-
-    image = phantom.image.copy()
-    side = max(3, image.shape[1] // 16) | 1
-    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (side, side))
-    region = cv2.dilate(phantom.left_lung.astype(np.uint8), kernel).astype(bool)
-    ring = cv2.dilate(region.astype(np.uint8), kernel).astype(bool) & ~region
-    image[region] = float(np.median(image[ring]))
-    return dataclasses.replace(phantom, image=cv2.GaussianBlur(image, (0, 0), 1.5))

@@ -25,7 +25,6 @@ models gives the same UIDs, never a second copy.
 
 from __future__ import annotations
 
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from pydicom import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
 
+from ..dicom_header import EncodedObject, derived_uid
 from .pipeline import Result
 from .scoring import BRIXIA_LETTERS
 
@@ -66,23 +66,16 @@ SEG_RIGHT_LUNG, SEG_LEFT_LUNG, SEG_OPACITY = 1, 2, 3
 SEG_FIRST_ZONE = 4  # zones A-F are segments 4-9
 
 
-#: Namespace of the name-based UUIDs behind derived UIDs (PS3.5 B.2: "2.25." + UUID as integer).
-_UID_NAMESPACE = uuid.UUID("6f0c5a0e-2f3b-5a51-9a4e-6378727472ca")
-
-
-def derived_uid(source_uid: str, algorithm_version: str, what: str) -> str:
-    """A UID fixed by (source instance, algorithm version, object kind).
-
-    A UUIDv5 of those three, written in the 2.25 form; pydicom's
-    ``generate_uid(prefix=None)`` would ignore its entropy and be random.
-    """
-    return "2.25." + str(uuid.uuid5(_UID_NAMESPACE, f"{source_uid}|{algorithm_version}|{what}").int)
-
-
 @dataclass
 class ResultObjects:
+    """The SEG and SR of one scored image, as datasets."""
+
     seg: Dataset
     sr: Dataset
+
+    def encode(self) -> tuple[EncodedObject, EncodedObject]:
+        """Both as the file bytes the node stores and sends, with their UIDs and series facts."""
+        return EncodedObject.encode(self.seg, "seg"), EncodedObject.encode(self.sr, "sr")
 
     def save(self, folder: Path) -> tuple[Path, Path]:
         folder.mkdir(parents=True, exist_ok=True)

@@ -4,23 +4,25 @@
 (decode, both stages, scoring, SEG + SR encoding, overlay PNG), with plain,
 picklable results, so that it can run in the node's own thread or in a
 :class:`~cxrtriage.inference.parallel.ScoringPool` worker process. Storing
-the bytes durably and recording them in the database stay with the caller.
+the bytes durably and recording them in the database stay with the caller
+(:mod:`cxrtriage.stages.score`), which learns every UID it needs from the
+:class:`~cxrtriage.dicom_header.EncodedObject` and never parses the bytes.
+
+The models, highdicom and OpenCV are imported when scoring first runs, so
+that the result types can be imported cheaply.
 """
 
 from __future__ import annotations
 
-import io
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pydicom
+from ..dicom_header import EncodedObject
 
-from .dicom_results import build_result_objects
-from .overlay import write_overlay
-from .pipeline import Pipeline
-from .radiograph import RadiographError, radiograph_from_dataset
+if TYPE_CHECKING:
+    from .pipeline import Pipeline, Result
 
 
 @dataclass
@@ -32,9 +34,14 @@ class InstanceScored:
     brixia_total: int
     p_disease: float
     algorithm_version: str
-    seg: bytes
-    sr: bytes
+    seg: EncodedObject
+    sr: EncodedObject
     seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def objects(self) -> tuple[EncodedObject, EncodedObject]:
+        """The SEG and the SR, in the order they are stored and sent."""
+        return self.seg, self.sr
 
 
 @dataclass
@@ -45,15 +52,14 @@ class InstanceRefused:
     detail: str
 
 
-def dataset_bytes(ds: pydicom.Dataset) -> bytes:
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
-
-
 def score_instance(
     pipeline: Pipeline, path: Path, sop_instance_uid: str, overlay: Path | None = None, *, jpeg2000: bool = False
 ) -> InstanceScored | InstanceRefused:
+    """Score the DICOM file at ``path``: the encoded SEG + SR and the scores, or why it cannot be scored."""
+    import pydicom
+
+    from .radiograph import RadiographError, radiograph_from_dataset
+
     t0 = time.perf_counter()
     ds = pydicom.dcmread(path)
     try:
@@ -62,13 +68,23 @@ def score_instance(
         return InstanceRefused(exc.reason, exc.detail)
     result = pipeline(radiograph)
     t1 = time.perf_counter()
-    objects = build_result_objects(ds, result, jpeg2000=jpeg2000)
-    seg, sr = dataset_bytes(objects.seg), dataset_bytes(objects.sr)
+    outcome = encode_result(ds, radiograph.pixels, result, overlay, jpeg2000=jpeg2000)
+    outcome.seconds = {"inference": t1 - t0, "dicom_results": time.perf_counter() - t1}
+    return outcome
+
+
+def encode_result(
+    ds: Any, pixels: Any, result: Result, overlay: Path | None = None, *, jpeg2000: bool = False
+) -> InstanceScored:
+    """A pipeline result as the node stores it: the SEG and SR encoded, the overlay written, the scores."""
+    from .dicom_results import build_result_objects
+    from .overlay import write_overlay
+
+    seg, sr = build_result_objects(ds, result, jpeg2000=jpeg2000).encode()
     if overlay is not None:
-        write_overlay(overlay, radiograph.pixels, result)
+        write_overlay(overlay, pixels, result)
     scores = result.scores
     return InstanceScored(
         details=result.as_dict(), total=scores.total, brixia_total=scores.brixia_total, p_disease=result.p_disease,
         algorithm_version=result.algorithm_version, seg=seg, sr=sr,
-        seconds={"inference": t1 - t0, "dicom_results": time.perf_counter() - t1},
     )

@@ -21,6 +21,8 @@ from typing import Any, BinaryIO
 import cv2
 import numpy as np
 
+from ..dicom_header import truncated_element
+
 #: SOP classes accepted as chest radiographs (PS3.4 B.5).
 ACCEPTED_SOP_CLASSES: dict[str, str] = {
     "1.2.840.10008.5.1.4.1.1.1": "CR Image",
@@ -133,26 +135,6 @@ def _check_size(rows: int, cols: int) -> None:
 def _text(ds: Any, keyword: str) -> str:
     value = ds.get(keyword)
     return str(value).strip().upper() if value is not None else ""
-
-
-def truncated_element(ds: Any) -> str | None:
-    """The keyword of an element cut short by the end of the file, or None.
-
-    pydicom reads a truncated value without complaint; right after parsing,
-    the last raw element still carries the length it declared, so the cut
-    shows as a value shorter than that length.
-    """
-    elements = getattr(ds, "_dict", {})
-    if not elements:
-        return None
-    tag = max(elements)
-    last = elements[tag]
-    length, value = getattr(last, "length", None), getattr(last, "value", None)
-    if isinstance(value, (bytes, bytearray)) and length not in (None, 0xFFFFFFFF) and len(value) < length:
-        from pydicom.datadict import keyword_for_tag
-
-        return keyword_for_tag(tag) or str(tag)
-    return None
 
 
 def check_header(ds: Any) -> None:

@@ -24,31 +24,23 @@ import hashlib
 import io
 import logging
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import pydicom
 from pydicom.filewriter import write_file_meta_info
 from sqlalchemy import select
 
-from ..inference.radiograph import truncated_element
-from ..observability import Metrics, event
+from ..dicom_header import catalog_attributes, integer, requested_priority, text, truncated_element
+from ..observability import Metrics, event, hex_status
 from ..storage.archive import Archive, InvalidUIDError, check_uid
-from ..storage.catalog import instance_row, integer, requested_priority, text
+from ..storage.catalog import instance_row
 from ..storage.db import Database
-from ..storage.models import Instance
+from ..storage.models import Instance, JobKind
 from ..storage.queue import JobQueue
 from ..triage.priority import order_priority
 from .contexts import IMAGE_CLASSES, UNCOMPRESSED, Status
 
 log = logging.getLogger("cxrtriage.scp.store")
-
-
-@dataclass
-class StoreOutcome:
-    status: int
-    reason: str
-    instance_id: int | None = None
 
 
 def encode_file(file_meta: pydicom.Dataset, dataset_bytes: bytes) -> bytes:
@@ -91,16 +83,17 @@ class Ingest:
         self.min_free_bytes = min_free_bytes
         self.max_attempts = max_attempts
 
-    def _refuse(self, status: int, reason: str, detail: str, data: bytes | None, calling: str) -> StoreOutcome:
+    def _refuse(self, status: int, reason: str, detail: str, data: bytes | None, calling: str) -> int:
         where = None
         if data is not None:
             where = self.archive.quarantine(data, reason, detail, calling)
-        self.metrics.received.labels(status=f"0x{status:04X}").inc()
-        event(log, logging.WARNING, "store refused", status=f"0x{status:04X}", reason=reason, detail=detail,
+        self.metrics.received.labels(status=hex_status(status)).inc()
+        event(log, logging.WARNING, "store refused", status=hex_status(status), reason=reason, detail=detail,
               calling_aet=calling, quarantined=str(where) if where else None)
-        return StoreOutcome(status, reason)
+        return status
 
-    def store(self, data: bytes, sop_class_in_context: str, calling: str, dimse_priority: int | None) -> StoreOutcome:
+    def store(self, data: bytes, sop_class_in_context: str, calling: str, dimse_priority: int | None) -> int:
+        """Store one received file (preamble, File Meta, dataset as received); returns the C-STORE status."""
         t0 = time.perf_counter()
         if self.archive.free_bytes() < self.min_free_bytes:
             return self._refuse(Status.OUT_OF_RESOURCES, "disk_full", "free space below the configured floor", None, calling)
@@ -132,39 +125,38 @@ class Ingest:
         if same is not None:
             self.metrics.received.labels(status="duplicate").inc()
             event(log, logging.INFO, "duplicate instance, same bytes", sop_instance_uid=sop_uid, calling_aet=calling)
-            return StoreOutcome(Status.SUCCESS, "duplicate", same.id)
+            return Status.SUCCESS
         flagged = existing[0].id if existing else None
         if flagged is not None:
             relative = self.archive.relative_path(ds.StudyInstanceUID, ds.SeriesInstanceUID, sop_uid, sha[:12])
         try:
-            self.archive.write(relative, data)
+            self.archive.write(relative, data, sha256=sha)
             kind = "source" if is_image else ("seg" if text(ds, "Modality") == "SEG" else "sr")
             priority = order_priority(requested_priority(ds), dimse_priority)
             with self.db.session() as session:
                 row = instance_row(
-                    ds, dimse_priority=dimse_priority, calling_aet=calling, path=relative, sha256=sha,
-                    size=len(data), kind=kind, duplicate_of_id=flagged,
+                    catalog_attributes(ds), dimse_priority=dimse_priority, calling_aet=calling, path=relative,
+                    sha256=sha, size=len(data), kind=kind, duplicate_of_id=flagged,
                 )
                 session.add(row)
                 session.flush()
                 if is_image and flagged is None:
-                    self.queue.enqueue(session, "score", row.id, priority=priority, max_attempts=self.max_attempts)
-                instance_id = row.id
+                    self.queue.enqueue(session, JobKind.SCORE, row.id, priority=priority, max_attempts=self.max_attempts)
         except Exception as exc:  # disk or database failure: not acknowledged, the sender retries
             event(log, logging.ERROR, "store failed", sop_instance_uid=sop_uid, error=f"{type(exc).__name__}: {exc}")
-            self.metrics.received.labels(status=f"0x{Status.STORAGE_FAILED:04X}").inc()
-            return StoreOutcome(Status.STORAGE_FAILED, "storage_failed")
-        self.metrics.received.labels(status="0x0000").inc()
+            self.metrics.received.labels(status=hex_status(Status.STORAGE_FAILED)).inc()
+            return Status.STORAGE_FAILED
+        self.metrics.received.labels(status=hex_status(Status.SUCCESS)).inc()
         self.metrics.latency.labels(stage="receive").observe(time.perf_counter() - t0)
         reason = "stored_duplicate_flagged" if flagged else "stored"
         event(log, logging.WARNING if flagged else logging.INFO, reason, sop_instance_uid=sop_uid,
               study_instance_uid=str(ds.StudyInstanceUID), sop_class=sop_class, calling_aet=calling,
               patient_name=text(ds, "PatientName"), bytes=len(data))
-        return StoreOutcome(Status.SUCCESS, reason, instance_id)
+        return Status.SUCCESS
 
     def handle(self, evt: Any) -> int:
         """pynetdicom EVT_C_STORE handler."""
         data = encode_file(evt.file_meta, evt.request.DataSet.getvalue())
         calling = evt.assoc.requestor.ae_title.strip() if isinstance(evt.assoc.requestor.ae_title, str) else str(evt.assoc.requestor.ae_title)
         priority = getattr(evt.request, "Priority", None)
-        return self.store(data, str(evt.context.abstract_syntax), calling, priority).status
+        return self.store(data, str(evt.context.abstract_syntax), calling, priority)

@@ -2,11 +2,15 @@
 
 C-FIND, C-MOVE and C-GET in the Patient Root and Study Root information
 models, at PATIENT, STUDY, SERIES and IMAGE level. Matching follows PS3.4
-C.2.2.2: universal (empty), single value, wildcard (``*``, ``?``; case-
-insensitive for person names), list of UIDs, and ranges for dates and
-times (``A-B``, ``A-``, ``-B``).
+C.2.2.2 and is done by the database (one SELECT with a WHERE per key):
+universal (empty, or only ``*``), single value, wild card (``*``, ``?`` and
+nothing else; case-insensitive for person names), list of UIDs, and ranges for
+dates and times (``A-B``, ``A-``, ``-B``).
 
-Study-level responses carry the AI severity, as requested keys only:
+Study-level responses carry the AI severity, as requested keys only. It is the
+study's most severe image (:func:`cxrtriage.triage.priority.worst_image`, the
+one rule the worklist, the REST API and UPS use too): all values come from that
+one image, never the maximum of each field over several.
 
 * Study Comments (0032,4000), when requested: a one-line summary such as
   ``cxrtriage SCORED: zone score 3/6, Brixia-style 8/18, P(disease) 0.97``.
@@ -16,9 +20,9 @@ Study-level responses carry the AI severity, as requested keys only:
   names any element of group 0x0099:
 
 =========== == =====================================================
-(0099,1001) IS highest 0-6 zone score among the study's images
-(0099,1002) IS highest Brixia-style total (0-18)
-(0099,1003) DS highest P(disease)
+(0099,1001) IS 0-6 zone score of the most severe image
+(0099,1002) IS its Brixia-style total (0-18)
+(0099,1003) DS its P(disease)
 (0099,1004) CS AI status: SCORED, PENDING, FAILED or NOT_SCORABLE
 (0099,1005) DS reading priority (higher first; see cxrtriage.triage.priority)
 (0099,1006) CS worklist band: CRITICAL, HIGH, MODERATE, LOW, UNSCORED, AI_FAILED
@@ -32,20 +36,22 @@ HIGH for critical and high studies, LOW for low ones, MEDIUM otherwise.
 
 from __future__ import annotations
 
-import fnmatch
 import logging
+import re
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import pydicom
 from pydicom.dataset import Dataset
-from sqlalchemy import select
+from pydicom.multival import MultiValue
+from sqlalchemy import ColumnElement, Integer, String, cast, func, select
 
-from ..inference.result_model import ImageResult
+from ..dicom_header import derived_uid
 from ..observability import event
 from ..storage.archive import Archive
 from ..storage.db import Database
-from ..storage.models import Instance, ScoreResult
+from ..storage.models import Instance
+from ..triage.worklist import Worklist, WorklistEntry
 
 log = logging.getLogger("cxrtriage.scp.query")
 
@@ -85,6 +91,10 @@ LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
 LEVEL_KEY = {"PATIENT": "patient_id", "STUDY": "study_instance_uid", "SERIES": "series_instance_uid", "IMAGE": "sop_instance_uid"}
 RANGE_VRS = {"DA", "TM", "DT"}
 IGNORED = {"QueryRetrieveLevel", "SpecificCharacterSet", "RetrieveAETitle", "TimezoneOffsetFromUTC"}
+#: Study-level keys computed over all of a study's instances.
+STUDY_COMPUTED = ("ModalitiesInStudy", "NumberOfStudyRelatedInstances", "NumberOfStudyRelatedSeries", "SOPClassesInStudy")
+#: LIKE's escape character; the query's own ``%``, ``_`` and ``\`` are matched literally.
+LIKE_ESCAPE = "\\"
 
 
 class QueryError(ValueError):
@@ -98,29 +108,123 @@ def _column(keyword: str) -> str | None:
     return None
 
 
+# -- matching (PS3.4 C.2.2.2) ---------------------------------------------
+
+
+def is_universal(query: Any) -> bool:
+    """Universal matching (C.2.2.2.3): an empty value, or a wild card value of only ``*`` (C.2.2.2.4)."""
+    if query is None or (isinstance(query, (list, tuple, MultiValue)) and not query):
+        return True
+    text = str(query)
+    return text == "" or set(text) == {"*"}
+
+
+def uid_list(query: Any) -> list[str]:
+    """List of UID matching (C.2.2.2.2): the UIDs of a multi-valued or backslash-separated value."""
+    values = list(query) if isinstance(query, (list, tuple, MultiValue)) else str(query).split("\\")
+    return [str(v).strip() for v in values if str(v).strip()]
+
+
+def has_wildcard(text: str) -> bool:
+    """C.2.2.2.4: ``*`` and ``?`` are the only wild cards (``[``, ``]`` and the rest are literal)."""
+    return "*" in text or "?" in text
+
+
+def like_pattern(text: str) -> str:
+    """A C-FIND wild card value as a LIKE pattern: ``*`` -> ``%``, ``?`` -> ``_``, literal ``%`` ``_`` ``\\`` escaped."""
+    out = []
+    for char in text:
+        if char in ("%", "_", LIKE_ESCAPE):
+            out.append(LIKE_ESCAPE + char)
+        else:
+            out.append({"*": "%", "?": "_"}.get(char, char))
+    return "".join(out)
+
+
+def glob_pattern(text: str) -> str:
+    """A C-FIND wild card value as an SQLite GLOB pattern (case-sensitive): only ``[`` needs escaping."""
+    return text.replace("[", "[[]")
+
+
+def _as_text(column: Any) -> ColumnElement[str]:
+    """Integer columns (Series / Instance Number) compare as their decimal text, NULL as empty."""
+    if isinstance(column.type, Integer):
+        return func.coalesce(cast(column, String), "")
+    return column
+
+
+def _range(column: ColumnElement[str], text: str) -> ColumnElement[bool]:
+    """Range matching (C.2.2.2.5): ``A-B``, ``A-`` and ``-B``, inclusive; ``-B`` compares B's precision."""
+    low, high = text.split("-", 1)
+    conditions = []
+    if low:
+        conditions.append(column >= low)
+    if high:
+        conditions.append(func.substr(column, 1, len(high)) <= high)
+    return conditions[0] & conditions[1] if len(conditions) == 2 else (conditions[0] if conditions else column == column)
+
+
+def _wildcard(column: ColumnElement[str], text: str, ignore_case: bool, dialect: str) -> ColumnElement[bool]:
+    """Wild card matching (C.2.2.2.4), case-sensitive except for person names.
+
+    SQLite's LIKE ignores ASCII case, so the case-sensitive match there is a GLOB;
+    PostgreSQL's LIKE is case-sensitive and its ILIKE is not.
+    """
+    if ignore_case:
+        return column.ilike(like_pattern(text), escape=LIKE_ESCAPE)
+    if dialect == "sqlite":
+        return column.op("GLOB")(glob_pattern(text))
+    return column.like(like_pattern(text), escape=LIKE_ESCAPE)
+
+
+def match_condition(column: Any, query: Any, vr: str, dialect: str) -> ColumnElement[bool] | None:
+    """The SQL condition of one matching key (PS3.4 C.2.2.2); None for universal matching.
+
+    Person names (PN) match case-insensitively, which C.2.2.2.1 allows ("insensitive to
+    some or all aspects of case"): ASCII case on SQLite, the server's rules on PostgreSQL.
+    """
+    if is_universal(query):
+        return None
+    if vr == "UI":
+        return column.in_(uid_list(query))
+    text = str(query)
+    target = _as_text(column)
+    if vr in RANGE_VRS and "-" in text:
+        return _range(target, text)
+    if has_wildcard(text) or vr == "PN":
+        return _wildcard(target, text, vr == "PN", dialect)
+    return target == text
+
+
+def _wildcard_regex(text: str) -> re.Pattern[str]:
+    return re.compile("".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in text), re.DOTALL)
+
+
 def matches(query: Any, actual: Any, vr: str) -> bool:
-    """One attribute's matching rule (PS3.4 C.2.2.2)."""
-    if query is None or query == "" or (isinstance(query, (list, tuple)) and not query):
+    """One attribute's matching rule (PS3.4 C.2.2.2) in Python, for the UPS workitems (not in the database)."""
+    if is_universal(query):
         return True
     actual_text = "" if actual is None else str(actual)
     if vr == "UI":
-        wanted = list(query) if isinstance(query, (list, tuple, pydicom.multival.MultiValue)) else str(query).split("\\")
-        return actual_text in {w.strip() for w in wanted}
+        return actual_text in uid_list(query)
     text = str(query)
     if vr in RANGE_VRS and "-" in text:
         low, high = text.split("-", 1)
         return (not low or actual_text >= low) and (not high or actual_text[: len(high)] <= high)
-    if "*" in text or "?" in text:
-        if vr == "PN":
-            return fnmatch.fnmatchcase(actual_text.upper(), text.upper())
-        return fnmatch.fnmatchcase(actual_text, text)
     if vr == "PN":
-        return actual_text.upper() == text.upper()
+        actual_text, text = actual_text.upper(), text.upper()
+    if has_wildcard(text):
+        return _wildcard_regex(text).fullmatch(actual_text) is not None
     return actual_text == text
+
+
+# -- severity -------------------------------------------------------------
 
 
 @dataclass
 class StudySeverity:
+    """A study's severity as C-FIND reports it: the values of its one most severe image."""
+
     total: int | None
     brixia: int | None
     p_disease: float | None
@@ -129,39 +233,19 @@ class StudySeverity:
     band: str | None = None
     research_use: bool = False
 
+    @classmethod
+    def of(cls, entry: WorklistEntry) -> StudySeverity:
+        """From the study's worklist entry: the same image the worklist shows (priority.worst_image)."""
+        return cls(entry.total_score, entry.brixia_total, entry.p_disease, entry.ai_status,
+                   entry.priority.priority, entry.priority.band, entry.research_use)
 
-def study_severities(db: Database, study_uids: Iterable[str]) -> dict[str, StudySeverity]:
-    """Per study: the most severe scored image, or the status when none is scored."""
-    uids = list(set(study_uids))
-    out: dict[str, StudySeverity] = {}
+
+def study_severities(worklist: Worklist, study_uids: Iterable[str]) -> dict[str, StudySeverity]:
+    """Per study (read ones included): the severity of its most severe image, or its AI status."""
+    uids = set(study_uids)
     if not uids:
-        return out
-    with db.session() as session:
-        results = session.scalars(select(ScoreResult).where(ScoreResult.study_instance_uid.in_(uids))).all()
-        sources = session.execute(
-            select(Instance.study_instance_uid, Instance.id).where(
-                Instance.study_instance_uid.in_(uids), Instance.kind == "source", Instance.duplicate_of_id.is_(None)
-            )
-        ).all()
-    by_study: dict[str, list[ScoreResult]] = {}
-    for r in results:
-        by_study.setdefault(r.study_instance_uid, []).append(r)
-    pending = {uid for uid, instance_id in sources if instance_id not in {r.instance_id for r in results}}
-    for uid in uids:
-        scored = [r for r in by_study.get(uid, []) if r.status == "scored"]
-        if scored:
-            out[uid] = StudySeverity(
-                max(r.total_score or 0 for r in scored), max(r.brixia_total or 0 for r in scored),
-                max(r.p_disease or 0.0 for r in scored), "SCORED",
-                # results from before identities were recorded came from the synthetic-only bundle
-                research_use=any(ImageResult.model_validate_json(r.details or "{}").research_use for r in scored),
-            )
-        elif uid in pending:
-            out[uid] = StudySeverity(None, None, None, "PENDING")
-        elif by_study.get(uid):
-            status = "FAILED" if any(r.status == "failed" for r in by_study[uid]) else "NOT_SCORABLE"
-            out[uid] = StudySeverity(None, None, None, status)
-    return out
+        return {}
+    return {e.study_instance_uid: StudySeverity.of(e) for e in worklist.entries(include_read=True, studies=uids)}
 
 
 def severity_summary(severity: StudySeverity) -> str:
@@ -170,7 +254,7 @@ def severity_summary(severity: StudySeverity) -> str:
         return f"cxrtriage {severity.status}{band}"
     notice = ", RESEARCH USE: models not trained on real radiographs" if severity.research_use else ""
     return (f"cxrtriage {severity.status}: zone score {severity.total}/6, Brixia-style {severity.brixia}/18, "
-            f"P(disease) {severity.p_disease:.2f}{band}{notice}")
+            f"P(disease) {severity.p_disease or 0.0:.2f}{band}{notice}")
 
 
 def add_severity(identifier: Dataset, severity: StudySeverity) -> None:
@@ -178,21 +262,29 @@ def add_severity(identifier: Dataset, severity: StudySeverity) -> None:
     if severity.total is not None:
         block.add_new(0x01, "IS", severity.total)
         block.add_new(0x02, "IS", severity.brixia)
-        block.add_new(0x03, "DS", f"{severity.p_disease:.4f}")
+        block.add_new(0x03, "DS", f"{severity.p_disease or 0.0:.4f}")
     block.add_new(0x04, "CS", severity.status)
     if severity.priority is not None:
         block.add_new(0x05, "DS", f"{severity.priority:.2f}")
         block.add_new(0x06, "CS", (severity.band or "").upper())
 
 
-class QueryEngine:
-    """Matches identifiers against the instance table and builds responses."""
+def wants_severity(identifier: Dataset) -> bool:
+    """Severity is returned only when asked for: Study Comments, or any element of the private group."""
+    return "StudyComments" in identifier or any(element.tag.group == PRIVATE_GROUP for element in identifier)
 
-    def __init__(self, db: Database, archive: Archive, ae_title: str, worklist: Any = None) -> None:
+
+# -- the engine -----------------------------------------------------------
+
+
+class QueryEngine:
+    """Matches identifiers against the instance table (in SQL) and builds responses."""
+
+    def __init__(self, db: Database, archive: Archive, ae_title: str, worklist: Worklist | None = None) -> None:
         self.db = db
         self.archive = archive
         self.ae_title = ae_title
-        self.worklist = worklist
+        self.worklist = worklist if worklist is not None else Worklist(db)
 
     def _level(self, identifier: Dataset, model: str) -> str:
         level = str(identifier.get("QueryRetrieveLevel", "")).upper()
@@ -202,69 +294,69 @@ class QueryEngine:
             raise QueryError("PATIENT level is not part of the Study Root model")
         return level
 
+    def conditions(self, identifier: Dataset, level: str) -> list[ColumnElement[bool]]:
+        """One SQL condition per matching key at or above ``level`` (keys of lower levels are not matched)."""
+        allowed = {k for lvl in LEVELS[: LEVELS.index(level) + 1] for k in LEVEL_ATTRIBUTES[lvl]}
+        dialect = self.db.engine.dialect.name
+        out = []
+        for element in identifier:
+            keyword = element.keyword
+            if keyword in IGNORED or keyword not in allowed or element.VR == "SQ":
+                continue
+            column = _column(keyword)
+            condition = match_condition(getattr(Instance, column), element.value, element.VR, dialect) if column else None
+            if condition is not None:
+                out.append(condition)
+        return out
+
     def matching_instances(self, identifier: Dataset, model: str) -> tuple[str, list[Instance]]:
         level = self._level(identifier, model)
-        allowed = {k for lvl in LEVELS[: LEVELS.index(level) + 1] for k in LEVEL_ATTRIBUTES[lvl]}
+        query = (select(Instance).where(Instance.duplicate_of_id.is_(None), *self.conditions(identifier, level))
+                 .order_by(Instance.id))
         with self.db.session() as session:
-            query = select(Instance).where(Instance.duplicate_of_id.is_(None))
-            uid = identifier.get("StudyInstanceUID")
-            if uid and isinstance(uid, str) and "\\" not in uid and "*" not in uid:
-                query = query.where(Instance.study_instance_uid == uid)  # the common, indexed case
-            rows = session.scalars(query).all()
-        selected = []
-        for row in rows:
-            ok = True
-            for element in identifier:
-                keyword = element.keyword
-                if keyword in IGNORED or keyword not in allowed:
-                    continue
-                column = _column(keyword)
-                if column and not matches(element.value, getattr(row, column), element.VR):
-                    ok = False
-                    break
-            if ok:
-                selected.append(row)
-        return level, selected
+            return level, list(session.scalars(query).all())
 
     def find(self, identifier: Dataset, model: str) -> Iterator[Dataset]:
         level, rows = self.matching_instances(identifier, model)
         groups: dict[str, list[Instance]] = {}
         for row in rows:
             groups.setdefault(str(getattr(row, LEVEL_KEY[level])), []).append(row)
-        severities = study_severities(self.db, (g[0].study_instance_uid for g in groups.values())) if level == "STUDY" else {}
-        if severities and self.worklist is not None:
-            for entry in self.worklist.entries(include_read=True):
-                if entry.study_instance_uid in severities:
-                    severities[entry.study_instance_uid].priority = entry.priority.priority
-                    severities[entry.study_instance_uid].band = entry.priority.band
-        studies: dict[str, list[Instance]] = {}  # each study's instances, read once per C-FIND
+        study_uids = {g[0].study_instance_uid for g in groups.values()}
+        severities = (study_severities(self.worklist, study_uids)
+                      if level == "STUDY" and wants_severity(identifier) else {})
+        studies = (self._studies(study_uids)
+                   if any(keyword in identifier for keyword in STUDY_COMPUTED) else {})
         for members in groups.values():
-            first = members[0]
-            response = Dataset()
-            response.QueryRetrieveLevel = level
-            for element in identifier:
-                keyword = element.keyword
-                if not keyword or keyword in IGNORED:
-                    continue
-                value = self._value(keyword, first, members, studies)
-                if value is not None:
-                    setattr(response, keyword, value)
-                elif keyword:
-                    setattr(response, keyword, element.value if element.VR == "SQ" else "")
-            if "SpecificCharacterSet" in identifier:
-                response.SpecificCharacterSet = "ISO_IR 192"
-            response.RetrieveAETitle = self.ae_title
-            severity = severities.get(first.study_instance_uid)
-            if severity is not None:
-                if "StudyComments" in identifier:
-                    response.StudyComments = severity_summary(severity)
-                if any(element.tag.group == PRIVATE_GROUP for element in identifier):
-                    for element in [e for e in response if e.tag.group == PRIVATE_GROUP]:
-                        del response[element.tag]
-                    add_severity(response, severity)
-            yield response
+            yield self._response(identifier, level, members, studies, severities.get(members[0].study_instance_uid))
 
-    def _value(self, keyword: str, first: Instance, members: list[Instance], studies: dict[str, list[Instance]]) -> Any:
+    def _response(self, identifier: Dataset, level: str, members: list[Instance],
+                  studies: dict[str, list[tuple[str, str, str]]], severity: StudySeverity | None) -> Dataset:
+        first = members[0]
+        response = Dataset()
+        response.QueryRetrieveLevel = level
+        for element in identifier:
+            keyword = element.keyword
+            if not keyword or keyword in IGNORED:
+                continue
+            value = self._value(keyword, first, members, studies)
+            if value is not None:
+                setattr(response, keyword, value)
+            else:
+                setattr(response, keyword, element.value if element.VR == "SQ" else "")
+        if "SpecificCharacterSet" in identifier:
+            response.SpecificCharacterSet = "ISO_IR 192"
+        response.RetrieveAETitle = self.ae_title
+        if severity is not None:
+            if "StudyComments" in identifier:
+                response.StudyComments = severity_summary(severity)
+            if any(element.tag.group == PRIVATE_GROUP for element in identifier):
+                for element in [e for e in response if e.tag.group == PRIVATE_GROUP]:
+                    del response[element.tag]
+                add_severity(response, severity)
+        return response
+
+    def _value(self, keyword: str, first: Instance, members: list[Instance],
+               studies: dict[str, list[tuple[str, str, str]]]) -> Any:
         column = _column(keyword)
         if column:
             value = getattr(first, column)
@@ -273,29 +365,30 @@ class QueryEngine:
             return len(members)
         if keyword == "NumberOfPatientRelatedStudies":
             return len({m.study_instance_uid for m in members})
-        if keyword not in ("ModalitiesInStudy", "NumberOfStudyRelatedInstances", "NumberOfStudyRelatedSeries",
-                           "SOPClassesInStudy"):
+        if keyword not in STUDY_COMPUTED:
             return None
-        if first.study_instance_uid not in studies:
-            studies[first.study_instance_uid] = self._study(first)
-        study = studies[first.study_instance_uid]
+        study = studies.get(first.study_instance_uid, [])
         if keyword == "ModalitiesInStudy":
-            return sorted({m.modality for m in study if m.modality})
+            return sorted({modality for modality, _, _ in study if modality})
         if keyword == "NumberOfStudyRelatedInstances":
             return len(study)
         if keyword == "NumberOfStudyRelatedSeries":
-            return len({m.series_instance_uid for m in study})
-        return sorted({m.sop_class_uid for m in study})
+            return len({series for _, series, _ in study})
+        return sorted({sop_class for _, _, sop_class in study})
 
-    def _study(self, first: Instance) -> list[Instance]:
+    def _studies(self, uids: Iterable[str]) -> dict[str, list[tuple[str, str, str]]]:
+        """(modality, series UID, SOP class) of every instance of these studies, in one query per 500 studies."""
+        wanted = sorted(set(uids))
+        out: dict[str, list[tuple[str, str, str]]] = {}
         with self.db.session() as session:
-            return list(
-                session.scalars(
-                    select(Instance).where(
-                        Instance.study_instance_uid == first.study_instance_uid, Instance.duplicate_of_id.is_(None)
-                    )
-                ).all()
-            )
+            for start in range(0, len(wanted), 500):
+                for uid, modality, series, sop_class in session.execute(
+                    select(Instance.study_instance_uid, Instance.modality, Instance.series_instance_uid,
+                           Instance.sop_class_uid)
+                    .where(Instance.study_instance_uid.in_(wanted[start:start + 500]), Instance.duplicate_of_id.is_(None))
+                ):
+                    out.setdefault(uid, []).append((modality, series, sop_class))
+        return out
 
     def retrieve(self, identifier: Dataset, model: str) -> "Retrieval":
         """Instances to send for a C-MOVE / C-GET identifier."""
@@ -305,7 +398,7 @@ class QueryEngine:
 
 @dataclass
 class Retrieval:
-    rows: list[Instance]
+    rows: Sequence[Instance]
     archive: Archive
 
     def __len__(self) -> int:
@@ -319,6 +412,15 @@ class Retrieval:
         return [build_context(sop_class, [syntax]) for sop_class, syntax in pairs][:128]
 
     def datasets(self) -> Iterator[Dataset]:
+        """Each stored instance as read from the archive, its elements left encoded.
+
+        pynetdicom 3.0's C-GET / C-MOVE service classes take only a Dataset from the
+        handler (a file path counts as a failed sub-operation), so the file is read
+        but nothing in it is converted: pydicom keeps every element raw, and since the
+        presentation context is the stored transfer syntax (:meth:`contexts`),
+        ``write_dataset`` copies the raw bytes back out unchanged. Pixel data is
+        never decoded and the stored encoding is what the peer receives.
+        """
         for row in self.rows:
             yield pydicom.dcmread(self.archive.path(row.path))
 
@@ -329,11 +431,9 @@ UPS_PRIORITY = {"critical": "HIGH", "high": "HIGH", "low": "LOW"}
 UPS_STATE = {"unread": "SCHEDULED", "claimed": "IN PROGRESS", "read": "COMPLETED"}
 
 
-def workitems(worklist: Any, ae_title: str) -> Iterator[Dataset]:
+def workitems(worklist: Worklist, ae_title: str) -> Iterator[Dataset]:
     """One UPS workitem per unread or claimed study, in reading order (PS3.4 CC.2.5)."""
-    from ..inference.dicom_results import derived_uid
-
-    for entry in worklist.entries():
+    for entry in worklist.entries(details=False):  # the workitem needs no zone grades or model names
         item = Dataset()
         item.SOPClassUID = UPS_SOP_CLASS
         item.SOPInstanceUID = derived_uid(entry.study_instance_uid, "reading", "ups")
@@ -378,9 +478,6 @@ def make_handlers(engine: QueryEngine, move_lookup: Callable[[str], tuple[str, i
 
     def handle_find(evt: Any) -> Iterator[tuple[int, Dataset | None]]:
         if str(evt.context.abstract_syntax) == UPS_PULL:
-            if engine.worklist is None:
-                yield 0xC000, None
-                return
             for item in workitems(engine.worklist, engine.ae_title):
                 response = ups_matches(evt.identifier, item)
                 if response is not None:

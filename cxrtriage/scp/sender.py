@@ -1,14 +1,38 @@
-"""C-STORE SCU: send stored instances to a destination (PACS)."""
+"""C-STORE SCU: send stored DICOM files to a peer, exactly as stored.
+
+One sender serves the node's send stage and ``cxrtriage demo``. Each file
+goes out in its own transfer syntax, read from disk and never decoded:
+pynetdicom sends a file path's encoded dataset in chunks when
+``STORE_SEND_CHUNKED_DATASET`` is set, which needs an accepted presentation
+context in exactly that syntax, so that is what is proposed.
+"""
 
 from __future__ import annotations
 
 import ssl
 from pathlib import Path
+from typing import Sequence
 
 import pydicom
-from pynetdicom import AE
+from pydicom.filereader import read_file_meta_info
+from pydicom.pixels import pack_bits
+from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom import AE, _config
+from pynetdicom.status import GENERAL_STATUS, STATUS_WARNING, STORAGE_SERVICE_CLASS_STATUS, Status
 
 from ..config import Peer, TLSSettings
+
+# A file path given to send_c_store is sent as stored (not decoded and re-encoded).
+# Process-wide, but the node passes paths only here; C-MOVE / C-GET send datasets.
+_config.STORE_SEND_CHUNKED_DATASET = True
+
+#: C-STORE statuses that mean "stored" (PS3.4 B.2.3): success and the Storage Service's own
+#: warnings (coercion of data elements, element discarded, data set does not match SOP class).
+STORED_STATUSES: frozenset[int] = frozenset(
+    {Status.SUCCESS}
+    | {code for code, (category, _) in STORAGE_SERVICE_CLASS_STATUS.items()
+       if category == STATUS_WARNING and code not in GENERAL_STATUS}
+)
 
 
 def client_tls(tls: TLSSettings, host: str) -> tuple[ssl.SSLContext, str] | None:
@@ -22,34 +46,58 @@ def client_tls(tls: TLSSettings, host: str) -> tuple[ssl.SSLContext, str] | None
 
 
 class SendError(RuntimeError):
-    """The destination could not be reached or refused an instance."""
+    """The destination could not be reached, or accepted no context for a file."""
 
 
-def send_files(peer: Peer, files: list[Path], calling_ae: str, *, timeout: float = 30.0, max_pdu: int = 0) -> list[int]:
-    """Send ``files`` over one association; returns each C-STORE status.
+class ContextNotAccepted(SendError):
+    """The association was established but the peer refused a file's SOP class in its transfer syntax."""
 
-    Raises :class:`SendError` when the association cannot be established.
-    Presentation contexts are proposed for each file's SOP class in its own
-    transfer syntax, with Explicit VR Little Endian as a fallback.
+
+def _decoded(path: Path) -> pydicom.Dataset:
+    """A compressed file decoded, for a peer that takes only Explicit VR Little Endian."""
+    ds = pydicom.dcmread(path)
+    frames = ds.pixel_array if ds.get("BitsAllocated") == 1 else None
+    ds.decompress(generate_instance_uid=False)  # lossless: the same instance, not a new one
+    if frames is not None:  # pydicom leaves 1-bit (BINARY SEG) frames one byte per pixel: pack them again
+        ds.PixelData = pack_bits(frames)
+    return ds
+
+
+def send_files(
+    peer: Peer, files: Sequence[Path], calling_ae: str, *, timeout: float = 30.0, max_pdu: int = 0
+) -> list[int | None]:
+    """Send ``files`` over one association; returns each C-STORE status (None: no valid response).
+
+    Raises :class:`SendError` when the association cannot be established,
+    :class:`ContextNotAccepted` when the peer takes a file's SOP class neither
+    in its transfer syntax nor in Explicit VR Little Endian. Only the File Meta
+    Information is read; the dataset bytes go out as they are on disk, unless
+    the peer takes a compressed file only uncompressed (then it is decoded).
     """
-    datasets = [pydicom.dcmread(f) for f in files]
+    metas = [read_file_meta_info(f) for f in files]
+    wanted = [(str(m.MediaStorageSOPClassUID), str(m.TransferSyntaxUID)) for m in metas]
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.maximum_pdu_size = max_pdu
-    proposed: dict[str, set[str]] = {}
-    for ds in datasets:
-        syntaxes = proposed.setdefault(str(ds.SOPClassUID), set())
-        syntaxes.update({str(ds.file_meta.TransferSyntaxUID), "1.2.840.10008.1.2.1"})
-    for sop_class, syntaxes in proposed.items():
-        ae.add_requested_context(sop_class, sorted(syntaxes))
+    for sop_class, syntax in dict.fromkeys(wanted):  # one context per pair: the peer accepts each on its own
+        ae.add_requested_context(sop_class, [syntax])
+    for sop_class in dict.fromkeys(c for c, syntax in wanted if syntax != ExplicitVRLittleEndian):
+        # A PACS that cannot take a compressed SEG still gets it, decoded (the pre-0.2 behaviour).
+        ae.add_requested_context(sop_class, [ExplicitVRLittleEndian])
     assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=client_tls(peer.tls, peer.host))
     if not assoc.is_established:
         raise SendError(f"association with {peer.ae_title}@{peer.host}:{peer.port} failed (rejected, aborted or unreachable)")
-    statuses = []
+    accepted = {(str(c.abstract_syntax), str(c.transfer_syntax[0])) for c in assoc.accepted_contexts}
+    statuses: list[int | None] = []
     try:
-        for ds in datasets:
-            status = assoc.send_c_store(ds)
-            statuses.append(int(status.Status) if status and "Status" in status else -1)
+        for path, pair in zip(files, wanted):
+            if pair in accepted:
+                status = assoc.send_c_store(Path(path))
+            elif (pair[0], ExplicitVRLittleEndian) in accepted:
+                status = assoc.send_c_store(_decoded(path))
+            else:
+                raise ContextNotAccepted(f"{peer.ae_title} accepted no context for SOP class {pair[0]} in {pair[1]}")
+            statuses.append(int(status.Status) if status and "Status" in status else None)
     finally:
         assoc.release()
     return statuses

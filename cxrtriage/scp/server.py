@@ -11,7 +11,7 @@ from pynetdicom.sop_class import UnifiedProcedureStepPull  # type: ignore[attr-d
 
 from ..config import DicomSettings
 from ..observability import event
-from .contexts import FIND_CLASSES, GET_CLASSES, MOVE_CLASSES, STORAGE_CLASSES, TRANSFER_SYNTAXES, VERIFICATION
+from .contexts import FIND_CLASSES, GET_CLASSES, MOVE_CLASSES, STORAGE_CLASSES, TRANSFER_SYNTAXES, VERIFICATION, Status
 
 log = logging.getLogger("cxrtriage.scp")
 
@@ -56,7 +56,7 @@ def start_server(settings: DicomSettings, handlers: dict[str, Callable[[Any], An
     """Start listening (non-blocking); returns pynetdicom's threaded server."""
     ae = build_ae(settings)
     bound = [
-        (evt.EVT_C_ECHO, lambda e: 0x0000),
+        (evt.EVT_C_ECHO, lambda e: Status.SUCCESS),
         (evt.EVT_C_STORE, handlers["store"]),
         (evt.EVT_C_FIND, handlers["find"]),
         (evt.EVT_C_MOVE, handlers["move"]),

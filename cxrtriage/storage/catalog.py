@@ -1,65 +1,60 @@
-"""From a DICOM header to an :class:`~.models.Instance` row."""
+"""Catalog rows (:class:`~.models.Instance`) from facts, never from a parsed dataset.
+
+Reading a header is :mod:`cxrtriage.dicom_header`'s job (storage imports
+nothing else of the project); here a received image's row is built from the
+attributes read off its header, and a SEG's or SR's row from what its
+builder knew plus its source's row.
+"""
 
 from __future__ import annotations
 
-from typing import Any
-
-import pydicom
+from typing import Any, Mapping, Protocol
 
 from .models import Instance
 
-
-def text(ds: pydicom.Dataset, keyword: str, limit: int = 64) -> str:
-    value = ds.get(keyword)
-    return str(value).strip()[:limit] if value is not None else ""
-
-
-def integer(ds: pydicom.Dataset, keyword: str) -> int | None:
-    try:
-        value = ds.get(keyword)
-        return int(value) if value not in (None, "") else None
-    except (TypeError, ValueError):
-        return None
+#: Patient and study attributes a derived object shares with its source (the builder copies them).
+PATIENT_STUDY_COLUMNS = (
+    "patient_id", "patient_name", "patient_birth_date", "patient_sex", "study_date", "study_time", "study_id",
+    "accession_number", "study_description", "referring_physician",
+)
 
 
-def requested_priority(ds: pydicom.Dataset) -> str:
-    """Requested Procedure Priority (0040,1003), top level or in the Request Attributes Sequence."""
-    value = text(ds, "RequestedProcedurePriority", 16)
-    if not value:
-        for item in ds.get("RequestAttributesSequence", []) or []:
-            value = text(item, "RequestedProcedurePriority", 16)
-            if value:
-                break
-    return value.upper()
+class DerivedObject(Protocol):
+    """What the catalog needs to know about a SEG or SR the node wrote (``dicom_header.EncodedObject``)."""
+
+    kind: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    series_instance_uid: str
+    study_instance_uid: str
+    transfer_syntax_uid: str
+    modality: str
+    series_number: int | None
+    series_description: str
+    instance_number: int | None
+    body_part: str
 
 
-def instance_row(ds: pydicom.Dataset, **fields: Any) -> Instance:
-    """An Instance with the header's patient/study/series/instance attributes plus ``fields``.
+def instance_row(attributes: Mapping[str, Any], **fields: Any) -> Instance:
+    """A received instance's row: its header's catalog attributes plus ``fields`` (path, sha256, size, kind, ...)."""
+    return Instance(**attributes, **fields)
 
-    ``fields`` must give at least path, sha256, size and kind.
-    """
+
+def derived_row(
+    obj: DerivedObject, source: Instance, *, path: str, sha256: str, size: int, calling_aet: str
+) -> Instance:
+    """The row of a SEG or SR derived from ``source``: its own UIDs and series, the source's patient and study."""
     return Instance(
-        sop_instance_uid=str(ds.SOPInstanceUID),
-        sop_class_uid=str(ds.SOPClassUID),
-        transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
-        study_instance_uid=str(ds.StudyInstanceUID),
-        series_instance_uid=str(ds.SeriesInstanceUID),
-        patient_id=text(ds, "PatientID"),
-        patient_name=text(ds, "PatientName", 324),
-        patient_birth_date=text(ds, "PatientBirthDate", 8),
-        patient_sex=text(ds, "PatientSex", 16),
-        study_date=text(ds, "StudyDate", 8),
-        study_time=text(ds, "StudyTime", 16),
-        study_id=text(ds, "StudyID", 16),
-        accession_number=text(ds, "AccessionNumber", 16),
-        study_description=text(ds, "StudyDescription"),
-        referring_physician=text(ds, "ReferringPhysicianName", 324),
-        modality=text(ds, "Modality", 16),
-        series_number=integer(ds, "SeriesNumber"),
-        series_description=text(ds, "SeriesDescription"),
-        instance_number=integer(ds, "InstanceNumber"),
-        body_part=text(ds, "BodyPartExamined", 16),
-        view_position=text(ds, "ViewPosition", 16),
-        requested_priority=requested_priority(ds),
-        **fields,
+        sop_instance_uid=obj.sop_instance_uid,
+        sop_class_uid=obj.sop_class_uid,
+        transfer_syntax_uid=obj.transfer_syntax_uid,
+        study_instance_uid=obj.study_instance_uid,
+        series_instance_uid=obj.series_instance_uid,
+        modality=obj.modality,
+        series_number=obj.series_number,
+        series_description=obj.series_description,
+        instance_number=obj.instance_number,
+        body_part=obj.body_part,
+        **{column: getattr(source, column) for column in PATIENT_STUDY_COLUMNS},
+        path=path, sha256=sha256, size=size, kind=obj.kind, derived_from_id=source.id, calling_aet=calling_aet,
     )

@@ -65,19 +65,18 @@ class Database:
     """Engine, session factory and schema migration of one database URL."""
 
     def __init__(self, url: str) -> None:
-        self.url = url
         self.engine = make_engine(url)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
 
-    def migrate(self) -> None:
-        """Bring the schema to the newest Alembic revision."""
+    def migrate(self, revision: str = "head") -> None:
+        """Bring the schema to the newest Alembic revision (or to ``revision``)."""
         from alembic import command
         from alembic.config import Config
 
         cfg = Config()
         cfg.set_main_option("script_location", str(MIGRATIONS))
         cfg.attributes["connection_engine"] = self.engine
-        command.upgrade(cfg, "head")
+        command.upgrade(cfg, revision)
 
     @contextmanager
     def session(self) -> Iterator[Session]:

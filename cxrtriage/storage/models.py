@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import enum
 
 from sqlalchemy import DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -10,6 +11,30 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
+
+
+class JobKind(enum.StrEnum):
+    """What a job does; stored as its value in ``jobs.kind``."""
+
+    SCORE = "score"  # score one received image
+    SEND = "send"  # send one SEG or SR to one destination
+
+
+class JobState(enum.StrEnum):
+    """Where a job is in its life; stored as its value in ``jobs.state``."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class ResultStatus(enum.StrEnum):
+    """The outcome of scoring one image; stored as its value in ``results.status``."""
+
+    SCORED = "scored"
+    NOT_SCORABLE = "not_scorable"
+    FAILED = "failed"
 
 
 class Base(DeclarativeBase):
@@ -66,11 +91,11 @@ class Job(Base):
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    kind: Mapped[str] = mapped_column(String(16))  # score | send
+    kind: Mapped[str] = mapped_column(String(16))  # a JobKind
     instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id"))
     destination: Mapped[str] = mapped_column(String(64), default="")
     priority: Mapped[int] = mapped_column(Integer, default=0)  # higher first
-    state: Mapped[str] = mapped_column(String(16), default="pending")  # pending running done failed
+    state: Mapped[str] = mapped_column(String(16), default=JobState.PENDING.value)  # a JobState
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     max_attempts: Mapped[int] = mapped_column(Integer, default=5)
     available_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
@@ -89,13 +114,14 @@ class ScoreResult(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id"), unique=True)
     study_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
-    status: Mapped[str] = mapped_column(String(16))  # scored | not_scorable | failed
+    status: Mapped[str] = mapped_column(String(16))  # a ResultStatus
     reason: Mapped[str] = mapped_column(String(64), default="")
     message: Mapped[str] = mapped_column(Text, default="")
     total_score: Mapped[int | None] = mapped_column(Integer, nullable=True)
     brixia_total: Mapped[int | None] = mapped_column(Integer, nullable=True)
     p_disease: Mapped[float | None] = mapped_column(Float, nullable=True)
     details: Mapped[str] = mapped_column(Text, default="{}")  # JSON of all scores
+    zones_scored: Mapped[int | None] = mapped_column(Integer, nullable=True)  # 6, or 3 when one lung was found
     algorithm_version: Mapped[str] = mapped_column(String(64), default="")
     seg_instance_id: Mapped[int | None] = mapped_column(ForeignKey("instances.id"), nullable=True)
     sr_instance_id: Mapped[int | None] = mapped_column(ForeignKey("instances.id"), nullable=True)

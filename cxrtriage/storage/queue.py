@@ -20,15 +20,15 @@ from sqlalchemy import event as sa_event
 from sqlalchemy.orm import Session
 
 from .db import Database, is_sqlite, upsert_insert
-from .models import Job, utcnow
-
-PENDING, RUNNING, DONE, FAILED = "pending", "running", "done", "failed"
+from .models import Job, JobKind, JobState, utcnow
 
 
 @dataclass(frozen=True)
 class Claimed:
+    """A job this worker holds the lease of: the typed task handed to a stage."""
+
     id: int
-    kind: str
+    kind: JobKind
     instance_id: int
     destination: str
     attempts: int
@@ -59,24 +59,24 @@ class JobQueue:
             self._new_work.wait(timeout)
 
     def enqueue(
-        self, session: Session, kind: str, instance_id: int, destination: str = "", *, priority: int = 0,
+        self, session: Session, kind: JobKind, instance_id: int, destination: str = "", *, priority: int = 0,
         max_attempts: int = 5,
     ) -> None:
         """Add a job inside the caller's transaction; an identical job already queued is kept as is."""
         values = dict(
-            kind=kind, instance_id=instance_id, destination=destination, priority=priority, state=PENDING,
+            kind=kind, instance_id=instance_id, destination=destination, priority=priority, state=JobState.PENDING,
             attempts=0, max_attempts=max_attempts, available_at=utcnow(), created_at=utcnow(),
             worker="", last_error="",
         )
         session.execute(upsert_insert(self.db.engine, Job).values(**values).on_conflict_do_nothing())
         sa_event.listen(session, "after_commit", self._announce, once=True)
 
-    def claim(self, kind: str, worker: str, lease_seconds: float) -> Claimed | None:
+    def claim(self, kind: JobKind, worker: str, lease_seconds: float) -> Claimed | None:
         """Take the most urgent ready job of ``kind`` (or an expired lease), or None."""
         now = utcnow()
         ready = or_(
-            and_(Job.state == PENDING, Job.available_at <= now),
-            and_(Job.state == RUNNING, Job.lease_until < now),
+            and_(Job.state == JobState.PENDING, Job.available_at <= now),
+            and_(Job.state == JobState.RUNNING, Job.lease_until < now),
         )
         query = (
             select(Job).where(Job.kind == kind, ready)
@@ -88,26 +88,27 @@ class JobQueue:
             job = session.scalars(query).first()
             if job is None:
                 return None
-            job.state = RUNNING
+            job.state = JobState.RUNNING
             job.attempts += 1
             job.worker = worker
             job.lease_until = now + dt.timedelta(seconds=lease_seconds)
-            return Claimed(job.id, job.kind, job.instance_id, job.destination, job.attempts, job.max_attempts)
+            return Claimed(job.id, JobKind(job.kind), job.instance_id, job.destination, job.attempts, job.max_attempts)
 
     def _owned(self, job_id: int, worker: str):  # type: ignore[no-untyped-def]
-        return update(Job).where(Job.id == job_id, Job.worker == worker, Job.state == RUNNING)
+        return update(Job).where(Job.id == job_id, Job.worker == worker, Job.state == JobState.RUNNING)
 
     def complete(self, session: Session, job: Claimed, worker: str) -> bool:
         """Mark done inside the caller's transaction; False if the lease was lost meanwhile."""
-        result = session.execute(self._owned(job.id, worker).values(state=DONE, finished_at=utcnow(), lease_until=None))
+        result = session.execute(self._owned(job.id, worker).values(state=JobState.DONE, finished_at=utcnow(), lease_until=None))
         return result.rowcount == 1
 
-    def fail(self, job: Claimed, worker: str, error: str, *, retry: bool = True) -> str:
+    def fail(self, job: Claimed, worker: str, error: str, *, retry: bool = True) -> JobState:
         """Record a failure: back to pending after a backoff, or failed for good. Returns the new state."""
         final = not retry or job.attempts >= job.max_attempts
         delay = backoff_seconds(job.attempts, self.backoff_base, self.backoff_cap)
+        state = JobState.FAILED if final else JobState.PENDING
         values = dict(
-            state=FAILED if final else PENDING,
+            state=state,
             last_error=error[:4000],
             lease_until=None,
             available_at=utcnow() + dt.timedelta(seconds=0 if final else delay),
@@ -115,16 +116,16 @@ class JobQueue:
         )
         with self.db.session() as session:
             session.execute(self._owned(job.id, worker).values(**values))
-        return values["state"]  # type: ignore[return-value]
+        return state
 
-    def retry_failed(self, kind: str | None = None) -> int:
+    def retry_failed(self, kind: JobKind | None = None) -> int:
         """Give failed jobs a fresh set of attempts (an operator's or the scheduler's decision)."""
-        query = update(Job).where(Job.state == FAILED)
+        query = update(Job).where(Job.state == JobState.FAILED)
         if kind:
             query = query.where(Job.kind == kind)
         with self.db.session() as session:
             return session.execute(
-                query.values(state=PENDING, attempts=0, available_at=utcnow(), finished_at=None)
+                query.values(state=JobState.PENDING, attempts=0, available_at=utcnow(), finished_at=None)
             ).rowcount
 
     def release_worker(self, worker_prefix: str, keep: str) -> int:
@@ -136,11 +137,12 @@ class JobQueue:
         with self.db.session() as session:
             return session.execute(
                 update(Job)
-                .where(Job.state == RUNNING, Job.worker.like(f"{worker_prefix}%"), Job.worker.notlike(f"{keep}%"))
-                .values(state=PENDING, lease_until=None, available_at=utcnow())
+                .where(Job.state == JobState.RUNNING, Job.worker.like(f"{worker_prefix}%"), Job.worker.notlike(f"{keep}%"))
+                .values(state=JobState.PENDING, lease_until=None, available_at=utcnow())
             ).rowcount
 
     def depth(self) -> dict[tuple[str, str], int]:
+        """Number of jobs by (kind, state), for the queue-depth gauge."""
         with self.db.session() as session:
             rows = session.execute(select(Job.kind, Job.state, func.count()).group_by(Job.kind, Job.state))
             return {(kind, state): count for kind, state, count in rows}

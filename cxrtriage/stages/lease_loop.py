@@ -1,0 +1,108 @@
+"""The worker loop: claim a job with a lease, run its stage, record the outcome.
+
+A stage is any callable ``(job, worker) -> None`` that marks the job done
+inside the transaction that records its work (``JobQueue.complete``) and
+raises :class:`LeaseLost` when that fails: another worker took the job
+over, so this worker's transaction is rolled back and the other one's
+result stands. Any other exception fails the job: back to pending after a
+backoff, or failed for good after ``max_attempts`` (at once for
+:class:`GiveUp`), when ``on_failed`` runs.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+from ..observability import event
+from ..storage.models import JobKind, JobState
+from ..storage.queue import Claimed, JobQueue
+
+log = logging.getLogger("cxrtriage.node")
+
+#: Runs one claimed job: ``(job, worker)``.
+Stage = Callable[[Claimed, str], None]
+#: Called once a job has failed for good: ``(job, worker, the last error)``.
+FailureHook = Callable[[Claimed, str, Exception], None]
+
+
+class LeaseLost(RuntimeError):
+    """Another worker took the job over; this worker's results are rolled back."""
+
+
+class GiveUp(RuntimeError):
+    """The job can never succeed (its destination is gone, say): failed for good, no retry."""
+
+
+class Turn(enum.StrEnum):
+    """What one turn of the loop did."""
+
+    IDLE = "idle"  # no job ready
+    CLAIM_FAILED = "claim_failed"  # the database did not answer
+    DONE = "done"
+    RETRYING = "retrying"  # failed, back to pending after a backoff
+    FAILED = "failed"  # failed for good
+    LEASE_LOST = "lease_lost"
+
+
+@dataclass
+class LeaseLoop:
+    """One worker: takes jobs of ``kind`` from ``queue`` and runs ``stage`` on each until ``stopping`` is set."""
+
+    queue: JobQueue
+    kind: JobKind
+    stage: Stage
+    worker: str
+    lease_seconds: float
+    poll_seconds: float
+    stopping: threading.Event
+    on_failed: FailureHook | None = None
+
+    def run(self) -> None:
+        """Turn until stopped; idle, wait for new work (woken at once by a job committed in this process)."""
+        while not self.stopping.is_set():
+            turn = self.turn()
+            if turn is Turn.CLAIM_FAILED:
+                self.stopping.wait(1.0)
+            elif turn is Turn.IDLE:
+                self.queue.wait_for_work(self.poll_seconds)
+
+    def turn(self) -> Turn:
+        """Claim one job and run it; never raises."""
+        try:
+            job = self.queue.claim(self.kind, self.worker, self.lease_seconds)
+        except Exception as exc:  # database briefly unavailable: the caller waits and retries
+            event(log, logging.ERROR, "claim failed", kind=self.kind, error=str(exc))
+            return Turn.CLAIM_FAILED
+        if job is None:
+            return Turn.IDLE
+        try:
+            self.stage(job, self.worker)
+        except LeaseLost:
+            event(log, logging.WARNING, "lease lost; result discarded", job=job.id, kind=self.kind)
+            return Turn.LEASE_LOST
+        except Exception as exc:
+            return self._failed(job, exc)
+        return Turn.DONE
+
+    def _failed(self, job: Claimed, exc: Exception) -> Turn:
+        error = f"{type(exc).__name__}: {exc}"
+        try:
+            state = self.queue.fail(job, self.worker, error, retry=not isinstance(exc, GiveUp))
+        except Exception as db_error:  # not recorded: the lease runs out and the job is claimed again
+            event(log, logging.ERROR, "recording the failure failed", job=job.id, kind=self.kind, error=str(db_error))
+            return Turn.CLAIM_FAILED
+        event(log, logging.ERROR, f"{self.kind} job failed", job=job.id, attempt=job.attempts, next_state=state,
+              error=error)
+        if state is not JobState.FAILED:
+            return Turn.RETRYING
+        if self.on_failed is not None:
+            try:
+                self.on_failed(job, self.worker, exc)
+            except Exception as hook_error:  # the job stays failed; the loop must live on
+                event(log, logging.ERROR, "recording the failure failed", job=job.id, kind=self.kind,
+                      error=f"{type(hook_error).__name__}: {hook_error}")
+        return Turn.FAILED

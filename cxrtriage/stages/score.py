@@ -1,0 +1,226 @@
+"""The score stage: one received image in, its SEG, SR, catalog rows, send jobs and result out.
+
+The scorer (in this process, or in a pool of worker processes) returns the
+encoded SEG and SR with their UIDs. This stage then
+
+1. writes both files durably to the archive (same UIDs on a re-run: the
+   files are replaced, never duplicated);
+2. in one transaction: a catalog row for each (the source's patient and
+   study, the object's own UIDs and series), one ``send`` job per result
+   object and destination, the result row, and the job marked done; a lost
+   lease rolls all of it back (:class:`~.lease_loop.LeaseLost`).
+
+Images the reader cannot score are recorded ``not_scorable`` with its
+reason; a job that fails for good is recorded ``failed``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from ..config import InferenceSettings
+from ..dicom_header import EncodedObject
+from ..inference.instance import InstanceRefused, InstanceScored
+from ..observability import Metrics, event
+from ..storage.archive import Archive
+from ..storage.catalog import derived_row
+from ..storage.db import Database
+from ..storage.models import Instance, JobKind, ResultStatus, ScoreResult
+from ..storage.queue import Claimed, JobQueue
+from .lease_loop import LeaseLost
+
+if TYPE_CHECKING:
+    from ..inference.parallel import ScoringPool
+    from ..inference.pipeline import Pipeline
+
+log = logging.getLogger("cxrtriage.node")
+
+Outcome = InstanceScored | InstanceRefused
+
+
+class Scorer(Protocol):
+    """Scores the DICOM file at ``path`` (an archived image), writing its overlay PNG to ``overlay``."""
+
+    def __call__(self, path: Path, sop_instance_uid: str, overlay: Path | None) -> Outcome: ...
+
+    def warm_up(self, sample: Path) -> None:
+        """Load the models and pay first-call costs on ``sample``."""
+
+    def close(self) -> None:
+        """Release worker processes, if any."""
+
+
+class LocalScorer:
+    """Scores in the calling thread; the pipeline is loaded on first use, once, shared by all threads."""
+
+    def __init__(
+        self, settings: InferenceSettings, *, jpeg2000: bool = False, pipeline: Pipeline | None = None
+    ) -> None:
+        self.settings = settings
+        self.jpeg2000 = jpeg2000
+        self._pipeline = pipeline
+        self._lock = threading.Lock()
+
+    @property
+    def pipeline(self) -> Pipeline:
+        with self._lock:
+            if self._pipeline is None:
+                from ..inference.pipeline import Pipeline
+
+                self._pipeline = Pipeline(self.settings)
+            return self._pipeline
+
+    def __call__(self, path: Path, sop_instance_uid: str, overlay: Path | None) -> Outcome:
+        from ..inference.instance import score_instance
+
+        return score_instance(self.pipeline, path, sop_instance_uid, overlay, jpeg2000=self.jpeg2000)
+
+    def warm_up(self, sample: Path) -> None:
+        self(sample, "warm-up", None)
+
+    def close(self) -> None:
+        pass
+
+
+class PoolScorer:
+    """Scores in a :class:`~cxrtriage.inference.parallel.ScoringPool`; the calling thread waits for its result."""
+
+    def __init__(self, pool: ScoringPool, *, jpeg2000: bool = False) -> None:
+        self.pool = pool
+        self.jpeg2000 = jpeg2000
+
+    def __call__(self, path: Path, sop_instance_uid: str, overlay: Path | None) -> Outcome:
+        return self.pool.submit_instance(path, sop_instance_uid, overlay, jpeg2000=self.jpeg2000).result()
+
+    def warm_up(self, sample: Path) -> None:
+        self.pool.warm_up(sample)
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+def warm_up(scorer: Scorer, scratch: Path, processes: int) -> bool:
+    """Score a small phantom before accepting work; False (and logged) when the models cannot load.
+
+    The first SEG + SR a process builds costs about a second more than the
+    next (imports, highdicom's first use); the first real image should not
+    wait for that. A scorer that cannot load fails every job with the
+    reason; ingest goes on.
+    """
+    from ..inference.phantom import PhantomGenerator, write_cr
+
+    t0 = time.perf_counter()
+    sample = write_cr(PhantomGenerator(320, 288)(0), scratch / f"warm-up-{os.getpid()}.dcm")
+    try:
+        scorer.warm_up(sample)
+    except Exception as exc:
+        event(log, logging.ERROR, "scoring warm-up failed", error=f"{type(exc).__name__}: {exc}")
+        return False
+    finally:
+        sample.unlink(missing_ok=True)
+    event(log, logging.INFO, "scoring ready", processes=processes, seconds=round(time.perf_counter() - t0, 1))
+    return True
+
+
+class ScoreStage:
+    """Runs a ``score`` job: ``stage(job, worker)``; :meth:`record_failed` once it has failed for good."""
+
+    def __init__(
+        self, db: Database, archive: Archive, queue: JobQueue, metrics: Metrics, scorer: Callable[..., Outcome], *,
+        destinations: Sequence[str], ae_title: str, max_attempts: int,
+    ) -> None:
+        self.db = db
+        self.archive = archive
+        self.queue = queue
+        self.metrics = metrics
+        self.scorer = scorer
+        self.destinations = tuple(destinations)
+        self.ae_title = ae_title  # recorded as the calling AE of the objects the node writes
+        self.max_attempts = max_attempts
+
+    def __call__(self, job: Claimed, worker: str) -> None:
+        with self.db.session() as session:
+            source = session.get(Instance, job.instance_id)
+        assert source is not None, f"score job {job.id} names no stored instance"
+        overlay = self.archive.root / "overlays" / f"{source.sop_instance_uid}.png"
+        outcome = self.scorer(self.archive.path(source.path), source.sop_instance_uid, overlay)
+        if isinstance(outcome, InstanceRefused):
+            self.record_refused(job, worker, source, outcome)
+        else:
+            self.record_scored(job, worker, source, outcome)
+
+    def record_scored(self, job: Claimed, worker: str, source: Instance, scored: InstanceScored) -> None:
+        """Store the SEG and SR, then catalog, queue their sends and record the result in one transaction."""
+        stored = [(obj, *self._store(obj)) for obj in scored.objects]  # durable on disk before any row names them
+        with self.db.session() as session:
+            ids: dict[str, int] = {}
+            for obj, relative, sha, size in stored:
+                row = self._catalog(session, obj, source, relative, sha, size)
+                ids[obj.kind] = row.id
+                for destination in self.destinations:
+                    self.queue.enqueue(session, JobKind.SEND, row.id, destination, max_attempts=self.max_attempts)
+            self._set_result(
+                session, source, status=ResultStatus.SCORED, reason="", message="", total_score=scored.total,
+                brixia_total=scored.brixia_total, p_disease=scored.p_disease, details=json.dumps(scored.details),
+                zones_scored=scored.details["zones_scored"],
+                algorithm_version=scored.algorithm_version, seg_instance_id=ids["seg"], sr_instance_id=ids["sr"],
+            )
+            if not self.queue.complete(session, job, worker):
+                raise LeaseLost()
+        self.metrics.scored.labels(outcome=ResultStatus.SCORED).inc()
+        for stage, seconds in scored.seconds.items():
+            self.metrics.latency.labels(stage=stage).observe(seconds)
+        event(log, logging.INFO, "scored", sop_instance_uid=source.sop_instance_uid, total=scored.total,
+              brixia=scored.brixia_total, p_disease=round(scored.p_disease, 3),
+              ms=round(1000 * sum(scored.seconds.values())))
+
+    def record_refused(self, job: Claimed, worker: str, source: Instance, refused: InstanceRefused) -> None:
+        """Record an image the reader cannot score, with its reason; the job is done."""
+        with self.db.session() as session:
+            self._set_result(session, source, status=ResultStatus.NOT_SCORABLE, reason=refused.reason,
+                             message=refused.detail)
+            if not self.queue.complete(session, job, worker):
+                raise LeaseLost()
+        self.metrics.scored.labels(outcome=refused.reason or ResultStatus.NOT_SCORABLE).inc()
+        event(log, logging.WARNING, "not scored", sop_instance_uid=source.sop_instance_uid, reason=refused.reason,
+              detail=refused.detail)
+
+    def record_failed(self, job: Claimed, worker: str, error: Exception) -> None:
+        """Record a job that failed for good (the queue has marked it failed already)."""
+        with self.db.session() as session:
+            source = session.get(Instance, job.instance_id)
+            self._set_result(session, source, status=ResultStatus.FAILED, reason="pipeline_error", message=str(error))
+        self.metrics.scored.labels(outcome="pipeline_error").inc()
+
+    def _store(self, obj: EncodedObject) -> tuple[str, str, int]:
+        relative = self.archive.relative_path(obj.study_instance_uid, obj.series_instance_uid, obj.sop_instance_uid)
+        sha, size = self.archive.write(relative, obj.data)
+        return relative, sha, size
+
+    def _catalog(self, session: Session, obj: EncodedObject, source: Instance, relative: str, sha: str,
+                 size: int) -> Instance:
+        row = session.scalars(select(Instance).where(Instance.sop_instance_uid == obj.sop_instance_uid)).first()
+        if row is None:
+            row = derived_row(obj, source, path=relative, sha256=sha, size=size, calling_aet=self.ae_title)
+            session.add(row)
+        else:  # re-scored with the same models: same UID, refreshed bytes
+            row.path, row.sha256, row.size = relative, sha, size
+        session.flush()
+        return row
+
+    @staticmethod
+    def _set_result(session: Session, source: Instance, **fields: Any) -> None:
+        row = session.scalars(select(ScoreResult).where(ScoreResult.instance_id == source.id)).first()
+        row = row or ScoreResult(instance_id=source.id, study_instance_uid=source.study_instance_uid)
+        for key, value in fields.items():
+            setattr(row, key, value)
+        session.add(row)
