@@ -9,7 +9,7 @@ import pytest
 from scipy.stats import spearmanr
 
 from cxrtriage.config import PrioritySettings
-from cxrtriage.triage.priority import TOP, ImageFinding, prioritise, rank
+from cxrtriage.triage.priority import TOP, ImageFinding, prioritise, rank, worst_image
 
 T0 = dt.datetime(2026, 11, 22, 8, 0, tzinfo=dt.timezone.utc)
 SETTINGS = PrioritySettings()
@@ -87,6 +87,19 @@ def test_unscored_and_failed_studies_are_visible_and_flagged() -> None:
 def test_a_study_takes_its_most_severe_image() -> None:
     study = prioritise([scored(1), scored(5), ImageFinding("not_scorable")], [], T0, T0)
     assert study.band == "critical"
+
+
+def test_the_worst_image_is_one_image_chosen_by_ranking_total() -> None:
+    """One rule picks the study's most severe image; every value shown comes from it."""
+    images = [scored(4, p=0.60, brixia=8), scored(2, p=0.99, brixia=4), ImageFinding("pending")]
+    assert worst_image(images, SETTINGS) == 0  # not zone score 4 with P 0.99: no image showed that
+    assert prioritise(images, [], T0, T0).worst == 0
+    one_lung = ImageFinding("scored", total=2, brixia=4, p_disease=0.7, unscored_zones=3)
+    assert worst_image([scored(4), one_lung], SETTINGS) == 1  # the missing lung's zones count as affected
+    assert worst_image([scored(4), one_lung], PrioritySettings(missing_lung_zones_affected=False)) == 0
+    assert worst_image([scored(3, p=0.5), scored(3, p=0.9)], SETTINGS) == 1  # then Brixia-style, then P(disease)
+    assert worst_image([scored(3), scored(3)], SETTINGS) == 0  # ties: the first image
+    assert worst_image([ImageFinding("failed"), ImageFinding("pending")], SETTINGS) is None
 
 
 @pytest.mark.slow

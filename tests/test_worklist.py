@@ -11,7 +11,7 @@ import pytest
 
 from cxrtriage.inference.phantom import PhantomGenerator, write_cr
 
-from .harness import NodeProcess, wait_for, white_out_left_lung
+from .harness import NodeProcess, wait_for
 from .test_bad_input_network import send_raw
 
 pytestmark = pytest.mark.slow
@@ -110,26 +110,67 @@ def test_token_protects_the_web(tmp_path: Path, database_url: str) -> None:
         node.stop()
 
 
-def test_one_lung_and_the_models_identity_through_the_node(tmp_path: Path, database_url: str, pipeline) -> None:
+def one_lung_outcome(pipeline, path: Path):  # type: ignore[no-untyped-def]
+    """What the node records for ``path`` when its lung model finds only the patient-right lung.
+
+    The real pipeline scores the image; its scoring is then redone on the right
+    lung alone, as when a white-out hides the left one from the lung model.
+    """
+    import dataclasses
+
+    from cxrtriage.inference.instance import encode_result
     from cxrtriage.inference.radiograph import load_radiograph
+    from cxrtriage.inference.scoring import ScoringConfig, score
+
+    r = load_radiograph(path)
+    result = pipeline(r)
+    scores, zones = score(result.zones.right, result.disease, ScoringConfig(result.scores.zone_threshold),
+                          r.patient_orientation, r.image_laterality, r.pixel_spacing_mm)
+    one_lung = dataclasses.replace(result, lungs=result.zones.right, zones=zones, scores=scores)
+    return encode_result(r.dataset, r.pixels, one_lung)
+
+
+def test_one_lung_and_the_models_identity_through_the_node(tmp_path: Path, database_url: str, pipeline) -> None:
+    import threading
+
+    import pydicom
+
+    from cxrtriage.config import InferenceSettings
+    from cxrtriage.observability import Metrics
+    from cxrtriage.stages.lease_loop import LeaseLoop, Turn
+    from cxrtriage.stages.score import LocalScorer, ScoreStage
+    from cxrtriage.storage.archive import Archive
+    from cxrtriage.storage.models import JobKind
+    from cxrtriage.storage.queue import JobQueue
 
     generator = PhantomGenerator(448, 416)
-    one_lung = None
-    for seed in range(4_600_000, 4_600_024):  # a white-out the bundled lung model reports as one lung
-        candidate = write_cr(white_out_left_lung(generator(seed, affected_zones=(0, 1))), tmp_path / f"w{seed}.dcm")
-        if pipeline(load_radiograph(candidate)).scores.missing_lungs == ["left"]:
-            one_lung = candidate
-            break
-    assert one_lung is not None, "no white-out phantom left the bundled lung model with one lung"
+    one_lung = write_cr(generator(4_600_000, affected_zones=(0, 1)), tmp_path / "one-lung.dcm")
     normal = write_cr(generator(4_600_100, affected_zones=()), tmp_path / "normal.dcm")
+    recorded = one_lung_outcome(pipeline, one_lung)
+    assert recorded.details["missing_lungs"] == ["left"]
     identity = pipeline.identity
-    node = NodeProcess(tmp_path / "node", database_url).start()
+    # The node receives and serves; scoring runs here, through the node's own score stage, on its database.
+    node = NodeProcess(tmp_path / "node", database_url, workers={"scoring_workers": 0}).start()
     try:
         for path in (one_lung, normal):
             assert send_raw(node.port, path) == 0x0000
+        db = node.db()
+        real = LocalScorer(InferenceSettings(), pipeline=pipeline)
+        uid = {str(pydicom.dcmread(one_lung, stop_before_pixels=True).SOPInstanceUID)}
+
+        def scorer(path: Path, sop_instance_uid: str, overlay: Path | None):  # type: ignore[no-untyped-def]
+            return recorded if sop_instance_uid in uid else real(path, sop_instance_uid, overlay)
+
+        stage = ScoreStage(db, Archive(tmp_path / "node" / "archive"), JobQueue(db), Metrics(), scorer,
+                           destinations=(), ae_title="CXRTRIAGE", max_attempts=2)
+        loop = LeaseLoop(JobQueue(db), JobKind.SCORE, stage, worker="test:score", lease_seconds=60, poll_seconds=0.05,
+                         stopping=threading.Event())
+        assert [loop.turn(), loop.turn()] == [Turn.DONE, Turn.DONE]
+        db.dispose()
+
         base = node.web_url()
-        worklist = wait_for(lambda: (lambda s, b: b if len(b) == 2 and all(e["band"] != "unscored" for e in b) else None)(
-            *call(f"{base}/api/worklist")), 300, "two scored studies")
+        worklist = call(f"{base}/api/worklist")[1]
+        assert len(worklist) == 2 and all(e["band"] != "unscored" for e in worklist)
         flagged = [e for e in worklist if "one lung found" in e["flags"]]
         assert len(flagged) == 1, worklist
         entry = flagged[0]
@@ -140,8 +181,8 @@ def test_one_lung_and_the_models_identity_through_the_node(tmp_path: Path, datab
             assert e["research_use"] and "not trained on real radiographs" in e["research_use_notice"]
             assert identity.lungs.name in e["models"] and identity.disease.name in e["models"]
         study = call(f"{base}/api/studies/{entry['study_instance_uid']}")[1]
-        recorded = study["image_results"][0]["scores"]["model_identity"]
-        assert recorded["lungs"]["version"] == identity.lungs.version
-        assert recorded["disease"]["training_data"] == list(identity.disease.training_data)
+        recorded_identity = study["image_results"][0]["scores"]["model_identity"]
+        assert recorded_identity["lungs"]["version"] == identity.lungs.version
+        assert recorded_identity["disease"]["training_data"] == list(identity.disease.training_data)
     finally:
         node.stop()

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 from ..config import PrioritySettings
+from ..inference.scoring import ZONE_NAMES
 
 #: Requested Procedure Priority (0040,1003) defined terms, most urgent first.
 REQUESTED_PRIORITY_RANK: dict[str, int] = {"STAT": 3, "HIGH": 2, "ROUTINE": 1, "MEDIUM": 1, "LOW": 0}
@@ -35,7 +36,7 @@ REQUESTED_PRIORITY_RANK: dict[str, int] = {"STAT": 3, "HIGH": 2, "ROUTINE": 1, "
 DIMSE_PRIORITY_RANK: dict[int, int] = {1: 2, 0: 1, 2: 0}
 
 TOP = 100.0
-ZONES_PER_IMAGE = 6  # zones A-F
+ZONES_PER_IMAGE = len(ZONE_NAMES)  # zones A-F
 BANDS = ("critical", "high", "moderate", "low", "unscored", "ai_failed")
 
 
@@ -74,13 +75,34 @@ class StudyPriority:
     waited_minutes: float
     severity: float  # within-band order: zone score, Brixia-style total, P(disease)
     flags: list[str] = field(default_factory=list)
+    worst: int | None = None  # index of the study's most severe scored image (:func:`worst_image`)
 
 
-def study_band(images: Sequence[ImageFinding], settings: PrioritySettings) -> tuple[str, float, ImageFinding | None]:
-    """Band, within-band severity and the most severe scored image of a study."""
-    scored = [i for i in images if i.status == "scored"]
-    if scored:
-        worst = max(scored, key=lambda i: (i.ranking_total(settings), i.brixia or 0, i.p_disease or 0.0))
+def worst_image(images: Sequence[ImageFinding], settings: PrioritySettings) -> int | None:
+    """Index of the study's most severe scored image, or None when none is scored.
+
+    The one rule of "how severe is this study", used by the worklist, the REST
+    API, study-level C-FIND and UPS alike: one image's values, never a mix of
+    several. Most severe = highest ranking zone score (a lung that was not
+    found counts as affected, :meth:`ImageFinding.ranking_total`), then
+    Brixia-style total, then P(disease); the first such image on a tie.
+    """
+    best: int | None = None
+    best_key: tuple[int, int, float] | None = None
+    for index, image in enumerate(images):
+        if image.status != "scored":
+            continue
+        key = (image.ranking_total(settings), image.brixia or 0, image.p_disease or 0.0)
+        if best_key is None or key > best_key:
+            best, best_key = index, key
+    return best
+
+
+def study_band(images: Sequence[ImageFinding], settings: PrioritySettings) -> tuple[str, float, int | None]:
+    """Band, within-band severity and the index of the most severe scored image of a study."""
+    index = worst_image(images, settings)
+    if index is not None:
+        worst = images[index]
         total, p = worst.ranking_total(settings), worst.p_disease or 0.0
         if total >= settings.critical_total:
             band = "critical"
@@ -92,7 +114,7 @@ def study_band(images: Sequence[ImageFinding], settings: PrioritySettings) -> tu
             band = "low"
         # Up to 9.9 points inside the band: zone score, then Brixia-style total, then P(disease).
         severity = 1.2 * total + 0.1 * min(worst.brixia or 0, 18) + 0.9 * p
-        return band, severity, worst
+        return band, severity, index
     if any(i.status == "pending" for i in images) or not images:
         return "unscored", 0.0, None
     return "ai_failed", 0.0, None
@@ -107,7 +129,7 @@ def prioritise(
     dimse_high: bool = False,
 ) -> StudyPriority:
     settings = settings or PrioritySettings()
-    band, severity, _ = study_band(images, settings)
+    band, severity, worst = study_band(images, settings)
     requested = [r.strip().upper() for r in requested_priorities if r and r.strip()]
     order_base = max([settings.order_base.get(r, 0.0) for r in requested] + [0.0])
     if dimse_high:
@@ -132,7 +154,8 @@ def prioritise(
         flags.append("no lung found" if unscored >= ZONES_PER_IMAGE else "one lung found")
     if waited > max_wait:
         flags.append("overdue")
-    return StudyPriority(band=band, base=base, priority=priority, waited_minutes=waited, severity=severity, flags=flags)
+    return StudyPriority(band=band, base=base, priority=priority, waited_minutes=waited, severity=severity, flags=flags,
+                         worst=worst)
 
 
 def rank(entries: Sequence[tuple[StudyPriority, dt.datetime]]) -> list[int]:

@@ -12,16 +12,19 @@ from __future__ import annotations
 import base64
 import hmac
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
-from fastapi.responses import FileResponse, HTMLResponse, PlainTextResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel
+from pydantic import BaseModel, TypeAdapter
 
-from .worklist import Worklist
+from ..storage.archive import is_valid_uid
+from .worklist import StudyDetail, StudyNotFound, Worklist, WorklistRow
 
 PAGE = Path(__file__).parent / "static"
+#: Serialises the worklist in one call (pydantic-core), without re-validating each row.
+ROWS = TypeAdapter(list[WorklistRow])
 
 
 class ReaderAction(BaseModel):
@@ -48,6 +51,11 @@ def create_app(worklist: Worklist, overlays: Path, *, token: str | None = None, 
     app = FastAPI(title="cxrtriage worklist", version="1", description="Chest X-ray studies in reading order.")
     app.mount("/static", StaticFiles(directory=PAGE), name="static")
 
+    @app.exception_handler(StudyNotFound)
+    def no_such_study(_request: Request, _exc: StudyNotFound) -> JSONResponse:
+        # Only "no such study" becomes a 404; any other lookup error stays a server error.
+        return JSONResponse({"detail": "no such study"}, status_code=404)
+
     def auth(request: Request) -> None:
         _authorised(request, token)
 
@@ -55,45 +63,40 @@ def create_app(worklist: Worklist, overlays: Path, *, token: str | None = None, 
     def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/api/worklist", dependencies=[Depends(auth)])
+    @app.get("/api/worklist", dependencies=[Depends(auth)], response_model=list[WorklistRow])
     def get_worklist(
         band: str | None = Query(None, description="critical, high, moderate, low, unscored, ai_failed"),
         modality: str | None = None,
         unread_only: bool = False,
-    ) -> list[dict[str, Any]]:
-        return [e.as_dict() for e in worklist.entries(band=band, modality=modality, unread_only=unread_only)]
+        limit: int | None = Query(None, ge=1, description="only the first N in reading order (default: all)"),
+    ) -> Response:
+        rows = [e.row() for e in worklist.entries(band=band, modality=modality, unread_only=unread_only, limit=limit)]
+        return Response(ROWS.dump_json(rows), media_type="application/json")
 
     @app.get("/api/studies/{uid}", dependencies=[Depends(auth)])
-    def get_study(uid: str) -> dict[str, Any]:
-        study = worklist.study(uid)
-        if study is None:
-            raise HTTPException(404, "no such study")
-        return study
+    def get_study(uid: str) -> StudyDetail:
+        return worklist.study(uid)
 
-    def transition(uid: str, action: ReaderAction, method: Any) -> dict[str, Any]:
-        try:
-            ok = method(uid, action.reader)
-        except KeyError:
-            raise HTTPException(404, "no such study") from None
-        if not ok:
+    def transition(uid: str, action: ReaderAction, method: Callable[[str, str], bool]) -> StudyDetail:
+        if not method(uid, action.reader):  # StudyNotFound -> 404 (handler above)
             raise HTTPException(409, "the study is claimed by another reader or already read")
-        return worklist.study(uid) or {}
+        return worklist.study(uid)
 
     @app.post("/api/studies/{uid}/claim", dependencies=[Depends(auth)])
-    def claim(uid: str, action: ReaderAction) -> dict[str, Any]:
+    def claim(uid: str, action: ReaderAction) -> StudyDetail:
         return transition(uid, action, worklist.claim)
 
     @app.post("/api/studies/{uid}/unclaim", dependencies=[Depends(auth)])
-    def unclaim(uid: str, action: ReaderAction) -> dict[str, Any]:
+    def unclaim(uid: str, action: ReaderAction) -> StudyDetail:
         return transition(uid, action, worklist.unclaim)
 
     @app.post("/api/studies/{uid}/read", dependencies=[Depends(auth)])
-    def read(uid: str, action: ReaderAction) -> dict[str, Any]:
+    def read(uid: str, action: ReaderAction) -> StudyDetail:
         return transition(uid, action, worklist.mark_read)
 
     @app.get("/api/images/{sop_uid}/overlay.png", dependencies=[Depends(auth)])
     def overlay(sop_uid: str) -> FileResponse:
-        if not sop_uid.replace(".", "").isdigit():
+        if not is_valid_uid(sop_uid):
             raise HTTPException(400, "not a UID")
         path = overlays / f"{sop_uid}.png"
         if not path.is_file():
@@ -112,8 +115,7 @@ def create_app(worklist: Worklist, overlays: Path, *, token: str | None = None, 
 
     @app.get("/studies/{uid}", response_class=HTMLResponse, dependencies=[Depends(auth)])
     def study_page(uid: str) -> str:
-        if worklist.study(uid) is None:
-            raise HTTPException(404, "no such study")
+        worklist.study(uid)  # StudyNotFound -> 404
         return (PAGE / "study.html").read_text()
 
     return app
