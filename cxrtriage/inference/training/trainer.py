@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..metrics import dice, roc_auc
 from ..models import ModelSpec, create_model, save_bundled
 from .augment import augment
-from .datasets import Sample, Task, dataset_samples, synthetic_samples
+from .datasets import CTSource, Sample, Task, dataset_samples, drr_samples, synthetic_samples
 from .losses import DynamicWeighting, segmentation_loss
 
 #: Phantom seeds at or above this value are never used for training.
@@ -42,9 +42,18 @@ class TrainConfig(BaseModel):
     input_size: int = 256
     in_channels: int = 1
     equalize: bool = Field(True, description="histogram-equalise whole images first (see preprocess.equalize)")
-    data: str = Field("synthetic", description="synthetic, folder or supervisely")
+    data: str = Field("synthetic", description="synthetic, drr, drr+synthetic, folder or supervisely")
     data_root: str | None = None
-    train_images: int = Field(1600, ge=1, description="phantoms drawn for training (synthetic data)")
+    ct: str | None = Field(None, description="CT volume (NIfTI) for drr data; default: the shipped CT")
+    labels: str | None = Field(None, description="its label map (NIfTI, same grid)")
+    lung_labels: tuple[int, ...] = Field((10, 11, 12, 13, 14), description="lung label ids in the label map")
+    mix_synthetic: float | None = Field(
+        None, ge=0.0, le=1.0, description="share of phantoms among drr training images (drr+synthetic: 0.5)"
+    )
+    drr_cache: str | None = Field(None, description="folder caching rendered DRRs (default ~/.cache/cxrtriage/drr)")
+    init: str | None = Field(None, description="weights (.safetensors) to start from, e.g. the bundled ones")
+    name: str | None = None
+    train_images: int = Field(1600, ge=1, description="images drawn for training (synthetic / drr data)")
     val_images: int = Field(96, ge=2)
     steps: int = Field(1500, ge=1)
     batch_size: int = Field(8, ge=1)
@@ -56,10 +65,31 @@ class TrainConfig(BaseModel):
     seed: int = 0
     device: str = "auto"
     workers: int = Field(default_factory=lambda: os.cpu_count() or 1)
-    version: str = "synthetic-1"
+    version: str | None = Field(None, description="version suffix; default from the data, e.g. synthetic-1")
     out: str = "runs/train"
 
+    @property
+    def synthetic_share(self) -> float:
+        """Share of phantoms among the training images."""
+        if self.data == "synthetic":
+            return 1.0
+        if self.data in ("drr", "drr+synthetic"):
+            return self.mix_synthetic if self.mix_synthetic is not None else (0.5 if self.data == "drr+synthetic" else 0.0)
+        return 0.0
+
+    @property
+    def training_data(self) -> tuple[str, ...]:
+        if self.data in ("folder", "supervisely"):
+            return ("real",)
+        share = self.synthetic_share
+        return ("synthetic",) if share >= 1.0 else ("ct-derived",) if share <= 0.0 else ("synthetic", "ct-derived")
+
+    def ct_source(self) -> CTSource:
+        return CTSource(self.ct, self.labels, tuple(self.lung_labels))
+
     def spec(self) -> ModelSpec:
+        data = "+".join(self.training_data).replace("ct-derived", "drr")
+        version = self.version or f"{data}-1"
         return ModelSpec(
             arch=self.arch,
             encoder=self.encoder,
@@ -71,7 +101,9 @@ class TrainConfig(BaseModel):
             mean=(0.5,),
             std=(0.25,),
             zone_threshold=self.zone_threshold if self.task == "disease" else None,
-            version=f"{self.task}-{self.arch}-{self.encoder}-{self.input_size}-{self.version}",
+            version=f"{self.task}-{self.arch}-{self.encoder}-{self.input_size}-{version}",
+            name=self.name or f"cxrtriage {self.task} ({self.arch}/{self.encoder}, {' + '.join(self.training_data)})",
+            training_data=self.training_data,
         )
 
 
@@ -98,6 +130,8 @@ def load_samples(cfg: TrainConfig) -> tuple[list[Sample], list[Sample]]:
         val_seeds = range(HELD_OUT_SEED_BASE + 50_000, HELD_OUT_SEED_BASE + 50_000 + cfg.val_images)
         val = synthetic_samples(cfg.task, val_seeds, cfg.input_size, cfg.workers, cfg.equalize)
         return train, val
+    if cfg.data in ("drr", "drr+synthetic"):
+        return _drr_and_synthetic(cfg)
     samples = dataset_samples(cfg.task, cfg.data, cfg.data_root, cfg.input_size, cfg.equalize)
     if len(samples) < 2:
         raise ValueError(f"{cfg.data_root}: found {len(samples)} usable images; need at least 2")
@@ -105,6 +139,29 @@ def load_samples(cfg: TrainConfig) -> tuple[list[Sample], list[Sample]]:
     order = rng.permutation(len(samples))
     n_val = max(1, min(cfg.val_images, len(samples) // 10))
     return [samples[i] for i in order[n_val:]], [samples[i] for i in order[:n_val]]
+
+
+def _drr_and_synthetic(cfg: TrainConfig) -> tuple[list[Sample], list[Sample]]:
+    """DRRs of the CT (seeds from cfg.seed * 100 000), mixed with phantoms at ``synthetic_share``.
+
+    Held-out DRRs for model selection use seeds HELD_OUT_SEED_BASE + 50 000..;
+    bench/eval_drr.py evaluates on HELD_OUT_SEED_BASE.., which neither touches.
+    """
+    share = cfg.synthetic_share
+    n_synth = int(round(cfg.train_images * share))
+    n_drr = cfg.train_images - n_synth
+    base = cfg.seed * 100_000
+    common = dict(size=cfg.input_size, workers=cfg.workers, equalize_image=cfg.equalize)
+    drr = dict(source=cfg.ct_source(), cache_dir=cfg.drr_cache)
+    train = drr_samples(cfg.task, range(base, base + n_drr), **drr, **common) if n_drr else []
+    if n_synth:
+        train += synthetic_samples(cfg.task, range(base, base + n_synth), **common)
+    val_base = HELD_OUT_SEED_BASE + 50_000
+    n_val_synth = int(round(cfg.val_images * share))
+    val = drr_samples(cfg.task, range(val_base, val_base + cfg.val_images - n_val_synth), **drr, **common)
+    if n_val_synth:
+        val += synthetic_samples(cfg.task, range(val_base, val_base + n_val_synth), **common)
+    return train, val
 
 
 def _batch(
@@ -168,7 +225,13 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict[str, float]], None] | N
     log.write(json.dumps({"event": "data", "train": len(train_set), "val": len(val_set), "seconds": time.time() - t0}) + "\n")
 
     spec = cfg.spec()
-    model = create_model(spec).to(device).to(memory_format=torch.channels_last)
+    model = create_model(spec)
+    if cfg.init:
+        from ..models import read_state_dict, resolve_weights
+
+        # Fine-tuning: start from trained weights of the same architecture (strict).
+        model.load_state_dict(read_state_dict(resolve_weights(cfg.init)), strict=True)
+    model = model.to(device).to(memory_format=torch.channels_last)
     model.train()
     optimiser = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = max(1, cfg.steps // 20)
@@ -228,6 +291,11 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict[str, float]], None] | N
     extra = {
         "data": cfg.data,
         "data_root": cfg.data_root,
+        "ct": cfg.ct,
+        "labels": cfg.labels,
+        "lung_labels": list(cfg.lung_labels),
+        "synthetic_share": cfg.synthetic_share,
+        "init": cfg.init,
         "train_images": len(train_set),
         "val_images": len(val_set),
         "steps": cfg.steps,

@@ -1,0 +1,171 @@
+"""Held-out quality on radiographs rendered from the shipped chest CT (DRRs).
+
+    python bench/eval_drr.py [--images 120] [--config config.yaml]
+                             [--lungs W --disease W] [--png reliability.png] [--json out.json]
+
+Views, deformations and lesions come from seeds HELD_OUT_SEED_BASE.. which
+training never draws (training: 0..; model selection: HELD_OUT_SEED_BASE +
+50 000..). Every image goes through the real Pipeline; its 0-6 score is
+compared with the truth computed from the true masks with the same zone
+definition, as bench/eval_synthetic.py does for phantoms. Also reported: the
+scores of lesion-free views of the CT (a normal chest should score low) and a
+reliability curve of P(disease) (PNG with matplotlib, else a table).
+
+All DRRs come from ONE patient's CT: these numbers measure how well the models
+learned this rendering of this chest, not how they do on other patients.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from cxrtriage.config import InferenceSettings, load_settings
+from cxrtriage.inference.metrics import dice, roc_auc
+from cxrtriage.inference.pipeline import Pipeline
+from cxrtriage.inference.radiograph import Radiograph
+from cxrtriage.inference.training.datasets import CTSource, _volume, cached_drr, default_drr_cache, prepare_volume
+from cxrtriage.inference.training.drr import DRR, RenderSettings, render
+from cxrtriage.inference.training.trainer import HELD_OUT_SEED_BASE
+
+NORMAL_SEED_BASE = HELD_OUT_SEED_BASE + 80_000
+
+
+def _radiograph(drr: DRR) -> Radiograph:
+    spacing = (drr.pixel_spacing_mm, drr.pixel_spacing_mm)
+    return Radiograph(pixels=drr.image, source=f"drr-{drr.seed}", pixel_spacing_mm=spacing,
+                      patient_orientation=["L", "F"])
+
+
+def reliability(probs: np.ndarray, labels: np.ndarray, bins: int = 10) -> list[dict[str, float]]:
+    """Per bin of P(disease): count, mean P and the observed rate of disease."""
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    rows = []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        inside = (probs >= lo) & ((probs < hi) if hi < 1.0 else (probs <= hi))
+        if inside.any():
+            rows.append({"bin": f"{lo:.1f}-{hi:.1f}", "count": int(inside.sum()),
+                         "mean_p": float(probs[inside].mean()), "observed": float(labels[inside].mean())})
+    return rows
+
+
+def plot_reliability(rows: list[dict[str, float]], path: Path, title: str) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(4, 4), dpi=120)
+    ax.plot([0, 1], [0, 1], "--", color="grey", lw=1)
+    ax.plot([r["mean_p"] for r in rows], [r["observed"] for r in rows], "o-")
+    for r in rows:
+        ax.annotate(str(r["count"]), (r["mean_p"], r["observed"]), fontsize=7, xytext=(3, -9), textcoords="offset points")
+    ax.set(xlabel="P(disease), bin mean", ylabel="observed rate", xlim=(0, 1), ylim=(0, 1), title=title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def evaluate(pipeline: Pipeline, volume_path: Path, images: int, normals: int) -> dict:
+    rows, probs, labels = [], [], []
+    elapsed = 0.0
+    for seed in range(HELD_OUT_SEED_BASE, HELD_OUT_SEED_BASE + images):
+        drr = cached_drr(volume_path, seed)
+        t0 = time.perf_counter()
+        result = pipeline(_radiograph(drr))
+        elapsed += time.perf_counter() - t0
+        truth = drr.truth(pipeline.scoring)
+        rows.append({
+            "seed": seed, "view": drr.view, "lesion": drr.lesion,
+            "lung_dice": dice(result.lungs, drr.lungs),
+            "opacity_dice": dice(result.disease, drr.disease) if drr.has_disease else None,
+            "false_opacity": float(result.disease.sum() / max(1, result.lungs.sum())) if not drr.has_disease else None,
+            "score": result.scores.total, "truth": truth.total,
+            "zone_hits": sum(int(a == b) for a, b in zip(result.scores.binary, truth.binary)),
+            "p_disease": result.p_disease,
+        })
+        probs.append(result.p_disease)
+        labels.append(int(drr.has_disease))
+    probs_a, labels_a = np.array(probs), np.array(labels)
+    err = np.array([abs(r["score"] - r["truth"]) for r in rows])
+    lung = np.array([r["lung_dice"] for r in rows])
+    opacity = [r["opacity_dice"] for r in rows if r["opacity_dice"] is not None]
+    summary = {
+        "images": images, "diseased": int(labels_a.sum()),
+        "lung_dice": float(lung.mean()), "lung_dice_min": float(lung.min()),
+        "opacity_dice": float(np.mean(opacity)) if opacity else float("nan"),
+        "score_mae": float(err.mean()), "score_exact": float((err == 0).mean()),
+        "zone_accuracy": float(sum(r["zone_hits"] for r in rows) / (6 * images)),
+        "auc": roc_auc(probs_a, labels_a) if 0 < labels_a.sum() < images else float("nan"),
+        "seconds_per_image": elapsed / images,
+    }
+    # Lesion-free views of the same chest: a normal chest should score low.
+    volume, sides = _volume(str(volume_path))
+    settings = RenderSettings(p_normal=1.0)
+    normal_rows = []
+    for seed in range(NORMAL_SEED_BASE, NORMAL_SEED_BASE + normals):
+        drr = render(volume, seed, settings, sides=sides)  # type: ignore[arg-type]
+        result = pipeline(_radiograph(drr))
+        normal_rows.append({"seed": seed, "view": drr.view, "score": result.scores.total,
+                            "zones": "".join(str(z) for z in result.scores.binary),
+                            "p_disease": round(result.p_disease, 3), "lung_dice": round(dice(result.lungs, drr.lungs), 3)})
+    return {"summary": summary, "reliability": reliability(probs_a, labels_a), "normal_views": normal_rows,
+            "per_image": rows}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=120)
+    parser.add_argument("--normals", type=int, default=8, help="lesion-free views scored separately")
+    parser.add_argument("--config", default=None)
+    parser.add_argument("--lungs", default=None, help="Stage I weights instead of the configured ones")
+    parser.add_argument("--disease", default=None, help="Stage II weights instead of the configured ones")
+    parser.add_argument("--drr-cache", default=None, help="rendered DRRs are cached here (shared with training)")
+    parser.add_argument("--png", default=None, help="write the reliability curve here")
+    parser.add_argument("--json", default=None, help="write all numbers here")
+    args = parser.parse_args()
+
+    settings: InferenceSettings = load_settings(args.config).inference
+    if args.lungs or args.disease:
+        update = {}
+        if args.lungs:
+            update["lungs"] = {"weights": args.lungs}
+        if args.disease:
+            update["disease"] = {"weights": args.disease}
+        settings = InferenceSettings(**{**settings.model_dump(exclude_unset=True), **update})
+    pipeline = Pipeline(settings)
+    volume_path = prepare_volume(CTSource(), args.drr_cache or default_drr_cache())
+    out = evaluate(pipeline, volume_path, args.images, args.normals)
+    out["models"] = pipeline.model_versions
+    s = out["summary"]
+
+    print(f"models: {pipeline.model_versions}")
+    print(f"held-out DRRs of the shipped CT: {s['images']} ({s['diseased']} with opacity)")
+    print("| metric | value |\n|---|---|")
+    for key, label in (("lung_dice", "lung Dice (mean)"), ("lung_dice_min", "lung Dice (worst)"),
+                       ("opacity_dice", "opacity Dice (diseased)"), ("score_mae", "0-6 score MAE"),
+                       ("score_exact", "0-6 score exact"), ("zone_accuracy", "zone accuracy"),
+                       ("auc", "P(disease) ROC AUC"), ("seconds_per_image", "s / image")):
+        print(f"| {label} | {s[key]:.3f} |")
+    print("\nreliability of P(disease):\n| bin | n | mean P | observed |\n|---|---|---|---|")
+    for r in out["reliability"]:
+        print(f"| {r['bin']} | {r['count']} | {r['mean_p']:.2f} | {r['observed']:.2f} |")
+    print("\nlesion-free views of the CT:\n| seed | view | score | zones | P(disease) | lung Dice |\n|---|---|---|---|---|---|")
+    for r in out["normal_views"]:
+        print(f"| {r['seed']} | {r['view']} | {r['score']} | {r['zones']} | {r['p_disease']:.2f} | {r['lung_dice']:.3f} |")
+    if args.png and plot_reliability(out["reliability"], Path(args.png), "P(disease) on held-out DRRs"):
+        print(f"\nreliability curve: {args.png}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1, default=float))
+
+
+if __name__ == "__main__":
+    main()
