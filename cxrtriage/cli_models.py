@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, NoReturn, Optional
+from typing import NoReturn
 
 import typer
 from rich.console import Console
@@ -76,7 +77,7 @@ def list_models() -> None:
 @app.command("pull")
 def pull(
     name: str = typer.Argument(..., help="a registry name (see `list`) or a pair: danilov2022"),
-    base_url: Optional[str] = typer.Option(
+    base_url: str | None = typer.Option(
         None, "--base-url",
         help=f"where <path in the repository> is served; default ${model_cache.BASE_URL_ENV} or "
         f"{model_cache.DEFAULT_BASE_URL}",
@@ -98,7 +99,7 @@ def pull(
 @app.command("import")
 def import_(
     file: Path = typer.Argument(..., help="a weights.pth copied from the published repository or a mirror"),
-    name: Optional[str] = typer.Option(None, "--name", help="the registry name it must be (default: found by SHA-256)"),
+    name: str | None = typer.Option(None, "--name", help="the registry name it must be (default: found by SHA-256)"),
 ) -> None:
     """Copy a local checkpoint into the cache if it is one of the published files."""
     if name is not None:

@@ -13,7 +13,6 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
-
 class ScoringSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

@@ -136,7 +136,7 @@ class EncodedObject:
     data: bytes
 
     @classmethod
-    def encode(cls, ds: pydicom.Dataset, kind: ResultKind) -> "EncodedObject":
+    def encode(cls, ds: pydicom.Dataset, kind: ResultKind) -> EncodedObject:
         """Encode ``ds`` in the DICOM file format (preamble, File Meta, its transfer syntax) and keep its facts."""
         buffer = io.BytesIO()
         ds.save_as(buffer, enforce_file_format=True)

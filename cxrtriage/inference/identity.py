@@ -9,8 +9,9 @@ in, and the worklist and study page show it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # no torch for the worklist, which reads identities back from the database
     from .models import ModelSpec

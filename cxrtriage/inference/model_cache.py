@@ -21,9 +21,10 @@ import re
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterable, Literal
+from typing import BinaryIO, Literal
 
 from . import registry
 from .registry import RegistryEntry

@@ -16,11 +16,12 @@ from two kinds of file:
 
 from __future__ import annotations
 
-import json
 import inspect
+import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator

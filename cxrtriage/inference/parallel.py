@@ -15,10 +15,10 @@ import os
 import tempfile
 import time
 from collections import deque
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from ..config import InferenceSettings
 from .instance import InstanceRefused, InstanceScored, score_instance
@@ -130,7 +130,7 @@ class ScoringPool:
     def close(self) -> None:
         self.executor.shutdown(wait=True, cancel_futures=True)
 
-    def __enter__(self) -> "ScoringPool":
+    def __enter__(self) -> ScoringPool:
         return self
 
     def __exit__(self, *exc: object) -> None:

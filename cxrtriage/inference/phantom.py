@@ -365,10 +365,10 @@ def write_cr(
     ``R\\F`` so the patient's right is on the image right: readers that honour
     Patient Orientation must still find the right lung.
     """
+    from pydicom import Dataset
     from pydicom.dataset import FileMetaDataset
     from pydicom.uid import ComputedRadiographyImageStorage as CRImageStorage
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-    from pydicom import Dataset
 
     image = phantom.image[:, ::-1] if mirrored else phantom.image
     max_value = (1 << bits_stored) - 1

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from ..config import InferenceSettings
 from .model_cache import ModelNotCached, cached_path, is_cached

@@ -13,8 +13,6 @@ only models before identities were recorded were the synthetic-only bundle).
 
 from __future__ import annotations
 
-from typing import Optional
-
 from pydantic import BaseModel, ConfigDict, Field
 
 from .scoring import ZONE_NAMES
@@ -28,9 +26,9 @@ class _Record(BaseModel):
 class ZoneResult(_Record):
     brixia_zone: str = Field(description="Brixia letter A-F")
     scored: bool = Field(True, description="false: the zone's lung was not found; its scores are null, not 0")
-    affected_fraction: Optional[float] = None
-    binary_score: Optional[int] = Field(None, description="1 when the affected fraction exceeds T")
-    brixia_grade: Optional[int] = Field(None, description="0-3 by the Brixia-style cut-offs")
+    affected_fraction: float | None = None
+    binary_score: int | None = Field(None, description="1 when the affected fraction exceeds T")
+    brixia_grade: int | None = Field(None, description="0-3 by the Brixia-style cut-offs")
     area_px: int = 0
 
 
@@ -59,8 +57,8 @@ class ImageResult(_Record):
     """Every score of one radiograph, and which models produced it."""
 
     source: str = ""
-    sop_instance_uid: Optional[str] = None
-    study_instance_uid: Optional[str] = None
+    sop_instance_uid: str | None = None
+    study_instance_uid: str | None = None
     rows: int = 0
     columns: int = 0
     p_disease: float = 0.0
@@ -73,11 +71,11 @@ class ImageResult(_Record):
     lungs_found: int = 2
     lung_area_px: int = 0
     lesion_area_px: int = 0
-    lung_area_mm2: Optional[float] = None
-    lesion_area_mm2: Optional[float] = None
+    lung_area_mm2: float | None = None
+    lesion_area_mm2: float | None = None
     zones: dict[str, ZoneResult] = Field(default_factory=dict)
     models: dict[str, str] = Field(default_factory=dict, description="stage -> model version")
-    model_identity: Optional[ModelIdentityRecord] = None
+    model_identity: ModelIdentityRecord | None = None
     research_use: bool = Field(True, description="false only when both models were trained on real radiographs")
     algorithm_version: str = ""
     timings_ms: dict[str, float] = Field(default_factory=dict)
@@ -86,6 +84,6 @@ class ImageResult(_Record):
     def unscored_zones(self) -> int:
         return len(ZONE_NAMES) - self.zones_scored
 
-    def zone_values(self, key: str) -> list[Optional[int]]:
+    def zone_values(self, key: str) -> list[int | None]:
         """One zone field (``binary_score``, ``brixia_grade``) in A-F order; None where unscored."""
         return [getattr(self.zones[name], key) if name in self.zones else None for name in ZONE_NAMES]

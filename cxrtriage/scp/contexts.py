@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
-    ComprehensiveSRStorage,
     Comprehensive3DSRStorage,
+    ComprehensiveSRStorage,
     ComputedRadiographyImageStorage,
     DigitalXRayImageStorageForPresentation,
     DigitalXRayImageStorageForProcessing,

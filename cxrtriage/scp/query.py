@@ -38,8 +38,9 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -390,7 +391,7 @@ class QueryEngine:
                     out.setdefault(uid, []).append((modality, series, sop_class))
         return out
 
-    def retrieve(self, identifier: Dataset, model: str) -> "Retrieval":
+    def retrieve(self, identifier: Dataset, model: str) -> Retrieval:
         """Instances to send for a C-MOVE / C-GET identifier."""
         _, rows = self.matching_instances(identifier, model)
         return Retrieval(rows, self.archive)

@@ -10,8 +10,8 @@ context in exactly that syntax, so that is what is proposed.
 from __future__ import annotations
 
 import ssl
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import pydicom
 from pydicom.filereader import read_file_meta_info

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import ssl
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import UnifiedProcedureStepPull  # type: ignore[attr-defined]

@@ -14,8 +14,8 @@ from __future__ import annotations
 import enum
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from ..observability import event
 from ..storage.models import JobKind, JobState

@@ -104,7 +104,7 @@ class Archive:
 
     def quarantine(self, data: bytes, reason: str, detail: str, calling_aet: str = "") -> Path:
         """Keep bytes that could not be stored normally, with the reason beside them."""
-        stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S%f")
+        stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S%f")
         digest = hashlib.sha256(data).hexdigest()[:16]
         target = self.quarantine_dir / f"{stamp}-{digest}.dcm"
         self._write_durably(target, data)

@@ -8,7 +8,8 @@ builder knew plus its source's row.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Protocol
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 from .models import Instance
 

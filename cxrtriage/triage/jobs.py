@@ -113,7 +113,7 @@ def purge(settings_json: str) -> int:
             by_study.setdefault(row.study_instance_uid, []).append(row)
         for uid, instances in by_study.items():
             ids = [i.id for i in instances]
-            newest = max(i.received_at if i.received_at.tzinfo else i.received_at.replace(tzinfo=dt.timezone.utc)
+            newest = max(i.received_at if i.received_at.tzinfo else i.received_at.replace(tzinfo=dt.UTC)
                          for i in instances)
             open_jobs = session.scalar(select(Job.id).where(Job.instance_id.in_(ids), Job.state != "done").limit(1))
             if newest > cutoff or open_jobs is not None:

@@ -24,8 +24,8 @@ down, ties broken by arrival (earlier first). Three rules:
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
 
 from ..config import PrioritySettings
 from ..inference.scoring import ZONE_NAMES

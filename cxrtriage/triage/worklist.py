@@ -13,8 +13,9 @@ Claims are atomic: a conditional UPDATE succeeds for one reader only.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Collection, Iterable, Iterator, Sequence
+from typing import Any
 
 from pydantic import BaseModel, Field
 from sqlalchemy import JSON, ColumnElement, Integer, Select, case, cast, func, or_, select, update
@@ -189,7 +190,7 @@ class WorklistEntry:
 
 
 def _aware(value: dt.datetime) -> dt.datetime:
-    return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
+    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
 
 
 def _chunks(values: Sequence[Any], size: int = CHUNK) -> Iterator[Sequence[Any]]:

@@ -20,9 +20,9 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -67,7 +67,7 @@ class CTVolume:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "CTVolume":
+    def load(cls, path: str | Path) -> CTVolume:
         with np.load(path) as data:
             return cls(data["hu"].astype(np.float32), data["lungs"], float(data["spacing_mm"]), str(data["name"]))
 

@@ -22,10 +22,11 @@ import base64
 import json
 import os
 import zlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Iterable, Iterator, Literal
+from typing import Literal
 
 import cv2
 import numpy as np

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 
 from ..phantom import Phantom
 from .ct import CTVolume
-from .lesions import insert_lesions, smooth_noise
+from .lesions import insert_lesions
 
 #: Bump when rendering changes: cached renders of an older version are not reused.
 RENDER_VERSION = "drr-1"
