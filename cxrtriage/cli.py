@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import typer
 from rich.console import Console
 
 from .cli_models import app as models_app
+
+if TYPE_CHECKING:
+    from .inference.training.datasets import Task
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Chest X-ray severity triage node.")
 console = Console()
@@ -91,12 +94,13 @@ def train(
     try:
         lung_ids = tuple(int(v) for v in lung_labels.split(",") if v.strip())
     except ValueError:
-        raise typer.BadParameter("--lung-labels takes comma-separated integers, e.g. 10,11,12,13,14")
+        raise typer.BadParameter("--lung-labels takes comma-separated integers, e.g. 10,11,12,13,14") from None
+    optional: dict[str, Any] = {"workers": workers} if workers else {}
     cfg = TrainConfig(
-        task=task, data=data, data_root=str(data_root) if data_root else None, arch=arch, encoder=encoder,
+        task=cast("Task", task), data=data, data_root=str(data_root) if data_root else None, arch=arch, encoder=encoder,
         ct=str(ct) if ct else None, labels=str(labels) if labels else None, lung_labels=lung_ids,
         mix_synthetic=mix_synthetic, drr_cache=str(drr_cache) if drr_cache else None,
-        init=str(init) if init else None, version=version, **({"workers": workers} if workers else {}),
+        init=str(init) if init else None, version=version, **optional,
         input_size=input_size, in_channels=in_channels, steps=steps, batch_size=batch_size, lr=lr,
         train_images=train_images, val_images=val_images, eval_every=eval_every, device=device, seed=seed,
         out=str(out / task),
@@ -217,7 +221,7 @@ def demo(
         sent = run_demo(host, port, called_ae, studies, seed)
     except ConnectionError as exc:
         console.print(f"[red]{exc}[/]")
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     table = Table(title=f"sent to {called_ae}@{host}:{port}")
     table.add_column("study")
     table.add_column("C-STORE status")
@@ -229,7 +233,3 @@ def demo(
                   f"DICOM:    findscu -S -k QueryRetrieveLevel=STUDY -k \"(0032,4000)\" -aec {called_ae} {host} {port}")
     if any(item.status != 0 for item in sent):
         raise typer.Exit(1)
-
-
-def main() -> None:  # pragma: no cover - console entry point
-    app()

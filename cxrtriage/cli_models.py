@@ -14,6 +14,7 @@ from rich.progress import (
     BarColumn,
     DownloadColumn,
     Progress,
+    TaskID,
     TextColumn,
     TimeRemainingColumn,
     TransferSpeedColumn,
@@ -88,8 +89,12 @@ def pull(
     with _progress() as progress:
         for entry in entries:
             task = progress.add_task(entry.name, total=entry.size)
+
+            def report(done: int, total: int, t: TaskID = task) -> None:
+                progress.update(t, completed=done)
+
             try:
-                path = model_cache.pull(entry, base_url, lambda done, total, t=task: progress.update(t, completed=done))
+                path = model_cache.pull(entry, base_url, report)
             except model_cache.ModelCacheError as error:
                 progress.stop()
                 fail(str(error))

@@ -16,16 +16,23 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 class ScoringSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    # The defaults of both live in inference/scoring.py (DEFAULT_ZONE_THRESHOLD, DEFAULT_BRIXIA_CUTOFFS);
+    # inference/presets.py resolves a null here to them.
     zone_threshold: float | None = Field(
-        None, ge=0.0, le=1.0, description="T; null = the disease model's own (per-architecture) T, else 0.30"
+        None, ge=0.0, le=1.0,
+        description="T; null = the disease model's own (per-architecture) T, else the paper's default",
     )
-    brixia_cutoffs: tuple[float, float, float] = Field(
-        (0.05, 0.30, 0.60), description="three increasing fractions of a zone: grades 1, 2, 3 above each"
+    brixia_cutoffs: tuple[float, float, float] | None = Field(
+        None,
+        description="three increasing fractions of a zone: grades 1, 2, 3 above each; "
+        "null = the scoring module's default",
     )
 
     @field_validator("brixia_cutoffs")
     @classmethod
-    def _increasing_fractions(cls, value: tuple[float, float, float]) -> tuple[float, float, float]:
+    def _increasing_fractions(cls, value: tuple[float, float, float] | None) -> tuple[float, float, float] | None:
+        if value is None:
+            return value
         if list(value) != sorted(value) or not all(0.0 <= v <= 1.0 for v in value):
             raise ValueError(f"must be three increasing fractions between 0 and 1, got {list(value)}")
         return value
@@ -41,8 +48,10 @@ class InferenceSettings(BaseModel):
     disease: dict[str, Any] = Field(default_factory=dict)
     backend: str = Field("torch", pattern="^(torch|onnx)$", description="torch, or onnx (ONNX Runtime)")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$", description="auto, cpu, cuda, cuda:N or mps")
-    precision: str = Field("fp32", pattern="^(fp32|bf16)$",
-                           description="fp32, or bf16 weights and inputs (torch backend; CPUs with AVX512-BF16/AMX, CUDA)")
+    precision: str = Field(
+        "fp32", pattern="^(fp32|bf16)$",
+        description="fp32, or bf16 weights and inputs (torch backend; CPUs with AVX512-BF16/AMX, CUDA)",
+    )
     threads: int = Field(0, ge=0, description="torch CPU threads; 0 = all cores")
     batch_size: int = Field(1, ge=1)
     min_lung_blob_fraction: float = Field(0.01, ge=0.0, lt=0.5, description="smaller lung blobs are dropped")

@@ -33,7 +33,7 @@ from .storage.models import JobKind
 from .storage.queue import JobQueue
 from .triage.worklist import Worklist
 
-log = logging.getLogger("cxrtriage.node")
+log = logging.getLogger(__name__)
 
 
 class Node:
@@ -112,7 +112,7 @@ class Node:
         from .triage.web import create_app
 
         web = self.settings.web
-        app = create_app(self.worklist, self.archive.root / "overlays", token=web.token, metrics=self.metrics)
+        app = create_app(self.worklist, self.archive, token=web.token, metrics=self.metrics)
         config = uvicorn.Config(app, host=web.host, port=web.port, log_level="warning", access_log=False)
         self.web_server = uvicorn.Server(config)
         self._spawn("web", self.web_server.run)

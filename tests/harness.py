@@ -1,17 +1,25 @@
-"""Real processes for network tests: the node, DCMTK storescp, network namespaces."""
+"""Real processes for network tests (the node, DCMTK storescp, network namespaces) and the
+clients the tests talk to them with (raw C-STORE, UPS C-FIND, the REST API)."""
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any, Callable
 
 import yaml
+from pydicom.filereader import read_file_meta_info
+from pynetdicom import AE
+from pynetdicom.dimse_primitives import C_STORE
 
 from .tools import require
 
@@ -185,3 +193,85 @@ class RecordingSCP:
 def netns_available() -> bool:
     return os.geteuid() == 0 and subprocess.run(["ip", "netns", "list"], capture_output=True).returncode == 0
 
+
+# -- clients -------------------------------------------------------------
+
+#: What send_raw returns when no presentation context was accepted.
+NO_CONTEXT = "no presentation context"
+
+
+def send_raw(port: int, path: Path) -> int | str:
+    """C-STORE a file's dataset bytes exactly as they are, whatever they contain.
+
+    The request is built from DIMSE primitives, so nothing in the dataset is
+    parsed on the sending side; the presentation context is the file meta's
+    SOP class and transfer syntax.
+    """
+    meta = read_file_meta_info(path)
+    data = path.read_bytes()
+    offset = 132 + 12 + int(meta.FileMetaInformationGroupLength)
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(meta.MediaStorageSOPClassUID, [meta.TransferSyntaxUID])
+    assoc = ae.associate("127.0.0.1", port, ae_title="CXRTRIAGE")
+    if not assoc.is_established:
+        return NO_CONTEXT
+    try:
+        if not assoc.accepted_contexts:
+            return NO_CONTEXT
+        request = C_STORE()
+        request.MessageID = 1
+        request.AffectedSOPClassUID = meta.MediaStorageSOPClassUID
+        request.AffectedSOPInstanceUID = "1.2.3.4" if not UID_OK(meta.MediaStorageSOPInstanceUID) else meta.MediaStorageSOPInstanceUID
+        request.Priority = 2
+        request.DataSet = io.BytesIO(data[offset:])
+        context = assoc.accepted_contexts[0]
+        # As Association.send_c_store does: pause the reactor thread so that
+        # it does not take the response off the queue first.
+        assoc._reactor_checkpoint.clear()
+        while not assoc._is_paused:
+            time.sleep(0.0001)
+        try:
+            assoc.dimse.send_msg(request, context.context_id)
+            _, response = assoc.dimse.get_msg(block=True)
+        finally:
+            assoc._reactor_checkpoint.set()
+        return int(response.Status) if response is not None else "no response"
+    finally:
+        if assoc.is_established:
+            assoc.release()
+
+
+def UID_OK(value: str) -> bool:
+    return all(part.isdigit() for part in str(value).split("."))
+
+
+def call(url: str, method: str = "GET", body: dict | None = None, token: str | None = None) -> tuple[int, object]:
+    request = urllib.request.Request(url, method=method, data=json.dumps(body).encode() if body else None,
+                                     headers={"Content-Type": "application/json"})
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b"null")
+
+
+def ups_find(port: int, **keys: str) -> list:
+    from pydicom import Dataset
+    from pynetdicom import AE
+    from pynetdicom.sop_class import UnifiedProcedureStepPull  # type: ignore[attr-defined]
+
+    ae = AE(ae_title="READER")
+    ae.add_requested_context(UnifiedProcedureStepPull)
+    assoc = ae.associate("127.0.0.1", port, ae_title="CXRTRIAGE")
+    assert assoc.is_established
+    query = Dataset()
+    for keyword in ("StudyInstanceUID", "ScheduledProcedureStepPriority", "ProcedureStepLabel", "AccessionNumber"):
+        setattr(query, keyword, "")
+    for keyword, value in keys.items():
+        setattr(query, keyword, value)
+    items = [identifier for status, identifier in assoc.send_c_find(query, UnifiedProcedureStepPull)
+             if status and status.Status in (0xFF00, 0xFF01)]
+    assoc.release()
+    return items

@@ -6,28 +6,21 @@ the dataset bytes as they are), so broken bytes reach the node unchanged.
 
 from __future__ import annotations
 
-import io
-import time
 from pathlib import Path
 
 import pydicom
 import pytest
 from pydicom.encaps import encapsulate
 from pydicom.uid import DigitalXRayImageStorageForPresentation, MRImageStorage
-from pydicom.filereader import read_file_meta_info
-from pynetdicom import AE
-from pynetdicom.dimse_primitives import C_STORE
 from sqlalchemy import func, select
 
 from cxrtriage.inference.phantom import PhantomGenerator, write_cr
 from cxrtriage.storage.models import Instance, Job, ScoreResult
 
 from .bad_inputs import write_bad_corpus
-from .harness import NodeProcess, wait_for
+from .harness import NO_CONTEXT, NodeProcess, send_raw, wait_for
 
 pytestmark = pytest.mark.slow
-
-NO_CONTEXT = "no presentation context"
 
 #: Corpus name -> (C-STORE status, reason the node gives: in the refusal log or the scoring result).
 EXPECTED: dict[str, tuple[int | str, str]] = {
@@ -54,51 +47,6 @@ EXPECTED: dict[str, tuple[int | str, str]] = {
     "mr_context": (NO_CONTEXT, ""),  # MR Image Storage is not negotiated at all
     "unsupported_transfer_syntax": (NO_CONTEXT, ""),
 }
-
-
-def send_raw(port: int, path: Path) -> int | str:
-    """C-STORE a file's dataset bytes exactly as they are, whatever they contain.
-
-    The request is built from DIMSE primitives, so nothing in the dataset is
-    parsed on the sending side; the presentation context is the file meta's
-    SOP class and transfer syntax.
-    """
-    meta = read_file_meta_info(path)
-    data = path.read_bytes()
-    offset = 132 + 12 + int(meta.FileMetaInformationGroupLength)
-    ae = AE(ae_title="MODALITY")
-    ae.add_requested_context(meta.MediaStorageSOPClassUID, [meta.TransferSyntaxUID])
-    assoc = ae.associate("127.0.0.1", port, ae_title="CXRTRIAGE")
-    if not assoc.is_established:
-        return NO_CONTEXT
-    try:
-        if not assoc.accepted_contexts:
-            return NO_CONTEXT
-        request = C_STORE()
-        request.MessageID = 1
-        request.AffectedSOPClassUID = meta.MediaStorageSOPClassUID
-        request.AffectedSOPInstanceUID = "1.2.3.4" if not UID_OK(meta.MediaStorageSOPInstanceUID) else meta.MediaStorageSOPInstanceUID
-        request.Priority = 2
-        request.DataSet = io.BytesIO(data[offset:])
-        context = assoc.accepted_contexts[0]
-        # As Association.send_c_store does: pause the reactor thread so that
-        # it does not take the response off the queue first.
-        assoc._reactor_checkpoint.clear()
-        while not assoc._is_paused:
-            time.sleep(0.0001)
-        try:
-            assoc.dimse.send_msg(request, context.context_id)
-            _, response = assoc.dimse.get_msg(block=True)
-        finally:
-            assoc._reactor_checkpoint.set()
-        return int(response.Status) if response is not None else "no response"
-    finally:
-        if assoc.is_established:
-            assoc.release()
-
-
-def UID_OK(value: str) -> bool:
-    return all(part.isdigit() for part in str(value).split("."))
 
 
 def write_network_corpus(good: Path, folder: Path) -> dict[str, Path]:

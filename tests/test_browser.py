@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from .harness import NodeProcess, wait_for
-from .test_worklist import call
+from .harness import NodeProcess, call, wait_for
 
 pytestmark = pytest.mark.slow
 ARTIFACTS = Path(os.environ.get("CXRTRIAGE_TEST_ARTIFACTS", Path(__file__).parents[1] / "test-artifacts"))

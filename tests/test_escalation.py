@@ -12,9 +12,7 @@ import pytest
 
 from cxrtriage.inference.phantom import PhantomGenerator, write_cr
 
-from .harness import NodeProcess, wait_for
-from .test_bad_input_network import send_raw
-from .test_worklist import call
+from .harness import NodeProcess, call, send_raw, wait_for
 
 pytestmark = pytest.mark.slow
 

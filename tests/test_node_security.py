@@ -12,8 +12,7 @@ import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from .harness import NodeProcess, wait_for
-from .test_bad_input_network import send_raw
+from .harness import NodeProcess, send_raw, wait_for
 
 pytestmark = pytest.mark.slow
 

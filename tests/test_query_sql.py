@@ -72,7 +72,8 @@ class Studies:
             if isinstance(result, tuple):
                 total, brixia, p = result
                 session.add(ScoreResult(instance_id=row.id, study_instance_uid=study, status="scored", total_score=total,
-                                        brixia_total=brixia, p_disease=p, details=record(total, brixia, p, missing=missing)))
+                                        brixia_total=brixia, p_disease=p, details=record(total, brixia, p, missing=missing),
+                                        zones_scored=6 - 3 * len(missing)))
             elif isinstance(result, str):
                 session.add(ScoreResult(instance_id=row.id, study_instance_uid=study, status=result, reason="lateral_view"))
         return row
@@ -148,8 +149,8 @@ def test_a_study_answers_with_one_images_values_not_a_per_field_maximum(db: Data
 
 
 def test_a_missing_lung_makes_its_image_the_worst_everywhere(db: Database, studies: Studies, tmp_path: Path) -> None:
-    """zones_scored comes from the stored JSON, read by the database: a film with the
-    left lung not found (2 of 3 zones affected) outranks one with 4 of 6."""
+    """zones_scored (the results column the score stage fills): a film with the left lung
+    not found (2 of 3 zones affected) outranks one with 4 of 6."""
     study = uid()
     studies.image(study, result=(4, 8, 0.9))
     one_lung = studies.image(study, result=(2, 4, 0.7), missing=("left",))
@@ -317,7 +318,7 @@ def test_api_is_typed_and_only_missing_studies_are_404(db: Database, studies: St
     studies.image(study, result=(4, 8, 0.6))
     studies.image(study, result=(2, 4, 0.99))
     worklist = Worklist(db)
-    client = TestClient(create_app(worklist, tmp_path), raise_server_exceptions=False)
+    client = TestClient(create_app(worklist, Archive(tmp_path)), raise_server_exceptions=False)
     rows = client.get("/api/worklist?limit=1").json()
     assert len(rows) == 1 and (rows[0]["total_score"], rows[0]["p_disease"]) == (4, 0.6)
     assert rows[0]["research_use"] and rows[0]["research_use_notice"] and rows[0]["models"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -11,22 +10,9 @@ import pytest
 
 from cxrtriage.inference.phantom import PhantomGenerator, write_cr
 
-from .harness import NodeProcess, wait_for
-from .test_bad_input_network import send_raw
+from .harness import NodeProcess, call, send_raw, ups_find, wait_for
 
 pytestmark = pytest.mark.slow
-
-
-def call(url: str, method: str = "GET", body: dict | None = None, token: str | None = None) -> tuple[int, object]:
-    request = urllib.request.Request(url, method=method, data=json.dumps(body).encode() if body else None,
-                                     headers={"Content-Type": "application/json"})
-    if token:
-        request.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, json.loads(response.read() or b"null")
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read() or b"null")
 
 
 def test_worklist_order_claims_and_restart(tmp_path: Path, database_url: str) -> None:
@@ -76,26 +62,6 @@ def test_worklist_order_claims_and_restart(tmp_path: Path, database_url: str) ->
         assert top not in [e["study_instance_uid"] for e in call(f"{base}/api/worklist")[1]]
     finally:
         restarted.stop()
-
-
-def ups_find(port: int, **keys: str) -> list:
-    from pydicom import Dataset
-    from pynetdicom import AE
-    from pynetdicom.sop_class import UnifiedProcedureStepPull  # type: ignore[attr-defined]
-
-    ae = AE(ae_title="READER")
-    ae.add_requested_context(UnifiedProcedureStepPull)
-    assoc = ae.associate("127.0.0.1", port, ae_title="CXRTRIAGE")
-    assert assoc.is_established
-    query = Dataset()
-    for keyword in ("StudyInstanceUID", "ScheduledProcedureStepPriority", "ProcedureStepLabel", "AccessionNumber"):
-        setattr(query, keyword, "")
-    for keyword, value in keys.items():
-        setattr(query, keyword, value)
-    items = [identifier for status, identifier in assoc.send_c_find(query, UnifiedProcedureStepPull)
-             if status and status.Status in (0xFF00, 0xFF01)]
-    assoc.release()
-    return items
 
 
 def test_token_protects_the_web(tmp_path: Path, database_url: str) -> None:

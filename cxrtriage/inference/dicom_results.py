@@ -18,9 +18,10 @@ its Series Description and each segment's Algorithm Identification (name,
 version, parameters), the SR in TID 4019 Algorithm Identification (PS3.16),
 whose parameters list each model, its origin and training data, and the
 research-use notice when the models never saw a real radiograph. Zones of a
-lung that was not found are left out of the SR (unscored, never "absent"). Their UIDs are derived from the source SOP Instance
-UID and the algorithm version: re-scoring the same image with the same
-models gives the same UIDs, never a second copy.
+lung that was not found are left out of the SR (unscored, never "absent").
+Their UIDs are derived from the source SOP Instance UID and the algorithm
+version: re-scoring the same image with the same models gives the same UIDs,
+never a second copy.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from pathlib import Path
 import highdicom as hd
 import numpy as np
 from pydicom import Dataset
+from pydicom.dataset import FileMetaDataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
 
@@ -59,7 +61,7 @@ UNIT_ONE = codes.UCUM.NoUnits
 UNIT_SCORE = hd.sr.CodedConcept("{score}", "UCUM", "score")
 
 ZONE_TYPES = (codes.SCT.UpperZoneOfLung, codes.SCT.MiddleZoneOfLung, codes.SCT.LowerZoneOfLung)
-SEVERITY = (None, codes.SCT.Mild, codes.SCT.Moderate, codes.SCT.Severe)
+SEVERITY = {1: codes.SCT.Mild, 2: codes.SCT.Moderate, 3: codes.SCT.Severe}
 
 #: Segment numbers in the SEG.
 SEG_RIGHT_LUNG, SEG_LEFT_LUNG, SEG_OPACITY = 1, 2, 3
@@ -147,7 +149,7 @@ def _source_header(source: Dataset) -> Dataset:
     """
     header = Dataset()
     header.update(source)
-    header.file_meta = getattr(source, "file_meta", Dataset())
+    header.file_meta = getattr(source, "file_meta", FileMetaDataset())
     for keyword in ("PixelSpacing",):
         if keyword in header:
             delattr(header, keyword)
@@ -192,7 +194,8 @@ def build_segmentation(
         instance_number=1,
         manufacturer=MANUFACTURER,
         manufacturer_model_name=MODEL_NAME,
-        software_versions=result.software_versions,
+        # highdicom annotates a one-element tuple; it takes any sequence of versions.
+        software_versions=result.software_versions,  # type: ignore[arg-type]
         device_serial_number="0",
         content_label="LUNGZONES",
         content_description="Lungs, opacity and lung zones",
@@ -206,7 +209,9 @@ def build_segmentation(
     return seg
 
 
-def _zone_group(k: int, result: Result, seg: Dataset, source: Dataset, algorithm_id) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
+def _zone_group(
+    k: int, result: Result, seg: Dataset, source: Dataset, algorithm_id: hd.sr.AlgorithmIdentification
+) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
     s = result.scores
     side = codes.SCT.Right if k < 3 else codes.SCT.Left
     site = hd.sr.FindingSite(anatomic_location=ZONE_TYPES[k % 3], laterality=side)
@@ -265,7 +270,9 @@ def build_report(
     opacity_measurements = []
     if s.lesion_area_mm2 is not None:
         opacity_measurements.append(
-            hd.sr.Measurement(name=codes.SCT.Area, value=round(s.lesion_area_mm2, 1), unit=UNIT_MM2, algorithm_id=algorithm_id)
+            hd.sr.Measurement(
+                name=codes.SCT.Area, value=round(s.lesion_area_mm2, 1), unit=UNIT_MM2, algorithm_id=algorithm_id
+            )
         )
     groups.append(
         hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
@@ -294,7 +301,9 @@ def build_report(
     ]
     groups.append(
         hd.sr.MeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(uid=derived_uid(src_uid, version, "totals"), identifier="Totals"),
+            tracking_identifier=hd.sr.TrackingIdentifier(
+                uid=derived_uid(src_uid, version, "totals"), identifier="Totals"
+            ),
             finding_type=codes.DCM.AbnormalOpacity,
             finding_sites=[hd.sr.FindingSite(anatomic_location=codes.SCT.Lung)],
             algorithm_id=algorithm_id,

@@ -24,7 +24,7 @@ import urllib.request
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Literal
+from typing import IO, Literal
 
 from . import registry
 from .registry import RegistryEntry
@@ -286,7 +286,7 @@ def _start_offset(response: http.client.HTTPResponse, have: int) -> int:
     return have
 
 
-def _copy_body(response: http.client.HTTPResponse, out: BinaryIO, done: int, entry: RegistryEntry, part: Path,
+def _copy_body(response: http.client.HTTPResponse, out: IO[bytes], done: int, entry: RegistryEntry, part: Path,
                progress: Progress | None) -> None:
     """Stream the body into ``out``; never let it grow past the expected size.
 

@@ -280,7 +280,9 @@ def read_spec(path: str | Path) -> ModelSpec:
     return spec.model_copy(update={"weights": str(path)})
 
 
-def save_bundled(model: torch.nn.Module, spec: ModelSpec, path: str | Path, extra: Mapping[str, Any] | None = None) -> Path:
+def save_bundled(
+    model: torch.nn.Module, spec: ModelSpec, path: str | Path, extra: Mapping[str, Any] | None = None
+) -> Path:
     """Save fp16 weights plus the spec (and ``extra`` facts) as safetensors."""
     from safetensors.torch import save_file
 

@@ -49,7 +49,8 @@ def render_overlay(pixels: np.ndarray, result: Result, max_side: int = 1024) -> 
         ys, xs = np.nonzero(zone_small)
         if xs.size == 0 or not result.scores.scored[k]:
             continue
-        label = f"{BRIXIA_LETTERS[k]} {100 * result.scores.fractions[k]:.0f}% s{result.scores.binary[k]} g{result.scores.brixia[k]}"
+        scores = result.scores
+        label = f"{BRIXIA_LETTERS[k]} {100 * scores.fractions[k]:.0f}% s{scores.binary[k]} g{scores.brixia[k]}"
         org = (int(xs.mean()) - int(40 * font_scale), int(ys.mean()))
         cv2.putText(canvas, label, org, cv2.FONT_HERSHEY_SIMPLEX, font_scale, (0, 0, 0), thickness + 2, cv2.LINE_AA)
         cv2.putText(canvas, label, org, cv2.FONT_HERSHEY_SIMPLEX, font_scale, (255, 255, 255), thickness, cv2.LINE_AA)

@@ -108,8 +108,7 @@ def _fill(shape: tuple[int, int], points_xy: np.ndarray) -> np.ndarray:
 
 def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], sigma: float) -> np.ndarray:
     """Zero-mean, unit-std Gaussian-filtered noise."""
-    noise = rng.standard_normal(shape).astype(np.float32)
-    noise = cv2.GaussianBlur(noise, (0, 0), sigmaX=max(sigma, 0.5))
+    noise = cv2.GaussianBlur(rng.standard_normal(shape).astype(np.float32), (0, 0), sigmaX=max(sigma, 0.5))
     std = float(noise.std()) or 1.0
     return (noise - float(noise.mean())) / std
 
@@ -267,13 +266,13 @@ class PhantomGenerator:
         n_ribs = int(rng.integers(8, 11))
         spacing = (bottom - top) / n_ribs
         thickness = max(1, int(rng.uniform(0.011, 0.016) * h))
-        t = np.linspace(0.0, 1.0, 40)
+        along = np.linspace(0.0, 1.0, 40)
         for i in range(n_ribs):
             y_med = top + (i + 0.2) * spacing
             for side in (-1, 1):
                 # Posterior rib: leaves the spine and curves down laterally.
-                x = cx + side * (0.03 + t * (half_width + 0.03))
-                y = y_med + 0.9 * spacing * np.sin(t * np.pi * 0.75) + rng.normal(0, 0.004)
+                x = cx + side * (0.03 + along * (half_width + 0.03))
+                y = y_med + 0.9 * spacing * np.sin(along * np.pi * 0.75) + rng.normal(0, 0.004)
                 pts = np.stack([x * (w - 1), y * (h - 1)], axis=1).astype(np.int32)
                 cv2.polylines(canvas, [pts], False, float(rng.uniform(0.07, 0.15)), thickness)
         return _blur(canvas, 0.003 * h)

@@ -27,10 +27,10 @@ from .identity import ModelIdentity
 from .models import ModelSpec
 from .predictors import Predictor, make_predictor
 from .preprocess import equalize, lung_box, masked_lung_crop, normalise, resize
-from .presets import model_specs, zone_threshold
+from .presets import model_specs, scoring_config
 from .radiograph import Radiograph
 from .result_model import ImageResult
-from .scoring import ScoringConfig, ZoneMasks, ZoneScores, largest_components, remove_small_components, score
+from .scoring import ZoneMasks, ZoneScores, largest_components, remove_small_components, score
 
 PIPELINE_VERSION = "1"
 
@@ -116,7 +116,7 @@ class Pipeline:
             disease = disease or make_predictor(disease_spec, backend, device, precision)
         self.lungs_model = lungs
         self.disease_model = disease
-        self.scoring = ScoringConfig(zone_threshold(self.settings, disease.spec), self.settings.scoring.brixia_cutoffs)
+        self.scoring = scoring_config(self.settings, disease.spec)
 
     @property
     def model_versions(self) -> dict[str, str]:

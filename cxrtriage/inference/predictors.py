@@ -28,6 +28,7 @@ class Predictor(Protocol):
 
 
 def resolve_device(name: str) -> torch.device:
+    """``auto``: the first CUDA device when there is one, else the CPU; otherwise the named device."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)

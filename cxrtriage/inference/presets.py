@@ -9,11 +9,12 @@ from ..config import InferenceSettings
 from .model_cache import ModelNotCached, cached_path, is_cached
 from .models import ModelSpec, read_spec
 from .registry import PAIRS, PAPER_ZONE_THRESHOLDS, expand
+from .scoring import DEFAULT_BRIXIA_CUTOFFS, DEFAULT_ZONE_THRESHOLD, ScoringConfig
 
-__all__ = ["PAPER_ZONE_THRESHOLDS", "PRESETS", "bundled", "danilov2022", "model_specs", "preset_specs", "zone_threshold"]
-
-#: T when neither the config nor the disease model's architecture gives one (Danilov et al. 2022).
-DEFAULT_ZONE_THRESHOLD = 0.30
+__all__ = [
+    "PAPER_ZONE_THRESHOLDS", "PRESETS", "brixia_cutoffs", "bundled", "danilov2022", "model_specs", "preset_specs",
+    "scoring_config", "zone_threshold",
+]
 
 BUNDLED_LUNGS = "lungs.safetensors"
 BUNDLED_DISEASE = "disease.safetensors"
@@ -98,7 +99,18 @@ def model_specs(settings: InferenceSettings) -> tuple[ModelSpec, ModelSpec]:
 
 
 def zone_threshold(settings: InferenceSettings, disease: ModelSpec) -> float:
-    """T: the configured one, else the disease model's own, else the paper's 0.30."""
+    """T: the configured one, else the disease model's own, else the paper's (scoring.DEFAULT_ZONE_THRESHOLD)."""
     if settings.scoring.zone_threshold is not None:
         return settings.scoring.zone_threshold
     return disease.zone_threshold if disease.zone_threshold is not None else DEFAULT_ZONE_THRESHOLD
+
+
+def brixia_cutoffs(settings: InferenceSettings) -> tuple[float, float, float]:
+    """The Brixia-style cut-offs: the configured ones, else scoring.DEFAULT_BRIXIA_CUTOFFS."""
+    configured = settings.scoring.brixia_cutoffs
+    return configured if configured is not None else DEFAULT_BRIXIA_CUTOFFS
+
+
+def scoring_config(settings: InferenceSettings, disease: ModelSpec) -> ScoringConfig:
+    """The scoring thresholds the settings and the disease model give."""
+    return ScoringConfig(zone_threshold(settings, disease), brixia_cutoffs(settings))

@@ -17,11 +17,12 @@ from pathlib import Path
 from typing import Literal
 
 from .models import ARCHITECTURES, IMAGENET_MEAN, IMAGENET_STD, ModelSpec
+from .scoring import DEFAULT_ZONE_THRESHOLD
 
 #: Zone threshold T per Stage II architecture, as a fraction of zone area:
 #: the optima of the published threshold sweep (covid_scoring,
 #: resources/threshold_selection). DeepLabV3 had no usable optimum there
-#: (its predictions were empty at every T); 0.30 is the paper's default.
+#: (its predictions were empty at every T): it gets the paper's default.
 PAPER_ZONE_THRESHOLDS: dict[str, float] = {
     "DeepLabV3Plus": 0.30,
     "FPN": 0.26,
@@ -31,7 +32,7 @@ PAPER_ZONE_THRESHOLDS: dict[str, float] = {
     "PSPNet": 0.38,
     "UnetPlusPlus": 0.33,
     "Unet": 0.30,
-    "DeepLabV3": 0.30,
+    "DeepLabV3": DEFAULT_ZONE_THRESHOLD,
 }
 
 REPOSITORY = "ViacheslavDanilov/covid_scoring"

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .scoring import ZONE_NAMES
+from .scoring import DEFAULT_ZONE_THRESHOLD, ZONE_NAMES
 
 
 class _Record(BaseModel):
@@ -67,7 +67,7 @@ class ImageResult(_Record):
     missing_lungs: list[str] = Field(default_factory=list, description='"right" / "left": lung not found')
     brixia_total: int = 0
     geographic_extent: GeographicExtent = Field(default_factory=GeographicExtent)
-    zone_threshold: float = 0.30
+    zone_threshold: float = DEFAULT_ZONE_THRESHOLD
     lungs_found: int = 2
     lung_area_px: int = 0
     lesion_area_px: int = 0

@@ -13,7 +13,7 @@ from ..config import InferenceSettings
 from .dicom_results import build_result_objects
 from .overlay import write_overlay
 from .pipeline import Pipeline
-from .presets import model_specs, zone_threshold
+from .presets import brixia_cutoffs, model_specs, zone_threshold
 from .radiograph import RadiographError, load_radiograph
 
 
@@ -115,7 +115,7 @@ def write_report(outcomes: list[FileOutcome], out_dir: Path, settings: Inference
     report = {
         "models": {"lungs": lungs.version, "disease": disease.version},
         "zone_threshold": zone_threshold(settings, disease),
-        "brixia_cutoffs": list(settings.scoring.brixia_cutoffs),
+        "brixia_cutoffs": list(brixia_cutoffs(settings)),
         "scored": sum(o.ok for o in outcomes),
         "rejected": sum(not o.ok for o in outcomes),
         "results": [o.as_dict() for o in outcomes],

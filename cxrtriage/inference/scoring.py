@@ -233,13 +233,19 @@ def lung_zones(lung: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return zones[0], zones[1], zones[2]
 
 
+#: T when neither the config nor the disease model gives one: the paper's default (Danilov et al. 2022).
+DEFAULT_ZONE_THRESHOLD = 0.30
+#: Brixia-style grade cut-offs, fractions of a zone: grade 0 up to the first, 1, 2 up to the next, 3 above.
+DEFAULT_BRIXIA_CUTOFFS: tuple[float, float, float] = (0.05, 0.30, 0.60)
+
+
 class ScoringConfig:
     """Thresholds of the scores; see docs/scoring.md for their meaning."""
 
     def __init__(
         self,
-        zone_threshold: float = 0.30,
-        brixia_cutoffs: Sequence[float] = (0.05, 0.30, 0.60),
+        zone_threshold: float = DEFAULT_ZONE_THRESHOLD,
+        brixia_cutoffs: Sequence[float] = DEFAULT_BRIXIA_CUTOFFS,
     ) -> None:
         if not 0.0 <= zone_threshold <= 1.0:
             raise ValueError(f"zone_threshold must be a fraction in [0, 1], got {zone_threshold}")

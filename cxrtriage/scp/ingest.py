@@ -27,6 +27,8 @@ import time
 from typing import Any
 
 import pydicom
+from pydicom.dataset import FileMetaDataset
+from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
 from sqlalchemy import select
 
@@ -40,12 +42,12 @@ from ..storage.queue import JobQueue
 from ..triage.priority import order_priority
 from .contexts import IMAGE_CLASSES, UNCOMPRESSED, Status
 
-log = logging.getLogger("cxrtriage.scp.store")
+log = logging.getLogger(__name__)
 
 
-def encode_file(file_meta: pydicom.Dataset, dataset_bytes: bytes) -> bytes:
+def encode_file(file_meta: FileMetaDataset, dataset_bytes: bytes) -> bytes:
     """Preamble + File Meta Information + the dataset exactly as received."""
-    buffer = io.BytesIO()
+    buffer = DicomBytesIO()
     buffer.write(b"\x00" * 128 + b"DICM")
     write_file_meta_info(buffer, file_meta, enforce_standard=True)
     buffer.write(dataset_bytes)
@@ -96,7 +98,9 @@ class Ingest:
         """Store one received file (preamble, File Meta, dataset as received); returns the C-STORE status."""
         t0 = time.perf_counter()
         if self.archive.free_bytes() < self.min_free_bytes:
-            return self._refuse(Status.OUT_OF_RESOURCES, "disk_full", "free space below the configured floor", None, calling)
+            return self._refuse(
+                Status.OUT_OF_RESOURCES, "disk_full", "free space below the configured floor", None, calling
+            )
         try:
             ds = pydicom.dcmread(io.BytesIO(data), defer_size="256 KB")
             if (cut := truncated_element(ds)) is not None:
@@ -141,7 +145,9 @@ class Ingest:
                 session.add(row)
                 session.flush()
                 if is_image and flagged is None:
-                    self.queue.enqueue(session, JobKind.SCORE, row.id, priority=priority, max_attempts=self.max_attempts)
+                    self.queue.enqueue(
+                        session, JobKind.SCORE, row.id, priority=priority, max_attempts=self.max_attempts
+                    )
         except Exception as exc:  # disk or database failure: not acknowledged, the sender retries
             event(log, logging.ERROR, "store failed", sop_instance_uid=sop_uid, error=f"{type(exc).__name__}: {exc}")
             self.metrics.received.labels(status=hex_status(Status.STORAGE_FAILED)).inc()
@@ -157,6 +163,7 @@ class Ingest:
     def handle(self, evt: Any) -> int:
         """pynetdicom EVT_C_STORE handler."""
         data = encode_file(evt.file_meta, evt.request.DataSet.getvalue())
-        calling = evt.assoc.requestor.ae_title.strip() if isinstance(evt.assoc.requestor.ae_title, str) else str(evt.assoc.requestor.ae_title)
+        ae_title = evt.assoc.requestor.ae_title
+        calling = ae_title.strip() if isinstance(ae_title, str) else str(ae_title)
         priority = getattr(evt.request, "Priority", None)
         return self.store(data, str(evt.context.abstract_syntax), calling, priority)

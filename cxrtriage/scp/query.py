@@ -54,7 +54,7 @@ from ..storage.db import Database
 from ..storage.models import Instance
 from ..triage.worklist import Worklist, WorklistEntry
 
-log = logging.getLogger("cxrtriage.scp.query")
+log = logging.getLogger(__name__)
 
 PRIVATE_GROUP = 0x0099
 PRIVATE_CREATOR = "CXRTRIAGE"
@@ -89,11 +89,15 @@ LEVEL_ATTRIBUTES: dict[str, dict[str, str]] = {
     },
 }
 LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
-LEVEL_KEY = {"PATIENT": "patient_id", "STUDY": "study_instance_uid", "SERIES": "series_instance_uid", "IMAGE": "sop_instance_uid"}
+LEVEL_KEY = {
+    "PATIENT": "patient_id", "STUDY": "study_instance_uid", "SERIES": "series_instance_uid", "IMAGE": "sop_instance_uid"
+}
 RANGE_VRS = {"DA", "TM", "DT"}
 IGNORED = {"QueryRetrieveLevel", "SpecificCharacterSet", "RetrieveAETitle", "TimezoneOffsetFromUTC"}
 #: Study-level keys computed over all of a study's instances.
-STUDY_COMPUTED = ("ModalitiesInStudy", "NumberOfStudyRelatedInstances", "NumberOfStudyRelatedSeries", "SOPClassesInStudy")
+STUDY_COMPUTED = (
+    "ModalitiesInStudy", "NumberOfStudyRelatedInstances", "NumberOfStudyRelatedSeries", "SOPClassesInStudy"
+)
 #: LIKE's escape character; the query's own ``%``, ``_`` and ``\`` are matched literally.
 LIKE_ESCAPE = "\\"
 
@@ -132,7 +136,10 @@ def has_wildcard(text: str) -> bool:
 
 
 def like_pattern(text: str) -> str:
-    """A C-FIND wild card value as a LIKE pattern: ``*`` -> ``%``, ``?`` -> ``_``, literal ``%`` ``_`` ``\\`` escaped."""
+    """A C-FIND wild card value as a LIKE pattern: ``*`` -> ``%``, ``?`` -> ``_``.
+
+    Literal ``%`` ``_`` ``\\`` are escaped.
+    """
     out = []
     for char in text:
         if char in ("%", "_", LIKE_ESCAPE):
@@ -162,7 +169,9 @@ def _range(column: ColumnElement[str], text: str) -> ColumnElement[bool]:
         conditions.append(column >= low)
     if high:
         conditions.append(func.substr(column, 1, len(high)) <= high)
-    return conditions[0] & conditions[1] if len(conditions) == 2 else (conditions[0] if conditions else column == column)
+    if len(conditions) == 2:
+        return conditions[0] & conditions[1]
+    return conditions[0] if conditions else column == column
 
 
 def _wildcard(column: ColumnElement[str], text: str, ignore_case: bool, dialect: str) -> ColumnElement[bool]:
@@ -305,7 +314,9 @@ class QueryEngine:
             if keyword in IGNORED or keyword not in allowed or element.VR == "SQ":
                 continue
             column = _column(keyword)
-            condition = match_condition(getattr(Instance, column), element.value, element.VR, dialect) if column else None
+            condition = (
+                match_condition(getattr(Instance, column), element.value, element.VR, dialect) if column else None
+            )
             if condition is not None:
                 out.append(condition)
         return out
@@ -386,7 +397,9 @@ class QueryEngine:
                 for uid, modality, series, sop_class in session.execute(
                     select(Instance.study_instance_uid, Instance.modality, Instance.series_instance_uid,
                            Instance.sop_class_uid)
-                    .where(Instance.study_instance_uid.in_(wanted[start:start + 500]), Instance.duplicate_of_id.is_(None))
+                    .where(
+                        Instance.study_instance_uid.in_(wanted[start:start + 500]), Instance.duplicate_of_id.is_(None)
+                    )
                 ):
                     out.setdefault(uid, []).append((modality, series, sop_class))
         return out
@@ -474,7 +487,9 @@ def model_of(evt: Any) -> str:
     return "STUDY" if str(evt.context.abstract_syntax).split(".")[9] == "2" else "PATIENT"
 
 
-def make_handlers(engine: QueryEngine, move_lookup: Callable[[str], tuple[str, int, dict] | None]) -> dict[str, Callable]:
+def make_handlers(
+    engine: QueryEngine, move_lookup: Callable[[str], tuple[str, int, dict] | None]
+) -> dict[str, Callable]:
     """pynetdicom handlers for C-FIND (Q/R and UPS Pull), C-MOVE and C-GET bound to ``engine``."""
 
     def handle_find(evt: Any) -> Iterator[tuple[int, Dataset | None]]:

@@ -86,7 +86,9 @@ def send_files(
         ae.add_requested_context(sop_class, [ExplicitVRLittleEndian])
     assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=client_tls(peer.tls, peer.host))
     if not assoc.is_established:
-        raise SendError(f"association with {peer.ae_title}@{peer.host}:{peer.port} failed (rejected, aborted or unreachable)")
+        raise SendError(
+            f"association with {peer.ae_title}@{peer.host}:{peer.port} failed (rejected, aborted or unreachable)"
+        )
     accepted = {(str(c.abstract_syntax), str(c.transfer_syntax[0])) for c in assoc.accepted_contexts}
     statuses: list[int | None] = []
     try:

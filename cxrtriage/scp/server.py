@@ -8,13 +8,15 @@ from collections.abc import Callable
 from typing import Any
 
 from pynetdicom import AE, evt
+from pynetdicom.events import EventHandlerType
 from pynetdicom.sop_class import UnifiedProcedureStepPull  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
 
 from ..config import DicomSettings
 from ..observability import event
 from .contexts import FIND_CLASSES, GET_CLASSES, MOVE_CLASSES, STORAGE_CLASSES, TRANSFER_SYNTAXES, VERIFICATION, Status
 
-log = logging.getLogger("cxrtriage.scp")
+log = logging.getLogger(__name__)
 
 
 def server_tls(settings: DicomSettings) -> ssl.SSLContext | None:
@@ -53,10 +55,10 @@ def build_ae(settings: DicomSettings) -> AE:
     return ae
 
 
-def start_server(settings: DicomSettings, handlers: dict[str, Callable[[Any], Any]]):  # type: ignore[no-untyped-def]
+def start_server(settings: DicomSettings, handlers: dict[str, Callable[[Any], Any]]) -> ThreadedAssociationServer:
     """Start listening (non-blocking); returns pynetdicom's threaded server."""
     ae = build_ae(settings)
-    bound = [
+    bound: list[EventHandlerType] = [
         (evt.EVT_C_ECHO, lambda e: Status.SUCCESS),
         (evt.EVT_C_STORE, handlers["store"]),
         (evt.EVT_C_FIND, handlers["find"]),
@@ -68,6 +70,7 @@ def start_server(settings: DicomSettings, handlers: dict[str, Callable[[Any], An
     server = ae.start_server(
         (settings.host, settings.port), block=False, evt_handlers=bound, ssl_context=server_tls(settings)
     )
+    assert server is not None  # block=False always returns the server
     event(log, logging.INFO, "listening", ae_title=settings.ae_title, host=settings.host, port=settings.port,
           tls=settings.tls.enabled)
     return server

@@ -21,7 +21,7 @@ from ..observability import event
 from ..storage.models import JobKind, JobState
 from ..storage.queue import Claimed, JobQueue
 
-log = logging.getLogger("cxrtriage.node")
+log = logging.getLogger(__name__)
 
 #: Runs one claimed job: ``(job, worker)``.
 Stage = Callable[[Claimed, str], None]

@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from ..inference.parallel import ScoringPool
     from ..inference.pipeline import Pipeline
 
-log = logging.getLogger("cxrtriage.node")
+log = logging.getLogger(__name__)
 
 Outcome = InstanceScored | InstanceRefused
 
@@ -152,7 +152,7 @@ class ScoreStage:
         with self.db.session() as session:
             source = session.get(Instance, job.instance_id)
         assert source is not None, f"score job {job.id} names no stored instance"
-        overlay = self.archive.root / "overlays" / f"{source.sop_instance_uid}.png"
+        overlay = self.archive.overlay_path(source.sop_instance_uid)
         outcome = self.scorer(self.archive.path(source.path), source.sop_instance_uid, overlay)
         if isinstance(outcome, InstanceRefused):
             self.record_refused(job, worker, source, outcome)
@@ -199,6 +199,7 @@ class ScoreStage:
         """Record a job that failed for good (the queue has marked it failed already)."""
         with self.db.session() as session:
             source = session.get(Instance, job.instance_id)
+            assert source is not None, f"score job {job.id} names no stored instance"
             self._set_result(session, source, status=ResultStatus.FAILED, reason="pipeline_error", message=str(error))
         self.metrics.scored.labels(outcome="pipeline_error").inc()
 

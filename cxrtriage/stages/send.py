@@ -22,7 +22,7 @@ from ..storage.models import Instance
 from ..storage.queue import Claimed, JobQueue
 from .lease_loop import GiveUp, LeaseLost
 
-log = logging.getLogger("cxrtriage.node")
+log = logging.getLogger(__name__)
 
 #: ``send_files``' signature: (peer, files, calling AE, timeout=...) -> statuses.
 Sender = Callable[..., list[int | None]]

@@ -64,6 +64,15 @@ class Archive:
         for folder in (self.root, self.tmp, self.quarantine_dir):
             folder.mkdir(parents=True, exist_ok=True)
 
+    @property
+    def overlays(self) -> Path:
+        """The folder of overlay PNGs (created by the first overlay written)."""
+        return self.root / "overlays"
+
+    def overlay_path(self, sop_instance_uid: str) -> Path:
+        """Where the overlay PNG of a scored image lives (``sop_instance_uid``: a checked UID, stored or validated)."""
+        return self.overlays / f"{sop_instance_uid}.png"
+
     def relative_path(self, study: str, series: str, sop: str, suffix: str = "") -> str:
         """``<Study>/<Series>/<SOP>[.<suffix>].dcm`` from checked UIDs (:class:`InvalidUIDError` otherwise)."""
         parts = [check_uid(study, "Study Instance UID"), check_uid(series, "Series Instance UID")]

@@ -21,19 +21,33 @@ PATIENT_STUDY_COLUMNS = (
 
 
 class DerivedObject(Protocol):
-    """What the catalog needs to know about a SEG or SR the node wrote (``dicom_header.EncodedObject``)."""
+    """What the catalog needs to know about a SEG or SR the node wrote (``dicom_header.EncodedObject``).
 
-    kind: str
-    sop_class_uid: str
-    sop_instance_uid: str
-    series_instance_uid: str
-    study_instance_uid: str
-    transfer_syntax_uid: str
-    modality: str
-    series_number: int | None
-    series_description: str
-    instance_number: int | None
-    body_part: str
+    Read-only members: a frozen dataclass satisfies it.
+    """
+
+    @property
+    def kind(self) -> str: ...
+    @property
+    def sop_class_uid(self) -> str: ...
+    @property
+    def sop_instance_uid(self) -> str: ...
+    @property
+    def series_instance_uid(self) -> str: ...
+    @property
+    def study_instance_uid(self) -> str: ...
+    @property
+    def transfer_syntax_uid(self) -> str: ...
+    @property
+    def modality(self) -> str: ...
+    @property
+    def series_number(self) -> int | None: ...
+    @property
+    def series_description(self) -> str: ...
+    @property
+    def instance_number(self) -> int | None: ...
+    @property
+    def body_part(self) -> str: ...
 
 
 def instance_row(attributes: Mapping[str, Any], **fields: Any) -> Instance:

@@ -13,6 +13,11 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
+def as_utc(value: dt.datetime) -> dt.datetime:
+    """A stored time as an aware datetime: SQLite hands back naive values, which are UTC."""
+    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
+
+
 class JobKind(enum.StrEnum):
     """What a job does; stored as its value in ``jobs.kind``."""
 

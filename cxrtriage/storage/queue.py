@@ -15,11 +15,11 @@ import datetime as dt
 import threading
 from dataclasses import dataclass
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import Update, and_, func, or_, select, update
 from sqlalchemy import event as sa_event
 from sqlalchemy.orm import Session
 
-from .db import Database, is_sqlite, upsert_insert
+from .db import Database, is_sqlite, rowcount, upsert_insert
 from .models import Job, JobKind, JobState, utcnow
 
 
@@ -94,13 +94,13 @@ class JobQueue:
             job.lease_until = now + dt.timedelta(seconds=lease_seconds)
             return Claimed(job.id, JobKind(job.kind), job.instance_id, job.destination, job.attempts, job.max_attempts)
 
-    def _owned(self, job_id: int, worker: str):  # type: ignore[no-untyped-def]
+    def _owned(self, job_id: int, worker: str) -> Update:
         return update(Job).where(Job.id == job_id, Job.worker == worker, Job.state == JobState.RUNNING)
 
     def complete(self, session: Session, job: Claimed, worker: str) -> bool:
         """Mark done inside the caller's transaction; False if the lease was lost meanwhile."""
-        result = session.execute(self._owned(job.id, worker).values(state=JobState.DONE, finished_at=utcnow(), lease_until=None))
-        return result.rowcount == 1
+        owned = self._owned(job.id, worker)
+        return rowcount(session.execute(owned.values(state=JobState.DONE, finished_at=utcnow(), lease_until=None))) == 1
 
     def fail(self, job: Claimed, worker: str, error: str, *, retry: bool = True) -> JobState:
         """Record a failure: back to pending after a backoff, or failed for good. Returns the new state."""
@@ -124,9 +124,9 @@ class JobQueue:
         if kind:
             query = query.where(Job.kind == kind)
         with self.db.session() as session:
-            return session.execute(
+            return rowcount(session.execute(
                 query.values(state=JobState.PENDING, attempts=0, available_at=utcnow(), finished_at=None)
-            ).rowcount
+            ))
 
     def release_worker(self, worker_prefix: str, keep: str) -> int:
         """Re-queue jobs leased by earlier runs of this node (``worker_prefix``), not by ``keep``.
@@ -135,11 +135,13 @@ class JobQueue:
         dead, so its leases need not run out first.
         """
         with self.db.session() as session:
-            return session.execute(
+            return rowcount(session.execute(
                 update(Job)
-                .where(Job.state == JobState.RUNNING, Job.worker.like(f"{worker_prefix}%"), Job.worker.notlike(f"{keep}%"))
+                .where(
+                    Job.state == JobState.RUNNING, Job.worker.like(f"{worker_prefix}%"), Job.worker.notlike(f"{keep}%")
+                )
                 .values(state=JobState.PENDING, lease_until=None, available_at=utcnow())
-            ).rowcount
+            ))
 
     def depth(self) -> dict[tuple[str, str], int]:
         """Number of jobs by (kind, state), for the queue-depth gauge."""

@@ -24,11 +24,11 @@ from ..config import Settings
 from ..observability import event
 from ..storage.archive import Archive
 from ..storage.db import Database
-from ..storage.models import Instance, Job, Reading, ScoreResult, utcnow
+from ..storage.models import Instance, Job, JobKind, JobState, Reading, ScoreResult, as_utc, utcnow
 from ..storage.queue import JobQueue
 from .worklist import Worklist
 
-log = logging.getLogger("cxrtriage.triage.jobs")
+log = logging.getLogger(__name__)
 _databases: dict[str, Database] = {}
 _lock = threading.Lock()
 
@@ -86,7 +86,7 @@ def retry_failed(settings_json: str) -> int:
     """Give failed scoring and sending jobs a fresh set of attempts."""
     settings = Settings.model_validate_json(settings_json)
     queue = JobQueue(_database(settings.storage.database_url))
-    count = queue.retry_failed("send") + queue.retry_failed("score")
+    count = queue.retry_failed(JobKind.SEND) + queue.retry_failed(JobKind.SCORE)
     if count:
         event(log, logging.INFO, "retrying failed jobs", jobs=count)
     return count
@@ -113,17 +113,19 @@ def purge(settings_json: str) -> int:
             by_study.setdefault(row.study_instance_uid, []).append(row)
         for uid, instances in by_study.items():
             ids = [i.id for i in instances]
-            newest = max(i.received_at if i.received_at.tzinfo else i.received_at.replace(tzinfo=dt.UTC)
-                         for i in instances)
-            open_jobs = session.scalar(select(Job.id).where(Job.instance_id.in_(ids), Job.state != "done").limit(1))
+            newest = max(as_utc(i.received_at) for i in instances)
+            open_jobs = session.scalar(
+                select(Job.id).where(Job.instance_id.in_(ids), Job.state != JobState.DONE).limit(1)
+            )
             if newest > cutoff or open_jobs is not None:
                 continue
             for instance in instances:
                 archive.remove(instance.path)
-                (archive.root / "overlays" / f"{instance.sop_instance_uid}.png").unlink(missing_ok=True)
+                archive.overlay_path(instance.sop_instance_uid).unlink(missing_ok=True)
             session.execute(delete(Job).where(Job.instance_id.in_(ids)))
             session.execute(delete(ScoreResult).where(ScoreResult.instance_id.in_(ids)))
-            session.execute(update(Instance).where(Instance.id.in_(ids)).values(duplicate_of_id=None, derived_from_id=None))
+            unlink = update(Instance).where(Instance.id.in_(ids)).values(duplicate_of_id=None, derived_from_id=None)
+            session.execute(unlink)
             session.execute(delete(Instance).where(Instance.id.in_(ids)))
             session.execute(delete(Reading).where(Reading.study_instance_uid == uid))
             purged += 1

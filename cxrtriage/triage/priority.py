@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 from ..config import PrioritySettings
 from ..inference.scoring import ZONE_NAMES
+from ..storage.models import ResultStatus
 
 #: Requested Procedure Priority (0040,1003) defined terms, most urgent first.
 REQUESTED_PRIORITY_RANK: dict[str, int] = {"STAT": 3, "HIGH": 2, "ROUTINE": 1, "MEDIUM": 1, "LOW": 0}
@@ -37,7 +38,8 @@ DIMSE_PRIORITY_RANK: dict[int, int] = {1: 2, 0: 1, 2: 0}
 
 TOP = 100.0
 ZONES_PER_IMAGE = len(ZONE_NAMES)  # zones A-F
-BANDS = ("critical", "high", "moderate", "low", "unscored", "ai_failed")
+#: An image's status while it has no result yet (never stored: results.status holds a ResultStatus).
+PENDING = "pending"
 
 
 def order_priority(requested: str | None, dimse: int | None) -> int:
@@ -90,7 +92,7 @@ def worst_image(images: Sequence[ImageFinding], settings: PrioritySettings) -> i
     best: int | None = None
     best_key: tuple[int, int, float] | None = None
     for index, image in enumerate(images):
-        if image.status != "scored":
+        if image.status != ResultStatus.SCORED:
             continue
         key = (image.ranking_total(settings), image.brixia or 0, image.p_disease or 0.0)
         if best_key is None or key > best_key:
@@ -115,7 +117,7 @@ def study_band(images: Sequence[ImageFinding], settings: PrioritySettings) -> tu
         # Up to 9.9 points inside the band: zone score, then Brixia-style total, then P(disease).
         severity = 1.2 * total + 0.1 * min(worst.brixia or 0, 18) + 0.9 * p
         return band, severity, index
-    if any(i.status == "pending" for i in images) or not images:
+    if any(i.status == PENDING for i in images) or not images:
         return "unscored", 0.0, None
     return "ai_failed", 0.0, None
 
@@ -149,7 +151,7 @@ def prioritise(
         flags.append("AI pending")
     if band == "ai_failed":
         flags.append("AI failed")
-    unscored = max((i.unscored_zones for i in images if i.status == "scored"), default=0)
+    unscored = max((i.unscored_zones for i in images if i.status == ResultStatus.SCORED), default=0)
     if unscored:
         flags.append("no lung found" if unscored >= ZONES_PER_IMAGE else "one lung found")
     if waited > max_wait:

@@ -20,7 +20,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTex
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, TypeAdapter
 
-from ..storage.archive import is_valid_uid
+from ..storage.archive import Archive, is_valid_uid
 from .worklist import StudyDetail, StudyNotFound, Worklist, WorklistRow
 
 PAGE = Path(__file__).parent / "static"
@@ -48,7 +48,7 @@ def _authorised(request: Request, token: str | None) -> None:
         raise HTTPException(401, "authentication required", headers={"WWW-Authenticate": 'Basic realm="cxrtriage"'})
 
 
-def create_app(worklist: Worklist, overlays: Path, *, token: str | None = None, metrics: Any = None) -> FastAPI:
+def create_app(worklist: Worklist, archive: Archive, *, token: str | None = None, metrics: Any = None) -> FastAPI:
     app = FastAPI(title="cxrtriage worklist", version="1", description="Chest X-ray studies in reading order.")
     app.mount("/static", StaticFiles(directory=PAGE), name="static")
 
@@ -99,7 +99,7 @@ def create_app(worklist: Worklist, overlays: Path, *, token: str | None = None, 
     def overlay(sop_uid: str) -> FileResponse:
         if not is_valid_uid(sop_uid):
             raise HTTPException(400, "not a UID")
-        path = overlays / f"{sop_uid}.png"
+        path = archive.overlay_path(sop_uid)
         if not path.is_file():
             raise HTTPException(404, "no overlay for this image")
         return FileResponse(path, media_type="image/png")

@@ -18,19 +18,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel, Field
-from sqlalchemy import JSON, ColumnElement, Integer, Select, case, cast, func, or_, select, update
+from sqlalchemy import Select, or_, select, update
 from sqlalchemy.orm import Session
 
 from ..config import PrioritySettings
 from ..inference.identity import RESEARCH_USE_NOTICE
 from ..inference.result_model import ImageResult
 from ..inference.scoring import ZONE_NAMES
-from ..storage.db import Database, upsert_insert
-from ..storage.models import Instance, Reading, ScoreResult, utcnow
-from .priority import REQUESTED_PRIORITY_RANK, ImageFinding, StudyPriority, prioritise, rank
+from ..storage.db import Database, rowcount, upsert_insert
+from ..storage.models import Instance, Reading, ResultStatus, ScoreResult, as_utc, utcnow
+from .priority import PENDING, REQUESTED_PRIORITY_RANK, ImageFinding, StudyPriority, prioritise, rank
 
 #: Bound parameters per IN (...) list: well under SQLite's limit on host parameters.
 CHUNK = 500
+_ZONES_DESCRIPTION = f"zones {', '.join(ZONE_NAMES)}; null: unscored"
 
 
 class StudyNotFound(LookupError):
@@ -68,8 +69,8 @@ class WorklistRow(BaseModel):
     total_score: int | None = Field(None, description="0-6 zone score of the most severe image")
     brixia_total: int | None = Field(None, description="Brixia-style total (0-18) of the most severe image")
     p_disease: float | None = Field(None, description="P(disease) of the most severe image")
-    zone_binary: list[int | None] = Field(default_factory=list, description=f"zones {', '.join(ZONE_NAMES)}; null: unscored")
-    zone_brixia: list[int | None] = Field(default_factory=list, description=f"zones {', '.join(ZONE_NAMES)}; null: unscored")
+    zone_binary: list[int | None] = Field(default_factory=list, description=_ZONES_DESCRIPTION)
+    zone_brixia: list[int | None] = Field(default_factory=list, description=_ZONES_DESCRIPTION)
     zones_scored: int | None = None
     missing_lungs: list[str] = Field(default_factory=list)
     worst_sop_instance_uid: str | None = Field(None, description="the most severe image, whose values are shown")
@@ -114,7 +115,9 @@ class ImageRow:
     zones_scored: int | None
 
     def finding(self) -> ImageFinding:
-        unscored = len(ZONE_NAMES) - self.zones_scored if self.status == "scored" and self.zones_scored else 0
+        unscored = 0
+        if self.status == ResultStatus.SCORED and self.zones_scored:
+            unscored = len(ZONE_NAMES) - self.zones_scored
         return ImageFinding(self.status, self.total, self.brixia, self.p_disease, unscored_zones=unscored)
 
 
@@ -189,42 +192,19 @@ class WorklistEntry:
                               for m in (r.model_identity.lungs, r.model_identity.disease)})
 
 
-def _aware(value: dt.datetime) -> dt.datetime:
-    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
-
-
 def _chunks(values: Sequence[Any], size: int = CHUNK) -> Iterator[Sequence[Any]]:
     for start in range(0, len(values), size):
         yield values[start:start + size]
 
 
-def zones_scored_column(dialect: str) -> ColumnElement[Any]:
-    """A scored result's ``zones_scored``, read from its JSON by the database.
-
-    The ranking needs it (a lung that was not found counts as affected). Once the
-    results table has it as a summary column (``results.zones_scored``), that is
-    read; until then the database extracts it from the JSON, which spares a Python
-    parse per image but still costs the database one JSON parse per image.
-    Records written before the field existed give NULL (6 zones).
-    """
-    summary = getattr(ScoreResult, "zones_scored", None)
-    if summary is not None:
-        return summary
-    if dialect == "postgresql":
-        value: ColumnElement[Any] = cast(cast(ScoreResult.details, JSON)["zones_scored"].as_string(), Integer)
-    else:
-        value = func.json_extract(ScoreResult.details, "$.zones_scored")
-    return case((ScoreResult.status == "scored", value), else_=None)
-
-
 def ai_status(images: Sequence[ImageRow]) -> str:
     """The study's AI status as C-FIND reports it (0099,1004): SCORED, PENDING, FAILED or NOT_SCORABLE."""
     statuses = {image.status for image in images}
-    if "scored" in statuses:
+    if ResultStatus.SCORED in statuses:
         return "SCORED"
-    if "pending" in statuses or not statuses:
+    if PENDING in statuses or not statuses:
         return "PENDING"
-    return "FAILED" if "failed" in statuses else "NOT_SCORABLE"
+    return "FAILED" if ResultStatus.FAILED in statuses else "NOT_SCORABLE"
 
 
 class Worklist:
@@ -261,7 +241,7 @@ class Worklist:
 
     # -- reading the database ---------------------------------------------
 
-    def _image_query(self, include_read: bool) -> Select[Any]:
+    def _image_query(self, include_read: bool) -> Select[*tuple[Any, ...]]:
         """Every non-duplicate source image, its result's summary columns and its study's reading state.
 
         Only what ranking needs: labels (accession, patient, UIDs) are read later for the shown studies.
@@ -269,8 +249,9 @@ class Worklist:
         query = (
             select(
                 Instance.id, Instance.study_instance_uid, Instance.modality,
-                Instance.received_at, Instance.requested_priority, Instance.dimse_priority, ScoreResult.status, ScoreResult.total_score, ScoreResult.brixia_total, ScoreResult.p_disease,
-                zones_scored_column(self.db.engine.dialect.name),
+                Instance.received_at, Instance.requested_priority, Instance.dimse_priority,
+                ScoreResult.status, ScoreResult.total_score, ScoreResult.brixia_total, ScoreResult.p_disease,
+                ScoreResult.zones_scored,  # a summary column: ranking parses no JSON
                 Reading.state, Reading.reader, Reading.escalated_at,
             )
             .select_from(Instance)
@@ -334,7 +315,7 @@ class Worklist:
             images=len(images), priority=priority, reading_state=study.state, reader=study.reader,
             requested_priority=max(requested, key=lambda r: REQUESTED_PRIORITY_RANK.get(r.upper(), -1), default=""),
             ai_status=ai_status(images),
-            scored_instance_ids=[image.instance_id for image in images if image.status == "scored"],
+            scored_instance_ids=[image.instance_id for image in images if image.status == ResultStatus.SCORED],
         )
         if priority.worst is not None:  # the one image whose values the study shows
             worst = images[priority.worst]
@@ -358,7 +339,7 @@ class Worklist:
             ).all()
         images = [
             ImageResultRow(
-                sop_instance_uid=sop_uid, view_position=view, status=status or "pending", reason=reason or "",
+                sop_instance_uid=sop_uid, view_position=view, status=status or PENDING, reason=reason or "",
                 message=message or "", scores=ImageResult.model_validate_json(text) if text else None,
             )
             for sop_uid, view, status, reason, message, text in rows
@@ -377,13 +358,14 @@ class Worklist:
             if exists is None:
                 raise StudyNotFound(uid)
             self._ensure(session, uid)
-            done = session.execute(
-                update(Reading).where(Reading.study_instance_uid == uid, allowed_from).values(updated_at=utcnow(), **values)
-            )
-            return done.rowcount == 1
+            transition = update(Reading).where(Reading.study_instance_uid == uid, allowed_from)
+            return rowcount(session.execute(transition.values(updated_at=utcnow(), **values))) == 1
 
     def claim(self, uid: str, reader: str) -> bool:
-        """Claim for ``reader``; False when another reader holds it or it was read. :class:`StudyNotFound` if unknown."""
+        """Claim for ``reader``; False when another reader holds it or it was read.
+
+        :class:`StudyNotFound` if unknown.
+        """
         return self._transition(
             uid, or_(Reading.state == "unread", (Reading.state == "claimed") & (Reading.reader == reader)),
             state="claimed", reader=reader, claimed_at=utcnow(),
@@ -413,7 +395,7 @@ def _group(rows: Iterable[Any]) -> list[StudyRows]:
         study = studies.get(uid)
         if study is None:
             study = studies[uid] = StudyRows(uid, state or "unread", reader or "", escalated_at is not None)
-        study.images.append(ImageRow(instance_id, modality, _aware(received), requested, dimse,
-                                     status or "pending", total, brixia, p_disease,
+        study.images.append(ImageRow(instance_id, modality, as_utc(received), requested, dimse,
+                                     status or PENDING, total, brixia, p_disease,
                                      int(zones_scored) if zones_scored is not None else None))
     return list(studies.values())

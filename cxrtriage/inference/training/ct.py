@@ -23,8 +23,12 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
+
+if TYPE_CHECKING:  # nibabel is the optional [train] extra, imported where a volume is read
+    from nibabel.spatialimages import SpatialImage
 
 #: TotalSegmentator's lung lobes: upper/lower left, upper/middle/lower right.
 TOTALSEGMENTATOR_LUNGS: tuple[int, ...] = (10, 11, 12, 13, 14)
@@ -49,7 +53,7 @@ class CTVolume:
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        return tuple(self.hu.shape)  # type: ignore[return-value]
+        return tuple(self.hu.shape)
 
     def digest(self) -> str:
         """Short content hash: renders cached from another volume are never reused."""
@@ -107,7 +111,8 @@ def _read_las(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """Voxels reoriented to (L, A, S) and the voxel sizes along those axes."""
     import nibabel as nib
 
-    img = nib.load(str(path))
+    # NIfTI files load as a SpatialImage (voxels + affine); nib.load's signature says FileBasedImage.
+    img = cast("SpatialImage", nib.load(str(path)))
     data = np.asarray(img.dataobj)
     if data.ndim == 4:
         data = data[..., 0]

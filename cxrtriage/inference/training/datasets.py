@@ -284,7 +284,8 @@ def _read_cached(path: Path) -> dict | None:
         return None
     try:
         with np.load(path) as d:
-            shape = tuple(int(v) for v in d["shape"])
+            rows, cols = (int(v) for v in d["shape"])
+            shape = (rows, cols)
             out: dict = {"image": d["image"].astype(np.float32), "disease": _unpack(d["disease"], shape)}
             if "right" in d:
                 out["right"], out["left"] = _unpack(d["right"], shape), _unpack(d["left"], shape)

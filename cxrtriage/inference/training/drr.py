@@ -130,7 +130,8 @@ def deform(
     axes = [torch.arange(n, dtype=torch.float32) - (n - 1) / 2 for n in out_shape]
     gx, gy, gz = torch.meshgrid(*[a * s for a in axes], indexing="ij")
     p = torch.stack([gx, gy, gz], dim=-1)
-    q = p @ torch.from_numpy(inverse.T.astype(np.float32)) + torch.tensor([origin[0], origin[1], 0.0], dtype=torch.float32)
+    offset = torch.tensor([origin[0], origin[1], 0.0], dtype=torch.float32)
+    q = p @ torch.from_numpy(inverse.T.astype(np.float32)) + offset
     # Smooth elastic displacement, a few cm wavelength, up to about a centimetre.
     amplitude = rng.uniform(3.0, 9.0)
     coarse = torch.from_numpy(rng.standard_normal((1, 3, 5, 5, 5)).astype(np.float32)) * amplitude
@@ -138,7 +139,8 @@ def deform(
     # Inspiration: move the lower thorax down (deeper breath) or up, each side a little differently.
     zs = np.flatnonzero(volume.lungs.any(axis=(0, 1)))
     base = (zs[0] - (nz - 1) / 2) * s
-    shift = rng.uniform(-18.0, 14.0) * (1.0 if params["view"] == "PA" else 0.6) - (6.0 if params["view"] == "AP" else 0.0)
+    view = params["view"]
+    shift = rng.uniform(-18.0, 14.0) * (1.0 if view == "PA" else 0.6) - (6.0 if view == "AP" else 0.0)
     tilt = rng.uniform(-0.25, 0.25)
     bump = torch.exp(-(((gz - base - 30.0) / 70.0) ** 2)) * (1.0 + tilt * torch.tanh(gx / 60.0))
     q[..., 2] += shift * bump

@@ -39,7 +39,7 @@ class DynamicWeighting:
         self.tasks = tasks
 
     def weights(self, losses: list[torch.Tensor]) -> list[float]:
-        values = [max(float(l.detach()), 1e-8) for l in losses]
+        values = [max(float(loss.detach()), 1e-8) for loss in losses]
         if self.running is None:
             self.running = values
         else:
@@ -49,4 +49,8 @@ class DynamicWeighting:
         return [scale * i for i in inverse]
 
     def __call__(self, losses: list[torch.Tensor]) -> torch.Tensor:
-        return sum(w * l for w, l in zip(self.weights(losses), losses))
+        terms = [w * loss for w, loss in zip(self.weights(losses), losses)]
+        total = terms[0]
+        for term in terms[1:]:
+            total = total + term
+        return total

@@ -25,6 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..metrics import dice, roc_auc
 from ..models import ModelSpec, create_model, save_bundled
+from ..predictors import resolve_device
+from ..scoring import DEFAULT_ZONE_THRESHOLD
 from .augment import augment
 from .datasets import CTSource, Sample, Task, dataset_samples, drr_samples, synthetic_samples
 from .losses import DynamicWeighting, segmentation_loss
@@ -61,7 +63,7 @@ class TrainConfig(BaseModel):
     lr: float = 2e-3
     weight_decay: float = 1e-4
     loss_alpha: float = 0.5
-    zone_threshold: float = 0.30
+    zone_threshold: float = DEFAULT_ZONE_THRESHOLD
     eval_every: int = 250
     seed: int = 0
     device: str = "auto"
@@ -75,7 +77,9 @@ class TrainConfig(BaseModel):
         if self.data == "synthetic":
             return 1.0
         if self.data in ("drr", "drr+synthetic"):
-            return self.mix_synthetic if self.mix_synthetic is not None else (0.5 if self.data == "drr+synthetic" else 0.0)
+            if self.mix_synthetic is not None:
+                return self.mix_synthetic
+            return 0.5 if self.data == "drr+synthetic" else 0.0
         return 0.0
 
     @property
@@ -115,12 +119,6 @@ class TrainResult:
     best: dict[str, float]
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def load_samples(cfg: TrainConfig) -> tuple[list[Sample], list[Sample]]:
     """Training and held-out samples. Synthetic held-out seeds never overlap training ones."""
     if cfg.data == "synthetic":
@@ -152,16 +150,23 @@ def _drr_and_synthetic(cfg: TrainConfig) -> tuple[list[Sample], list[Sample]]:
     n_synth = int(round(cfg.train_images * share))
     n_drr = cfg.train_images - n_synth
     base = cfg.seed * 100_000
-    common = dict(size=cfg.input_size, workers=cfg.workers, equalize_image=cfg.equalize)
-    drr = dict(source=cfg.ct_source(), cache_dir=cfg.drr_cache)
-    train = drr_samples(cfg.task, range(base, base + n_drr), **drr, **common) if n_drr else []
+    source = cfg.ct_source()
+
+    def drrs(seeds: range) -> list[Sample]:
+        return drr_samples(cfg.task, seeds, cfg.input_size, source=source, cache_dir=cfg.drr_cache,
+                           workers=cfg.workers, equalize_image=cfg.equalize)
+
+    def phantoms(seeds: range) -> list[Sample]:
+        return synthetic_samples(cfg.task, seeds, cfg.input_size, workers=cfg.workers, equalize_image=cfg.equalize)
+
+    train = drrs(range(base, base + n_drr)) if n_drr else []
     if n_synth:
-        train += synthetic_samples(cfg.task, range(base, base + n_synth), **common)
+        train += phantoms(range(base, base + n_synth))
     val_base = HELD_OUT_SEED_BASE + 50_000
     n_val_synth = int(round(cfg.val_images * share))
-    val = drr_samples(cfg.task, range(val_base, val_base + cfg.val_images - n_val_synth), **drr, **common)
+    val = drrs(range(val_base, val_base + cfg.val_images - n_val_synth))
     if n_val_synth:
-        val += synthetic_samples(cfg.task, range(val_base, val_base + n_val_synth), **common)
+        val += phantoms(range(val_base, val_base + n_val_synth))
     return train, val
 
 
@@ -215,7 +220,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict[str, float]], None] | N
     """Train one stage; returns where the weights and the log were written."""
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    device = pick_device(cfg.device)
+    device = resolve_device(cfg.device)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "metrics.jsonl"
@@ -223,7 +228,8 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict[str, float]], None] | N
 
     t0 = time.time()
     train_set, val_set = load_samples(cfg)
-    log.write(json.dumps({"event": "data", "train": len(train_set), "val": len(val_set), "seconds": time.time() - t0}) + "\n")
+    data_event = {"event": "data", "train": len(train_set), "val": len(val_set), "seconds": time.time() - t0}
+    log.write(json.dumps(data_event) + "\n")
 
     spec = cfg.spec()
     model = create_model(spec)

@@ -11,7 +11,10 @@ engine = config.attributes.get("connection_engine")
 if engine is None:  # run from the alembic command line
     from cxrtriage.storage.db import make_engine
 
-    engine = make_engine(config.get_main_option("sqlalchemy.url"))
+    url = config.get_main_option("sqlalchemy.url")
+    if url is None:
+        raise RuntimeError("no sqlalchemy.url in the Alembic configuration")
+    engine = make_engine(url)
 
 with engine.connect() as connection:
     context.configure(

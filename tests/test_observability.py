@@ -1,0 +1,72 @@
+"""Log lines carry the event's structured fields, as text or as JSON lines; PHI keys stay out."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cxrtriage.config import LoggingSettings
+from cxrtriage.observability import event, setup_logging
+
+
+@pytest.fixture
+def restore_loggers() -> Iterator[None]:
+    """setup_logging replaces the handlers of the project's and pynetdicom's loggers: put them back."""
+    saved = {}
+    for name in ("cxrtriage", "pynetdicom"):
+        logger = logging.getLogger(name)
+        saved[name] = (list(logger.handlers), logger.level, logger.propagate)
+    yield
+    for name, (handlers, level, propagate) in saved.items():
+        logger = logging.getLogger(name)
+        for handler in logger.handlers:
+            if handler not in handlers:
+                handler.close()
+        logger.handlers[:] = handlers
+        logger.setLevel(level)
+        logger.propagate = propagate
+
+
+def _log_refusal() -> None:
+    log = logging.getLogger("cxrtriage.scp.ingest")
+    event(log, logging.WARNING, "store refused", reason="disk_full", status="0xA700", calling_aet="MODALITY 1",
+          free_bytes=1024, patient_name="PHANTOM^ONE")
+
+
+def test_text_lines_carry_the_fields(tmp_path: Path, restore_loggers: None) -> None:
+    path = tmp_path / "node.log"
+    setup_logging(LoggingSettings(json_lines=False, file=str(path)))
+    _log_refusal()
+    lines = path.read_text().splitlines()
+    assert len(lines) == 1
+    line = lines[0]
+    assert " WARNING cxrtriage.scp.ingest store refused " in line
+    assert "reason=disk_full" in line and "status=0xA700" in line and "free_bytes=1024" in line
+    assert 'calling_aet="MODALITY 1"' in line  # a value with a space stays one token
+    assert "PHANTOM" not in line and "patient_name" not in line
+
+
+def test_json_lines_carry_the_fields(tmp_path: Path, restore_loggers: None) -> None:
+    path = tmp_path / "node.log"
+    setup_logging(LoggingSettings(json_lines=True, file=str(path)))
+    _log_refusal()
+    lines = path.read_text().splitlines()
+    assert len(lines) == 1
+    record = json.loads(lines[0])
+    assert record["logger"] == "cxrtriage.scp.ingest" and record["msg"] == "store refused"
+    assert record["level"] == "WARNING"
+    assert (record["reason"], record["status"], record["calling_aet"], record["free_bytes"]) == (
+        "disk_full", "0xA700", "MODALITY 1", 1024
+    )
+    assert "patient_name" not in record
+
+
+def test_patient_names_only_when_allowed(tmp_path: Path, restore_loggers: None) -> None:
+    path = tmp_path / "node.log"
+    setup_logging(LoggingSettings(json_lines=False, patient_names=True, file=str(path)))
+    _log_refusal()
+    assert "patient_name=PHANTOM^ONE" in path.read_text()
