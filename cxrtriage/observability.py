@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from .config import LoggingSettings
 
 #: Keys that may carry patient identity; dropped from log records unless allowed.
-PHI_KEYS = ("patient_name", "patient_birth_date")
+PHI_KEYS = ("patient_name", "patient_birth_date", "patient_id", "accession_number")
 
 
 def record_fields(record: logging.LogRecord, patient_names: bool) -> dict[str, object]:

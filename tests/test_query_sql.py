@@ -165,6 +165,15 @@ def test_a_missing_lung_makes_its_image_the_worst_everywhere(db: Database, studi
     assert off.total_score == 4 and off.priority.band == "high"  # configurable, as before
 
 
+def test_no_lung_found_is_never_ranked_as_a_clear_film(db: Database, studies: Studies) -> None:
+    """zones_scored 0 (neither lung found): six unscored zones rank as affected, flagged."""
+    study = uid()
+    studies.image(study, result=(0, 0, 0.1), missing=("right", "left"))
+    entry = Worklist(db).entries(now=T0)[0]
+    assert entry.priority.band == "critical" and "no lung found" in entry.priority.flags
+    assert entry.zones_scored == 0
+
+
 def test_ai_status_and_research_use_in_cfind(db: Database, studies: Studies, tmp_path: Path) -> None:
     pending, failed, refused, scored = uid(), uid(), uid(), uid()
     studies.image(pending)

@@ -119,9 +119,11 @@ def test_expired_lease_is_reclaimed_and_stale_worker_cannot_complete(database) -
     time.sleep(0.1)
     again = queue.claim(SCORE, "other", 60)
     assert again is not None and again.id == job.id and again.attempts == 2
+    assert queue.fail(job, "crashed", "late failure") is None  # lost its lease: the failure changes nothing
     with database.session() as s:
         assert not queue.complete(s, job, "crashed")  # lost its lease
         assert queue.complete(s, again, "other")
+        assert s.get(Job, job.id).last_error == ""
 
 
 def test_failures_back_off_then_fail_for_good(database) -> None:

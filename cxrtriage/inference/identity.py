@@ -9,7 +9,6 @@ in, and the worklist and study page show it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -84,11 +83,3 @@ class ModelIdentity:
     @classmethod
     def from_specs(cls, lungs: ModelSpec, disease: ModelSpec) -> ModelIdentity:
         return cls(StageModel.from_spec("lungs", lungs), StageModel.from_spec("disease", disease))
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> ModelIdentity:
-        def stage(key: str) -> StageModel:
-            d = data[key]
-            return StageModel(key, d["name"], d["version"], d["origin"], tuple(d.get("training_data", ())))
-
-        return cls(stage("lungs"), stage("disease"))

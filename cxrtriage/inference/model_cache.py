@@ -24,7 +24,7 @@ import urllib.request
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Literal
+from typing import IO, Any, Literal
 
 from . import registry
 from .registry import RegistryEntry
@@ -50,6 +50,7 @@ class ModelNotCached(ModelCacheError, FileNotFoundError):
 
     def __init__(self, entries: Iterable[RegistryEntry], command_name: str | None = None, reason: str = "") -> None:
         self.entries = list(entries)
+        self.command_name, self.reason = command_name, reason
         target = command_name or " ".join(e.name for e in self.entries)
         names = ", ".join(e.name for e in self.entries)
         super().__init__(
@@ -61,6 +62,9 @@ class ModelNotCached(ModelCacheError, FileNotFoundError):
 
     def __str__(self) -> str:  # OSError would prefix an errno
         return str(self.args[0])
+
+    def __reduce__(self) -> tuple[Any, ...]:  # crosses the scoring pool's process boundary intact
+        return (ModelNotCached, (self.entries, self.command_name, self.reason))
 
 
 class IntegrityError(ModelCacheError, ValueError):
@@ -170,17 +174,8 @@ def resolve(entry: RegistryEntry, command_name: str | None = None) -> Path:
     return path
 
 
-def resolve_pair(name: str) -> tuple[Path, Path]:
-    """Both cached files of a pair such as ``danilov2022``; one error naming every missing file."""
-    entries = registry.expand(name)
-    missing = [e for e in entries if not _present(e)]
-    if missing:  # `pull <pair>` also fits when one is there: a present, intact file is kept
-        raise ModelNotCached(missing, command_name=name)
-    lungs, disease = (resolve(e) for e in entries)
-    return lungs, disease
-
-
-def _present(entry: RegistryEntry) -> bool:
+def is_cached(entry: RegistryEntry) -> bool:
+    """Present with the right size (the cheap test ``list`` shows)."""
     path = cached_path(entry)
     return path.is_file() and path.stat().st_size == entry.size
 
@@ -401,19 +396,8 @@ def verify(entries: Iterable[RegistryEntry] | None = None) -> list[Verified]:
     return results
 
 
-def is_cached(entry: RegistryEntry) -> bool:
-    """Present with the right size (the cheap test ``list`` shows)."""
-    return _present(entry)
-
-
-def remove(entry: RegistryEntry) -> None:
-    """Delete a cached file (and any ``.part``) of ``entry``."""
-    cached_path(entry).unlink(missing_ok=True)
-    _part_path(entry).unlink(missing_ok=True)
-
-
 __all__ = [
     "DEFAULT_BASE_URL", "DownloadError", "IntegrityError", "ModelCacheError", "ModelNotCached", "Verified",
-    "base_url", "cached_path", "file_url", "import_file", "is_cached", "models_dir", "pull", "remove",
-    "resolve", "resolve_pair", "sha256_file", "verify",
+    "base_url", "cached_path", "file_url", "import_file", "is_cached", "models_dir", "pull",
+    "resolve", "sha256_file", "verify",
 ]

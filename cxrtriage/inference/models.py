@@ -91,11 +91,6 @@ class ModelSpec(BaseModel):
         return value
 
     @property
-    def trained_on_real_radiographs(self) -> bool:
-        """False for models trained only on synthetic or CT-derived images, or on data not stated."""
-        return "real" in self.training_data
-
-    @property
     def display_name(self) -> str:
         return self.name or self.version
 

@@ -116,15 +116,13 @@ class Pipeline:
             disease = disease or make_predictor(disease_spec, backend, device, precision)
         self.lungs_model = lungs
         self.disease_model = disease
+        self.identity = ModelIdentity.from_specs(lungs.spec, disease.spec)  # fixed for the pipeline's life
         self.scoring = scoring_config(self.settings, disease.spec)
 
     @property
     def model_versions(self) -> dict[str, str]:
         return {"lungs": self.lungs_model.spec.version, "disease": self.disease_model.spec.version}
 
-    @property
-    def identity(self) -> ModelIdentity:
-        return ModelIdentity.from_specs(self.lungs_model.spec, self.disease_model.spec)
 
     def _inputs(self, images: Sequence[np.ndarray], spec: ModelSpec) -> np.ndarray:
         mean, std = spec.channel_stats()

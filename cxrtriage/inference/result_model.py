@@ -18,6 +18,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from .scoring import DEFAULT_ZONE_THRESHOLD, ZONE_NAMES
 
 
+def unscored_zones(zones_scored: int | None) -> int:
+    """Zones of a lung that was not found; ``None`` (records from before the field) means all six scored."""
+    return 0 if zones_scored is None else len(ZONE_NAMES) - zones_scored
+
+
 class _Record(BaseModel):
     # Unknown keys of newer writers are kept, not refused: a record is read back as written.
     model_config = ConfigDict(extra="allow")
@@ -82,7 +87,7 @@ class ImageResult(_Record):
 
     @property
     def unscored_zones(self) -> int:
-        return len(ZONE_NAMES) - self.zones_scored
+        return unscored_zones(self.zones_scored)
 
     def zone_values(self, key: str) -> list[int | None]:
         """One zone field (``binary_score``, ``brixia_grade``) in A-F order; None where unscored."""

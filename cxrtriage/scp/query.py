@@ -52,7 +52,7 @@ from ..observability import event
 from ..storage.archive import Archive
 from ..storage.db import Database
 from ..storage.models import Instance
-from ..triage.worklist import Worklist, WorklistEntry
+from ..triage.worklist import Worklist, WorklistEntry, chunks
 
 log = logging.getLogger(__name__)
 
@@ -393,13 +393,11 @@ class QueryEngine:
         wanted = sorted(set(uids))
         out: dict[str, list[tuple[str, str, str]]] = {}
         with self.db.session() as session:
-            for start in range(0, len(wanted), 500):
+            for chunk in chunks(wanted):
                 for uid, modality, series, sop_class in session.execute(
                     select(Instance.study_instance_uid, Instance.modality, Instance.series_instance_uid,
                            Instance.sop_class_uid)
-                    .where(
-                        Instance.study_instance_uid.in_(wanted[start:start + 500]), Instance.duplicate_of_id.is_(None)
-                    )
+                    .where(Instance.study_instance_uid.in_(chunk), Instance.duplicate_of_id.is_(None))
                 ):
                     out.setdefault(uid, []).append((modality, series, sop_class))
         return out

@@ -95,6 +95,9 @@ class LeaseLoop:
         except Exception as db_error:  # not recorded: the lease runs out and the job is claimed again
             event(log, logging.ERROR, "recording the failure failed", job=job.id, kind=self.kind, error=str(db_error))
             return Turn.CLAIM_FAILED
+        if state is None:  # another worker took the job over: its outcome stands, this failure is not recorded
+            event(log, logging.WARNING, "lease lost; failure discarded", job=job.id, kind=self.kind)
+            return Turn.LEASE_LOST
         event(log, logging.ERROR, f"{self.kind} job failed", job=job.id, attempt=job.attempts, next_state=state,
               error=error)
         if state is not JobState.FAILED:

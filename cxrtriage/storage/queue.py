@@ -102,8 +102,9 @@ class JobQueue:
         owned = self._owned(job.id, worker)
         return rowcount(session.execute(owned.values(state=JobState.DONE, finished_at=utcnow(), lease_until=None))) == 1
 
-    def fail(self, job: Claimed, worker: str, error: str, *, retry: bool = True) -> JobState:
-        """Record a failure: back to pending after a backoff, or failed for good. Returns the new state."""
+    def fail(self, job: Claimed, worker: str, error: str, *, retry: bool = True) -> JobState | None:
+        """Record a failure: back to pending after a backoff, or failed for good. Returns the new state,
+        or None when the lease was lost meanwhile (another worker holds the job: nothing is changed)."""
         final = not retry or job.attempts >= job.max_attempts
         delay = backoff_seconds(job.attempts, self.backoff_base, self.backoff_cap)
         state = JobState.FAILED if final else JobState.PENDING
@@ -115,8 +116,8 @@ class JobQueue:
             finished_at=utcnow() if final else None,
         )
         with self.db.session() as session:
-            session.execute(self._owned(job.id, worker).values(**values))
-        return state
+            changed = rowcount(session.execute(self._owned(job.id, worker).values(**values)))
+        return state if changed == 1 else None
 
     def retry_failed(self, kind: JobKind | None = None) -> int:
         """Give failed jobs a fresh set of attempts (an operator's or the scheduler's decision)."""

@@ -55,7 +55,7 @@ def escalate_overdue(settings_json: str) -> int:
     db = _database(settings.storage.database_url)
     worklist = Worklist(db, settings.triage.priority)
     fired = 0
-    for entry in worklist.entries():
+    for entry in worklist.entries(details=False):  # band, totals and labels come from the summary columns
         deadline = rules.deadline_minutes.get(entry.priority.band)
         if deadline is None or entry.priority.waited_minutes < deadline or "escalated" in entry.priority.flags:
             continue

@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 
 from ..config import PrioritySettings
 from ..inference.identity import RESEARCH_USE_NOTICE
-from ..inference.result_model import ImageResult
+from ..inference.result_model import ImageResult, unscored_zones
 from ..inference.scoring import ZONE_NAMES
 from ..storage.db import Database, rowcount, upsert_insert
 from ..storage.models import Instance, Reading, ResultStatus, ScoreResult, as_utc, utcnow
@@ -115,9 +115,8 @@ class ImageRow:
     zones_scored: int | None
 
     def finding(self) -> ImageFinding:
-        unscored = 0
-        if self.status == ResultStatus.SCORED and self.zones_scored:
-            unscored = len(ZONE_NAMES) - self.zones_scored
+        # zones_scored 0 is "no lung found": six unscored zones, not a clear film
+        unscored = unscored_zones(self.zones_scored) if self.status == ResultStatus.SCORED else 0
         return ImageFinding(self.status, self.total, self.brixia, self.p_disease, unscored_zones=unscored)
 
 
@@ -176,9 +175,6 @@ class WorklistEntry:
             research_use_notice=RESEARCH_USE_NOTICE if self.research_use else "", models=self.models,
         )
 
-    def as_dict(self) -> dict[str, Any]:
-        return self.row().model_dump()
-
     def apply_details(self, details: dict[int, ImageResult]) -> None:
         """Fill what only the JSON records hold: zone grades, missing lungs, the models and research use."""
         records = [details[i] for i in self.scored_instance_ids if i in details]
@@ -192,7 +188,8 @@ class WorklistEntry:
                               for m in (r.model_identity.lungs, r.model_identity.disease)})
 
 
-def _chunks(values: Sequence[Any], size: int = CHUNK) -> Iterator[Sequence[Any]]:
+def chunks(values: Sequence[Any], size: int = CHUNK) -> Iterator[Sequence[Any]]:
+    """``values`` in slices small enough for one SQL ``IN (...)``."""
     for start in range(0, len(values), size):
         yield values[start:start + size]
 
@@ -269,7 +266,7 @@ class Worklist:
         if uids is None:
             return _group(session.execute(query))
         rows: list[Any] = []
-        for chunk in _chunks(uids):
+        for chunk in chunks(uids):
             rows.extend(session.execute(query.where(Instance.study_instance_uid.in_(chunk))))
         return _group(sorted(rows, key=lambda r: r[0]))
 
@@ -278,7 +275,7 @@ class Worklist:
         """Accession, patient and study labels (from each study's first image) and the worst image's SOP UID."""
         wanted = {e.first_instance_id for e in entries} | {e.worst_instance_id for e in entries if e.worst_instance_id}
         labels: dict[int, Any] = {}
-        for chunk in _chunks(sorted(wanted)):
+        for chunk in chunks(sorted(wanted)):
             for row in session.execute(
                 select(Instance.id, Instance.sop_instance_uid, Instance.accession_number, Instance.patient_id,
                        Instance.study_date, Instance.study_description).where(Instance.id.in_(chunk))
@@ -294,7 +291,7 @@ class Worklist:
     def _details(session: Session, instance_ids: Sequence[int]) -> dict[int, ImageResult]:
         """The JSON records of these results, typed."""
         records: dict[int, ImageResult] = {}
-        for chunk in _chunks(list(instance_ids)):
+        for chunk in chunks(list(instance_ids)):
             for instance_id, text in session.execute(
                 select(ScoreResult.instance_id, ScoreResult.details).where(ScoreResult.instance_id.in_(chunk))
             ):
