@@ -116,7 +116,8 @@ def create_app(worklist: Worklist, archive: Archive, *, token: str | None = None
 
     @app.get("/studies/{uid}", response_class=HTMLResponse, dependencies=[Depends(auth)])
     def study_page(uid: str) -> str:
-        worklist.study(uid)  # StudyNotFound -> 404
+        if not worklist.exists(uid):
+            raise StudyNotFound(uid)  # -> 404
         return (PAGE / "study.html").read_text()
 
     return app

@@ -323,25 +323,32 @@ class Worklist:
 
     def study(self, uid: str) -> StudyDetail:
         """Everything about one study: its worklist row and each image's result."""
-        matches = self.entries(include_read=True, study=uid)
+        matches = self.entries(include_read=True, study=uid, details=False)  # each record is parsed once, below
         if not matches:
             raise StudyNotFound(uid)
         with self.db.session() as session:
             rows = session.execute(
-                select(Instance.sop_instance_uid, Instance.view_position, ScoreResult.status, ScoreResult.reason,
-                       ScoreResult.message, ScoreResult.details)
+                select(Instance.id, Instance.sop_instance_uid, Instance.view_position, ScoreResult.status,
+                       ScoreResult.reason, ScoreResult.message, ScoreResult.details)
                 .outerjoin(ScoreResult, ScoreResult.instance_id == Instance.id)
                 .where(Instance.study_instance_uid == uid, Instance.kind == "source")
                 .order_by(Instance.id)
             ).all()
+        records = {iid: ImageResult.model_validate_json(text) for iid, *_, text in rows if text}
+        matches[0].apply_details(records)
         images = [
             ImageResultRow(
                 sop_instance_uid=sop_uid, view_position=view, status=status or PENDING, reason=reason or "",
-                message=message or "", scores=ImageResult.model_validate_json(text) if text else None,
+                message=message or "", scores=records.get(iid),
             )
-            for sop_uid, view, status, reason, message, text in rows
+            for iid, sop_uid, view, status, reason, message, _ in rows
         ]
         return StudyDetail(**matches[0].row().model_dump(), image_results=images)
+
+    def exists(self, uid: str) -> bool:
+        """Whether any instance of the study is held (one indexed lookup)."""
+        with self.db.session() as session:
+            return session.scalar(select(Instance.id).where(Instance.study_instance_uid == uid).limit(1)) is not None
 
     # -- reading state ---------------------------------------------------
 
@@ -350,9 +357,8 @@ class Worklist:
                                                updated_at=utcnow()).on_conflict_do_nothing())
 
     def _transition(self, uid: str, allowed_from: Any, **values: Any) -> bool:
-        with self.db.session() as session:
-            exists = session.scalar(select(Instance.id).where(Instance.study_instance_uid == uid).limit(1))
-            if exists is None:
+        with self.db.session() as session:  # existence checked in the transition's own transaction
+            if session.scalar(select(Instance.id).where(Instance.study_instance_uid == uid).limit(1)) is None:
                 raise StudyNotFound(uid)
             self._ensure(session, uid)
             transition = update(Reading).where(Reading.study_instance_uid == uid, allowed_from)
