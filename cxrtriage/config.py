@@ -92,6 +92,17 @@ class DicomSettings(BaseModel):
     acse_timeout: float = 30.0
     dimse_timeout: float = 60.0
     network_timeout: float = 120.0
+    handshake_timeout: float = Field(
+        10.0, gt=0, description="seconds from TCP accept to a whole A-ASSOCIATE-RQ (the TLS handshake included)"
+    )
+    pdu_timeout: float = Field(
+        30.0, gt=0, description="seconds a PDU may take to arrive once its first byte came (slow-drip peers)"
+    )
+    max_associations_per_host: int = Field(8, ge=0, description="concurrent associations from one IP; 0 = no limit")
+    max_dataset_mb: int = Field(
+        128, ge=1, description="largest dataset accepted (a 43x43 cm DX at 0.1 mm, 16 bit, is about 37 MB)"
+    )
+    max_inflated_mb: int = Field(128, ge=1, description="largest inflated size of a Deflated transfer syntax dataset")
     allowed_calling_aets: list[str] = Field(default_factory=list, description="empty = accept any calling AE")
     require_called_aet: bool = Field(False, description="reject associations not addressed to our AE title")
     tls: TLSSettings = Field(default_factory=TLSSettings)
@@ -118,6 +129,12 @@ class WorkerSettings(BaseModel):
     backoff_max_seconds: float = Field(600.0, gt=0)
     poll_seconds: float = Field(0.2, gt=0)
     seg_jpeg2000: bool = Field(False, description="JPEG 2000 lossless SEG (about 100x smaller)")
+    send_connect_timeout: float = Field(10.0, gt=0, description="seconds to open an association to a destination")
+    send_dimse_timeout: float = Field(30.0, gt=0, description="seconds a destination may take to answer a C-STORE")
+    breaker_failures: int = Field(3, ge=1, description="consecutive failures that open a destination's circuit")
+    breaker_open_seconds: float = Field(
+        60.0, gt=0, description="an open circuit sends nothing for this long, then tries one object"
+    )
 
 
 class LoggingSettings(BaseModel):
@@ -149,6 +166,10 @@ class WebSettings(BaseModel):
     host: str = Field("127.0.0.1", description="bound to loopback by default; set a token before exposing it")
     port: int = Field(8080, ge=0, le=65535, description="0 = pick a free port")
     token: str | None = Field(None, description="when set: Bearer token, or the password of HTTP Basic auth")
+    allowed_hosts: list[str] = Field(
+        default_factory=lambda: ["127.0.0.1", "localhost", "::1"],
+        description="Host header names accepted (DNS rebinding); add the node's DNS name when exposing it; '*' = any",
+    )
 
 
 #: Worklist bands, most severe first; ``unscored`` and ``ai_failed`` have no AI result.
