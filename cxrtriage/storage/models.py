@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import enum
 
-from sqlalchemy import DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -46,11 +46,19 @@ class Base(DeclarativeBase):
     pass
 
 
+_RANKED = "kind = 'source' AND duplicate_of_id IS NULL"
+
+
 class Instance(Base):
     """One stored DICOM instance: a received image, or a SEG / SR the node wrote."""
 
     __tablename__ = "instances"
-    __table_args__ = (UniqueConstraint("sop_instance_uid", "sha256", name="uq_instance_bytes"),)
+    __table_args__ = (
+        UniqueConstraint("sop_instance_uid", "sha256", name="uq_instance_bytes"),
+        # The worklist's ranking scan (triage/ranking_sql.py; migration 0004).
+        Index("ix_instances_ranking", "study_instance_uid", "received_at", "modality", "requested_priority",
+              "dimse_priority", "id", sqlite_where=text(_RANKED), postgresql_where=text(_RANKED)),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     sop_instance_uid: Mapped[str] = mapped_column(String(64), index=True)

@@ -38,6 +38,9 @@ DIMSE_PRIORITY_RANK: dict[int, int] = {1: 2, 0: 1, 2: 0}
 
 TOP = 100.0
 ZONES_PER_IMAGE = len(ZONE_NAMES)  # zones A-F
+#: Within-band severity: up to 9.9 points for zone score (0-6), Brixia-style total (0-18), P(disease).
+SEVERITY_WEIGHTS = (1.2, 0.1, 0.9)
+BRIXIA_MAX = 18
 #: An image's status while it has no result yet (never stored: results.status holds a ResultStatus).
 PENDING = "pending"
 
@@ -114,8 +117,8 @@ def study_band(images: Sequence[ImageFinding], settings: PrioritySettings) -> tu
             band = "moderate"
         else:
             band = "low"
-        # Up to 9.9 points inside the band: zone score, then Brixia-style total, then P(disease).
-        severity = 1.2 * total + 0.1 * min(worst.brixia or 0, 18) + 0.9 * p
+        w_total, w_brixia, w_p = SEVERITY_WEIGHTS
+        severity = w_total * total + w_brixia * min(worst.brixia or 0, BRIXIA_MAX) + w_p * p
         return band, severity, index
     if any(i.status == PENDING for i in images) or not images:
         return "unscored", 0.0, None

@@ -13,6 +13,7 @@ Claims are atomic: a conditional UPDATE succeeds for one reader only.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +29,7 @@ from ..inference.scoring import ZONE_NAMES
 from ..storage.db import Database, rowcount, upsert_insert
 from ..storage.models import Instance, Reading, ResultStatus, ScoreResult, as_utc, utcnow
 from .priority import PENDING, REQUESTED_PRIORITY_RANK, ImageFinding, StudyPriority, prioritise, rank
+from .ranking_sql import top_studies
 
 #: Bound parameters per IN (...) list: well under SQLite's limit on host parameters.
 CHUNK = 500
@@ -188,6 +190,17 @@ class WorklistEntry:
                               for m in (r.model_identity.lungs, r.model_identity.disease)})
 
 
+@functools.lru_cache(maxsize=8192)
+def parse_record(text: str) -> ImageResult:
+    """A result's JSON record, typed; parsed once per distinct record.
+
+    The page asks for the same studies every 2 s, and a record never changes
+    in place (a new result is a new text), so the parse is cached; the
+    returned objects are shared and must not be modified.
+    """
+    return ImageResult.model_validate_json(text)
+
+
 def chunks(values: Sequence[Any], size: int = CHUNK) -> Iterator[Sequence[Any]]:
     """``values`` in slices small enough for one SQL ``IN (...)``."""
     for start in range(0, len(values), size):
@@ -218,12 +231,18 @@ class Worklist:
 
         Read studies are left out unless ``include_read``; ``study`` / ``studies``
         restrict the list to those Study Instance UIDs; ``limit`` keeps the first
-        N in reading order (ranking still sees every study). ``details=False``
+        N in reading order (ranking still sees every study: the database ranks them,
+        :mod:`~cxrtriage.triage.ranking_sql`, and only those N are read). ``details=False``
         skips the JSON records (zone grades, missing lungs, models, research use).
         """
         now = now or utcnow()
         wanted = [study] if study is not None else (sorted(set(studies)) if studies is not None else None)
         with self.db.session() as session:
+            if limit is not None and wanted is None:  # the database ranks; only the first N are read in full
+                wanted = list(session.scalars(top_studies(
+                    self.db.engine.dialect, self.settings, now, limit, band=band, modality=modality,
+                    unread_only=unread_only, include_read=include_read,
+                )))
             found = self._studies(session, include_read=include_read, uids=wanted)
             entries = [self._entry(s, now) for s in found if not unread_only or s.state == "unread"]
             entries = [e for e in entries if (not band or e.priority.band == band)
@@ -295,7 +314,7 @@ class Worklist:
             for instance_id, text in session.execute(
                 select(ScoreResult.instance_id, ScoreResult.details).where(ScoreResult.instance_id.in_(chunk))
             ):
-                records[instance_id] = ImageResult.model_validate_json(text or "{}")
+                records[instance_id] = parse_record(text or "{}")
         return records
 
     def _entry(self, study: StudyRows, now: dt.datetime) -> WorklistEntry:
@@ -334,7 +353,7 @@ class Worklist:
                 .where(Instance.study_instance_uid == uid, Instance.kind == "source")
                 .order_by(Instance.id)
             ).all()
-        records = {iid: ImageResult.model_validate_json(text) for iid, *_, text in rows if text}
+        records = {iid: parse_record(text) for iid, *_, text in rows if text}
         matches[0].apply_details(records)
         images = [
             ImageResultRow(
