@@ -25,11 +25,11 @@ from pathlib import Path
 import numpy as np
 
 from cxrtriage.config import InferenceSettings, load_settings
-from cxrtriage.inference.metrics import dice, roc_auc
 from cxrtriage.inference.pipeline import Pipeline
 from cxrtriage.inference.radiograph import Radiograph
 from cxrtriage.inference.training.datasets import CTSource, _volume, cached_drr, default_drr_cache, prepare_volume
 from cxrtriage.inference.training.drr import DRR, RenderSettings, render
+from cxrtriage.inference.training.metrics import dice, roc_auc
 from cxrtriage.inference.training.trainer import HELD_OUT_SEED_BASE
 
 NORMAL_SEED_BASE = HELD_OUT_SEED_BASE + 80_000

@@ -12,8 +12,8 @@ import argparse
 import json
 
 from cxrtriage.config import load_settings
-from cxrtriage.inference.evaluation import evaluate_synthetic
 from cxrtriage.inference.pipeline import Pipeline
+from cxrtriage.inference.training.evaluation import evaluate_synthetic
 
 
 def main() -> None:

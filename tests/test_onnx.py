@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from cxrtriage.config import InferenceSettings
-from cxrtriage.inference.metrics import dice
 from cxrtriage.inference.phantom import PhantomGenerator
 from cxrtriage.inference.pipeline import Pipeline
 from cxrtriage.inference.radiograph import Radiograph
+from cxrtriage.inference.training.metrics import dice
 
 pytestmark = pytest.mark.slow
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cxrtriage.inference.metrics import dice
 from cxrtriage.inference.phantom import PhantomGenerator, write_cr
 from cxrtriage.inference.radiograph import load_radiograph
+from cxrtriage.inference.training.metrics import dice
 
 
 def centre_column(mask: np.ndarray) -> float:

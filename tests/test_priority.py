@@ -105,7 +105,7 @@ def test_the_worst_image_is_one_image_chosen_by_ranking_total() -> None:
 @pytest.mark.slow
 def test_ranking_quality_on_200_synthetic_studies(pipeline) -> None:
     """Spearman rho between worklist position and true severity (Goncharov et al. report rho)."""
-    from cxrtriage.inference.evaluation import evaluate_synthetic
+    from cxrtriage.inference.training.evaluation import evaluate_synthetic
 
     result = evaluate_synthetic(pipeline, images=200, first_seed=5_000_000)
     entries = []

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cxrtriage.inference.evaluation import evaluate_synthetic
+from cxrtriage.inference.training.evaluation import evaluate_synthetic
 
 pytestmark = pytest.mark.slow
 

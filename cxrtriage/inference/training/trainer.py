@@ -23,13 +23,13 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..metrics import dice, roc_auc
 from ..models import ModelSpec, create_model, save_bundled
 from ..predictors import resolve_device
 from ..scoring import DEFAULT_ZONE_THRESHOLD
 from .augment import augment
 from .datasets import CTSource, Sample, Task, dataset_samples, drr_samples, synthetic_samples
 from .losses import DynamicWeighting, segmentation_loss
+from .metrics import dice, roc_auc
 
 #: Phantom seeds at or above this value are never used for training.
 HELD_OUT_SEED_BASE = 1_000_000

@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..phantom import PhantomGenerator
+from ..pipeline import Pipeline
+from ..radiograph import Radiograph
 from .metrics import dice, roc_auc
-from .phantom import PhantomGenerator
-from .pipeline import Pipeline
-from .radiograph import Radiograph
-from .training.trainer import HELD_OUT_SEED_BASE
+from .trainer import HELD_OUT_SEED_BASE
 
 
 @dataclass
