@@ -1,11 +1,26 @@
-"""Structured logs (no patient names unless configured) and Prometheus metrics."""
+"""Structured logs (no patient data unless configured) and Prometheus metrics.
+
+Patient data stays out of logs and job errors in three ways:
+
+* :func:`safe_error` turns an exception into ``"<Type>: <scrubbed message>"``;
+  every log line and job error that carries an exception uses it, because
+  driver and SQLAlchemy messages quote the bound values of the failed
+  statement (the patient's name, ID, accession number, birth date).
+* The formatters drop fields whose key names patient data (:func:`is_phi_key`),
+  at any depth of nested dicts and lists.
+* The values of those dropped fields are also blanked wherever else they
+  appear in the same record: the message and the other fields.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
+import traceback
+from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -14,11 +29,159 @@ from .config import LoggingSettings
 #: Keys that may carry patient identity; dropped from log records unless allowed.
 PHI_KEYS = ("patient_name", "patient_birth_date", "patient_id", "accession_number")
 
+#: Key names (lower case, without ``_``, ``-``, ``'`` or spaces) that carry patient identity:
+#: the snake_case names the node uses and the DICOM keywords of the Patient and Study modules.
+_PHI_KEY_NAMES = frozenset({
+    "patientname", "patientsname", "patientid", "patientbirthdate", "patientsbirthdate", "birthdate",
+    "accessionnumber", "accession", "otherpatientids", "otherpatientidssequence", "otherpatientnames",
+    "patientbirthname", "patientmothersbirthname", "patientaddress", "patientsaddress",
+    "patienttelephonenumbers", "issuerofpatientid", "referringphysicianname", "patientcomments",
+    "patientbirthtime", "medicalrecordlocator", "studyid", "institutionname", "operatorsname",
+    "performingphysicianname", "requestingphysician", "physiciansofrecord",
+})
+
+#: What replaces a scrubbed value.
+REDACTED = "<redacted>"
+#: The longest scrubbed exception message kept (tracebacks and SQL are not useful in a job error).
+MAX_ERROR_CHARS = 300
+
+# SQLAlchemy appends the statement, its parameters and a help link, each in brackets or
+# parentheses on its own line; PostgreSQL appends DETAIL/HINT/CONTEXT lines that quote key values.
+_TRAILERS = re.compile(
+    r"\s*(\[SQL:|\[parameters:|\[SQL parameters|\(Background on this error|DETAIL:|HINT:|CONTEXT:|LINE \d+:).*", re.S
+)
+_QUOTED = re.compile(r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"|`[^`]*`")
+# Key (patient_id)=(ZZ123) in PostgreSQL's unique-violation detail.
+_KEY_VALUE = re.compile(r"=\([^)]*\)")
+# A DICOM person name: components joined by '^' (PS3.5 6.2, PN).
+_PERSON_NAME = re.compile(r"[^\s'\"^=:,;()\[\]]*\^[^\s'\"=:,;()\[\]]*")
+# A date (DA, PS3.5 6.2) as a bare 8-digit number, not part of a UID or a longer number.
+_DATE = re.compile(r"(?<![\d.])(1[89]|20)\d{2}(0[1-9]|1[0-2])(0[1-9]|[12]\d|3[01])(?![\d.])")
+# Values printed after a key that names patient data: PatientID=ZZ1, patient_name: ZZ^A.
+_PHI_ASSIGNMENT = re.compile(
+    r"(?i)\b(patient[_ ']?s?[_ ]?(name|id|birth[_ ]?date)|accession[_ ]?(number)?|birth[_ ]?date)"
+    r"(\s*[=:]\s*|\s+)([^\s,;)\]}]+)"
+)
+
+
+def scrub_text(text: str, *, keep_quoted: bool = False) -> str:
+    """``text`` without what may be patient data: quoted values, person names, dates, key values.
+
+    Also cuts SQLAlchemy's ``[SQL: ...]`` / ``[parameters: ...]`` trailers and
+    PostgreSQL's DETAIL lines, and caps the length at :data:`MAX_ERROR_CHARS`.
+    ``keep_quoted`` keeps quoted values (the node's own messages quote AE titles and paths).
+    """
+    text = _TRAILERS.sub("", text)
+    if not keep_quoted:
+        text = _QUOTED.sub(REDACTED, text)
+    text = _KEY_VALUE.sub("=" + REDACTED, text)
+    text = _PHI_ASSIGNMENT.sub(lambda m: f"{m.group(1)}{m.group(4)}{REDACTED}", text)
+    text = _PERSON_NAME.sub(REDACTED, text)
+    text = _DATE.sub(REDACTED, text)
+    text = " ".join(text.split())  # one line: a log value or a database column, not a report
+    if len(text) > MAX_ERROR_CHARS:
+        text = text[: MAX_ERROR_CHARS - 1] + "…"
+    return text
+
+
+def safe_error(exc: BaseException) -> str:
+    """``exc`` as ``"<Type>: <scrubbed message>"``, fit for logs, job errors and result messages.
+
+    For a SQLAlchemy error the driver's own message is used (the statement
+    and its bound parameters, which carry the instance's patient data, are
+    dropped); every message goes through :func:`scrub_text`. The node's own
+    exceptions keep their quoted values: they quote AE titles and file names,
+    never dataset values.
+    """
+    name = type(exc).__name__
+    orig = getattr(exc, "orig", None)  # sqlalchemy.exc.DBAPIError wraps the driver's exception
+    message = str(orig) if isinstance(orig, BaseException) else _message(exc)
+    own = type(exc).__module__.partition(".")[0] == __name__.partition(".")[0] and orig is None
+    message = scrub_text(message, keep_quoted=own)
+    return f"{name}: {message}" if message else name
+
+
+def _message(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except Exception:  # a broken __str__ must not break the error path
+        return ""
+
+
+def is_phi_key(key: object) -> bool:
+    """Whether a field named ``key`` carries patient identity (``patient_id``, ``PatientName``, ...)."""
+    if not isinstance(key, str):
+        return False
+    return re.sub(r"[\s_\-']", "", key).lower() in _PHI_KEY_NAMES
+
+
+def _phi_values(value: object, under_phi: bool = False) -> Iterable[str]:
+    """Every string (and number) found under a PHI key in ``value``, at any depth."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from _phi_values(v, under_phi or is_phi_key(k))
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        for item in value:
+            yield from _phi_values(item, under_phi)
+    elif under_phi and value is not None:
+        text = str(value).strip()
+        if len(text) >= 3:  # blanking "M" or "1" everywhere would garble the line, not protect anyone
+            yield text
+            for part in text.split("^"):  # a person name's components appear on their own too
+                if len(part.strip()) >= 3:
+                    yield part.strip()
+
+
+def _without_phi(value: object, secrets: list[str]) -> object:
+    """``value`` without PHI keys at any depth, with ``secrets`` blanked in its strings."""
+    if isinstance(value, dict):
+        return {k: _without_phi(v, secrets) for k, v in value.items() if not is_phi_key(k)}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_without_phi(v, secrets) for v in value]
+    if isinstance(value, str):
+        return _blank(value, secrets)
+    return value
+
+
+def _blank(text: str, secrets: list[str]) -> str:
+    for secret in secrets:
+        if secret in text:
+            text = text.replace(secret, REDACTED)
+    return text
+
+
+class _Scrubbed:
+    """A record's message and fields as one formatter may print them."""
+
+    def __init__(self, record: logging.LogRecord, patient_names: bool) -> None:
+        fields: dict[str, object] = getattr(record, "fields", None) or {}
+        message = record.getMessage()
+        if patient_names:
+            self.message, self.fields = message, dict(fields)
+            return
+        secrets = sorted(set(_phi_values(fields)), key=len, reverse=True)
+        extra = {k: v for k, v in vars(record).items() if is_phi_key(k)}  # logger.info(..., extra={...})
+        secrets += sorted(set(_phi_values(extra, under_phi=True)), key=len, reverse=True)
+        if not record.name.startswith("cxrtriage"):
+            # pynetdicom and friends may print dataset values: scrub them like an exception message
+            message = scrub_text(message)
+        self.message = _blank(message, secrets)
+        cleaned = _without_phi(fields, secrets)
+        self.fields = cleaned if isinstance(cleaned, dict) else {}
+
 
 def record_fields(record: logging.LogRecord, patient_names: bool) -> dict[str, object]:
-    """The structured fields :func:`event` attached to ``record``, without PHI keys unless allowed."""
-    fields: dict[str, object] = getattr(record, "fields", None) or {}
-    return {k: v for k, v in fields.items() if patient_names or k not in PHI_KEYS}
+    """The structured fields :func:`event` attached to ``record``, without PHI unless allowed."""
+    return _Scrubbed(record, patient_names).fields
+
+
+def _safe_exception(exc_info: tuple[type[BaseException], BaseException, object] | object) -> str:
+    """A traceback whose exception lines are scrubbed: the stack (code locations) and :func:`safe_error`."""
+    if not isinstance(exc_info, tuple) or len(exc_info) != 3 or not isinstance(exc_info[1], BaseException):
+        return ""
+    exc = exc_info[1]
+    stack = "".join(traceback.format_tb(exc.__traceback__))
+    return f"Traceback (most recent call last):\n{stack}{safe_error(exc)}"
 
 
 def _text_value(value: object) -> str:
@@ -35,9 +198,17 @@ class TextFormatter(logging.Formatter):
         super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s")
         self.patient_names = patient_names
 
-    def formatMessage(self, record: logging.LogRecord) -> str:
-        pairs = "".join(f" {k}={_text_value(v)}" for k, v in record_fields(record, self.patient_names).items())
-        return super().formatMessage(record) + pairs
+    def format(self, record: logging.LogRecord) -> str:
+        scrubbed = _Scrubbed(record, self.patient_names)
+        record.message = scrubbed.message
+        if self.usesTime():
+            record.asctime = self.formatTime(record, self.datefmt)
+        pairs = "".join(f" {k}={_text_value(v)}" for k, v in scrubbed.fields.items())
+        line = self.formatMessage(record) + pairs
+        if record.exc_info:
+            exc = self.formatException(record.exc_info) if self.patient_names else _safe_exception(record.exc_info)
+            line = f"{line}\n{exc}"
+        return line
 
 
 class JsonFormatter(logging.Formatter):
@@ -46,15 +217,17 @@ class JsonFormatter(logging.Formatter):
         self.patient_names = patient_names
 
     def format(self, record: logging.LogRecord) -> str:
+        scrubbed = _Scrubbed(record, self.patient_names)
         payload: dict[str, object] = {
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
             "level": record.levelname,
             "logger": record.name,
-            "msg": record.getMessage(),
+            "msg": scrubbed.message,
         }
-        payload.update(record_fields(record, self.patient_names))
+        payload.update(scrubbed.fields)
         if record.exc_info:
-            payload["exc"] = self.formatException(record.exc_info)
+            payload["exc"] = (self.formatException(record.exc_info) if self.patient_names
+                              else _safe_exception(record.exc_info))
         return json.dumps(payload, default=str)
 
 

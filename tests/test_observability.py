@@ -70,3 +70,37 @@ def test_patient_names_only_when_allowed(tmp_path: Path, restore_loggers: None) 
     setup_logging(LoggingSettings(json_lines=False, patient_names=True, file=str(path)))
     _log_refusal()
     assert "patient_name=PHANTOM^ONE" in path.read_text()
+
+
+def test_phi_is_dropped_at_any_depth_and_blanked_elsewhere(tmp_path: Path, restore_loggers: None) -> None:
+    path = tmp_path / "node.log"
+    setup_logging(LoggingSettings(json_lines=True, file=str(path)))
+    log = logging.getLogger("cxrtriage.triage.jobs")
+    event(log, logging.ERROR, "escalation failed for ZZMARKACC", patient_id="ZZMARKERID",
+          study={"PatientName": "ZZMARKER^NAME", "uid": "1.2.3", "AccessionNumber": "ZZMARKACC"},
+          items=[{"patient_birth_date": "19010101"}], note="retry for ZZMARKERID later")
+    record = json.loads(path.read_text())
+    assert "ZZMARK" not in json.dumps(record) and "19010101" not in json.dumps(record)
+    assert record["study"] == {"uid": "1.2.3"} and record["items"] == [{}]
+    assert record["msg"] == "escalation failed for <redacted>" and record["note"] == "retry for <redacted> later"
+
+
+def test_exception_tracebacks_are_scrubbed(tmp_path: Path, restore_loggers: None) -> None:
+    path = tmp_path / "node.log"
+    setup_logging(LoggingSettings(json_lines=False, file=str(path)))
+    name, pid = "ZZMARKER^NAME", "ZZMARKERID"  # the traceback shows source lines: values come from variables
+    try:
+        raise ValueError(f"cannot store {name!r} with PatientID={pid}")
+    except ValueError:
+        logging.getLogger("pynetdicom.events").exception("Exception in handler for 'ZZMARKERID'")
+    text = path.read_text()
+    assert "ZZMARK" not in text
+    assert "Traceback (most recent call last)" in text and "ValueError: cannot store <redacted>" in text
+
+
+def test_safe_error_keeps_the_reason() -> None:
+    from cxrtriage.observability import safe_error
+
+    assert safe_error(OSError("association with PACS refused")) == "OSError: association with PACS refused"
+    detail = 'duplicate key value violates unique constraint "ix"\nDETAIL:  Key (patient_id)=(ZZMARKERID) exists.'
+    assert safe_error(RuntimeError(detail)) == "RuntimeError: duplicate key value violates unique constraint <redacted>"

@@ -327,7 +327,8 @@ def test_api_is_typed_and_only_missing_studies_are_404(db: Database, studies: St
     studies.image(study, result=(4, 8, 0.6))
     studies.image(study, result=(2, 4, 0.99))
     worklist = Worklist(db)
-    client = TestClient(create_app(worklist, Archive(tmp_path)), raise_server_exceptions=False)
+    client = TestClient(create_app(worklist, Archive(tmp_path)), base_url="http://127.0.0.1",
+                        raise_server_exceptions=False)
     rows = client.get("/api/worklist?limit=1").json()
     assert len(rows) == 1 and (rows[0]["total_score"], rows[0]["p_disease"]) == (4, 0.6)
     assert rows[0]["research_use"] and rows[0]["research_use_notice"] and rows[0]["models"]

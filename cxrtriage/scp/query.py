@@ -28,6 +28,15 @@ one image, never the maximum of each field over several.
 (0099,1006) CS worklist band: CRITICAL, HIGH, MODERATE, LOW, UNSCORED, AI_FAILED
 =========== == =====================================================
 
+C-MOVE and C-GET retrieve by the unique keys only (PS3.4 C.4.2.2.1, C.4.3.2):
+the unique key of the Query/Retrieve Level and of every level above it in the
+model (Patient ID for the Patient Root model; then Study, Series and SOP
+Instance UID), each a single value without wild cards; the key of the
+retrieve level may be a list of UIDs. An identifier without them is refused
+with 0xA900 "Identifier does not match SOP Class" (PS3.4 C.4.2.1.4, C.4.3.1.4)
+and an Error Comment naming the key, never with the whole archive. Other keys
+in a retrieve identifier are ignored.
+
 The reading worklist is also offered as a UPS Pull worklist (C-FIND on
 Unified Procedure Step - Pull, PS3.4 CC.2.5): one workitem per unread
 study, in reading order, with Scheduled Procedure Step Priority (0074,1200)
@@ -100,10 +109,52 @@ STUDY_COMPUTED = (
 )
 #: LIKE's escape character; the query's own ``%``, ``_`` and ``\`` are matched literally.
 LIKE_ESCAPE = "\\"
+#: The unique key of each level (PS3.4 C.6.1.1 and C.6.2.1: Patient Root and Study Root key tables).
+UNIQUE_KEYS = {
+    "PATIENT": "PatientID", "STUDY": "StudyInstanceUID", "SERIES": "SeriesInstanceUID", "IMAGE": "SOPInstanceUID"
+}
+#: "Identifier does not match SOP Class": the failure for an identifier C-FIND, C-MOVE or C-GET cannot use
+#: (PS3.4 C.4.1.1.4, C.4.2.1.4, C.4.3.1.4).
+IDENTIFIER_DOES_NOT_MATCH = 0xA900
+#: Error Comment (0000,0902) is LO: 64 characters at most (PS3.7 Annex C).
+ERROR_COMMENT_MAX = 64
 
 
 class QueryError(ValueError):
-    pass
+    """An identifier the node cannot answer; its message (no dataset values) becomes the Error Comment."""
+
+
+def failure_status(exc: QueryError, status: int = IDENTIFIER_DOES_NOT_MATCH) -> Dataset:
+    """A failure status with the reason as Error Comment, as pynetdicom sends a Dataset status."""
+    ds = Dataset()
+    ds.Status = status
+    ds.ErrorComment = str(exc)[:ERROR_COMMENT_MAX]
+    return ds
+
+
+def unique_keys(level: str, model: str) -> list[str]:
+    """The unique keys a C-MOVE / C-GET at ``level`` needs: its own and those of the levels above it in ``model``."""
+    top = LEVELS.index("PATIENT" if model == "PATIENT" else "STUDY")
+    return [UNIQUE_KEYS[lvl] for lvl in LEVELS[top: LEVELS.index(level) + 1]]
+
+
+def check_unique_keys(identifier: Dataset, level: str, model: str) -> None:
+    """Refuse a retrieve identifier without a usable value for every unique key (PS3.4 C.4.2.2.1).
+
+    Single value matching above the retrieve level; at it, a list of UIDs (or one value).
+    Empty values, universal matching and wild cards (``*``, ``?``) are refused.
+    """
+    for keyword in unique_keys(level, model):
+        if keyword not in identifier:
+            raise QueryError(f"{keyword} missing: a {level} retrieve needs it")
+        value = identifier[keyword].value
+        values = uid_list(value) if keyword != "PatientID" else [str(value or "").strip()]
+        if not values or any(not v for v in values):
+            raise QueryError(f"{keyword} is empty: a {level} retrieve needs it")
+        if any(has_wildcard(v) for v in values):
+            raise QueryError(f"{keyword} has a wild card: retrieve needs values")
+        if len(values) > 1 and keyword != UNIQUE_KEYS[level]:
+            raise QueryError(f"{keyword} must be a single value above {level} level")
 
 
 def _column(keyword: str) -> str | None:
@@ -403,8 +454,17 @@ class QueryEngine:
         return out
 
     def retrieve(self, identifier: Dataset, model: str) -> Retrieval:
-        """Instances to send for a C-MOVE / C-GET identifier."""
-        _, rows = self.matching_instances(identifier, model)
+        """Instances to send for a C-MOVE / C-GET identifier: matched on its unique keys only.
+
+        Raises :class:`QueryError` when a unique key is missing, empty or a wild card.
+        """
+        level = self._level(identifier, model)
+        check_unique_keys(identifier, level, model)
+        keys = Dataset()
+        keys.QueryRetrieveLevel = level
+        for keyword in unique_keys(level, model):
+            keys[keyword] = identifier[keyword]
+        _, rows = self.matching_instances(keys, model)
         return Retrieval(rows, self.archive)
 
 
@@ -438,6 +498,7 @@ class Retrieval:
 
 
 UPS_PULL = "1.2.840.10008.5.1.4.34.6.3"
+VERIFICATION = "1.2.840.10008.1.1"
 UPS_SOP_CLASS = "1.2.840.10008.5.1.4.34.6.1"
 UPS_PRIORITY = {"critical": "HIGH", "high": "HIGH", "low": "LOW"}
 UPS_STATE = {"unread": "SCHEDULED", "claimed": "IN PROGRESS", "read": "COMPLETED"}
@@ -490,7 +551,7 @@ def make_handlers(
 ) -> dict[str, Callable]:
     """pynetdicom handlers for C-FIND (Q/R and UPS Pull), C-MOVE and C-GET bound to ``engine``."""
 
-    def handle_find(evt: Any) -> Iterator[tuple[int, Dataset | None]]:
+    def handle_find(evt: Any) -> Iterator[tuple[int | Dataset, Dataset | None]]:
         if str(evt.context.abstract_syntax) == UPS_PULL:
             for item in workitems(engine.worklist, engine.ae_title):
                 response = ups_matches(evt.identifier, item)
@@ -506,7 +567,7 @@ def make_handlers(
                 yield 0xFF00, response
         except QueryError as exc:
             event(log, logging.WARNING, "C-FIND refused", reason=str(exc))
-            yield 0xA900, None
+            yield failure_status(exc), None
 
     def sub_operations(retrieval: Retrieval, evt: Any) -> Iterator[Any]:
         yield len(retrieval)
@@ -529,8 +590,13 @@ def make_handlers(
             retrieval = engine.retrieve(evt.identifier, model_of(evt))
         except QueryError as exc:
             event(log, logging.WARNING, "C-MOVE refused", reason=str(exc))
-            yield host, port
-            yield 0
+            # pynetdicom sends a final status only after one sub-operation is announced, and it
+            # associates with the destination first: that association carries nothing.
+            from pynetdicom import build_context
+
+            yield host, port, {**kwargs, "contexts": [build_context(VERIFICATION)]}
+            yield 1
+            yield failure_status(exc), None
             return
         yield host, port, {**kwargs, "contexts": retrieval.contexts()}
         yield from sub_operations(retrieval, evt)
@@ -540,7 +606,8 @@ def make_handlers(
             retrieval = engine.retrieve(evt.identifier, model_of(evt))
         except QueryError as exc:
             event(log, logging.WARNING, "C-GET refused", reason=str(exc))
-            yield 0
+            yield 1  # pynetdicom answers 0 sub-operations with Success; the failure must follow one announced
+            yield failure_status(exc), None
             return
         yield from sub_operations(retrieval, evt)
 

@@ -17,7 +17,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..observability import event
+from ..observability import event, safe_error
 from ..storage.models import JobKind, JobState
 from ..storage.queue import Claimed, JobQueue
 
@@ -75,7 +75,7 @@ class LeaseLoop:
         try:
             job = self.queue.claim(self.kind, self.worker, self.lease_seconds)
         except Exception as exc:  # database briefly unavailable: the caller waits and retries
-            event(log, logging.ERROR, "claim failed", kind=self.kind, error=str(exc))
+            event(log, logging.ERROR, "claim failed", kind=self.kind, error=safe_error(exc))
             return Turn.CLAIM_FAILED
         if job is None:
             return Turn.IDLE
@@ -89,11 +89,13 @@ class LeaseLoop:
         return Turn.DONE
 
     def _failed(self, job: Claimed, exc: Exception) -> Turn:
-        error = f"{type(exc).__name__}: {exc}"
+        # Scrubbed: a database error's text carries the bound values (patient name, ID, ...) of its statement.
+        error = safe_error(exc)
         try:
             state = self.queue.fail(job, self.worker, error, retry=not isinstance(exc, GiveUp))
         except Exception as db_error:  # not recorded: the lease runs out and the job is claimed again
-            event(log, logging.ERROR, "recording the failure failed", job=job.id, kind=self.kind, error=str(db_error))
+            event(log, logging.ERROR, "recording the failure failed", job=job.id, kind=self.kind,
+                  error=safe_error(db_error))
             return Turn.CLAIM_FAILED
         if state is None:  # another worker took the job over: its outcome stands, this failure is not recorded
             event(log, logging.WARNING, "lease lost; failure discarded", job=job.id, kind=self.kind)
@@ -107,5 +109,5 @@ class LeaseLoop:
                 self.on_failed(job, self.worker, exc)
             except Exception as hook_error:  # the job stays failed; the loop must live on
                 event(log, logging.ERROR, "recording the failure failed", job=job.id, kind=self.kind,
-                      error=f"{type(hook_error).__name__}: {hook_error}")
+                      error=safe_error(hook_error))
         return Turn.FAILED

@@ -7,6 +7,10 @@ issue ``BEGIN IMMEDIATE`` ourselves at the start of every transaction: the
 write lock is taken up front and transactions are truly serialised.
 ``synchronous=FULL`` makes a commit durable before it returns, which the
 storage SCP relies on before it acknowledges an image.
+
+Both engines hide bound parameters (``hide_parameters=True``): an error's
+text would otherwise quote the patient name, ID and accession number of the
+statement that failed, and such texts end up in logs and job errors.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ def make_engine(url: str) -> Engine:
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 60})
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 60}, hide_parameters=True)
 
         @event.listens_for(engine, "connect")
         def _on_connect(dbapi_conn: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
@@ -49,7 +53,7 @@ def make_engine(url: str) -> Engine:
         return engine
     if parsed.drivername == "postgresql":
         url = str(parsed.set(drivername="postgresql+psycopg"))
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, hide_parameters=True)
 
 
 def rowcount(result: Result[Any]) -> int:

@@ -21,7 +21,7 @@ import urllib.request
 from sqlalchemy import delete, select, update
 
 from ..config import Settings
-from ..observability import event
+from ..observability import event, safe_error
 from ..storage.archive import Archive
 from ..storage.db import Database
 from ..storage.models import Instance, Job, JobKind, JobState, Reading, ScoreResult, as_utc, utcnow
@@ -70,15 +70,17 @@ def escalate_overdue(settings_json: str) -> int:
             "deadline_minutes": deadline,
             "reading_state": entry.reading_state,
         }
+        # The webhook's receiver (a paging system) needs the accession number; the log names the study by UID.
+        logged = {k: v for k, v in payload.items() if k != "accession_number"}
         if rules.webhook_url:
             try:
                 _post(rules.webhook_url, payload, rules.webhook_timeout_seconds)
             except OSError as exc:  # not marked: the next run tries again
-                event(log, logging.ERROR, "escalation webhook failed", error=str(exc), **payload)
+                event(log, logging.ERROR, "escalation webhook failed", error=safe_error(exc), **logged)
                 continue
         if worklist.mark_escalated(entry.study_instance_uid):
             fired += 1
-            event(log, logging.WARNING, "escalated", **payload)
+            event(log, logging.WARNING, "escalated", **logged)
     return fired
 
 
