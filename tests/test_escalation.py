@@ -81,11 +81,11 @@ def test_purge_keeps_unread_and_unsent_studies(tmp_path: Path, database_url: str
         settings = load_settings(node.config_path).model_copy(deep=True)
         settings.triage.retention_days = 1e-5  # about one second
         time.sleep(1.5)
-        assert purge(settings.model_dump_json()) == 1
+        assert purge(settings) == 1
         remaining = call(f"{base}/api/worklist")[1]
         assert [e["study_instance_uid"] for e in remaining] == [studies[1]["study_instance_uid"]]
         assert call(f"{base}/api/studies/{read_uid}")[0] == 404
-        assert purge(settings.model_dump_json()) == 0  # the unread study stays
+        assert purge(settings) == 0  # the unread study stays
     finally:
         node.stop()
         pacs.stop()

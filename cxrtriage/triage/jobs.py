@@ -1,8 +1,10 @@
-"""Scheduler jobs: importable functions whose only argument is the settings as JSON.
+"""Scheduler jobs: importable functions that read the node's settings when they run.
 
 APScheduler's persistent job store pickles a job's callable by reference and
-its arguments by value, so every job here is a module-level function that
-rebuilds what it needs from the settings. Database engines are cached per URL.
+its arguments by value into the database. So the jobs take no arguments: the
+node registers its settings here (:func:`use_settings`) before the scheduler
+starts, and a stored job holds nothing but the function's name, never the
+web token or a database password. Database engines are cached per URL.
 
 The worklist itself needs no re-ranking job: it is computed from the database
 on every request, so every new result and every minute of waiting is in the
@@ -31,6 +33,21 @@ from .worklist import Worklist
 log = logging.getLogger(__name__)
 _databases: dict[str, Database] = {}
 _lock = threading.Lock()
+_settings: Settings | None = None
+
+
+def use_settings(settings: Settings) -> None:
+    """The settings the jobs of this process run with (the node calls this before scheduling them)."""
+    global _settings
+    _settings = settings
+
+
+def _current(settings: Settings | None) -> Settings:
+    if settings is not None:
+        return settings
+    if _settings is None:
+        raise RuntimeError("scheduler job run before use_settings(): no settings registered in this process")
+    return _settings
 
 
 def _database(url: str) -> Database:
@@ -48,9 +65,9 @@ def _post(url: str, payload: dict, timeout: float) -> None:
             raise OSError(f"webhook answered HTTP {response.status}")
 
 
-def escalate_overdue(settings_json: str) -> int:
+def escalate_overdue(settings: Settings | None = None) -> int:
     """Escalate severe unread studies past their deadline, each exactly once; returns how many."""
-    settings = Settings.model_validate_json(settings_json)
+    settings = _current(settings)
     rules = settings.triage.escalation
     db = _database(settings.storage.database_url)
     worklist = Worklist(db, settings.triage.priority)
@@ -84,9 +101,9 @@ def escalate_overdue(settings_json: str) -> int:
     return fired
 
 
-def retry_failed(settings_json: str) -> int:
+def retry_failed(settings: Settings | None = None) -> int:
     """Give failed scoring and sending jobs a fresh set of attempts."""
-    settings = Settings.model_validate_json(settings_json)
+    settings = _current(settings)
     queue = JobQueue(_database(settings.storage.database_url))
     count = queue.retry_failed(JobKind.SEND) + queue.retry_failed(JobKind.SCORE)
     if count:
@@ -94,12 +111,12 @@ def retry_failed(settings_json: str) -> int:
     return count
 
 
-def purge(settings_json: str) -> int:
+def purge(settings: Settings | None = None) -> int:
     """Delete studies older than the retention that are read and fully sent; returns how many.
 
     Never purged: unread or claimed studies, and studies with any job not done.
     """
-    settings = Settings.model_validate_json(settings_json)
+    settings = _current(settings)
     days = settings.triage.retention_days
     if not days:
         return 0

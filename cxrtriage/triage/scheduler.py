@@ -3,7 +3,8 @@
 Escalation runs every few seconds from memory. Retrying failed work and
 purging are kept in the database (APScheduler's SQLAlchemy job store, table
 ``apscheduler_jobs``) so that a run missed while the node was down happens
-when it comes back.
+when it comes back. A stored job is the function's name only (replacing, at
+start-up, any job an older version stored with the settings as arguments).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..config import Settings
-from .jobs import escalate_overdue, purge, retry_failed
+from .jobs import escalate_overdue, purge, retry_failed, use_settings
 
 
 def start_scheduler(settings: Settings, engine: Any) -> Any:
@@ -22,9 +23,9 @@ def start_scheduler(settings: Settings, engine: Any) -> Any:
     scheduler = BackgroundScheduler(
         jobstores={"default": MemoryJobStore(), "persistent": SQLAlchemyJobStore(engine=engine)}, timezone="UTC"
     )
-    payload = settings.model_dump_json()
+    use_settings(settings)  # the jobs read them when they run: a stored job holds no settings (no secrets)
     triage = settings.triage
-    common = {"args": [payload], "coalesce": True, "max_instances": 1}
+    common = {"args": [], "coalesce": True, "max_instances": 1}
     scheduler.add_job(escalate_overdue, "interval", seconds=triage.escalation.interval_seconds, id="escalate", **common)
     scheduler.add_job(retry_failed, "interval", minutes=triage.retry_failed_minutes, id="retry_failed",
                       jobstore="persistent", replace_existing=True, misfire_grace_time=3600, **common)
