@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import logging.handlers
 import re
 import sys
 import time
@@ -233,7 +234,8 @@ class JsonFormatter(logging.Formatter):
 
 def setup_logging(settings: LoggingSettings) -> None:
     handler: logging.Handler
-    handler = logging.FileHandler(settings.file) if settings.file else logging.StreamHandler(sys.stderr)
+    # WatchedFileHandler reopens the file after logrotate (or an administrator) renames it.
+    handler = logging.handlers.WatchedFileHandler(settings.file) if settings.file else logging.StreamHandler(sys.stderr)
     if settings.json_lines:
         handler.setFormatter(JsonFormatter(settings.patient_names))
     else:

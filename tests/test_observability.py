@@ -104,3 +104,14 @@ def test_safe_error_keeps_the_reason() -> None:
     assert safe_error(OSError("association with PACS refused")) == "OSError: association with PACS refused"
     detail = 'duplicate key value violates unique constraint "ix"\nDETAIL:  Key (patient_id)=(ZZMARKERID) exists.'
     assert safe_error(RuntimeError(detail)) == "RuntimeError: duplicate key value violates unique constraint <redacted>"
+
+
+def test_the_log_file_is_reopened_after_rotation(tmp_path: Path, restore_loggers: None) -> None:
+    """logrotate renames the file; the next line goes to a new file under the configured name."""
+    path = tmp_path / "node.log"
+    setup_logging(LoggingSettings(file=str(path)))
+    _log_refusal()
+    path.rename(tmp_path / "node.log.1")
+    _log_refusal()
+    assert len((tmp_path / "node.log.1").read_text().splitlines()) == 1
+    assert len(path.read_text().splitlines()) == 1
