@@ -48,6 +48,43 @@ def _settings(path: Path | None, *, models: bool = True) -> Any:
 
 
 app.add_typer(models_app, name="models")
+archive_app = typer.Typer(add_completion=False, no_args_is_help=True, help="The archive on disk.")
+app.add_typer(archive_app, name="archive")
+
+
+@archive_app.command("verify")
+def archive_verify(
+    config: Path | None = typer.Option(None, "--config", "-c", help="config.yaml (default: built-in settings)"),
+) -> None:
+    """Hash every archived file and compare it with its catalog row.
+
+    One line per missing or changed file (SOP Instance UID and path, nothing
+    about the patient); exit status 1 when there is any, 0 when all match.
+    """
+    from sqlalchemy import select
+
+    from .storage.archive import Archive
+    from .storage.db import Database
+    from .storage.models import Instance
+
+    settings = _settings(config, models=False)
+    db = Database(settings.storage.database_url)
+    archive = Archive(settings.storage.archive_dir)
+    try:
+        with db.session() as session:
+            rows = [(uid, path, sha) for uid, path, sha in session.execute(
+                select(Instance.sop_instance_uid, Instance.path, Instance.sha256).order_by(Instance.id)).all()]
+    finally:
+        db.dispose()
+    problems = list(archive.verify(rows))
+    for problem in problems:
+        console.print(f"[red]{problem.kind}[/] {problem.sop_instance_uid} {problem.path}", highlight=False,
+                      soft_wrap=True)
+    counts = {kind: sum(p.kind == kind for p in problems) for kind in ("mismatch", "missing", "outside")}
+    console.print(f"{len(rows)} files checked: {counts['mismatch']} changed, {counts['missing']} missing"
+                  + (f", {counts['outside']} outside the archive" if counts["outside"] else ""), highlight=False)
+    if problems:
+        raise typer.Exit(1)
 
 
 @app.command()

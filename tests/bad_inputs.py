@@ -1,17 +1,30 @@
 """A corpus of files the node must refuse, each with the reason it must give.
 
-Built from one good synthetic CR by breaking one thing at a time.
+Built from one good synthetic CR by breaking one thing at a time. The
+encoding corpus (:func:`write_encoding_corpus`) breaks the bytes rather than
+the dataset: a body encoded otherwise than its File Meta declares, and a
+Deflated dataset that inflates to 1 GiB.
 """
 
 from __future__ import annotations
 
+import zlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pydicom
-from pydicom.dataset import Dataset
-from pydicom.uid import MRImageStorage, generate_uid
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset, write_file_meta_info
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    MRImageStorage,
+    generate_uid,
+)
 
 Breaker = Callable[[Dataset], Dataset | None]
 
@@ -103,3 +116,77 @@ def _png(array: np.ndarray) -> bytes:
     ok, buf = cv2.imencode(".png", array)
     assert ok
     return buf.tobytes()
+
+
+def encode_body(ds: Dataset, *, implicit: bool, little: bool) -> bytes:
+    """The dataset's bytes in the given encoding, whatever its File Meta says."""
+    fp = DicomBytesIO()
+    fp.is_implicit_VR, fp.is_little_endian = implicit, little
+    write_dataset(fp, ds)
+    return fp.getvalue()
+
+
+def file_bytes(ds: Dataset, transfer_syntax: str, body: bytes) -> bytes:
+    """Preamble + File Meta declaring ``transfer_syntax`` + ``body`` as given (nothing re-encoded)."""
+    meta = FileMetaDataset(ds.file_meta)
+    meta.TransferSyntaxUID = transfer_syntax
+    fp = DicomBytesIO()
+    fp.write(b"\x00" * 128 + b"DICM")
+    write_file_meta_info(fp, meta, enforce_standard=True)
+    fp.write(body)
+    return fp.getvalue()
+
+
+def deflate_bomb(ds: Dataset, inflated_pixel_bytes: int = 1 << 30) -> bytes:
+    """A Deflated Explicit VR Little Endian body whose Pixel Data inflates to ``inflated_pixel_bytes`` of zeros.
+
+    Built in milliseconds: after a full flush the compressor forgets its
+    history, so every MiB of zeros compresses to the same bytes, repeated.
+    """
+    header = Dataset()
+    for element in ds:
+        if element.tag < 0x7FE00010:
+            header.add(element)
+    mib = 1 << 20
+    assert inflated_pixel_bytes % mib == 0
+    pixel_header = b"\xe0\x7f\x10\x00OW\x00\x00" + inflated_pixel_bytes.to_bytes(4, "little")
+    deflater = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    start = deflater.compress(encode_body(header, implicit=False, little=True) + pixel_header)
+    start += deflater.flush(zlib.Z_FULL_FLUSH)
+    zeros = bytes(mib)
+    deflater.compress(zeros)
+    deflater.flush(zlib.Z_FULL_FLUSH)  # the first MiB after the header is primed; the next ones repeat exactly
+    block = deflater.compress(zeros) + deflater.flush(zlib.Z_FULL_FLUSH)
+    # start + block * n inflates to header + n MiB; the first primed MiB was not emitted
+    return start + block * (inflated_pixel_bytes // mib) + deflater.flush()
+
+
+#: name -> (declared transfer syntax, how the body is encoded, or "bomb")
+ENCODING_BREAKERS: dict[str, tuple[str, tuple[bool, bool] | str]] = {
+    "implicit_labelled_explicit": (ExplicitVRLittleEndian, (True, True)),
+    "explicit_labelled_implicit": (ImplicitVRLittleEndian, (False, True)),
+    "little_labelled_big": (ExplicitVRBigEndian, (False, True)),
+    "big_labelled_little": (ExplicitVRLittleEndian, (False, False)),
+    "deflate_bomb": (DeflatedExplicitVRLittleEndian, "bomb"),
+    "deflate_garbage": (DeflatedExplicitVRLittleEndian, "garbage"),
+}
+
+
+def write_encoding_corpus(good: Path, folder: Path) -> dict[str, Path]:
+    """Files whose bytes do not match their declared transfer syntax (each with its own SOP Instance UID)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    files: dict[str, Path] = {}
+    for name, (transfer_syntax, how) in ENCODING_BREAKERS.items():
+        ds = pydicom.dcmread(good)
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        if how == "bomb":
+            body = deflate_bomb(ds)
+        elif how == "garbage":
+            body = b"\xff\x00 this is not a deflate stream " * 64
+        else:
+            assert isinstance(how, tuple)
+            body = encode_body(ds, implicit=how[0], little=how[1])
+        path = folder / f"{name}.dcm"
+        path.write_bytes(file_bytes(ds, transfer_syntax, body))
+        files[name] = path
+    return files

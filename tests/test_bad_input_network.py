@@ -6,6 +6,9 @@ the dataset bytes as they are), so broken bytes reach the node unchanged.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pydicom
@@ -17,7 +20,7 @@ from sqlalchemy import func, select
 from cxrtriage.inference.phantom import PhantomGenerator, write_cr
 from cxrtriage.storage.models import Instance, Job, ScoreResult
 
-from .bad_inputs import write_bad_corpus
+from .bad_inputs import write_bad_corpus, write_encoding_corpus
 from .harness import NO_CONTEXT, NodeProcess, send_raw, wait_for
 
 pytestmark = pytest.mark.slow
@@ -29,8 +32,10 @@ EXPECTED: dict[str, tuple[int | str, str]] = {
     "huge_rows_columns": (0xA900, "pixel_data_mismatch"),
     "multi_frame": (0xA900, "pixel_data_mismatch"),
     "short_pixel_data": (0xA900, "pixel_data_mismatch"),
-    "truncated_header": (0xC000, "unparseable"),
-    "truncated_pixels": (0xA900, "pixel_data_mismatch"),
+    "truncated_header": (0xC000, "truncated"),
+    # PS3.4 Table B.2-1 "Cannot understand" (Cxxx): a dataset that ends inside an element is not whole, even
+    # when the cut falls in Pixel Data: the element's declared length is not there, so the dataset is not whole.
+    "truncated_pixels": (0xC000, "truncated"),
     "mr_sop_class": (0xA900, "sop_class_mismatch"),  # an MR dataset on a CR context
     "non_chest": (0x0000, "not_chest"),
     "lateral_ll": (0x0000, "lateral_view"),
@@ -46,6 +51,13 @@ EXPECTED: dict[str, tuple[int | str, str]] = {
     "cr_on_dx_context": (0xA900, "sop_class_mismatch"),
     "mr_context": (NO_CONTEXT, ""),  # MR Image Storage is not negotiated at all
     "unsupported_transfer_syntax": (NO_CONTEXT, ""),
+    # Bytes that do not match the declared transfer syntax (bad_inputs.write_encoding_corpus).
+    "implicit_labelled_explicit": (0xC000, "encoding_mismatch"),
+    "explicit_labelled_implicit": (0xC000, "encoding_mismatch"),
+    "little_labelled_big": (0xC000, "encoding_mismatch"),
+    "big_labelled_little": (0xC000, "encoding_mismatch"),
+    "deflate_bomb": (0xA700, "inflated_too_large"),  # 1 MB on the wire, 1 GiB inflated: over dicom.max_inflated_mb
+    "deflate_garbage": (0xC000, "unparseable"),
 }
 
 
@@ -73,6 +85,7 @@ def write_network_corpus(good: Path, folder: Path) -> dict[str, Path]:
     mpeg.PixelData = encapsulate([mpeg.PixelData])
     mpeg.save_as(folder / "unsupported_transfer_syntax.dcm", enforce_file_format=False)
     files["unsupported_transfer_syntax"] = folder / "unsupported_transfer_syntax.dcm"
+    files.update(write_encoding_corpus(good, folder / "encoding"))
     return files
 
 
@@ -113,6 +126,11 @@ def test_bad_input_corpus_over_the_network(tmp_path: Path, database_url: str, ph
         refused = [n for n, (s, _) in EXPECTED.items() if isinstance(s, int) and s != 0x0000]
         notes = list((tmp_path / "node/archive/quarantine").glob("*.json"))
         assert len(notes) == len(refused)
+        assert sorted(json.loads(n.read_text())["reason"] for n in notes) == sorted(EXPECTED[n][1] for n in refused)
+        # Every acknowledged file is whole and matches its row.
+        verify = subprocess.run([sys.executable, "-m", "cxrtriage", "archive", "verify", "-c", str(node.config_path)],
+                                capture_output=True, text=True, timeout=120)
+        assert verify.returncode == 0, verify.stdout + verify.stderr
         assert not list((tmp_path / "node/archive").rglob("passwd*"))
         db.dispose()
     finally:

@@ -182,3 +182,41 @@ def test_migration_0003_fills_zones_scored_from_the_stored_results(database_url:
         assert rows == {1: 6, 2: 3, 3: None}  # older records: six zones; one lung: three; unscored: none
     finally:
         db.dispose()
+
+
+def test_keep_never_replaces_a_file(tmp_path: Path) -> None:
+    import hashlib
+
+    from cxrtriage.storage.archive import ArchiveConflictError
+
+    archive = Archive(tmp_path / "a")
+    rel = archive.relative_path("1.2.3", "1.2.3.4", "1.2.3.4.5", "abc")
+    sha = hashlib.sha256(b"first").hexdigest()
+    assert archive.keep(rel, b"first", sha) is True
+    assert archive.keep(rel, b"first", sha) is False  # the same bytes again: nothing written
+    with pytest.raises(ArchiveConflictError):
+        archive.keep(rel, b"other", hashlib.sha256(b"other").hexdigest())
+    assert archive.read(rel) == b"first"
+    assert not list(archive.tmp.iterdir())
+
+
+def test_partial_writes_of_dead_writers_are_cleaned_when_the_archive_opens(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    root = tmp_path / "a"
+    (root / ".tmp").mkdir(parents=True)
+    dead_pid = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                                  capture_output=True, text=True).stdout)
+    dead = root / ".tmp" / f"1.2.3.dcm.{dead_pid}.deadbeef.part"  # kill -9 mid-write
+    live = root / ".tmp" / f"1.2.4.dcm.{os.getppid()}.livebeef.part"  # another live process writing now
+    stale = root / ".tmp" / f"1.2.5.dcm.{os.getppid()}.oldbeef0.part"  # live PID, but far too old: PID reused
+    other = root / ".tmp" / "warm-up.dcm"  # not a partial write: not ours to judge
+    for path in (dead, live, stale, other):
+        path.write_bytes(b"partial")
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
+    archive = Archive(root)
+    assert not dead.exists() and not stale.exists()
+    assert live.exists() and other.exists()
+    assert archive.clean_tmp() == 0

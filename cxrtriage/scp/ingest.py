@@ -2,14 +2,23 @@
 
 Order of work for every received dataset:
 
-1. refuse with 0xA700 when free disk space is below the floor;
-2. parse the header; unparseable bytes go to quarantine (0xC000);
+1. refuse with 0xA700 when free disk space is below the floor, or when the
+   dataset is larger than ``dicom.max_dataset_mb`` (quarantined);
+2. walk the dataset bytes element by element in their declared transfer
+   syntax (a Deflated one inflated first, at most ``dicom.max_inflated_mb``:
+   0xA700 beyond, quarantined); bytes that end inside an element, are
+   encoded otherwise than declared, or cannot be parsed: 0xC000, quarantined;
 3. check UIDs before any of them becomes a path (0xC001) and that the
    dataset matches its SOP class (0xA900); both quarantined;
-4. a SOP Instance UID already stored with the same bytes is a success with
-   no new job; with different bytes both are kept and the new one flagged;
-5. write the encoded bytes to the archive and fsync, then commit the
-   instance row and its scoring job in one transaction;
+4. keep the bytes in the archive under a name that holds their SHA-256
+   (``<SOP>.<sha256[:16]>.dcm``), fsync'd; an existing file is never
+   replaced, so acknowledged bytes cannot be overwritten;
+5. in one transaction, serialised per SOP Instance UID (SQLite: ``BEGIN
+   IMMEDIATE``; PostgreSQL: a transaction-scoped advisory lock on the UID),
+   decide: the same UID with the same bytes is already stored -> success, no
+   new row or job; the UID stored with other bytes -> a new row flagged
+   ``duplicate_of_id``, not scored; otherwise the instance row and its
+   scoring job. Integrity or serialisation errors retry the transaction;
 6. only then answer 0x0000. A crash before step 6 loses nothing that was
    acknowledged; a crash after it finds the row and the job on restart.
 
@@ -23,26 +32,120 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import random
 import time
+import zlib
+from dataclasses import dataclass
 from typing import Any
 
 import pydicom
-from pydicom.dataset import FileMetaDataset
+from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import _read_file_meta_info, read_dataset, read_preamble
 from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from sqlalchemy import select
+from sqlalchemy import text as sql_text
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm import Session
 
-from ..dicom_header import catalog_attributes, integer, requested_priority, text, truncated_element
-from ..observability import Metrics, event, hex_status
-from ..storage.archive import Archive, InvalidUIDError, check_uid
+from ..dicom_header import EncodingError, catalog_attributes, check_encoding, integer, requested_priority, text
+from ..observability import Metrics, event, hex_status, safe_error
+from ..storage.archive import Archive, ArchiveConflictError, InvalidUIDError, check_uid
 from ..storage.catalog import instance_row
-from ..storage.db import Database
+from ..storage.db import Database, is_sqlite
 from ..storage.models import Instance, JobKind
 from ..storage.queue import JobQueue
 from ..triage.priority import order_priority
 from .contexts import IMAGE_CLASSES, UNCOMPRESSED, Status
 
 log = logging.getLogger(__name__)
+
+MIB = 1024 * 1024
+#: Transactions retried on integrity / serialisation errors before the C-STORE answers 0xA701.
+CATALOG_ATTEMPTS = 8
+#: First key of the PostgreSQL advisory locks that serialise ingest per SOP Instance UID ("CXRT").
+_LOCK_SPACE = 0x43585254
+#: Inflate in steps of this much: the most a refused "deflate bomb" ever holds in memory.
+_INFLATE_STEP = 1 * MIB
+
+
+class InflatedTooLargeError(ValueError):
+    """A Deflated dataset that inflates beyond ``dicom.max_inflated_mb``."""
+
+
+def _inflate(deflated: bytes | memoryview, limit: int, keep: bool) -> bytearray:
+    """Inflate in steps of :data:`_INFLATE_STEP`; the output is kept only with ``keep`` (else just counted)."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    out = bytearray()
+    size = 0
+    pending: bytes | memoryview = deflated
+    try:
+        while pending or not inflater.eof:
+            piece = inflater.decompress(pending, min(_INFLATE_STEP, limit + 1 - size)) if pending else b""
+            if not piece and not pending:
+                piece = inflater.flush(min(_INFLATE_STEP, limit + 1 - size))
+                if not piece:
+                    break
+            size += len(piece)
+            if size > limit:
+                raise InflatedTooLargeError(f"the deflated dataset inflates to more than {limit // MIB} MiB")
+            if keep:
+                out += piece
+            pending = inflater.unconsumed_tail
+    except zlib.error as exc:
+        raise EncodingError("malformed", f"the deflated dataset cannot be inflated: {exc}") from None
+    if not inflater.eof:
+        raise EncodingError("truncated", "the deflated dataset ends before its deflate stream does")
+    return out
+
+
+def inflate_bounded(deflated: bytes | memoryview, limit: int) -> bytes:
+    """Inflate a Deflated transfer syntax body (PS3.5 A.5: raw deflate, no zlib header) of at most ``limit`` bytes.
+
+    A first pass only counts (a "deflate bomb" of 1 MB that would inflate to
+    1 GiB is refused holding one step of output, never the cap); the second
+    keeps the bytes. Raises :class:`InflatedTooLargeError` beyond ``limit``,
+    :class:`EncodingError` when the stream is broken or cut short.
+    """
+    _inflate(deflated, limit, keep=False)
+    return bytes(_inflate(deflated, limit, keep=True))
+
+
+@dataclass(frozen=True)
+class Parsed:
+    """A received file, checked: its dataset (Pixel Data read) and declared transfer syntax."""
+
+    ds: pydicom.Dataset
+    transfer_syntax: str
+
+
+def parse_strictly(data: bytes, max_inflated: int) -> Parsed:
+    """Parse a received file only after its dataset bytes walked cleanly in the declared transfer syntax.
+
+    pydicom, left to itself, guesses: an implicit VR body labelled explicit is
+    read as implicit without complaint, and the stored file then fails any
+    strict reader (C-GET, a PACS). Raises :class:`EncodingError`,
+    :class:`InflatedTooLargeError`, or pydicom's errors.
+    """
+    fp = io.BytesIO(data)
+    read_preamble(fp, False)
+    meta = _read_file_meta_info(fp)
+    transfer_syntax = UID(str(meta.get("TransferSyntaxUID", "")).strip().rstrip("\x00"))
+    if not transfer_syntax.is_transfer_syntax:
+        raise EncodingError("malformed", f"transfer syntax {transfer_syntax[:64]!r} is not known")
+    body: bytes | memoryview = memoryview(data)[fp.tell():]
+    deflated = transfer_syntax == DeflatedExplicitVRLittleEndian
+    if deflated:
+        body = inflate_bounded(body, max_inflated)
+    check_encoding(body, implicit=transfer_syntax.is_implicit_VR, little=transfer_syntax.is_little_endian)
+    ds: pydicom.Dataset
+    if deflated:  # parse what was inflated here, not a second, unbounded inflation by pydicom
+        ds = FileDataset("", read_dataset(io.BytesIO(body), False, True), file_meta=meta, preamble=data[:128])
+    else:
+        ds = pydicom.dcmread(io.BytesIO(data), defer_size="256 KB")
+    _ = ds.get("PixelData")  # force the parse to the end of the dataset
+    return Parsed(ds, str(transfer_syntax))
 
 
 def encode_file(file_meta: FileMetaDataset, dataset_bytes: bytes) -> bytes:
@@ -77,13 +180,15 @@ class Ingest:
     """Everything the C-STORE handler needs, bound once to the node."""
 
     def __init__(self, db: Database, archive: Archive, queue: JobQueue, metrics: Metrics, min_free_bytes: int,
-                 max_attempts: int) -> None:
+                 max_attempts: int, *, max_dataset_bytes: int = 128 * MIB, max_inflated_bytes: int = 128 * MIB) -> None:
         self.db = db
         self.archive = archive
         self.queue = queue
         self.metrics = metrics
         self.min_free_bytes = min_free_bytes
         self.max_attempts = max_attempts
+        self.max_dataset_bytes = max_dataset_bytes
+        self.max_inflated_bytes = max_inflated_bytes
 
     def _refuse(self, status: int, reason: str, detail: str, data: bytes | None, calling: str) -> int:
         where = None
@@ -101,18 +206,24 @@ class Ingest:
             return self._refuse(
                 Status.OUT_OF_RESOURCES, "disk_full", "free space below the configured floor", None, calling
             )
+        if len(data) > self.max_dataset_bytes:
+            detail = f"{len(data)} bytes; dicom.max_dataset_mb allows {self.max_dataset_bytes // MIB} MiB"
+            return self._refuse(Status.OUT_OF_RESOURCES, "dataset_too_large", detail, data, calling)
         try:
-            ds = pydicom.dcmread(io.BytesIO(data), defer_size="256 KB")
-            if (cut := truncated_element(ds)) is not None:
-                raise ValueError(f"the dataset ends inside {cut}: truncated")
-            transfer_syntax = str(ds.file_meta.TransferSyntaxUID)
-            sop_class = str(ds.get("SOPClassUID", ""))
-            _ = ds.get("PixelData")  # force the parse to the end of the dataset
+            parsed = parse_strictly(data, self.max_inflated_bytes)
+        except InflatedTooLargeError as exc:
+            return self._refuse(Status.OUT_OF_RESOURCES, "inflated_too_large", str(exc), data, calling)
+        except EncodingError as exc:
+            reason = exc.reason if exc.reason != "malformed" else "unparseable"
+            return self._refuse(Status.CANNOT_UNDERSTAND, reason, str(exc), data, calling)
         except Exception as exc:  # pydicom raises many error types on bad bytes
-            return self._refuse(Status.CANNOT_UNDERSTAND, "unparseable", f"{type(exc).__name__}: {exc}", data, calling)
+            return self._refuse(Status.CANNOT_UNDERSTAND, "unparseable", safe_error(exc), data, calling)
+        ds, transfer_syntax = parsed.ds, parsed.transfer_syntax
+        sop_class = str(ds.get("SOPClassUID", ""))
         try:
             sop_uid = check_uid(ds.get("SOPInstanceUID"), "SOP Instance UID")
-            relative = self.archive.relative_path(ds.get("StudyInstanceUID"), ds.get("SeriesInstanceUID"), sop_uid)
+            study_uid = check_uid(ds.get("StudyInstanceUID"), "Study Instance UID")
+            series_uid = check_uid(ds.get("SeriesInstanceUID"), "Series Instance UID")
         except InvalidUIDError as exc:
             return self._refuse(Status.INVALID_UID, "invalid_uid", str(exc), data, calling)
         if sop_class != sop_class_in_context:
@@ -123,42 +234,101 @@ class Ingest:
             return self._refuse(Status.DATASET_MISMATCH, "pixel_data_mismatch", problem, data, calling)
 
         sha = hashlib.sha256(data).hexdigest()
-        with self.db.session() as session:
-            existing = session.scalars(select(Instance).where(Instance.sop_instance_uid == sop_uid)).all()
-        same = next((i for i in existing if i.sha256 == sha), None)
-        if same is not None:
-            self.metrics.received.labels(status="duplicate").inc()
-            event(log, logging.INFO, "duplicate instance, same bytes", sop_instance_uid=sop_uid, calling_aet=calling)
-            return Status.SUCCESS
-        flagged = existing[0].id if existing else None
-        if flagged is not None:
-            relative = self.archive.relative_path(ds.StudyInstanceUID, ds.SeriesInstanceUID, sop_uid, sha[:12])
         try:
-            self.archive.write(relative, data, sha256=sha)
-            kind = "source" if is_image else ("seg" if text(ds, "Modality") == "SEG" else "sr")
-            priority = order_priority(requested_priority(ds), dimse_priority)
-            with self.db.session() as session:
-                row = instance_row(
-                    catalog_attributes(ds), dimse_priority=dimse_priority, calling_aet=calling, path=relative,
-                    sha256=sha, size=len(data), kind=kind, duplicate_of_id=flagged,
-                )
-                session.add(row)
-                session.flush()
-                if is_image and flagged is None:
-                    self.queue.enqueue(
-                        session, JobKind.SCORE, row.id, priority=priority, max_attempts=self.max_attempts
-                    )
+            if self._stored_already(sop_uid, sha):  # an identical resend: nothing to write
+                return self._identical(sop_uid, calling)
+            relative = self._keep(study_uid, series_uid, sop_uid, data, sha)
+            outcome = self._catalog(ds, sop_uid, relative, sha, len(data), is_image, calling, dimse_priority)
         except Exception as exc:  # disk or database failure: not acknowledged, the sender retries
-            event(log, logging.ERROR, "store failed", sop_instance_uid=sop_uid, error=f"{type(exc).__name__}: {exc}")
+            event(log, logging.ERROR, "store failed", sop_instance_uid=sop_uid, error=safe_error(exc))
             self.metrics.received.labels(status=hex_status(Status.STORAGE_FAILED)).inc()
             return Status.STORAGE_FAILED
+        if outcome == "identical":
+            return self._identical(sop_uid, calling)
         self.metrics.received.labels(status=hex_status(Status.SUCCESS)).inc()
         self.metrics.latency.labels(stage="receive").observe(time.perf_counter() - t0)
+        flagged = outcome == "flagged"
         reason = "stored_duplicate_flagged" if flagged else "stored"
         event(log, logging.WARNING if flagged else logging.INFO, reason, sop_instance_uid=sop_uid,
-              study_instance_uid=str(ds.StudyInstanceUID), sop_class=sop_class, calling_aet=calling,
+              study_instance_uid=study_uid, sop_class=sop_class, calling_aet=calling,
               patient_name=text(ds, "PatientName"), bytes=len(data))
         return Status.SUCCESS
+
+    def _identical(self, sop_uid: str, calling: str) -> int:
+        self.metrics.received.labels(status="duplicate").inc()
+        event(log, logging.INFO, "duplicate instance, same bytes", sop_instance_uid=sop_uid, calling_aet=calling)
+        return Status.SUCCESS
+
+    def _stored_already(self, sop_uid: str, sha: str) -> bool:
+        with self.db.session() as session:
+            found = session.scalar(
+                select(Instance.id).where(Instance.sop_instance_uid == sop_uid, Instance.sha256 == sha).limit(1)
+            )
+        return found is not None
+
+    def _keep(self, study: str, series: str, sop: str, data: bytes, sha: str) -> str:
+        """Keep the bytes under a name unique to them; never replaces an archived file."""
+        relative = self.archive.relative_path(study, series, sop, sha[:16])
+        try:
+            self.archive.keep(relative, data, sha)
+        except ArchiveConflictError:  # other bytes under the short name (bit rot, or a 64-bit prefix collision)
+            event(log, logging.ERROR, "archive file differs from the hash in its name", path=relative)
+            relative = self.archive.relative_path(study, series, sop, sha)
+            self.archive.keep(relative, data, sha)
+        return relative
+
+    def _lock_uid(self, session: Session, sop_uid: str) -> None:
+        """Serialise ingest of one SOP Instance UID until the transaction ends.
+
+        SQLite needs nothing: every transaction begins with ``BEGIN IMMEDIATE``
+        (storage.db), so only one writes at a time. PostgreSQL's READ COMMITTED
+        would let two arrivals both see no row and both insert an unflagged
+        original; a transaction-scoped advisory lock on the UID prevents it.
+        """
+        if not is_sqlite(self.db.engine):
+            session.execute(sql_text("SELECT pg_advisory_xact_lock(:space, hashtext(:uid))"),
+                            {"space": _LOCK_SPACE, "uid": sop_uid})
+
+    def _catalog(self, ds: pydicom.Dataset, sop_uid: str, relative: str, sha: str, size: int, is_image: bool,
+                 calling: str, dimse_priority: int | None) -> str:
+        """Decide, in one transaction per try, what the bytes are: ``stored``, ``flagged`` or ``identical``."""
+        kind = "source" if is_image else ("seg" if text(ds, "Modality") == "SEG" else "sr")
+        priority = order_priority(requested_priority(ds), dimse_priority)
+        attributes = catalog_attributes(ds)
+        attributes["sop_instance_uid"] = sop_uid
+        for attempt in range(1, CATALOG_ATTEMPTS + 1):
+            try:
+                with self.db.session() as session:
+                    self._lock_uid(session, sop_uid)
+                    existing = session.execute(
+                        select(Instance.id, Instance.sha256, Instance.path, Instance.duplicate_of_id)
+                        .where(Instance.sop_instance_uid == sop_uid).order_by(Instance.id)
+                    ).all()
+                    same = next((row for row in existing if row.sha256 == sha), None)
+                    if same is not None:
+                        if same.path != relative:  # stored before names held the hash: ours is an orphan
+                            self.archive.remove(relative)
+                        return "identical"
+                    original = next((row.id for row in existing if row.duplicate_of_id is None),
+                                    existing[0].id if existing else None)
+                    row = instance_row(
+                        attributes, dimse_priority=dimse_priority, calling_aet=calling, path=relative,
+                        sha256=sha, size=size, kind=kind, duplicate_of_id=original,
+                    )
+                    session.add(row)
+                    session.flush()
+                    if is_image and original is None:
+                        self.queue.enqueue(
+                            session, JobKind.SCORE, row.id, priority=priority, max_attempts=self.max_attempts
+                        )
+                return "stored" if original is None else "flagged"
+            except (IntegrityError, OperationalError) as exc:  # a concurrent arrival or a busy database: try again
+                if attempt == CATALOG_ATTEMPTS:
+                    raise
+                event(log, logging.INFO, "ingest transaction retried", sop_instance_uid=sop_uid, attempt=attempt,
+                      error=type(exc).__name__)
+                time.sleep(random.uniform(0, 0.02 * 2**attempt))
+        raise AssertionError("unreachable")
 
     def handle(self, evt: Any) -> int:
         """pynetdicom EVT_C_STORE handler."""
