@@ -15,6 +15,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from ..config import DicomSettings
 from ..observability import event
 from .contexts import FIND_CLASSES, GET_CLASSES, MOVE_CLASSES, STORAGE_CLASSES, TRANSFER_SYNTAXES, VERIFICATION, Status
+from .guard import oversized_dataset, serve
 
 log = logging.getLogger(__name__)
 
@@ -56,24 +57,39 @@ def build_ae(settings: DicomSettings) -> AE:
 
 
 def start_server(settings: DicomSettings, handlers: dict[str, Callable[[Any], Any]]) -> ThreadedAssociationServer:
-    """Start listening (non-blocking); returns pynetdicom's threaded server."""
+    """Start listening (non-blocking) behind the receive-path guard (see guard.py); returns the server."""
     ae = build_ae(settings)
     bound: list[EventHandlerType] = [
         (evt.EVT_C_ECHO, lambda e: Status.SUCCESS),
-        (evt.EVT_C_STORE, handlers["store"]),
+        (evt.EVT_C_STORE, refuse_oversized(handlers["store"], settings.max_dataset_mb)),
         (evt.EVT_C_FIND, handlers["find"]),
         (evt.EVT_C_MOVE, handlers["move"]),
         (evt.EVT_C_GET, handlers["get"]),
         (evt.EVT_REJECTED, _log_rejected),
         (evt.EVT_ACCEPTED, _log_accepted),
     ]
-    server = ae.start_server(
-        (settings.host, settings.port), block=False, evt_handlers=bound, ssl_context=server_tls(settings)
-    )
-    assert server is not None  # block=False always returns the server
+    server = serve(ae, settings, bound, server_tls(settings))
     event(log, logging.INFO, "listening", ae_title=settings.ae_title, host=settings.host, port=settings.port,
           tls=settings.tls.enabled)
     return server
+
+
+def refuse_oversized(store: Callable[[Any], Any], max_dataset_mb: int) -> Callable[[Any], Any]:
+    """C-STORE handler answering 0xA700 for a dataset the guard cut at ``max_dataset_mb``.
+
+    The guard keeps one byte more than the cap of a larger dataset and drops
+    the rest as it arrives, so nothing larger is ever buffered.
+    """
+    limit = max_dataset_mb * 1024 * 1024
+
+    def handle(e: Any) -> Any:
+        if oversized_dataset(e.request.DataSet, limit):
+            event(log, logging.WARNING, "C-STORE refused", reason="dataset larger than max_dataset_mb",
+                  status="0xA700", limit_mb=max_dataset_mb, address=e.assoc.requestor.address)
+            return Status.OUT_OF_RESOURCES
+        return store(e)
+
+    return handle
 
 
 def _peer(e: Any) -> dict[str, object]:
@@ -81,8 +97,26 @@ def _peer(e: Any) -> dict[str, object]:
     return {"calling_aet": str(requestor.ae_title).strip(), "address": requestor.address}
 
 
+#: A-ASSOCIATE-RJ (result source, diagnostic) -> why, PS3.8 Table 9-21.
+REJECT_REASONS: dict[tuple[int, int], str] = {
+    (0x01, 0x01): "no reason given",
+    (0x01, 0x02): "application context not supported",
+    (0x01, 0x03): "calling AE title not allowed",
+    (0x01, 0x07): "called AE title wrong",
+    (0x02, 0x01): "no reason given (ACSE)",
+    (0x02, 0x02): "protocol version not supported",
+    (0x03, 0x01): "temporary congestion",
+    (0x03, 0x02): "too many associations",
+}
+
+
 def _log_rejected(e: Any) -> None:
-    event(log, logging.WARNING, "association rejected", **_peer(e))
+    primitive = e.assoc.acceptor.primitive
+    key = (getattr(primitive, "result_source", None), getattr(primitive, "diagnostic", None))
+    reason = REJECT_REASONS.get(key, "unknown")  # type: ignore[arg-type]
+    if key == (0x02, 0x01) and e.assoc.requestor.user_identity:
+        reason = "user identity not verified"
+    event(log, logging.WARNING, "association rejected", reason=reason, **_peer(e))
 
 
 def _log_accepted(e: Any) -> None:
