@@ -122,7 +122,7 @@ class WorkerSettings(BaseModel):
 
     scoring_workers: int = Field(1, ge=0, description="scoring threads in the node process")
     scoring_processes: int = Field(0, ge=0, description="score in this many worker processes instead (0 = in the node)")
-    send_workers: int = Field(2, ge=0)
+    send_workers: int = Field(2, ge=0, description="send workers per destination (each destination has its own)")
     lease_seconds: float = Field(300.0, gt=0)
     max_attempts: int = Field(8, ge=1)
     backoff_seconds: float = Field(5.0, gt=0)

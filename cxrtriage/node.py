@@ -24,6 +24,7 @@ from .scp.ingest import Ingest
 from .scp.query import QueryEngine, make_handlers
 from .scp.sender import client_tls
 from .scp.server import start_server
+from .stages.circuit import Circuits
 from .stages.lease_loop import FailureHook, LeaseLoop, Stage
 from .stages.score import LocalScorer, PoolScorer, Scorer, ScoreStage, warm_up
 from .stages.send import SendStage
@@ -34,6 +35,7 @@ from .storage.queue import JobQueue
 from .triage.worklist import Worklist
 
 log = logging.getLogger(__name__)
+MIB = 1024 * 1024
 
 
 class Node:
@@ -49,15 +51,19 @@ class Node:
         w, d = settings.workers, settings.dicom
         self.queue = JobQueue(self.db, backoff_base=w.backoff_seconds, backoff_cap=w.backoff_max_seconds)
         self.metrics = Metrics()
-        self.ingest = Ingest(self.db, self.archive, self.queue, self.metrics,
-                             settings.storage.min_free_mb * 1024 * 1024, w.max_attempts)
+        self.ingest = Ingest(self.db, self.archive, self.queue, self.metrics, settings.storage.min_free_mb * MIB,
+                             w.max_attempts, max_dataset_bytes=d.max_dataset_mb * MIB,
+                             max_inflated_bytes=d.max_inflated_mb * MIB)
         self.worklist = Worklist(self.db, settings.triage.priority)
         self.query = QueryEngine(self.db, self.archive, d.ae_title, self.worklist)
         self.destinations = {p.ae_title: p for p in settings.destinations}
         self.move_destinations = {p.ae_title: p for p in d.move_destinations}
         self.scorer: Scorer = LocalScorer(settings.inference, jpeg2000=w.seg_jpeg2000, pipeline=pipeline)
+        self.circuits = Circuits(self.destinations, w.breaker_failures, w.breaker_open_seconds,
+                                 registry=self.metrics.registry)
         self.send_stage = SendStage(self.db, self.archive, self.queue, self.metrics, self.destinations,
-                                    ae_title=d.ae_title, timeout=d.network_timeout)
+                                    ae_title=d.ae_title, timeout=w.send_dimse_timeout,
+                                    connect_timeout=w.send_connect_timeout, circuits=self.circuits)
         self.stopping = threading.Event()
         self.threads: list[threading.Thread] = []
         self.server: Any = None
@@ -75,8 +81,7 @@ class Node:
             self._start_scoring(scoring_threads)
         handlers: dict[str, Any] = {"store": self.ingest.handle, **make_handlers(self.query, self._move_target)}
         self.server = start_server(self.settings.dicom, handlers)
-        for i in range(w.send_workers):
-            self._spawn_loop(f"send-{i}", JobKind.SEND, self.send_stage)
+        self._start_sending()
         self._spawn("gauges", self._gauge_loop)
         if self.settings.metrics.enabled:
             from prometheus_client import start_http_server
@@ -102,9 +107,23 @@ class Node:
         warm_up(self.scorer, self.archive.tmp, w.scoring_processes)
         stage = ScoreStage(self.db, self.archive, self.queue, self.metrics, self.scorer,
                            destinations=list(self.destinations), ae_title=self.settings.dicom.ae_title,
-                           max_attempts=w.max_attempts)
+                           max_attempts=w.max_attempts,
+                           min_free_bytes=self.settings.storage.min_free_mb * MIB)
         for i in range(threads):
             self._spawn_loop(f"score-{i}", JobKind.SCORE, stage, stage.record_failed)
+
+    def _start_sending(self) -> None:
+        """``send_workers`` per destination, each claiming only its destination's jobs while its circuit lets
+        it (one that hangs holds up no other); one more gives up jobs of destinations no longer configured."""
+        w = self.settings.workers
+        if not w.send_workers:
+            return
+        for n, destination in enumerate(self.destinations):
+            queue = self.queue.for_destination(destination, gate=self.circuits[destination])
+            for i in range(w.send_workers):
+                self._spawn_loop(f"send-{n}-{i}", JobKind.SEND, self.send_stage, queue=queue)
+        self._spawn_loop("send-unconfigured", JobKind.SEND, self.send_stage,
+                         queue=self.queue.for_other_destinations(self.destinations))
 
     def _start_web(self) -> None:
         import uvicorn
@@ -112,7 +131,8 @@ class Node:
         from .triage.web import create_app
 
         web = self.settings.web
-        app = create_app(self.worklist, self.archive, token=web.token, metrics=self.metrics)
+        app = create_app(self.worklist, self.archive, token=web.token, metrics=self.metrics,
+                         allowed_hosts=web.allowed_hosts, destinations=self.circuits.states)
         config = uvicorn.Config(app, host=web.host, port=web.port, log_level="warning", access_log=False)
         self.web_server = uvicorn.Server(config)
         self._spawn("web", self.web_server.run)
@@ -143,11 +163,14 @@ class Node:
         thread.start()
         self.threads.append(thread)
 
-    def _spawn_loop(self, name: str, kind: JobKind, stage: Stage, on_failed: FailureHook | None = None) -> None:
-        """A worker thread running ``stage`` on jobs of ``kind``; its lease holder is ``<incarnation>:<name>``."""
+    def _spawn_loop(self, name: str, kind: JobKind, stage: Stage, on_failed: FailureHook | None = None, *,
+                    queue: JobQueue | None = None) -> None:
+        """A worker thread running ``stage`` on jobs of ``kind`` (from ``queue``, default all of them);
+        its lease holder is ``<incarnation>:<name>``."""
         w = self.settings.workers
-        loop = LeaseLoop(self.queue, kind, stage, worker=f"{self.incarnation}:{name}", lease_seconds=w.lease_seconds,
-                         poll_seconds=w.poll_seconds, stopping=self.stopping, on_failed=on_failed)
+        loop = LeaseLoop(queue or self.queue, kind, stage, worker=f"{self.incarnation}:{name}",
+                         lease_seconds=w.lease_seconds, poll_seconds=w.poll_seconds, stopping=self.stopping,
+                         on_failed=on_failed)
         self._spawn(name, loop.run)
 
     def _move_target(self, ae_title: str) -> tuple[str, int, dict] | None:

@@ -27,3 +27,31 @@ def test_overlay_carries_the_research_notice_for_models_not_trained_on_real_film
     real = ModelIdentity(*(replace(m, origin="published", training_data=("real",))
                            for m in (result.identity.lungs, result.identity.disease)))
     assert amber_rows(render_overlay(r.pixels, replace(result, identity=real))).size == 0
+
+
+def test_the_written_overlay_is_a_palette_png_a_third_the_size_that_looks_the_same(
+    pipeline, rg1, tmp_path
+) -> None:
+    import cv2
+
+    from cxrtriage.inference.overlay import LUNG_COLOUR, OPACITY_COLOUR, ZONE_COLOUR, write_overlay
+
+    r = load_radiograph(rg1)  # a real chest film: its noise is what costs bytes
+    result = pipeline(r)
+    canvas = render_overlay(r.pixels, result)
+    path = write_overlay(tmp_path / "overlays" / "x.png", r.pixels, result)
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and data[25] == 3  # colour type 3: palette
+    assert not list(path.parent.glob(".*partial"))  # written whole, nothing left behind
+
+    rgb_png = cv2.imencode(".png", canvas)[1]  # what the overlay used to be written as
+    assert len(data) < len(rgb_png) / 3
+
+    shown = cv2.imread(str(path))  # as any viewer decodes it
+    assert shown.shape == canvas.shape
+    error = np.abs(shown.astype(int) - canvas.astype(int)).max(axis=2)
+    assert (error <= 2).mean() > 0.99  # the radiograph: grey levels within 2 of 255
+    for colour in (LUNG_COLOUR, ZONE_COLOUR, OPACITY_COLOUR, NOTICE_COLOUR):  # the drawing, exactly
+        drawn = (canvas == np.array(colour, np.uint8)).all(axis=2)
+        assert (shown[drawn] == np.array(colour, np.uint8)).all()
+    assert np.array_equal(amber_rows(shown), amber_rows(canvas))  # the research-use footer intact

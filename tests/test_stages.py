@@ -196,6 +196,40 @@ def test_score_stage_records_an_image_it_cannot_score(env: Env, tmp_path: Path, 
     assert env.metric("cxrtriage_scored_total", outcome="lateral_view") == 1
 
 
+def test_score_stage_below_min_free_mb_writes_nothing_and_defers_the_job_until_space_returns(
+    env: Env, source_cr: Path, scored: InstanceScored
+) -> None:
+    source = env.receive(source_cr)
+    files_before = sorted(p for p in env.archive.root.rglob("*") if p.is_file())
+    calls: list[tuple] = []
+    # More than any disk has free: the floor is not met (filling a real disk is not needed to show it).
+    short = ScoreStage(env.db, env.archive, env.queue, env.metrics, returning(scored, calls),
+                       destinations=DESTINATIONS, ae_title="CXRTRIAGE", max_attempts=2, min_free_bytes=2**62)
+    loop = env.loop(JobKind.SCORE, short)
+    for _ in range(3):  # more times than max_attempts: a full disk never fails the job for good
+        t0 = utcnow()
+        assert loop.turn() is Turn.DONE  # the stage ran and deferred the job
+        (job,) = env.rows(Job)
+        assert (job.state, job.attempts) == (JobState.PENDING, 0)
+        assert "below storage.min_free_mb" in job.last_error and "scoring deferred" in job.last_error
+        # Claimable again after the backoff, not at once.
+        assert (job.available_at.replace(tzinfo=dt.UTC) - t0).total_seconds() >= 0.15
+        time.sleep(0.25)
+    assert calls == []  # not scored: no SEG, SR or overlay written
+    assert sorted(p for p in env.archive.root.rglob("*") if p.is_file()) == files_before
+    assert not env.archive.overlay_path(source.sop_instance_uid).exists()
+    assert env.count(ScoreResult) == 0 and env.count(Job, Job.kind == JobKind.SEND) == 0
+    assert env.metric("cxrtriage_scored_total", outcome="deferred_disk_full") == 3
+
+    space = ScoreStage(env.db, env.archive, env.queue, env.metrics, returning(scored, calls),
+                       destinations=DESTINATIONS, ae_title="CXRTRIAGE", max_attempts=2, min_free_bytes=2**20)
+    assert env.loop(JobKind.SCORE, space).turn() is Turn.DONE  # space is back: scored on its first attempt
+    (job,) = env.rows(Job, Job.kind == JobKind.SCORE)
+    assert (job.state, job.attempts) == (JobState.DONE, 1) and len(calls) == 1
+    assert env.rows(ScoreResult)[0].status == ResultStatus.SCORED
+    assert env.count(Job, Job.kind == JobKind.SEND) == 2 * len(DESTINATIONS)
+
+
 # -- lease loop ----------------------------------------------------------------
 
 
@@ -376,6 +410,38 @@ def test_send_stage_counts_storage_warnings_as_stored_and_retries_an_unreachable
     archive_jobs = env.rows(Job, Job.destination == "ARCHIVE")
     assert all(j.state == JobState.PENDING and "association with ARCHIVE" in j.last_error for j in archive_jobs)
     assert env.metric("cxrtriage_sent_total", destination="ARCHIVE", outcome="unreachable") == 2
+
+
+def test_an_unreachable_destination_opens_its_circuit_and_its_jobs_keep_their_attempts(
+    env: Env, stored: list[Instance]
+) -> None:
+    from cxrtriage.stages.circuit import Circuits, CircuitState
+
+    now = [0.0]
+    circuits = Circuits(["ARCHIVE"], 2, 30, clock=lambda: now[0])
+    circuit = circuits["ARCHIVE"]
+    peers = {"ARCHIVE": Peer(ae_title="ARCHIVE", host="127.0.0.1", port=free_port())}  # nobody listens
+    stage = SendStage(env.db, env.archive, env.queue, env.metrics, peers, ae_title="CXRTRIAGE", timeout=5,
+                      connect_timeout=5, circuits=circuits)
+    queue = env.queue.for_destination("ARCHIVE", gate=circuit)  # what the node's ARCHIVE workers see
+    loop = LeaseLoop(queue, JobKind.SEND, stage, worker="w", lease_seconds=60, poll_seconds=0.05,
+                     stopping=threading.Event())
+    assert loop.turn() is Turn.RETRYING  # the first failure: an ordinary retry, its attempt spent
+    assert loop.turn() is Turn.DONE  # the second opens the circuit: the job is deferred, not failed
+    assert circuit.state is CircuitState.OPEN
+    jobs = {j.id: j for j in env.rows(Job, Job.destination == "ARCHIVE")}
+    assert sorted(j.attempts for j in jobs.values()) == [0, 1] and {j.state for j in jobs.values()} == {
+        JobState.PENDING}
+    assert any("circuit open: retried in 30 s" in j.last_error for j in jobs.values())
+    time.sleep(0.25)  # the first job's backoff is over, but the circuit is open: nothing is claimed
+    assert loop.turn() is Turn.IDLE
+    assert all(j.attempts == 0 and j.state == JobState.PENDING for j in env.rows(Job, Job.destination == "PACS"))
+
+    now[0] += 30  # half-open: one trial, which fails and opens the circuit again, its attempt not spent
+    assert loop.turn() is Turn.DONE and circuit.state is CircuitState.OPEN
+    assert sorted(j.attempts for j in env.rows(Job, Job.destination == "ARCHIVE")) == [0, 1]
+    assert env.count(Job, Job.state == JobState.FAILED) == 0
+    assert circuits.states()[0]["consecutive_failures"] == 3
 
 
 def test_a_compressed_seg_reaches_a_pacs_that_takes_only_uncompressed(

@@ -12,6 +12,14 @@ encoded SEG and SR with their UIDs. This stage then
 
 Images the reader cannot score are recorded ``not_scorable`` with its
 reason; a job that fails for good is recorded ``failed``.
+
+Scoring output (SEG, SR, overlay) respects ``storage.min_free_mb``, the
+floor below which ingest answers C-STORE with 0xA700: with less free
+space the job is not scored and writes nothing; it is deferred
+(:meth:`~cxrtriage.storage.queue.JobQueue.defer`: back to pending after a
+backoff, its attempt not spent), so a full disk never fails a job for good
+and scoring resumes by itself once space is freed. The image itself is
+already durable: nothing acknowledged is at risk.
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ from sqlalchemy.orm import Session
 from ..config import InferenceSettings
 from ..dicom_header import EncodedObject
 from ..inference.instance import InstanceRefused, InstanceScored
-from ..observability import Metrics, event
+from ..observability import Metrics, event, safe_error
 from ..storage.archive import Archive
 from ..storage.catalog import derived_row
 from ..storage.db import Database
@@ -124,7 +132,7 @@ def warm_up(scorer: Scorer, scratch: Path, processes: int) -> bool:
     try:
         scorer.warm_up(sample)
     except Exception as exc:
-        event(log, logging.ERROR, "scoring warm-up failed", error=f"{type(exc).__name__}: {exc}")
+        event(log, logging.ERROR, "scoring warm-up failed", error=safe_error(exc))
         return False
     finally:
         sample.unlink(missing_ok=True)
@@ -137,7 +145,7 @@ class ScoreStage:
 
     def __init__(
         self, db: Database, archive: Archive, queue: JobQueue, metrics: Metrics, scorer: Callable[..., Outcome], *,
-        destinations: Sequence[str], ae_title: str, max_attempts: int,
+        destinations: Sequence[str], ae_title: str, max_attempts: int, min_free_bytes: int = 0,
     ) -> None:
         self.db = db
         self.archive = archive
@@ -147,17 +155,35 @@ class ScoreStage:
         self.destinations = tuple(destinations)
         self.ae_title = ae_title  # recorded as the calling AE of the objects the node writes
         self.max_attempts = max_attempts
+        self.min_free_bytes = min_free_bytes  # storage.min_free_mb: no scoring output below it
 
     def __call__(self, job: Claimed, worker: str) -> None:
         with self.db.session() as session:
             source = session.get(Instance, job.instance_id)
         assert source is not None, f"score job {job.id} names no stored instance"
+        if self._short_of_space(job, worker):
+            return
         overlay = self.archive.overlay_path(source.sop_instance_uid)
         outcome = self.scorer(self.archive.path(source.path), source.sop_instance_uid, overlay)
         if isinstance(outcome, InstanceRefused):
             self.record_refused(job, worker, source, outcome)
         else:
             self.record_scored(job, worker, source, outcome)
+
+    def _short_of_space(self, job: Claimed, worker: str) -> bool:
+        """Below the free-space floor: defer the job (attempt not spent) and say so; nothing is written."""
+        free = self.archive.free_bytes()
+        if free >= self.min_free_bytes:
+            return False
+        delay = self.queue.backoff_base
+        reason = (f"archive disk has {free // 2**20} MB free, below storage.min_free_mb "
+                  f"{self.min_free_bytes // 2**20}: scoring deferred")
+        if not self.queue.defer(job, worker, reason, delay):
+            raise LeaseLost()
+        self.metrics.scored.labels(outcome="deferred_disk_full").inc()
+        event(log, logging.WARNING, "scoring deferred: disk below min_free_mb", job=job.id,
+              free_mb=free // 2**20, min_free_mb=self.min_free_bytes // 2**20, retry_in_seconds=delay)
+        return True
 
     def record_scored(self, job: Claimed, worker: str, source: Instance, scored: InstanceScored) -> None:
         """Store the SEG and SR, then catalog, queue their sends and record the result in one transaction."""
@@ -200,7 +226,8 @@ class ScoreStage:
         with self.db.session() as session:
             source = session.get(Instance, job.instance_id)
             assert source is not None, f"score job {job.id} names no stored instance"
-            self._set_result(session, source, status=ResultStatus.FAILED, reason="pipeline_error", message=str(error))
+            self._set_result(session, source, status=ResultStatus.FAILED, reason="pipeline_error",
+                             message=_message(error))
         self.metrics.scored.labels(outcome="pipeline_error").inc()
 
     def _store(self, obj: EncodedObject) -> tuple[str, str, int]:
@@ -226,3 +253,10 @@ class ScoreStage:
         for key, value in fields.items():
             setattr(row, key, value)
         session.add(row)
+
+
+def _message(error: Exception) -> str:
+    """The scrubbed error text without its type name (the result's reason already says what failed)."""
+    text = safe_error(error)
+    prefix = f"{type(error).__name__}: "
+    return text[len(prefix):] if text.startswith(prefix) else text

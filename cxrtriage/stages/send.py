@@ -2,9 +2,20 @@
 
 The file goes out in its own transfer syntax and is never decoded
 (:func:`~cxrtriage.scp.sender.send_files`). Success, or a storage warning
-(:data:`~cxrtriage.scp.sender.STORED_STATUSES`), marks the job done; an
-unreachable destination or any other status fails it, to be retried after
-a backoff, so a destination that is down delays only its own jobs.
+(:data:`~cxrtriage.scp.sender.STORED_STATUSES`), marks the job done.
+
+One destination never holds up another: each has its own send workers
+(claiming only its jobs, :meth:`~cxrtriage.storage.queue.JobQueue.for_destination`),
+short association and DIMSE timeouts of its own, and a circuit breaker
+(:mod:`.circuit`). A failure (unreachable, timed out, refused, dropped)
+while the circuit stays closed fails the job the usual way: retried after a
+backoff, failed for good after ``max_attempts``. A failure that leaves the
+circuit open (the one that trips it, or a failed half-open trial) defers
+the job without spending its attempt: while a destination is down its jobs
+wait, unclaimed, however long that lasts, and flow again once a trial
+succeeds. A destination that answers but takes no context for an object
+(:class:`~cxrtriage.scp.sender.ContextNotAccepted`) is up: that counts as
+a success for its circuit, and the job fails the usual way.
 """
 
 from __future__ import annotations
@@ -14,17 +25,18 @@ import time
 from collections.abc import Callable, Mapping
 
 from ..config import Peer
-from ..observability import Metrics, event, hex_status
-from ..scp.sender import STORED_STATUSES, ContextNotAccepted, SendError, send_files
+from ..observability import Metrics, event, hex_status, safe_error
+from ..scp.sender import STORED_STATUSES, ContextNotAccepted, SendError, SendTimeout, send_files
 from ..storage.archive import Archive
 from ..storage.db import Database
 from ..storage.models import Instance
 from ..storage.queue import Claimed, JobQueue
+from .circuit import CircuitBreaker, Circuits
 from .lease_loop import GiveUp, LeaseLost
 
 log = logging.getLogger(__name__)
 
-#: ``send_files``' signature: (peer, files, calling AE, timeout=...) -> statuses.
+#: ``send_files``' signature: (peer, files, calling AE, timeout=..., connect_timeout=...) -> statuses.
 Sender = Callable[..., list[int | None]]
 
 
@@ -37,7 +49,8 @@ class SendStage:
 
     def __init__(
         self, db: Database, archive: Archive, queue: JobQueue, metrics: Metrics, destinations: Mapping[str, Peer], *,
-        ae_title: str, timeout: float, sender: Sender = send_files,
+        ae_title: str, timeout: float = 30.0, connect_timeout: float = 10.0, circuits: Circuits | None = None,
+        sender: Sender = send_files,
     ) -> None:
         self.db = db
         self.archive = archive
@@ -45,32 +58,62 @@ class SendStage:
         self.metrics = metrics
         self.destinations = dict(destinations)
         self.ae_title = ae_title
-        self.timeout = timeout
+        self.timeout = timeout  # DIMSE: how long a destination may take to answer a C-STORE
+        self.connect_timeout = connect_timeout
+        self.circuits = circuits
         self.sender = sender
 
     def __call__(self, job: Claimed, worker: str) -> None:
         peer = self.destinations.get(job.destination)
         if peer is None:
             raise GiveUp(f"destination {job.destination!r} is no longer configured")
+        circuit = self.circuits.get(job.destination) if self.circuits is not None else None
+        try:
+            self._send(job, worker, peer, circuit)
+        finally:
+            if circuit is not None:  # a trial that ended without a verdict goes to the next claim
+                circuit.release(worker)
+
+    def _send(self, job: Claimed, worker: str, peer: Peer, circuit: CircuitBreaker | None) -> None:
         with self.db.session() as session:
             instance = session.get(Instance, job.instance_id)
         assert instance is not None, f"send job {job.id} names no stored instance"
         t0 = time.perf_counter()
         try:
-            (status,) = self.sender(peer, [self.archive.path(instance.path)], self.ae_title, timeout=self.timeout)
+            (status,) = self.sender(peer, [self.archive.path(instance.path)], self.ae_title, timeout=self.timeout,
+                                    connect_timeout=self.connect_timeout)
+            if status not in STORED_STATUSES:
+                label = hex_status(status) if status is not None else "no_status"
+                self.metrics.sent.labels(destination=peer.ae_title, outcome=label).inc()
+                raise RefusedError(f"{peer.ae_title} answered C-STORE status {label}")
         except ContextNotAccepted:
             self.metrics.sent.labels(destination=peer.ae_title, outcome="context_not_accepted").inc()
+            if circuit is not None:
+                circuit.succeeded()  # it answered: up, it just does not take this object
             raise
-        except SendError:
-            self.metrics.sent.labels(destination=peer.ae_title, outcome="unreachable").inc()
-            raise
-        if status not in STORED_STATUSES:
-            label = hex_status(status) if status is not None else "no_response"
-            self.metrics.sent.labels(destination=peer.ae_title, outcome=label).inc()
-            raise RefusedError(f"{peer.ae_title} answered C-STORE status {label}")
+        except (SendError, RefusedError) as exc:
+            if not isinstance(exc, RefusedError):
+                outcome = "timeout" if isinstance(exc, SendTimeout) else "unreachable"
+                self.metrics.sent.labels(destination=peer.ae_title, outcome=outcome).inc()
+            if circuit is None or not circuit.failed():
+                raise  # the destination still counts as up: an ordinary failure, retried with backoff
+            self._defer(job, worker, peer, circuit, exc)
+            return
+        if circuit is not None:
+            circuit.succeeded()
         with self.db.session() as session:
             if not self.queue.complete(session, job, worker):
                 raise LeaseLost()
         self.metrics.sent.labels(destination=peer.ae_title, outcome="sent").inc()
         self.metrics.latency.labels(stage="send").observe(time.perf_counter() - t0)
         event(log, logging.INFO, "sent", sop_instance_uid=instance.sop_instance_uid, destination=peer.ae_title)
+
+    def _defer(self, job: Claimed, worker: str, peer: Peer, circuit: CircuitBreaker, exc: Exception) -> None:
+        """The destination's circuit is open: the job waits for the next trial, its attempt not spent."""
+        error = safe_error(exc)
+        retry_in = circuit.retry_in()
+        if not self.queue.defer(job, worker, f"{error} (circuit open: retried in {retry_in:.0f} s)", retry_in):
+            raise LeaseLost()
+        event(log, logging.WARNING, "destination circuit open; send deferred", job=job.id,
+              destination=peer.ae_title, consecutive_failures=circuit.consecutive_failures,
+              retry_in_seconds=round(retry_in, 1), error=error)

@@ -7,13 +7,22 @@ then stays ``failed`` with its last error. Claiming is race-free on both
 databases: SQLite transactions start with ``BEGIN IMMEDIATE`` (see
 :mod:`.db`), PostgreSQL uses ``SELECT ... FOR UPDATE SKIP LOCKED`` so
 concurrent workers skip each other's rows instead of waiting.
+
+A :class:`DestinationQueue` is the queue as one send destination's workers
+see it: they claim only that destination's jobs, and only while its claim
+gate (the destination's circuit breaker) lets them, so one destination's
+state never holds up another's. :meth:`JobQueue.defer` puts a job back
+without spending its attempt, for a cause outside the job (the
+destination's circuit is open, the disk is short of space).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import threading
+from collections.abc import Collection
 from dataclasses import dataclass
+from typing import Protocol
 
 from sqlalchemy import Update, and_, func, or_, select, update
 from sqlalchemy import event as sa_event
@@ -40,6 +49,16 @@ def backoff_seconds(attempts: int, base: float, cap: float) -> float:
     return min(cap, base * 2 ** max(0, attempts - 1))
 
 
+class ClaimGate(Protocol):
+    """Says whether a worker may claim now (a destination's circuit breaker is one)."""
+
+    def allow(self, worker: str) -> bool:
+        """Whether ``worker`` may claim; may reserve something (a half-open trial) for it."""
+
+    def release(self, worker: str) -> None:
+        """``worker`` claimed nothing after all: give back what :meth:`allow` reserved."""
+
+
 class JobQueue:
     def __init__(self, db: Database, backoff_base: float = 5.0, backoff_cap: float = 600.0) -> None:
         self.db = db
@@ -48,6 +67,14 @@ class JobQueue:
         # Wakes this process's idle workers when a job it enqueued is committed;
         # polling remains for jobs from other processes and for retries.
         self._new_work = threading.Condition()
+
+    def for_destination(self, destination: str, gate: ClaimGate | None = None) -> DestinationQueue:
+        """This queue as the send workers of ``destination`` see it."""
+        return DestinationQueue(self, destination=destination, gate=gate)
+
+    def for_other_destinations(self, configured: Collection[str]) -> DestinationQueue:
+        """This queue as the worker for send jobs to destinations no longer configured sees it."""
+        return DestinationQueue(self, not_in=frozenset(configured))
 
     def _announce(self, _session: Session) -> None:
         with self._new_work:
@@ -71,17 +98,25 @@ class JobQueue:
         session.execute(upsert_insert(self.db.engine, Job).values(**values).on_conflict_do_nothing())
         sa_event.listen(session, "after_commit", self._announce, once=True)
 
-    def claim(self, kind: JobKind, worker: str, lease_seconds: float) -> Claimed | None:
-        """Take the most urgent ready job of ``kind`` (or an expired lease), or None."""
+    def claim(
+        self, kind: JobKind, worker: str, lease_seconds: float, *, destination: str | None = None,
+        not_in: Collection[str] = (),
+    ) -> Claimed | None:
+        """Take the most urgent ready job of ``kind`` (or an expired lease), or None.
+
+        ``destination``: only jobs for it; ``not_in``: no jobs for these destinations.
+        """
         now = utcnow()
         ready = or_(
             and_(Job.state == JobState.PENDING, Job.available_at <= now),
             and_(Job.state == JobState.RUNNING, Job.lease_until < now),
         )
-        query = (
-            select(Job).where(Job.kind == kind, ready)
-            .order_by(Job.priority.desc(), Job.available_at, Job.id).limit(1)
-        )
+        query = select(Job).where(Job.kind == kind, ready)
+        if destination is not None:
+            query = query.where(Job.destination == destination)
+        if not_in:
+            query = query.where(Job.destination.notin_(sorted(not_in)))
+        query = query.order_by(Job.priority.desc(), Job.available_at, Job.id).limit(1)
         if not is_sqlite(self.db.engine):
             query = query.with_for_update(skip_locked=True)
         with self.db.session() as session:
@@ -119,6 +154,20 @@ class JobQueue:
             changed = rowcount(session.execute(self._owned(job.id, worker).values(**values)))
         return state if changed == 1 else None
 
+    def defer(self, job: Claimed, worker: str, reason: str, delay_seconds: float) -> bool:
+        """Back to pending after ``delay_seconds`` without spending the attempt it was claimed with.
+
+        For a cause outside the job (its destination's circuit is open, the
+        archive disk is short of space): however long that lasts, the job is
+        retried, never failed for good by it. False if the lease was lost.
+        """
+        values = dict(
+            state=JobState.PENDING, attempts=max(0, job.attempts - 1), last_error=reason[:4000], lease_until=None,
+            available_at=utcnow() + dt.timedelta(seconds=max(0.0, delay_seconds)), finished_at=None,
+        )
+        with self.db.session() as session:
+            return rowcount(session.execute(self._owned(job.id, worker).values(**values))) == 1
+
     def retry_failed(self, kind: JobKind | None = None) -> int:
         """Give failed jobs a fresh set of attempts (an operator's or the scheduler's decision)."""
         query = update(Job).where(Job.state == JobState.FAILED)
@@ -149,3 +198,36 @@ class JobQueue:
         with self.db.session() as session:
             rows = session.execute(select(Job.kind, Job.state, func.count()).group_by(Job.kind, Job.state))
             return {(kind, state): count for kind, state, count in rows}
+
+
+class DestinationQueue(JobQueue):
+    """The queue seen by the send workers of one destination (or of all destinations not configured).
+
+    Shares the database and the wake-ups of the queue it narrows. A claim
+    asks the gate first: a destination whose circuit is open has nothing
+    claimed, so its jobs keep their attempts until it is tried again.
+    """
+
+    def __init__(self, queue: JobQueue, *, destination: str | None = None, not_in: frozenset[str] = frozenset(),
+                 gate: ClaimGate | None = None) -> None:
+        super().__init__(queue.db, queue.backoff_base, queue.backoff_cap)
+        self._new_work = queue._new_work
+        self.destination = destination
+        self.not_in = not_in
+        self.gate = gate
+
+    def claim(
+        self, kind: JobKind, worker: str, lease_seconds: float, *, destination: str | None = None,
+        not_in: Collection[str] = (),
+    ) -> Claimed | None:
+        """Claim as :meth:`JobQueue.claim`, narrowed to this view's destinations (the keyword arguments are
+        ignored: a view never claims outside them), and only while the gate allows."""
+        if self.gate is not None and not self.gate.allow(worker):
+            return None
+        job: Claimed | None = None
+        try:
+            job = super().claim(kind, worker, lease_seconds, destination=self.destination, not_in=self.not_in)
+        finally:
+            if job is None and self.gate is not None:
+                self.gate.release(worker)
+        return job

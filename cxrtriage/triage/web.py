@@ -31,7 +31,7 @@ from typing import Any
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, TypeAdapter
+from pydantic import BaseModel, Field, TypeAdapter
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -149,9 +149,21 @@ class Guard:
         await self.app(scope, receive, send_secured)
 
 
+class DestinationState(BaseModel):
+    """One destination's send circuit (stages/circuit.py): is the node sending to it, or backing off?"""
+
+    destination: str
+    state: str = Field(description="closed (sending), open (backing off after failures) or half_open (one trial)")
+    consecutive_failures: int
+    opened_at: str | None = Field(None, description="when the circuit last opened, ISO 8601 UTC")
+    retry_in_seconds: float = Field(description="until the next trial send; 0 unless open")
+
+
 def create_app(worklist: Worklist, archive: Archive, *, token: str | None = None, metrics: Any = None,
-               allowed_hosts: Iterable[str] | None = None) -> FastAPI:
-    """The worklist app; ``allowed_hosts`` defaults to ``web.allowed_hosts``'s default (the loopback names)."""
+               allowed_hosts: Iterable[str] | None = None,
+               destinations: Callable[[], list[dict[str, object]]] | None = None) -> FastAPI:
+    """The worklist app; ``allowed_hosts`` defaults to ``web.allowed_hosts``'s default (the loopback names);
+    ``destinations`` gives each destination's send circuit (the node's ``circuits.states``)."""
     app = FastAPI(title="cxrtriage worklist", version="1", description="Chest X-ray studies in reading order.")
     hosts = list(allowed_hosts) if allowed_hosts is not None else WebSettings().allowed_hosts
     app.add_middleware(Guard, token=token, allowed_hosts=hosts)
@@ -165,6 +177,10 @@ def create_app(worklist: Worklist, archive: Archive, *, token: str | None = None
     @app.get("/api/health")
     def health() -> dict[str, str]:
         return {"status": "ok"}
+
+    @app.get("/api/destinations")
+    def get_destinations() -> list[DestinationState]:
+        return [DestinationState.model_validate(d) for d in (destinations() if destinations else [])]
 
     @app.get("/api/worklist", response_model=list[WorklistRow])
     def get_worklist(

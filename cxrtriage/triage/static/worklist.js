@@ -30,6 +30,18 @@ async function refresh() {
     banner.textContent = `${research[0].research_use_notice}. ${research.length} of ${studies.length} studies were scored by: ${models}. Severity is for research use, not for clinical triage.`;
   }
   document.getElementById("status").textContent = `${studies.length} studies, updated ${new Date().toLocaleTimeString()}`;
+  await showDestinations();
+}
+
+// A destination whose circuit is open is backing off: results wait in its outbox, none are lost.
+async function showDestinations() {
+  const response = await fetch("/api/destinations");
+  if (!response.ok) return;
+  const down = (await response.json()).filter((d) => d.state !== "closed");
+  const line = document.getElementById("destinations");
+  line.hidden = down.length === 0;
+  line.textContent = down.map((d) => `Sending to ${d.destination} is paused after ${d.consecutive_failures} failures`
+    + (d.state === "open" ? `: next try in ${Math.ceil(d.retry_in_seconds)} s` : ": trying one object")).join(" · ");
 }
 for (const id of ["band", "modality", "unread"]) document.getElementById(id).addEventListener("change", refresh);
 refresh();
