@@ -36,14 +36,9 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE
 
 from cxrtriage.inference.phantom import PhantomGenerator, write_cr
+from netutil import free_port  # noqa: E402
 
 VERIFICATION = "1.2.840.10008.1.1"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def start_node(folder: Path, **dicom: object) -> tuple[subprocess.Popen[bytes], int]:

@@ -13,7 +13,6 @@ ratio are printed. Issue #5 asks for >= 0.8 of storescp.
 from __future__ import annotations
 
 import argparse
-import socket
 import statistics
 import subprocess
 import sys
@@ -26,23 +25,7 @@ import yaml
 from pydicom.uid import generate_uid
 
 from cxrtriage.inference.phantom import PhantomGenerator, write_cr
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.2)
-    raise TimeoutError(f"nothing listens on {port}")
+from netutil import free_port, wait_port  # noqa: E402
 
 
 def make_images(folder: Path, count: int) -> list[Path]:

@@ -20,7 +20,6 @@ import argparse
 import json
 import logging
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,23 +33,7 @@ from cxrtriage.config import Settings
 from cxrtriage.inference.phantom import PhantomGenerator, write_cr
 from cxrtriage.node import Node
 from cxrtriage.storage.models import Instance, Job, JobKind, JobState
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise TimeoutError(f"nothing listens on {port}")
+from netutil import free_port, wait_port  # noqa: E402
 
 
 class Hanging:

@@ -20,11 +20,9 @@ Used briefly by tests/test_fuzz.py and for longer by bench/fuzz.py.
 
 from __future__ import annotations
 
-import io
 import random
 import socket
 import struct
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,8 +31,8 @@ import pydicom
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE
-from pynetdicom.dimse_primitives import C_STORE
+
+from .harness import send_dataset_bytes
 
 APPLICATION_CONTEXT = b"1.2.840.10008.3.1.1.1"
 CR_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
@@ -160,33 +158,9 @@ def _mutate_dataset(rng: random.Random, data: bytes, explicit: bool) -> tuple[st
 
 
 def c_store_bytes(port: int, sop_instance_uid: str, transfer_syntax: str, data: bytes, timeout: float) -> int | str:
-    """C-STORE ``data`` as the dataset, unparsed (as tests/harness.send_raw, from bytes)."""
-    ae = AE(ae_title="FUZZER")
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-    ae.add_requested_context(CR_STORAGE, [transfer_syntax])
-    assoc = ae.associate("127.0.0.1", port, ae_title="CXRTRIAGE")
-    if not assoc.is_established:
-        return "not established"
-    try:
-        request = C_STORE()
-        request.MessageID = 1
-        request.AffectedSOPClassUID = CR_STORAGE
-        request.AffectedSOPInstanceUID = sop_instance_uid
-        request.Priority = 2
-        request.DataSet = io.BytesIO(data)
-        context = assoc.accepted_contexts[0]
-        assoc._reactor_checkpoint.clear()  # as Association.send_c_store does
-        while not assoc._is_paused:
-            time.sleep(0.0001)
-        try:
-            assoc.dimse.send_msg(request, context.context_id)
-            _, response = assoc.dimse.get_msg(block=True)
-        finally:
-            assoc._reactor_checkpoint.set()
-        return int(response.Status) if response is not None else "no response"
-    finally:
-        if assoc.is_established:
-            assoc.release()
+    """C-STORE ``data`` as a CR's dataset, unparsed."""
+    return send_dataset_bytes(port, CR_STORAGE, sop_instance_uid, transfer_syntax, data, calling_aet="FUZZER",
+                              timeout=timeout)
 
 
 # -- the run ------------------------------------------------------------------

@@ -210,8 +210,18 @@ def send_raw(port: int, path: Path) -> int | str:
     meta = read_file_meta_info(path)
     data = path.read_bytes()
     offset = 132 + 12 + int(meta.FileMetaInformationGroupLength)
-    ae = AE(ae_title="MODALITY")
-    ae.add_requested_context(meta.MediaStorageSOPClassUID, [meta.TransferSyntaxUID])
+    sop_uid = meta.MediaStorageSOPInstanceUID
+    return send_dataset_bytes(port, meta.MediaStorageSOPClassUID, sop_uid if UID_OK(sop_uid) else "1.2.3.4",
+                              meta.TransferSyntaxUID, data[offset:])
+
+
+def send_dataset_bytes(port: int, sop_class: str, sop_uid: str, transfer_syntax: str, data: bytes, *,
+                       calling_aet: str = "MODALITY", timeout: float | None = None) -> int | str:
+    """C-STORE ``data`` as the dataset, unparsed, on a context of ``sop_class`` and ``transfer_syntax``."""
+    ae = AE(ae_title=calling_aet)
+    if timeout is not None:
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    ae.add_requested_context(sop_class, [transfer_syntax])
     assoc = ae.associate("127.0.0.1", port, ae_title="CXRTRIAGE")
     if not assoc.is_established:
         return NO_CONTEXT
@@ -220,10 +230,10 @@ def send_raw(port: int, path: Path) -> int | str:
             return NO_CONTEXT
         request = C_STORE()
         request.MessageID = 1
-        request.AffectedSOPClassUID = meta.MediaStorageSOPClassUID
-        request.AffectedSOPInstanceUID = "1.2.3.4" if not UID_OK(meta.MediaStorageSOPInstanceUID) else meta.MediaStorageSOPInstanceUID
+        request.AffectedSOPClassUID = sop_class
+        request.AffectedSOPInstanceUID = sop_uid
         request.Priority = 2
-        request.DataSet = io.BytesIO(data[offset:])
+        request.DataSet = io.BytesIO(data)
         context = assoc.accepted_contexts[0]
         # As Association.send_c_store does: pause the reactor thread so that
         # it does not take the response off the queue first.
