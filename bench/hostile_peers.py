@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
 import statistics
@@ -163,19 +164,29 @@ def timed_store(port: int, template: pydicom.Dataset) -> tuple[float, int]:
     return time.perf_counter() - start, status
 
 
-def flood_rounds(folder: Path, template: pydicom.Dataset, rounds: int, per_kind: int) -> None:
+def node_cpu_seconds(pid: int) -> float:
+    """The node process's CPU time so far (user + system, from /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def flood_rounds(folder: Path, template: pydicom.Dataset, rounds: int, per_kind: int) -> dict[str, object]:
     proc, port = start_node(folder / "flood", max_associations=per_kind + 16, max_associations_per_host=0)
     times: dict[str, list[float]] = {"none": [], "flood": []}
+    cpu: dict[str, list[float]] = {"none": [], "flood": []}
     try:
         timed_store(port, template)  # warm-up: first store opens the database, imports codecs
         for r in range(rounds):
             for mode in ("none", "flood"):
                 sockets = open_flood(port, per_kind) if mode == "flood" else []
+                cpu0 = node_cpu_seconds(proc.pid)
                 seconds, status = timed_store(port, template)
+                cpu[mode].append(node_cpu_seconds(proc.pid) - cpu0)
                 for s in sockets:
                     s.close()
                 times[mode].append(seconds)
-                print(f"round {r + 1} {mode:5s}: C-STORE {seconds * 1000:7.1f} ms status 0x{status & 0xFFFF:04X}"
+                print(f"round {r + 1} {mode:5s}: C-STORE {seconds * 1000:7.1f} ms status 0x{status & 0xFFFF:04X}, "
+                      f"node CPU {cpu[mode][-1] * 1000:.0f} ms"
                       + (f" ({len(sockets)} hostile sockets open)" if sockets else ""), flush=True)
                 time.sleep(0.5)
     finally:
@@ -183,6 +194,8 @@ def flood_rounds(folder: Path, template: pydicom.Dataset, rounds: int, per_kind:
     none, flood = statistics.median(times["none"]), statistics.median(times["flood"])
     print(f"median C-STORE: no hostile peers {none * 1000:.1f} ms; {per_kind} of each of {len(KINDS)} kinds "
           f"{flood * 1000:.1f} ms (x{flood / none:.2f})")
+    return {"per_kind": per_kind, "kinds": list(KINDS), "store_seconds": times, "node_cpu_seconds": cpu,
+            "median_ms": {"none": none * 1000, "flood": flood * 1000}}
 
 
 # -- oversize datasets -----------------------------------------------------
@@ -194,7 +207,8 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def oversize_peak(folder: Path, template: pydicom.Dataset, size_mb: int, streams: int, cap_mb: int) -> None:
+def oversize_peak(folder: Path, template: pydicom.Dataset, size_mb: int, streams: int,
+                  cap_mb: int) -> dict[str, object]:
     proc, port = start_node(folder / f"cap{cap_mb}", max_dataset_mb=cap_mb, max_associations=streams + 4,
                             max_associations_per_host=0)
     try:
@@ -217,6 +231,8 @@ def oversize_peak(folder: Path, template: pydicom.Dataset, size_mb: int, streams
     answers = ", ".join(f"0x{s & 0xFFFF:04X} x{statuses.count(s)}" for s in sorted(set(statuses)))
     print(f"max_dataset_mb {cap_mb:4d}: {streams} x {size_mb} MB datasets at once in {seconds:.1f} s, "
           f"answers {answers}; node peak RSS {before:.0f} MB before, {after:.0f} MB after")
+    return {"max_dataset_mb": cap_mb, "streams": streams, "dataset_mb": size_mb, "seconds": seconds,
+            "answers": answers, "peak_rss_mb_before": before, "peak_rss_mb_after": after}
 
 
 def main() -> None:
@@ -226,14 +242,19 @@ def main() -> None:
     parser.add_argument("--oversize-mb", type=int, default=64)
     parser.add_argument("--streams", type=int, default=16)
     parser.add_argument("--skip-uncapped", action="store_true", help="only the capped node (saves ~1 GB of RAM)")
+    parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    report: dict[str, object] = {}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         template = pydicom.dcmread(write_cr(PhantomGenerator(1024, 880)(1), folder / "template.dcm"))
-        flood_rounds(folder, template, args.rounds, args.hostile)
-        oversize_peak(folder, template, args.oversize_mb, args.streams, cap_mb=8)
+        report["flood"] = flood_rounds(folder, template, args.rounds, args.hostile)
+        report["oversize_capped"] = oversize_peak(folder, template, args.oversize_mb, args.streams, cap_mb=8)
         if not args.skip_uncapped:
-            oversize_peak(folder, template, args.oversize_mb, args.streams, cap_mb=args.oversize_mb * 2)
+            report["oversize_uncapped"] = oversize_peak(folder, template, args.oversize_mb, args.streams,
+                                                        cap_mb=args.oversize_mb * 2)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":
