@@ -14,7 +14,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from pydicom.encaps import encapsulate
-from pydicom.uid import DigitalXRayImageStorageForPresentation, MRImageStorage
+from pydicom.uid import DigitalXRayImageStorageForPresentation, MRImageStorage, generate_uid
 from sqlalchemy import func, select
 
 from cxrtriage.inference.phantom import PhantomGenerator, write_cr
@@ -49,6 +49,9 @@ EXPECTED: dict[str, tuple[int | str, str]] = {
     "traversal_study_uid": (0xC001, "invalid_uid"),
     "letters_in_uid": (0xC001, "invalid_uid"),
     "cr_on_dx_context": (0xA900, "sop_class_mismatch"),
+    # Found by bench/fuzz.py (seed 1, case 323): a dataset whose SOP Instance UID is not the
+    # request's Affected SOP Instance UID was acknowledged and stored under the dataset's UID.
+    "sop_instance_mismatch": (0xA900, "sop_instance_mismatch"),
     "mr_context": (NO_CONTEXT, ""),  # MR Image Storage is not negotiated at all
     "unsupported_transfer_syntax": (NO_CONTEXT, ""),
     # Bytes that do not match the declared transfer syntax (bad_inputs.write_encoding_corpus).
@@ -79,6 +82,7 @@ def write_network_corpus(good: Path, folder: Path) -> dict[str, Path]:
     variant("traversal_study_uid", StudyInstanceUID="1.2/../../../tmp/x")
     variant("letters_in_uid", SeriesInstanceUID="1.2.abc.4")
     variant("cr_on_dx_context", meta_MediaStorageSOPClassUID=DigitalXRayImageStorageForPresentation)
+    variant("sop_instance_mismatch", meta_MediaStorageSOPInstanceUID=generate_uid())  # the request's UID
     variant("mr_context", SOPClassUID=MRImageStorage, meta_MediaStorageSOPClassUID=MRImageStorage)
     mpeg = pydicom.dcmread(good)
     mpeg.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.100"  # MPEG-2: nothing here decodes it

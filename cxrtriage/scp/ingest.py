@@ -199,8 +199,14 @@ class Ingest:
               calling_aet=calling, quarantined=str(where) if where else None)
         return status
 
-    def store(self, data: bytes, sop_class_in_context: str, calling: str, dimse_priority: int | None) -> int:
-        """Store one received file (preamble, File Meta, dataset as received); returns the C-STORE status."""
+    def store(self, data: bytes, sop_class_in_context: str, calling: str, dimse_priority: int | None, *,
+              affected_sop_instance: str | None = None) -> int:
+        """Store one received file (preamble, File Meta, dataset as received); returns the C-STORE status.
+
+        ``affected_sop_instance`` is the request's Affected SOP Instance UID (0000,1000): the dataset
+        must carry the same SOP Instance UID, or the peer would be told one instance was stored
+        while another was (PS3.7 9.1.1.1.2).
+        """
         t0 = time.perf_counter()
         if self.archive.free_bytes() < self.min_free_bytes:
             return self._refuse(
@@ -229,6 +235,9 @@ class Ingest:
         if sop_class != sop_class_in_context:
             detail = f"SOP Class UID {sop_class or '(none)'} sent on a {sop_class_in_context} context"
             return self._refuse(Status.DATASET_MISMATCH, "sop_class_mismatch", detail, data, calling)
+        if affected_sop_instance is not None and sop_uid != affected_sop_instance.strip():
+            detail = "the dataset's SOP Instance UID is not the request's Affected SOP Instance UID"
+            return self._refuse(Status.DATASET_MISMATCH, "sop_instance_mismatch", detail, data, calling)
         is_image = sop_class in IMAGE_CLASSES
         if is_image and (problem := pixel_data_problem(ds, transfer_syntax)):
             return self._refuse(Status.DATASET_MISMATCH, "pixel_data_mismatch", problem, data, calling)
@@ -336,4 +345,6 @@ class Ingest:
         ae_title = evt.assoc.requestor.ae_title
         calling = ae_title.strip() if isinstance(ae_title, str) else str(ae_title)
         priority = getattr(evt.request, "Priority", None)
-        return self.store(data, str(evt.context.abstract_syntax), calling, priority)
+        affected = getattr(evt.request, "AffectedSOPInstanceUID", None)
+        return self.store(data, str(evt.context.abstract_syntax), calling, priority,
+                          affected_sop_instance=str(affected) if affected else None)

@@ -24,7 +24,7 @@ from sqlalchemy.engine import Dialect
 from ..config import BANDS, PrioritySettings
 from ..inference.scoring import ZONE_NAMES
 from ..storage.models import Instance, Reading, ResultStatus, ScoreResult
-from .priority import BRIXIA_MAX, PENDING, SEVERITY_WEIGHTS, TOP
+from .priority import BRIXIA_MAX, SEVERITY_WEIGHTS, TOP
 
 ZONES = len(ZONE_NAMES)
 
@@ -32,6 +32,11 @@ ZONES = len(ZONE_NAMES)
 def _larger(a: ColumnElement[Any], b: ColumnElement[Any]) -> ColumnElement[Any]:
     """max(a, b) on both SQLite and PostgreSQL (their two-argument max differs in name)."""
     return case((a >= b, a), else_=b)
+
+
+def _smaller(dialect: Dialect, a: ColumnElement[Any], b: Any) -> ColumnElement[Any]:
+    """min(a, b) as one function call (SQLite's two-argument min, PostgreSQL's LEAST)."""
+    return func.min(a, b) if dialect.name == "sqlite" else func.least(a, b)
 
 
 def _floor(dialect: Dialect, value: ColumnElement[Any]) -> ColumnElement[Any]:
@@ -57,15 +62,16 @@ def top_studies(
     modality: str | None = None, unread_only: bool = False, include_read: bool = False,
 ) -> Select[tuple[str]]:
     """Study Instance UIDs of the first ``limit`` studies in reading order (priority, then arrival)."""
-    status = func.coalesce(ScoreResult.status, PENDING)
-    scored = status == ResultStatus.SCORED.value
-    unscored = case((ScoreResult.zones_scored.is_(None), 0), else_=ZONES - ScoreResult.zones_scored)
-    raw_total = func.coalesce(ScoreResult.total_score, 0) + (unscored if settings.missing_lung_zones_affected else 0)
-    ranking_total = case((raw_total > ZONES, ZONES), else_=raw_total)
+    # Per-image expressions are most of the query's cost on SQLite: each is written to be evaluated once.
+    scored = ScoreResult.status == ResultStatus.SCORED.value  # NULL (no result yet) is not scored
+    raw_total: ColumnElement[Any] = func.coalesce(ScoreResult.total_score, 0)
+    if settings.missing_lung_zones_affected:  # zones of a lung not found count as affected
+        raw_total = raw_total + (ZONES - func.coalesce(ScoreResult.zones_scored, ZONES))
+    ranking_total = _smaller(dialect, raw_total, ZONES)
     brixia, p = func.coalesce(ScoreResult.brixia_total, 0), func.coalesce(ScoreResult.p_disease, 0.0)
-    requested = func.upper(func.trim(Instance.requested_priority))
-    order_requested = case(*((requested == name, literal(float(v))) for name, v in settings.order_base.items()),
-                           else_=literal(0.0))
+    raised = {name: float(v) for name, v in settings.order_base.items() if v}
+    order_requested = (case(raised, value=func.upper(func.trim(Instance.requested_priority)), else_=literal(0.0))
+                       if raised else literal(0.0))
     # The worst image's (ranking total, Brixia-style total, P(disease)) packed into one number whose
     # maximum is the lexicographic maximum (P < 1 < 2 brixia steps < 1000 total steps), so a plain
     # GROUP BY finds each study's worst image: a window function costs several times more on SQLite.
@@ -73,27 +79,23 @@ def top_studies(
     images = (
         select(
             Instance.study_instance_uid.label("uid"), Instance.received_at.label("received"),
-            Instance.modality.label("modality"), status.label("status"), worst_key.label("worst_key"),
+            Instance.modality.label("modality"),
+            case((ScoreResult.status.is_(None), 1), else_=0).label("pending"), worst_key.label("worst_key"),
             order_requested.label("order_requested"),
             case((Instance.dimse_priority == 1, literal(float(settings.order_base.get("HIGH", 0.0)))),
                  else_=literal(0.0)).label("order_dimse"),
         )
         .select_from(Instance)
         .outerjoin(ScoreResult, ScoreResult.instance_id == Instance.id)
-        .outerjoin(Reading, Reading.study_instance_uid == Instance.study_instance_uid)
         .where(Instance.kind == "source", Instance.duplicate_of_id.is_(None))
     )
-    if unread_only:
-        images = images.where(or_(Reading.state.is_(None), Reading.state == "unread"))
-    elif not include_read:
-        images = images.where(or_(Reading.state.is_(None), Reading.state != "read"))
     i = images.subquery("images")
     study_columns: list[Any] = [
         i.c.uid,
         func.min(i.c.received).label("received"),
         func.max(i.c.order_requested).label("order_requested"),
         func.max(i.c.order_dimse).label("order_dimse"),
-        func.max(case((i.c.status == PENDING, 1), else_=0)).label("pending"),
+        func.max(i.c.pending).label("pending"),
         func.max(i.c.worst_key).label("worst_key"),
     ]
     studies = select(*study_columns).group_by(i.c.uid)
@@ -107,7 +109,11 @@ def top_studies(
         case((packed.c.worst_key.is_(None), 0), else_=1).label("scored"),
         total.label("total"), (brixia_doubled / 2.0).label("brixia"),
         (packed.c.worst_key - total * 1000.0 - brixia_doubled).label("p"),
-    )
+    ).select_from(packed.outerjoin(Reading, Reading.study_instance_uid == packed.c.uid))  # per study, not image
+    if unread_only:
+        unpacked = unpacked.where(or_(Reading.state.is_(None), Reading.state == "unread"))
+    elif not include_read:
+        unpacked = unpacked.where(or_(Reading.state.is_(None), Reading.state != "read"))
     s = unpacked.subquery("studies")
 
     total, p_worst = func.coalesce(s.c.total, 0), func.coalesce(s.c.p, 0.0)
