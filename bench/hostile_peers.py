@@ -31,9 +31,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/ for the bomb builder
+
 import pydicom
 import yaml
-from pydicom.uid import generate_uid
+from pydicom.uid import DeflatedExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 
 from cxrtriage.inference.phantom import PhantomGenerator, write_cr
@@ -235,6 +237,34 @@ def oversize_peak(folder: Path, template: pydicom.Dataset, size_mb: int, streams
             "answers": answers, "peak_rss_mb_before": before, "peak_rss_mb_after": after}
 
 
+def bomb_peak(folder: Path, template: pydicom.Dataset, streams: int, inflated_mb: int) -> dict[str, object]:
+    """``streams`` Deflated datasets that would inflate to ``inflated_mb`` each, at once, against the defaults."""
+    from tests.bad_inputs import deflate_bomb
+    from tests.harness import send_dataset_bytes
+
+    proc, port = start_node(folder / "bomb", max_associations=streams + 4, max_associations_per_host=0)
+    try:
+        timed_store(port, template)
+        before = peak_rss_mb(proc.pid)
+        ds = template.copy()
+        bombs = [deflate_bomb(ds, inflated_mb << 20) for _ in range(streams)]
+        statuses: list[int | str] = []
+        threads = [threading.Thread(target=lambda b=b: statuses.append(send_dataset_bytes(
+            port, str(ds.SOPClassUID), str(generate_uid()), DeflatedExplicitVRLittleEndian, b))) for b in bombs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        after = peak_rss_mb(proc.pid)
+    finally:
+        stop_node(proc)
+    answers = ", ".join(f"{a if isinstance(a, str) else hex(a)} x{statuses.count(a)}" for a in sorted(set(statuses), key=str))
+    print(f"deflate bombs: {streams} x {len(bombs[0]) / 2**20:.1f} MB on the wire inflating to {inflated_mb} MB each, "
+          f"answers {answers}; node peak RSS {before:.0f} MB before, {after:.0f} MB after")
+    return {"streams": streams, "wire_mb": len(bombs[0]) / 2**20, "inflates_to_mb": inflated_mb, "answers": answers,
+            "peak_rss_mb_before": before, "peak_rss_mb_after": after}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
@@ -249,6 +279,7 @@ def main() -> None:
         folder = Path(tmp)
         template = pydicom.dcmread(write_cr(PhantomGenerator(1024, 880)(1), folder / "template.dcm"))
         report["flood"] = flood_rounds(folder, template, args.rounds, args.hostile)
+        report["deflate_bombs"] = bomb_peak(folder, template, args.streams, inflated_mb=1024)
         report["oversize_capped"] = oversize_peak(folder, template, args.oversize_mb, args.streams, cap_mb=8)
         if not args.skip_uncapped:
             report["oversize_uncapped"] = oversize_peak(folder, template, args.oversize_mb, args.streams,
