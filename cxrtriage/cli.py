@@ -19,8 +19,19 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Chest X-ray 
 console = Console()
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        console.print(f"cxrtriage {__version__}", highlight=False)
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="print the version and exit"),
+) -> None:
     """Chest X-ray severity triage node."""
 
 

@@ -72,3 +72,13 @@ def test_score_with_nothing_to_score(tmp_path: Path) -> None:
     proc = run("score", str(tmp_path / "empty"), "--out", str(tmp_path / "out"))
     assert proc.returncode == 2
     assert "no input files" in proc.stdout
+
+
+def test_version() -> None:
+    import subprocess
+    import sys
+
+    from cxrtriage import __version__
+
+    done = subprocess.run([sys.executable, "-m", "cxrtriage", "--version"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == f"cxrtriage {__version__}"
