@@ -109,8 +109,8 @@ class Node:
                            destinations=list(self.destinations), ae_title=self.settings.dicom.ae_title,
                            max_attempts=w.max_attempts,
                            min_free_bytes=self.settings.storage.min_free_mb * MIB)
-        for i in range(threads):
-            self._spawn_loop(f"score-{i}", JobKind.SCORE, stage, stage.record_failed)
+        for i in range(threads):  # the stage is also the claim gate: nothing is claimed below min_free_mb
+            self._spawn_loop(f"score-{i}", JobKind.SCORE, stage, stage.record_failed, queue=self.queue.gated(stage))
 
     def _start_sending(self) -> None:
         """``send_workers`` per destination, each claiming only its destination's jobs while its circuit lets

@@ -27,9 +27,6 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from .config import LoggingSettings
 
-#: Keys that may carry patient identity; dropped from log records unless allowed.
-PHI_KEYS = ("patient_name", "patient_birth_date", "patient_id", "accession_number")
-
 #: Key names (lower case, without ``_``, ``-``, ``'`` or spaces) that carry patient identity:
 #: the snake_case names the node uses and the DICOM keywords of the Patient and Study modules.
 _PHI_KEY_NAMES = frozenset({
@@ -169,11 +166,6 @@ class _Scrubbed:
         self.message = _blank(message, secrets)
         cleaned = _without_phi(fields, secrets)
         self.fields = cleaned if isinstance(cleaned, dict) else {}
-
-
-def record_fields(record: logging.LogRecord, patient_names: bool) -> dict[str, object]:
-    """The structured fields :func:`event` attached to ``record``, without PHI unless allowed."""
-    return _Scrubbed(record, patient_names).fields
 
 
 def _safe_exception(exc_info: tuple[type[BaseException], BaseException, object] | object) -> str:

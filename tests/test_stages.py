@@ -220,6 +220,11 @@ def test_score_stage_below_min_free_mb_writes_nothing_and_defers_the_job_until_s
     assert not env.archive.overlay_path(source.sop_instance_uid).exists()
     assert env.count(ScoreResult) == 0 and env.count(Job, Job.kind == JobKind.SEND) == 0
     assert env.metric("cxrtriage_scored_total", outcome="deferred_disk_full") == 3
+    # As the node runs it, the stage is also the claim gate: below the floor nothing is even claimed.
+    gated = LeaseLoop(env.queue.gated(short), JobKind.SCORE, short, worker="g", lease_seconds=60, poll_seconds=0.05,
+                      stopping=threading.Event())
+    assert gated.turn() is Turn.IDLE
+    assert env.rows(Job)[0].attempts == 0 and env.metric("cxrtriage_scored_total", outcome="deferred_disk_full") == 3
 
     space = ScoreStage(env.db, env.archive, env.queue, env.metrics, returning(scored, calls),
                        destinations=DESTINATIONS, ae_title="CXRTRIAGE", max_attempts=2, min_free_bytes=2**20)
@@ -469,3 +474,23 @@ def test_a_compressed_seg_reaches_a_pacs_that_takes_only_uncompressed(
     original = pydicom.dcmread(seg_path)
     assert received.SOPInstanceUID == original.SOPInstanceUID
     assert (received.pixel_array == original.pixel_array).all()
+
+
+def test_a_refused_object_keeps_the_circuit_closed_and_spends_its_attempts(env: Env, stored: list[Instance]) -> None:
+    """A status answer means the destination is up: the object fails the ordinary way, never as a trial
+    that reopens the circuit forever with its attempt handed back."""
+    from cxrtriage.stages.circuit import Circuits, CircuitState
+
+    circuits = Circuits(["PACS"], 1, 30)  # one failure would open it
+    pacs = RecordingSCP("PACS", status=Status.OUT_OF_RESOURCES).start()
+    try:
+        stage = SendStage(env.db, env.archive, env.queue, env.metrics,
+                          {"PACS": Peer(ae_title="PACS", host="127.0.0.1", port=pacs.port)},
+                          ae_title="CXRTRIAGE", timeout=10, connect_timeout=5, circuits=circuits)
+        loop = LeaseLoop(env.queue.for_destination("PACS", gate=circuits["PACS"]), JobKind.SEND, stage, worker="w",
+                         lease_seconds=60, poll_seconds=0.05, stopping=threading.Event())
+        assert [loop.turn(), loop.turn()] == [Turn.RETRYING, Turn.RETRYING]
+    finally:
+        pacs.stop()
+    assert circuits["PACS"].state is CircuitState.CLOSED
+    assert sorted(j.attempts for j in env.rows(Job, Job.destination == "PACS")) == [1, 1]

@@ -16,7 +16,9 @@ RGB PNG's size.
 
 from __future__ import annotations
 
+import os
 import struct
+import threading
 import zlib
 from pathlib import Path
 
@@ -159,7 +161,8 @@ def write_overlay(path: str | Path, pixels: np.ndarray, result: Result) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = encode_palette_png(palette_indices(render_overlay(pixels, result)))
-    partial = path.with_name(f".{path.name}.partial")
+    # A name of this writer's own: two workers scoring one image (an expired lease) never share a temp file.
+    partial = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.partial")
     try:
         partial.write_bytes(data)
         partial.replace(path)

@@ -170,8 +170,17 @@ class ScoreStage:
         else:
             self.record_scored(job, worker, source, outcome)
 
+    def allow(self, worker: str) -> bool:
+        """The claim gate of the score workers: nothing is claimed below the floor, so a full disk costs
+        no claim-and-defer writes per job (:class:`~cxrtriage.storage.queue.ClaimGate`)."""
+        return self.archive.free_bytes() >= self.min_free_bytes
+
+    def release(self, worker: str) -> None:
+        """Nothing is reserved by :meth:`allow`."""
+
     def _short_of_space(self, job: Claimed, worker: str) -> bool:
-        """Below the free-space floor: defer the job (attempt not spent) and say so; nothing is written."""
+        """Below the free-space floor (space can go between claim and write): defer the job (attempt not
+        spent) and say so; nothing is written."""
         free = self.archive.free_bytes()
         if free >= self.min_free_bytes:
             return False

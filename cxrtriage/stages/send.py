@@ -91,10 +91,15 @@ class SendStage:
             if circuit is not None:
                 circuit.succeeded()  # it answered: up, it just does not take this object
             raise
-        except (SendError, RefusedError) as exc:
-            if not isinstance(exc, RefusedError):
-                outcome = "timeout" if isinstance(exc, SendTimeout) else "unreachable"
-                self.metrics.sent.labels(destination=peer.ae_title, outcome=outcome).inc()
+        except RefusedError:
+            # It answered: up. Only this object is refused, so the job fails the ordinary way (backoff, attempts
+            # spent) and cannot hold the circuit open as a trial that always fails.
+            if circuit is not None:
+                circuit.succeeded()
+            raise
+        except SendError as exc:
+            outcome = "timeout" if isinstance(exc, SendTimeout) else "unreachable"
+            self.metrics.sent.labels(destination=peer.ae_title, outcome=outcome).inc()
             if circuit is None or not circuit.failed():
                 raise  # the destination still counts as up: an ordinary failure, retried with backoff
             self._defer(job, worker, peer, circuit, exc)

@@ -72,6 +72,10 @@ class JobQueue:
         """This queue as the send workers of ``destination`` see it."""
         return DestinationQueue(self, destination=destination, gate=gate)
 
+    def gated(self, gate: ClaimGate) -> DestinationQueue:
+        """This queue, claiming only while ``gate`` allows (the score workers' disk floor is one)."""
+        return DestinationQueue(self, gate=gate)
+
     def for_other_destinations(self, configured: Collection[str]) -> DestinationQueue:
         """This queue as the worker for send jobs to destinations no longer configured sees it."""
         return DestinationQueue(self, not_in=frozenset(configured))
