@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 
 from .cli_models import app as models_app
+from .cli_ops import register as register_ops
 
 if TYPE_CHECKING:
     from .inference.training.datasets import Task
@@ -59,6 +60,7 @@ def _settings(path: Path | None, *, models: bool = True) -> Any:
 
 
 app.add_typer(models_app, name="models")
+register_ops(app)
 archive_app = typer.Typer(add_completion=False, no_args_is_help=True, help="The archive on disk.")
 app.add_typer(archive_app, name="archive")
 

@@ -71,14 +71,26 @@ class TLSSettings(BaseModel):
 
 
 class Peer(BaseModel):
-    """A remote application entity."""
+    """A remote application entity; as a destination, also a DICOMweb (STOW-RS) service."""
 
     model_config = ConfigDict(extra="forbid")
 
-    ae_title: str = Field(max_length=16)
-    host: str
-    port: int = Field(ge=1, le=65535)
+    ae_title: str = Field(max_length=16, description="the AE title; for a dicomweb destination, its name")
+    type: Literal["dimse", "dicomweb"] = Field("dimse", description="dimse (C-STORE) or dicomweb (STOW-RS)")
+    host: str = ""
+    port: int = Field(104, ge=1, le=65535)
+    url: str | None = Field(None, description="dicomweb: the DICOMweb root, e.g. http://pacs:8042/dicom-web")
+    username: str | None = Field(None, description="dicomweb: HTTP Basic user")
+    password: str | None = Field(None, description="dicomweb: HTTP Basic password (or set it from a secret file)")
     tls: TLSSettings = Field(default_factory=TLSSettings)
+
+    @model_validator(mode="after")
+    def _addressed(self) -> Peer:
+        if self.type == "dimse" and not self.host:
+            raise ValueError(f"{self.ae_title}: a dimse peer needs host (and port)")
+        if self.type == "dicomweb" and not (self.url or "").startswith(("http://", "https://")):
+            raise ValueError(f"{self.ae_title}: a dicomweb destination needs url: http(s)://.../dicom-web")
+        return self
 
 
 class DicomSettings(BaseModel):
@@ -148,6 +160,7 @@ class LoggingSettings(BaseModel):
         return value.upper() if isinstance(value, str) else value
     json_lines: bool = Field(True, description="one JSON object per line")
     patient_names: bool = Field(False, description="log patient names (off by default)")
+    accession_numbers: bool = Field(False, description="log accession numbers in the node's events (PHI policy)")
     file: str | None = None
 
 
@@ -166,6 +179,12 @@ class WebSettings(BaseModel):
     host: str = Field("127.0.0.1", description="bound to loopback by default; set a token before exposing it")
     port: int = Field(8080, ge=0, le=65535, description="0 = pick a free port")
     token: str | None = Field(None, description="when set: Bearer token, or the password of HTTP Basic auth")
+    readers: dict[str, str] = Field(
+        default_factory=dict,
+        description="reader name -> that reader's token (HTTP Basic user and password); the name is the "
+        "identity recorded in the audit trail",
+    )
+    show_patient_identity: bool = Field(True, description="patient name and ID on the worklist and study page")
     allowed_hosts: list[str] = Field(
         default_factory=lambda: ["127.0.0.1", "localhost", "::1"],
         description="Host header names accepted (DNS rebinding); add the node's DNS name when exposing it; '*' = any",
@@ -250,6 +269,15 @@ class TriageSettings(BaseModel):
     purge_interval_hours: float = Field(24.0, gt=0)
 
 
+class ResultsSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    secondary_capture: bool = Field(
+        False, description="also send a Secondary Capture image per scored radiograph (overlay, scores and the "
+        "research-use notice burned in) for PACS that do not render SEG",
+    )
+
+
 class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -259,6 +287,7 @@ class Settings(BaseModel):
     storage: StorageSettings = Field(default_factory=StorageSettings)
     workers: WorkerSettings = Field(default_factory=WorkerSettings)
     destinations: list[Peer] = Field(default_factory=list, description="where SEG and SR are sent (PACS)")
+    results: ResultsSettings = Field(default_factory=ResultsSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     web: WebSettings = Field(default_factory=WebSettings)

@@ -45,6 +45,7 @@ from ..storage.catalog import derived_row
 from ..storage.db import Database
 from ..storage.models import Instance, JobKind, ResultStatus, ScoreResult
 from ..storage.queue import Claimed, JobQueue
+from ..storage.study_rank import refresh_study
 from .lease_loop import LeaseLost
 
 if TYPE_CHECKING:
@@ -262,6 +263,8 @@ class ScoreStage:
         for key, value in fields.items():
             setattr(row, key, value)
         session.add(row)
+        session.flush()
+        refresh_study(session, source.study_instance_uid)
 
 
 def _message(error: Exception) -> str:

@@ -154,3 +154,21 @@ class Reading(Base):
     read_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     escalated_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class AuditEvent(Base):
+    """Who did what, when: reader actions (claim, unclaim, read), resends and configuration changes.
+
+    ``actor`` is an authenticated identity (a reader of ``web.readers``, the
+    HTTP Basic user, ``cli:<os user>`` for commands, or ``node:<name>``),
+    never free text from a request body. ``detail`` is JSON without patient data.
+    """
+
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    actor: Mapped[str] = mapped_column(String(128))
+    action: Mapped[str] = mapped_column(String(32), index=True)  # claim | unclaim | read | resend | config_changed
+    study_instance_uid: Mapped[str] = mapped_column(String(64), default="", index=True)
+    detail: Mapped[str] = mapped_column(Text, default="{}")

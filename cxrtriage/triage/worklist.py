@@ -56,6 +56,7 @@ class WorklistRow(BaseModel):
     study_instance_uid: str
     accession_number: str
     patient_id: str
+    patient_name: str = Field("", description="DICOM PN, e.g. Doe^Jane (empty when web.show_patient_identity is off)")
     study_date: str
     study_description: str
     modalities: list[str]
@@ -145,6 +146,7 @@ class WorklistEntry:
     requested_priority: str
     accession_number: str = ""  # the labels come from the study's first image, read for shown studies only
     patient_id: str = ""
+    patient_name: str = ""
     study_date: str = ""
     study_description: str = ""
     ai_status: str = "PENDING"  # SCORED, PENDING, FAILED or NOT_SCORABLE (as C-FIND reports it)
@@ -166,7 +168,8 @@ class WorklistEntry:
         p = self.priority
         return WorklistRow(
             study_instance_uid=self.study_instance_uid, accession_number=self.accession_number,
-            patient_id=self.patient_id, study_date=self.study_date, study_description=self.study_description,
+            patient_id=self.patient_id, patient_name=self.patient_name, study_date=self.study_date,
+            study_description=self.study_description,
             modalities=self.modalities, received_at=self.received_at.isoformat(),
             waited_minutes=round(p.waited_minutes, 1), images=self.images, band=p.band,
             priority=round(p.priority, 2), flags=p.flags, requested_priority=self.requested_priority,
@@ -297,12 +300,13 @@ class Worklist:
         for chunk in chunks(sorted(wanted)):
             for row in session.execute(
                 select(Instance.id, Instance.sop_instance_uid, Instance.accession_number, Instance.patient_id,
-                       Instance.study_date, Instance.study_description).where(Instance.id.in_(chunk))
+                       Instance.patient_name, Instance.study_date, Instance.study_description)
+                .where(Instance.id.in_(chunk))
             ):
                 labels[row[0]] = row
         for entry in entries:
-            _, _, entry.accession_number, entry.patient_id, entry.study_date, entry.study_description = \
-                labels[entry.first_instance_id]
+            (_, _, entry.accession_number, entry.patient_id, entry.patient_name, entry.study_date,
+             entry.study_description) = labels[entry.first_instance_id]
             if entry.worst_instance_id is not None:
                 entry.worst_sop_instance_uid = labels[entry.worst_instance_id][1]
 
