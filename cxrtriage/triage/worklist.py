@@ -26,6 +26,7 @@ from ..config import PrioritySettings
 from ..inference.identity import RESEARCH_USE_NOTICE
 from ..inference.result_model import ImageResult, unscored_zones
 from ..inference.scoring import ZONE_NAMES
+from ..storage.audit import AuditAction, record_audit
 from ..storage.db import Database, rowcount, upsert_insert
 from ..storage.models import Instance, Reading, ResultStatus, ScoreResult, as_utc, utcnow
 from .priority import PENDING, REQUESTED_PRIORITY_RANK, ImageFinding, StudyPriority, prioritise, rank
@@ -379,27 +380,33 @@ class Worklist:
         session.execute(upsert_insert(self.db.engine, Reading).values(study_instance_uid=uid, state="unread", reader="",
                                                updated_at=utcnow()).on_conflict_do_nothing())
 
-    def _transition(self, uid: str, allowed_from: Any, **values: Any) -> bool:
+    def _transition(self, uid: str, allowed_from: Any, audit: tuple[AuditAction, str] | None = None,
+                    **values: Any) -> bool:
+        """Move the study's reading state where ``allowed_from`` holds; ``audit`` (action, actor) is recorded
+        in the same transaction, so a refused transition leaves no audit row."""
         with self.db.session() as session:  # existence checked in the transition's own transaction
             if session.scalar(select(Instance.id).where(Instance.study_instance_uid == uid).limit(1)) is None:
                 raise StudyNotFound(uid)
             self._ensure(session, uid)
             transition = update(Reading).where(Reading.study_instance_uid == uid, allowed_from)
-            return rowcount(session.execute(transition.values(updated_at=utcnow(), **values))) == 1
+            done = rowcount(session.execute(transition.values(updated_at=utcnow(), **values))) == 1
+            if done and audit is not None:
+                record_audit(session, action=audit[0], actor=audit[1], study_instance_uid=uid)
+            return done
 
     def claim(self, uid: str, reader: str) -> bool:
-        """Claim for ``reader``; False when another reader holds it or it was read.
+        """Claim for ``reader`` (an authenticated identity); False when another reader holds it or it was read.
 
         :class:`StudyNotFound` if unknown.
         """
         return self._transition(
             uid, or_(Reading.state == "unread", (Reading.state == "claimed") & (Reading.reader == reader)),
-            state="claimed", reader=reader, claimed_at=utcnow(),
+            (AuditAction.CLAIM, reader), state="claimed", reader=reader, claimed_at=utcnow(),
         )
 
     def unclaim(self, uid: str, reader: str) -> bool:
         return self._transition(uid, (Reading.state == "claimed") & (Reading.reader == reader),
-                                state="unread", reader="", claimed_at=None)
+                                (AuditAction.UNCLAIM, reader), state="unread", reader="", claimed_at=None)
 
     def mark_escalated(self, uid: str) -> bool:
         """Record an escalation; False when the study was escalated before (it fires once)."""
@@ -409,9 +416,8 @@ class Worklist:
         """Mark read; allowed for the reader who claimed it, or on an unclaimed study."""
         return self._transition(
             uid, or_(Reading.state == "unread", (Reading.state == "claimed") & (Reading.reader == reader)),
-            state="read", reader=reader, read_at=utcnow(),
+            (AuditAction.READ, reader), state="read", reader=reader, read_at=utcnow(),
         )
-
 
 def _group(rows: Iterable[Any]) -> list[StudyRows]:
     """Image rows (in instance order) into studies, in order of their first image."""
