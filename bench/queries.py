@@ -50,6 +50,7 @@ from cxrtriage.storage.archive import Archive  # noqa: E402
 from cxrtriage.storage.db import Database, make_engine  # noqa: E402
 from cxrtriage.storage.models import Instance, Reading, ScoreResult  # noqa: E402
 from cxrtriage.triage.priority import rank  # noqa: E402
+from cxrtriage.triage.study_rank import rebuild  # noqa: E402
 from cxrtriage.triage.worklist import Worklist  # noqa: E402
 
 CR, SEG, SR = "1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.88.34"
@@ -127,6 +128,8 @@ def fill(db: Database, studies: int, seed: int = 7) -> dict[str, Any]:
         for table, rows in ((Instance, instances), (ScoreResult, results), (Reading, readings)):
             for start in range(0, len(rows), 5000):
                 conn.execute(insert(table), rows[start:start + 5000])
+    with db.session() as session:  # bulk rows bypass the writers that keep study_ranks current
+        rebuild(session)
     if db.engine.dialect.name == "postgresql":
         with db.engine.begin() as conn:
             conn.exec_driver_sql("ANALYZE")

@@ -3,9 +3,11 @@ clients the tests talk to them with (raw C-STORE, UPS C-FIND, the REST API)."""
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -17,11 +19,16 @@ from pathlib import Path
 from typing import Any, Callable
 
 import yaml
+from sqlalchemy import insert
 from pydicom.filereader import read_file_meta_info
 from pynetdicom import AE
 from pynetdicom.dimse_primitives import C_STORE
 
+from cxrtriage.storage.models import Instance, Reading, ScoreResult
+
 from .tools import require
+
+CR_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
 
 
 def free_port() -> int:
@@ -285,3 +292,55 @@ def ups_find(port: int, **keys: str) -> list:
              if status and status.Status in (0xFF00, 0xFF01)]
     assoc.release()
     return items
+
+
+def fill_random_studies(db: Any, studies: int, seed: int, now: dt.datetime, *, ranked: bool = True) -> None:
+    """Random studies straight into the database (pending, failed, one lung or no lung found, STAT orders,
+    DIMSE HIGH, overdue, claimed and read), in bulk; ``ranked``: their study_ranks rows too."""
+    rng = random.Random(seed)
+    instances: list[dict[str, Any]] = []
+    results: list[dict[str, Any]] = []
+    readings: list[dict[str, Any]] = []
+    for s in range(studies):
+        uid = f"1.2.826.0.1.3680043.10.998.{seed}.{s}"
+        # most within their band's maximum wait (where severity orders them), some far past it
+        received = now - dt.timedelta(minutes=rng.uniform(0, 1500) if rng.random() < 0.1 else rng.uniform(0, 100))
+        for i in range(rng.randint(1, 3)):
+            iid = len(instances) + 1
+            instances.append({
+                "id": iid, "sop_instance_uid": f"{uid}.{i}", "sop_class_uid": CR_STORAGE,
+                "transfer_syntax_uid": "1.2.840.10008.1.2.1", "study_instance_uid": uid,
+                "series_instance_uid": f"{uid}.1", "modality": rng.choice(["CR", "DX"]), "kind": "source",
+                "path": f"{uid}/{i}.dcm", "sha256": f"{iid:064x}", "size": 1,
+                "requested_priority": rng.choice(["", "", "", "ROUTINE", "stat ", "HIGH", "LOW"]),
+                "dimse_priority": rng.choice([None, 0, 1, 2]),
+                "received_at": received + dt.timedelta(seconds=i),
+            })
+            roll = rng.random()
+            if roll < 0.1:
+                continue  # pending
+            if roll < 0.15:
+                status = rng.choice(["failed", "not_scorable"])
+                results.append({"instance_id": iid, "study_instance_uid": uid, "status": status,
+                                "total_score": None, "brixia_total": None, "zones_scored": None, "p_disease": None,
+                                "details": "{}"})
+                continue
+            total = rng.randint(0, 6)
+            zones = rng.choice([6, 6, 6, 6, 3, 0, None])
+            results.append({"instance_id": iid, "study_instance_uid": uid, "status": "scored", "total_score": total,
+                            "brixia_total": rng.randint(0, 20), "zones_scored": zones,
+                            "p_disease": round(rng.random(), 6), "details": "{}"})
+        roll = rng.random()
+        if roll < 0.3:
+            state = "read" if roll < 0.15 else rng.choice(["claimed", "unread"])
+            readings.append({"study_instance_uid": uid, "state": state,
+                             "reader": "dr_a", "updated_at": now})
+    with db.engine.begin() as conn:
+        for table, rows in ((Instance, instances), (ScoreResult, results), (Reading, readings)):
+            if rows:
+                conn.execute(insert(table), rows)
+    if ranked:
+        from cxrtriage.triage.study_rank import rebuild
+
+        with db.session() as session:  # bulk rows bypass the writers that keep study_ranks current
+            rebuild(session)

@@ -25,6 +25,7 @@ from cxrtriage.scp.query import QueryEngine, make_handlers, matches, workitems
 from cxrtriage.storage.archive import Archive
 from cxrtriage.storage.db import Database
 from cxrtriage.storage.models import Instance, Reading, ScoreResult
+from cxrtriage.triage.study_rank import refresh_study
 from cxrtriage.triage.worklist import StudyNotFound, Worklist
 
 CR = "1.2.840.10008.5.1.4.1.1.1"
@@ -76,6 +77,8 @@ class Studies:
                                         zones_scored=6 - 3 * len(missing)))
             elif isinstance(result, str):
                 session.add(ScoreResult(instance_id=row.id, study_instance_uid=study, status=result, reason="lateral_view"))
+            session.flush()
+            refresh_study(session, study)  # as the node's writers do (ingest, score stage)
         return row
 
     def state(self, study: str, state: str, reader: str = "dr_a") -> None:

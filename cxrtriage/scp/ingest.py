@@ -57,6 +57,7 @@ from ..storage.db import Database, is_sqlite
 from ..storage.models import Instance, JobKind
 from ..storage.queue import JobQueue
 from ..triage.priority import order_priority
+from ..triage.study_rank import refresh_study
 from .contexts import IMAGE_CLASSES, UNCOMPRESSED, Status
 
 log = logging.getLogger(__name__)
@@ -330,6 +331,7 @@ class Ingest:
                         self.queue.enqueue(
                             session, JobKind.SCORE, row.id, priority=priority, max_attempts=self.max_attempts
                         )
+                        refresh_study(session, row.study_instance_uid)  # the worklist ranks it from now on
                 return "stored" if original is None else "flagged"
             except (IntegrityError, OperationalError) as exc:  # a concurrent arrival or a busy database: try again
                 if attempt == CATALOG_ATTEMPTS:

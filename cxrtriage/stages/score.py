@@ -45,7 +45,7 @@ from ..storage.catalog import derived_row
 from ..storage.db import Database
 from ..storage.models import Instance, JobKind, ResultStatus, ScoreResult
 from ..storage.queue import Claimed, JobQueue
-from ..storage.study_rank import refresh_study
+from ..triage.study_rank import refresh_study
 from .lease_loop import LeaseLost
 
 if TYPE_CHECKING:

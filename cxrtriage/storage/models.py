@@ -141,6 +141,30 @@ class ScoreResult(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+class StudyRank(Base):
+    """One row per study with what ranking it needs, so the worklist ranks studies, not images.
+
+    Kept current in the transaction of every write that changes it
+    (``triage/study_rank.py``: ingest of an original source image, a result,
+    a purge). Settings-independent: the worklist's settings turn it into band
+    and priority at each request (``triage/ranking_sql.py``). The worst image
+    is chosen by one packed number (ranking zone total x 1000 + Brixia-style
+    total x 2 + P(disease)), kept for both values of
+    ``missing_lung_zones_affected``.
+    """
+
+    __tablename__ = "study_ranks"
+
+    study_instance_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    received_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))  # the first source image
+    modalities: Mapped[str] = mapped_column(String(128), default="|")  # "|CR|DX|", upper case
+    requested: Mapped[str] = mapped_column(String(128), default="|")  # "|HIGH|STAT|": (0040,1003), upper case
+    dimse_high: Mapped[int] = mapped_column(Integer, default=0)  # 1: an image came with DIMSE priority HIGH
+    pending: Mapped[int] = mapped_column(Integer, default=0)  # 1: an image has no result yet
+    worst_key: Mapped[float | None] = mapped_column(Float, nullable=True)  # missing lungs' zones affected
+    worst_key_plain: Mapped[float | None] = mapped_column(Float, nullable=True)  # ... not counted
+
+
 class Reading(Base):
     """A radiologist's state on a study: unread, claimed by one reader, or read."""
 

@@ -28,6 +28,7 @@ from ..storage.archive import Archive
 from ..storage.db import Database
 from ..storage.models import Instance, Job, JobKind, JobState, Reading, ScoreResult, as_utc, utcnow
 from ..storage.queue import JobQueue
+from .study_rank import refresh_study
 from .worklist import Worklist
 
 log = logging.getLogger(__name__)
@@ -147,6 +148,7 @@ def purge(settings: Settings | None = None) -> int:
             session.execute(unlink)
             session.execute(delete(Instance).where(Instance.id.in_(ids)))
             session.execute(delete(Reading).where(Reading.study_instance_uid == uid))
+            refresh_study(session, uid)  # no source image left: its ranking row goes
             purged += 1
             event(log, logging.INFO, "purged", study_instance_uid=uid, instances=len(ids))
     return purged

@@ -2,15 +2,17 @@
 
 The worklist page asks for the first 200 studies every 2 s. Ranking every
 unread study in Python costs a read of every image row; here the database
-picks the worst image of each study (a window function), derives the band,
-base and aging, and returns only the Study Instance UIDs of the first N in
-reading order, so that only those are read in full.
+reads one row per study (``study_ranks``, kept current by the writers:
+:mod:`~cxrtriage.triage.study_rank`), derives the band, base and aging, and
+returns only the Study Instance UIDs of the first N in reading order, so that
+only those are read in full.
 
 It must agree with :func:`~cxrtriage.triage.priority.prioritise` and
 :func:`~cxrtriage.triage.priority.worst_image` exactly (a test compares
 both on random studies); the settings go in as bound values, so a changed
-config.yaml ranks the next request differently, with nothing stored to
-recompute.
+config.yaml ranks the next request differently: the stored rows hold no
+setting (the worst image is kept for both values of
+``missing_lung_zones_affected``).
 """
 
 from __future__ import annotations
@@ -18,25 +20,18 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from sqlalchemy import ColumnElement, Float, Integer, Select, and_, case, cast, func, literal, null, or_, select
+from sqlalchemy import ColumnElement, Float, Integer, Select, and_, case, cast, func, literal, or_, select
 from sqlalchemy.engine import Dialect
 
 from ..config import BANDS, PrioritySettings
-from ..inference.scoring import ZONE_NAMES
-from ..storage.models import Instance, Reading, ResultStatus, ScoreResult
+from ..storage.models import Instance, Reading, StudyRank
 from .priority import BRIXIA_MAX, SEVERITY_WEIGHTS, TOP
-
-ZONES = len(ZONE_NAMES)
+from .study_rank import SEP
 
 
 def _larger(a: ColumnElement[Any], b: ColumnElement[Any]) -> ColumnElement[Any]:
     """max(a, b) on both SQLite and PostgreSQL (their two-argument max differs in name)."""
     return case((a >= b, a), else_=b)
-
-
-def _smaller(dialect: Dialect, a: ColumnElement[Any], b: Any) -> ColumnElement[Any]:
-    """min(a, b) as one function call (SQLite's two-argument min, PostgreSQL's LEAST)."""
-    return func.min(a, b) if dialect.name == "sqlite" else func.least(a, b)
 
 
 def _floor(dialect: Dialect, value: ColumnElement[Any]) -> ColumnElement[Any]:
@@ -61,60 +56,33 @@ def top_studies(
     dialect: Dialect, settings: PrioritySettings, now: dt.datetime, limit: int, *, band: str | None = None,
     modality: str | None = None, unread_only: bool = False, include_read: bool = False,
 ) -> Select[tuple[str]]:
-    """Study Instance UIDs of the first ``limit`` studies in reading order (priority, then arrival)."""
-    # Per-image expressions are most of the query's cost on SQLite: each is written to be evaluated once.
-    scored = ScoreResult.status == ResultStatus.SCORED.value  # NULL (no result yet) is not scored
-    raw_total: ColumnElement[Any] = func.coalesce(ScoreResult.total_score, 0)
-    if settings.missing_lung_zones_affected:  # zones of a lung not found count as affected
-        raw_total = raw_total + (ZONES - func.coalesce(ScoreResult.zones_scored, ZONES))
-    ranking_total = _smaller(dialect, raw_total, ZONES)
-    brixia, p = func.coalesce(ScoreResult.brixia_total, 0), func.coalesce(ScoreResult.p_disease, 0.0)
-    raised = {name: float(v) for name, v in settings.order_base.items() if v}
-    order_requested = (case(raised, value=func.upper(func.trim(Instance.requested_priority)), else_=literal(0.0))
-                       if raised else literal(0.0))
-    # The worst image's (ranking total, Brixia-style total, P(disease)) packed into one number whose
-    # maximum is the lexicographic maximum (P < 1 < 2 brixia steps < 1000 total steps), so a plain
-    # GROUP BY finds each study's worst image: a window function costs several times more on SQLite.
-    worst_key = case((scored, ranking_total * 1000.0 + brixia * 2.0 + p), else_=null())
-    images = (
-        select(
-            Instance.study_instance_uid.label("uid"), Instance.received_at.label("received"),
-            Instance.modality.label("modality"),
-            case((ScoreResult.status.is_(None), 1), else_=0).label("pending"), worst_key.label("worst_key"),
-            order_requested.label("order_requested"),
-            case((Instance.dimse_priority == 1, literal(float(settings.order_base.get("HIGH", 0.0)))),
-                 else_=literal(0.0)).label("order_dimse"),
-        )
-        .select_from(Instance)
-        .outerjoin(ScoreResult, ScoreResult.instance_id == Instance.id)
-        .where(Instance.kind == "source", Instance.duplicate_of_id.is_(None))
-    )
-    i = images.subquery("images")
-    study_columns: list[Any] = [
-        i.c.uid,
-        func.min(i.c.received).label("received"),
-        func.max(i.c.order_requested).label("order_requested"),
-        func.max(i.c.order_dimse).label("order_dimse"),
-        func.max(i.c.pending).label("pending"),
-        func.max(i.c.worst_key).label("worst_key"),
-    ]
-    studies = select(*study_columns).group_by(i.c.uid)
+    """Study Instance UIDs of the first ``limit`` studies in reading order (priority, then arrival).
+
+    Reads one ``study_ranks`` row per study (:mod:`~cxrtriage.triage.study_rank`) and its reading state.
+    """
+    r = StudyRank
+    key = r.worst_key if settings.missing_lung_zones_affected else r.worst_key_plain
+    # The worst image's (ranking total, Brixia-style total, P(disease)), unpacked (study_rank.worst_key).
+    total = _floor(dialect, key / 1000.0)
+    brixia_doubled = _floor(dialect, (key - total * 1000.0) / 2.0) * 2.0
+    raised = sorted(((float(v), name) for name, v in settings.order_base.items() if v > 0), reverse=True)
+    order_requested = case(*((r.requested.like(f"%{SEP}{name}{SEP}%"), literal(v))
+                             for v, name in raised), else_=literal(0.0)) if raised else literal(0.0)
+    order_dimse = case((r.dimse_high == 1, literal(float(settings.order_base.get("HIGH", 0.0)))),
+                       else_=literal(0.0))
+    studies = select(
+        r.study_instance_uid.label("uid"), r.received_at.label("received"), r.pending.label("pending"),
+        case((key.is_(None), 0), else_=1).label("scored"), total.label("total"),
+        (brixia_doubled / 2.0).label("brixia"), (key - total * 1000.0 - brixia_doubled).label("p"),
+        _larger(order_requested, order_dimse).label("order_base"),
+    ).select_from(r.__table__.outerjoin(Reading.__table__, Reading.study_instance_uid == r.study_instance_uid))
     if modality:
-        studies = studies.having(func.max(case((func.upper(i.c.modality) == modality.upper(), 1), else_=0)) == 1)
-    packed = studies.subquery("packed")
-    total = _floor(dialect, packed.c.worst_key / 1000.0)
-    brixia_doubled = _floor(dialect, (packed.c.worst_key - total * 1000.0) / 2.0) * 2.0
-    unpacked = select(
-        packed.c.uid, packed.c.received, packed.c.order_requested, packed.c.order_dimse, packed.c.pending,
-        case((packed.c.worst_key.is_(None), 0), else_=1).label("scored"),
-        total.label("total"), (brixia_doubled / 2.0).label("brixia"),
-        (packed.c.worst_key - total * 1000.0 - brixia_doubled).label("p"),
-    ).select_from(packed.outerjoin(Reading, Reading.study_instance_uid == packed.c.uid))  # per study, not image
+        studies = studies.where(r.modalities.like(f"%{SEP}{modality.strip().upper()}{SEP}%"))
     if unread_only:
-        unpacked = unpacked.where(or_(Reading.state.is_(None), Reading.state == "unread"))
+        studies = studies.where(or_(Reading.state.is_(None), Reading.state == "unread"))
     elif not include_read:
-        unpacked = unpacked.where(or_(Reading.state.is_(None), Reading.state != "read"))
-    s = unpacked.subquery("studies")
+        studies = studies.where(or_(Reading.state.is_(None), Reading.state != "read"))
+    s = studies.subquery("studies")
 
     total, p_worst = func.coalesce(s.c.total, 0), func.coalesce(s.c.p, 0.0)
     band_of = case(
@@ -131,8 +99,7 @@ def top_studies(
     severity = case((s.c.scored == 1, w_total * total + w_brixia * brixia_capped + w_p * p_worst),
                     else_=literal(0.0))
     banded = select(
-        s.c.uid, s.c.received, band_of.label("band"), severity.label("severity"),
-        _larger(s.c.order_requested, s.c.order_dimse).label("order_base"),
+        s.c.uid, s.c.received, band_of.label("band"), severity.label("severity"), s.c.order_base,
     ).subquery("banded")
 
     base = _larger(_per_band(banded.c.band, settings.base) + banded.c.severity, banded.c.order_base)
