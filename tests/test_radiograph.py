@@ -88,3 +88,53 @@ def test_every_bad_input_is_refused_with_its_reason(phantom_cr: Path, tmp_path: 
             load_radiograph(path)
         assert info.value.reason == reason, f"{path.name}: {info.value}"
         assert reason in str(info.value)
+
+
+def _per_pixel(ds: pydicom.Dataset) -> np.ndarray:
+    """The per-pixel path: every LUT applied to every pixel in float, then np.percentile."""
+    from cxrtriage.inference.radiograph import _presentation, stretch
+
+    return stretch(_presentation(ds.pixel_array, ds, str(ds.PhotometricInterpretation)))
+
+
+@pytest.mark.parametrize("variant", ["rg1", "signed_rescale", "voi_lut_sequence", "window_mono2_8bit", "flat"])
+def test_the_stored_value_table_gives_the_per_pixel_presentation(rg1: Path, variant: str) -> None:
+    """dicom_pixels computes the LUT chain once per stored value (a table); it must equal the per-pixel
+    chain: rescale, VOI LUT sequence or window, MONOCHROME1 inversion, percentile stretch."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    from cxrtriage.inference.radiograph import dicom_pixels
+
+    ds = pydicom.dcmread(rg1)  # MONOCHROME1, 16-bit, with a window
+    rng = np.random.default_rng(7)
+    if variant == "signed_rescale":
+        pixels = rng.normal(-200, 400, (300, 280)).clip(-2000, 3000).astype(np.int16)
+        ds.PixelRepresentation, ds.BitsStored, ds.HighBit = 1, 16, 15
+        ds.RescaleSlope, ds.RescaleIntercept = 0.5, -1024
+        del ds.WindowCenter, ds.WindowWidth
+    elif variant == "voi_lut_sequence":
+        pixels = rng.integers(0, 4096, (300, 280), dtype=np.uint16)
+        ds.BitsStored, ds.HighBit, ds.PhotometricInterpretation = 12, 11, "MONOCHROME2"
+        del ds.WindowCenter, ds.WindowWidth
+        item = Dataset()
+        item.LUTDescriptor = [4096, 0, 16]
+        item.LUTData = [int(v) for v in (np.sqrt(np.arange(4096) / 4095) * 65535)]
+        ds.VOILUTSequence = Sequence([item])
+    elif variant == "window_mono2_8bit":
+        pixels = rng.integers(10, 240, (300, 280), dtype=np.uint8)
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PhotometricInterpretation = 8, 8, 7, "MONOCHROME2"
+        ds.WindowCenter, ds.WindowWidth = 100, 120
+    elif variant == "flat":
+        pixels = np.full((300, 280), 700, np.uint16)
+    else:
+        pixels = None
+    if pixels is not None:
+        ds.Rows, ds.Columns = pixels.shape
+        ds.PixelData = pixels.tobytes()
+        ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    table = dicom_pixels(ds)
+    assert table.dtype == np.float32
+    np.testing.assert_allclose(table, _per_pixel(ds), rtol=0, atol=1e-6)
+    if variant != "flat":
+        assert table.min() == 0.0 and table.max() == 1.0

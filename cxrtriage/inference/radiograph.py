@@ -173,8 +173,6 @@ def check_header(ds: Any) -> None:
 
 def dicom_pixels(ds: Any) -> np.ndarray:
     """Presentation pixels of a checked dataset, float32 in [0, 1] (MONOCHROME2)."""
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
-
     try:
         raw = ds.pixel_array
     except Exception as exc:  # pydicom raises many types for codec problems
@@ -189,17 +187,64 @@ def dicom_pixels(ds: Any) -> np.ndarray:
             raw = convert_color_space(raw, photometric, "RGB")
         raw = raw.astype(np.float32).mean(axis=2)
         return stretch(raw)
-    values = apply_modality_lut(raw, ds)
+    if raw.dtype.kind in "ui" and raw.dtype.itemsize <= 2:
+        return _stored_value_lut(raw, ds, photometric)
+    return stretch(_presentation(raw, ds, photometric))
+
+
+def _presentation(values: np.ndarray, ds: Any, photometric: str, present: np.ndarray | None = None) -> np.ndarray:
+    """Modality LUT, then VOI LUT or window (PS3.3 C.11), float32; MONOCHROME1 inverted (over the
+    values marked ``present``: all of them by default)."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    values = apply_modality_lut(values, ds)
     has_voi = "VOILUTSequence" in ds or ("WindowCenter" in ds and "WindowWidth" in ds)
     if has_voi:
         try:
             values = apply_voi_lut(values, ds, index=0)
         except Exception:  # a malformed window is not worth rejecting the image for
             pass
-    values = values.astype(np.float32)
+    values = np.asarray(values).astype(np.float32)
     if photometric == "MONOCHROME1":
-        values = values.max() - values
-    return stretch(values)
+        values = values.max(initial=-np.inf, where=present if present is not None else True) - values
+    return values
+
+
+def _stored_value_lut(raw: np.ndarray, ds: Any, photometric: str) -> np.ndarray:
+    """:func:`stretch` of :func:`_presentation`, computed once per stored value instead of once per pixel.
+
+    Every step maps a stored value to one output value (rescale, LUTs, windows, inversion), so
+    the chain runs on the at most 65 536 values between the image's minimum and maximum, the
+    percentiles come from a histogram of the stored values, and the image is one table lookup:
+    about a tenth of the CPU time of the per-pixel float64 path on a 5-megapixel film.
+    """
+    lowest = int(raw.min())
+    codes = raw.astype(np.int32) - lowest if lowest or raw.dtype.kind == "i" else raw
+    counts = np.bincount(codes.ravel())
+    present = counts > 0
+    stored = np.arange(lowest, lowest + counts.size).astype(raw.dtype)
+    table = _presentation(stored, ds, photometric, present)
+    lo, hi = _histogram_percentiles(table[present], counts[present], (0.5, 99.5))
+    if hi <= lo:
+        lo, hi = float(table[present].min()), float(table[present].max())
+    if hi <= lo:
+        return np.zeros(raw.shape, np.float32)
+    return np.clip((table - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)[codes]
+
+
+def _histogram_percentiles(values: np.ndarray, counts: np.ndarray, percents: tuple[float, ...]) -> list[float]:
+    """``np.percentile`` (linear method) of the sample where ``values[i]`` occurs ``counts[i]`` times."""
+    order = np.argsort(values, kind="stable")
+    values, cumulative = values[order].astype(np.float64), np.cumsum(counts[order])
+    n = int(cumulative[-1])
+    found = []
+    for q in percents:
+        h = (n - 1) * q / 100.0
+        below = int(np.floor(h))
+        a, b = (values[np.searchsorted(cumulative, k, side="right")] for k in (below, min(below + 1, n - 1)))
+        t = h - below
+        found.append(float(b - (b - a) * (1 - t) if t >= 0.5 else a + (b - a) * t))  # numpy's _lerp
+    return found
 
 
 def _spacing(ds: Any) -> tuple[float, float] | None:
