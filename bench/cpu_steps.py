@@ -39,22 +39,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 import pydicom  # noqa: E402
 import torch  # noqa: E402
+from netutil import free_port  # noqa: E402
 
 from cxrtriage.config import DicomSettings, InferenceSettings  # noqa: E402
 from cxrtriage.inference.dicom_results import build_result_objects  # noqa: E402
 from cxrtriage.inference.overlay import write_overlay  # noqa: E402
 from cxrtriage.inference.phantom import PhantomGenerator, write_cr  # noqa: E402
-from cxrtriage.inference.pipeline import Pipeline, Result, clean_lung_probabilities  # noqa: E402
+from cxrtriage.inference.pipeline import Pipeline, Result, lung_blobs  # noqa: E402
 from cxrtriage.inference.preprocess import equalize, lung_box, masked_lung_crop, resize  # noqa: E402
 from cxrtriage.inference.radiograph import radiograph_from_dataset  # noqa: E402
-from cxrtriage.inference.scoring import largest_components, score  # noqa: E402
+from cxrtriage.inference.scoring import score  # noqa: E402
 from cxrtriage.observability import Metrics  # noqa: E402
 from cxrtriage.scp.ingest import Ingest  # noqa: E402
 from cxrtriage.scp.server import start_server  # noqa: E402
 from cxrtriage.storage.archive import Archive  # noqa: E402
 from cxrtriage.storage.db import Database  # noqa: E402
 from cxrtriage.storage.queue import JobQueue  # noqa: E402
-from netutil import free_port  # noqa: E402
 
 ROWS, COLS = 2500, 2048
 NETWORKS = ("stage1 network", "stage2 network")
@@ -82,16 +82,14 @@ def score_one(pipeline: Pipeline, path: Path, scratch: Path, clock: Clock) -> Re
     inputs = clock("stage1 inputs", lambda: pipeline._inputs([equalized], lung_spec))
     lung_probs, _ = clock("stage1 network", lambda: pipeline.lungs_model(inputs))
 
-    def lungs_post() -> tuple[Any, Any, Any]:
-        cleaned = clean_lung_probabilities(lung_probs[0], lung_spec.pixel_threshold,
-                                           pipeline.settings.min_lung_blob_fraction)
-        full = resize(cleaned, r.shape) > lung_spec.pixel_threshold
-        kept = largest_components(full, 2)
+    def lungs_post() -> tuple[Any, Any, Any, Any]:
+        kept = lung_blobs(lung_probs[0], lung_spec.pixel_threshold, pipeline.settings.min_lung_blob_fraction,
+                          r.shape)
         full = np.logical_or.reduce(kept) if kept else np.zeros(r.shape, dtype=bool)
         box = lung_box(full, pipeline.settings.crop_margin)
-        return full, box, masked_lung_crop(equalized, full, box)
+        return full, kept, box, masked_lung_crop(equalized, full, box)
 
-    lungs, box, crop = clock("stage1 post + crop", lungs_post)
+    lungs, kept, box, crop = clock("stage1 post + crop", lungs_post)
     crop_inputs = clock("stage2 inputs", lambda: pipeline._inputs([crop], disease_spec))
     seg_probs, p_disease = clock("stage2 network", lambda: pipeline.disease_model(crop_inputs))
     p = float(p_disease[0]) if p_disease is not None else float(seg_probs[0].max())
@@ -102,7 +100,7 @@ def score_one(pipeline: Pipeline, path: Path, scratch: Path, clock: Clock) -> Re
 
     disease = clock("stage2 post", disease_post)
     scores, zones = clock("zones + scores", lambda: score(lungs, disease, pipeline.scoring, r.patient_orientation,
-                                                          r.image_laterality, r.pixel_spacing_mm))
+                                                          r.image_laterality, r.pixel_spacing_mm, kept))
     result = Result(source="bench", lungs=lungs, disease=disease, zones=zones, scores=scores, p_disease=p,
                     timings_ms={}, models=pipeline.model_versions, identity=pipeline.identity)
     objects = clock("SEG + SR build", lambda: build_result_objects(ds, result))

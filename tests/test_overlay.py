@@ -55,3 +55,17 @@ def test_the_written_overlay_is_a_palette_png_a_third_the_size_that_looks_the_sa
         drawn = (canvas == np.array(colour, np.uint8)).all(axis=2)
         assert (shown[drawn] == np.array(colour, np.uint8)).all()
     assert np.array_equal(amber_rows(shown), amber_rows(canvas))  # the research-use footer intact
+
+
+def test_palette_indices_are_each_pixels_nearest_entry() -> None:
+    """Greys come from a 256-entry table and other colours once per distinct colour; both must give what
+    a search of the whole palette gives for every pixel (squared distance, first entry on a tie)."""
+    from cxrtriage.inference.overlay import PALETTE, palette_indices
+
+    rng = np.random.default_rng(3)
+    grey = rng.integers(0, 256, (60, 50), dtype=np.uint8)
+    canvas = np.repeat(grey[..., None], 3, axis=2)
+    canvas[:20] = rng.integers(0, 256, (20, 50, 3), dtype=np.uint8)  # any colour: tint, outlines, text
+    canvas[25:30, :5] = (0, 191, 255)  # exactly an entry (the amber of the notice)
+    distances = ((canvas[:, :, None, :].astype(np.int32) - PALETTE[None, None].astype(np.int32)) ** 2).sum(axis=3)
+    np.testing.assert_array_equal(palette_indices(canvas), distances.argmin(axis=2))

@@ -182,8 +182,13 @@ def _split_single_blob(blob: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None
     return left_part, right_part
 
 
-def split_lungs(mask: np.ndarray, image_laterality: str | None = None) -> LungPair:
+def split_lungs(mask: np.ndarray, image_laterality: str | None = None,
+                blobs: Sequence[np.ndarray] | None = None) -> LungPair:
     """Name the two largest blobs of a canonical-orientation mask right/left.
+
+    ``blobs``: those two (or fewer) components already separated, e.g. at the
+    model's resolution by the pipeline, so the full-resolution mask is not
+    labelled again.
 
     The blob whose centroid is further to the image left is the patient's
     right lung. A single blob is cut in two only at a real waist (two
@@ -194,7 +199,7 @@ def split_lungs(mask: np.ndarray, image_laterality: str | None = None) -> LungPa
     """
     mask = mask.astype(bool)
     empty = np.zeros_like(mask)
-    blobs = largest_components(mask, 2)
+    blobs = largest_components(mask, 2) if blobs is None else [b.astype(bool) for b in blobs if b.any()][:2]
     found = len(blobs)
     if found == 0:
         return LungPair(empty, empty.copy(), 0)
@@ -350,10 +355,13 @@ def zone_masks(
     lung_mask: np.ndarray,
     patient_orientation: Sequence[str] | None = None,
     image_laterality: str | None = None,
+    blobs: Sequence[np.ndarray] | None = None,
 ) -> ZoneMasks:
-    """Split a lung mask into the six zones, returned in the mask's own orientation."""
+    """Split a lung mask (or its separated ``blobs``, :func:`split_lungs`) into the six zones, returned in
+    the mask's own orientation."""
     transform = canonical_transform(patient_orientation)
-    pair = split_lungs(transform.apply(lung_mask), image_laterality)
+    canonical_blobs = None if blobs is None else [transform.apply(b) for b in blobs]
+    pair = split_lungs(transform.apply(lung_mask), image_laterality, canonical_blobs)
     zones = lung_zones(pair.right) + lung_zones(pair.left)
     back = tuple(np.ascontiguousarray(transform.invert(z)) for z in zones)
     return ZoneMasks(
@@ -413,11 +421,13 @@ def score(
     patient_orientation: Sequence[str] | None = None,
     image_laterality: str | None = None,
     pixel_spacing_mm: tuple[float, float] | None = None,
+    blobs: Sequence[np.ndarray] | None = None,
 ) -> tuple[ZoneScores, ZoneMasks]:
     """Zones and scores of one radiograph's lung and disease masks.
 
     The disease mask counts only inside the lungs that were kept: opacity
-    outside the two lung components is ignored.
+    outside the two lung components is ignored. ``blobs``: the lung mask's
+    components, already separated (:func:`split_lungs`).
     """
-    zones = zone_masks(lung_mask, patient_orientation, image_laterality)
+    zones = zone_masks(lung_mask, patient_orientation, image_laterality, blobs)
     return score_zones(zones, disease_mask, config, pixel_spacing_mm), zones
