@@ -196,3 +196,28 @@ class AuditEvent(Base):
     action: Mapped[str] = mapped_column(String(32), index=True)  # claim | unclaim | read | resend | config_changed
     study_instance_uid: Mapped[str] = mapped_column(String(64), default="", index=True)
     detail: Mapped[str] = mapped_column(Text, default="{}")
+
+
+class NodeRecord(Base):
+    """A node sharing this database: who it is and when it was last seen (its heartbeat)."""
+
+    __tablename__ = "nodes"
+
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)  # node_name: one row per configured node
+    incarnation: Mapped[str] = mapped_column(String(128))  # name:pid:random of the running process
+    roles: Mapped[str] = mapped_column(String(128), default="")  # comma-separated
+    version: Mapped[str] = mapped_column(String(32), default="")
+    models: Mapped[str] = mapped_column(Text, default="{}")  # JSON: stage -> model version
+    started_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    last_seen: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+
+
+class Lease(Base):
+    """A named lease that one process holds until it expires (the scheduler's leader, for one)."""
+
+    __tablename__ = "leases"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(128))
+    acquired_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    expires_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))

@@ -25,6 +25,7 @@ from sqlalchemy import delete, select, update
 from ..config import Settings
 from ..observability import event, safe_error
 from ..storage.archive import Archive
+from ..storage.cluster import SCHEDULER_LEASE, acquire
 from ..storage.db import Database
 from ..storage.models import Instance, Job, JobKind, JobState, Reading, ScoreResult, as_utc, utcnow
 from ..storage.queue import JobQueue
@@ -35,12 +36,28 @@ log = logging.getLogger(__name__)
 _databases: dict[str, Database] = {}
 _lock = threading.Lock()
 _settings: Settings | None = None
+_holder: str | None = None
+#: The leader's lease lasts this many escalation intervals: a leader that stops renewing (it died) is
+#: replaced by the next node whose escalation run comes after the lease expired.
+LEASE_INTERVALS = 3
 
 
-def use_settings(settings: Settings) -> None:
-    """The settings the jobs of this process run with (the node calls this before scheduling them)."""
-    global _settings
-    _settings = settings
+def use_settings(settings: Settings, holder: str | None = None) -> None:
+    """The settings the jobs of this process run with (the node calls this before scheduling them), and the
+    name under which it competes for the scheduler lease (its incarnation; None: a lone process, always
+    in charge)."""
+    global _settings, _holder
+    _settings, _holder = settings, holder
+
+
+def _leading(settings: Settings) -> bool:
+    """Whether this process runs the periodic jobs now: it holds, or has just taken, the scheduler lease
+    (:mod:`cxrtriage.storage.cluster`). With several nodes on one database, exactly one does."""
+    if _holder is None:
+        return True
+    seconds = LEASE_INTERVALS * settings.triage.escalation.interval_seconds
+    with _database(settings.storage.database_url).session() as session:
+        return acquire(session, SCHEDULER_LEASE, _holder, seconds)
 
 
 def _current(settings: Settings | None) -> Settings:
@@ -69,6 +86,8 @@ def _post(url: str, payload: dict, timeout: float) -> None:
 def escalate_overdue(settings: Settings | None = None) -> int:
     """Escalate severe unread studies past their deadline, each exactly once; returns how many."""
     settings = _current(settings)
+    if not _leading(settings):
+        return 0
     rules = settings.triage.escalation
     db = _database(settings.storage.database_url)
     worklist = Worklist(db, settings.triage.priority)
@@ -105,6 +124,8 @@ def escalate_overdue(settings: Settings | None = None) -> int:
 def retry_failed(settings: Settings | None = None) -> int:
     """Give failed scoring and sending jobs a fresh set of attempts."""
     settings = _current(settings)
+    if not _leading(settings):
+        return 0
     queue = JobQueue(_database(settings.storage.database_url))
     count = queue.retry_failed(JobKind.SEND) + queue.retry_failed(JobKind.SCORE)
     if count:
@@ -119,7 +140,7 @@ def purge(settings: Settings | None = None) -> int:
     """
     settings = _current(settings)
     days = settings.triage.retention_days
-    if not days:
+    if not days or not _leading(settings):
         return 0
     db = _database(settings.storage.database_url)
     archive = Archive(settings.storage.archive_dir)

@@ -5,6 +5,12 @@ purging are kept in the database (APScheduler's SQLAlchemy job store, table
 ``apscheduler_jobs``) so that a run missed while the node was down happens
 when it comes back. A stored job is the function's name only (replacing, at
 start-up, any job an older version stored with the settings as arguments).
+
+Every node runs this scheduler, but a job does its work only in the process
+holding the ``scheduler`` lease in the database (storage/cluster.py), so
+with several nodes on one PostgreSQL each escalation, retry and purge
+happens once; when the leader dies, another node takes over once its lease
+expires (three escalation intervals).
 """
 
 from __future__ import annotations
@@ -15,7 +21,9 @@ from ..config import Settings
 from .jobs import escalate_overdue, purge, retry_failed, use_settings
 
 
-def start_scheduler(settings: Settings, engine: Any) -> Any:
+def start_scheduler(settings: Settings, engine: Any, holder: str | None = None) -> Any:
+    """Start the jobs; ``holder`` (the node's incarnation) competes for the scheduler lease, so that with
+    several nodes on one database one of them runs them (:func:`.jobs._leading`)."""
     from apscheduler.jobstores.memory import MemoryJobStore
     from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
     from apscheduler.schedulers.background import BackgroundScheduler
@@ -23,7 +31,7 @@ def start_scheduler(settings: Settings, engine: Any) -> Any:
     scheduler = BackgroundScheduler(
         jobstores={"default": MemoryJobStore(), "persistent": SQLAlchemyJobStore(engine=engine)}, timezone="UTC"
     )
-    use_settings(settings)  # the jobs read them when they run: a stored job holds no settings (no secrets)
+    use_settings(settings, holder)  # the jobs read them when they run: a stored job holds no settings (no secrets)
     triage = settings.triage
     common = {"args": [], "coalesce": True, "max_instances": 1}
     scheduler.add_job(escalate_overdue, "interval", seconds=triage.escalation.interval_seconds, id="escalate", **common)
