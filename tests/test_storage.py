@@ -213,10 +213,16 @@ def test_partial_writes_of_dead_writers_are_cleaned_when_the_archive_opens(tmp_p
     live = root / ".tmp" / f"1.2.4.dcm.{os.getppid()}.livebeef.part"  # another live process writing now
     stale = root / ".tmp" / f"1.2.5.dcm.{os.getppid()}.oldbeef0.part"  # live PID, but far too old: PID reused
     other = root / ".tmp" / "warm-up.dcm"  # not a partial write: not ours to judge
-    for path in (dead, live, stale, other):
+    from cxrtriage.storage.archive import HOST
+
+    dead_here = root / ".tmp" / f"1.2.6.dcm.{dead_pid}@{HOST}.deadbee2.part"
+    elsewhere = root / ".tmp" / f"1.2.7.dcm.{dead_pid}@node_b_example_org.livebee2.part"  # another host's PID
+    stale_elsewhere = root / ".tmp" / f"1.2.8.dcm.{dead_pid}@node_b_example_org.oldbee20.part"
+    for path in (dead, live, stale, other, dead_here, elsewhere, stale_elsewhere):
         path.write_bytes(b"partial")
-    os.utime(stale, (time.time() - 3600, time.time() - 3600))
+    for path in (stale, stale_elsewhere):
+        os.utime(path, (time.time() - 3600, time.time() - 3600))
     archive = Archive(root)
-    assert not dead.exists() and not stale.exists()
-    assert live.exists() and other.exists()
+    assert not dead.exists() and not stale.exists() and not dead_here.exists() and not stale_elsewhere.exists()
+    assert live.exists() and other.exists() and elsewhere.exists()
     assert archive.clean_tmp() == 0

@@ -16,9 +16,8 @@ RGB PNG's size.
 
 from __future__ import annotations
 
-import os
 import struct
-import threading
+import uuid
 import zlib
 from pathlib import Path
 
@@ -180,8 +179,9 @@ def write_overlay(path: str | Path, pixels: np.ndarray, result: Result) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = encode_palette_png(palette_indices(render_overlay(pixels, result)))
-    # A name of this writer's own: two workers scoring one image (an expired lease) never share a temp file.
-    partial = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.partial")
+    # A name of this writer's own: two workers scoring one image (an expired lease), on this host or on
+    # another sharing the archive, never share a temp file.
+    partial = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
     try:
         partial.write_bytes(data)
         partial.replace(path)

@@ -11,7 +11,9 @@ the hash of its bytes and an existing file is never replaced, so bytes that
 were acknowledged cannot be overwritten by a later arrival under the same
 UID. Writes go through ``<root>/.tmp``; a ``.part`` file there whose writer
 is gone (``kill -9``, power cut) is removed when the archive is opened
-(:meth:`Archive.clean_tmp`).
+(:meth:`Archive.clean_tmp`). Several nodes may share the archive folder
+(NFS): a ``.part`` name carries its writer's host and PID, and a node judges
+by PID only its own host's files; another host's are removed only once stale.
 
 The UID grammar lives here, at the bottom of the import graph, because the
 archive is where a UID becomes a path; :mod:`cxrtriage.dicom_header` offers
@@ -27,6 +29,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import time
 import uuid
 from collections.abc import Iterable, Iterator
@@ -84,6 +87,10 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+#: This host in ``.part`` names (dots would confuse the name's parsing): ``<name>.<pid>@<host>.<random>.part``.
+HOST = socket.gethostname().replace(".", "_") or "localhost"
+
+
 def _process_running(pid: int) -> bool:
     if pid == os.getpid():
         return True
@@ -118,21 +125,25 @@ class Archive:
     def clean_tmp(self, stale_seconds: float = STALE_PART_SECONDS) -> int:
         """Remove partial writes left in ``.tmp`` by a writer that died; returns how many.
 
-        A ``.part`` file names its writer's PID. It is debris when that process
-        no longer runs, or when it is older than ``stale_seconds`` (the PID may
-        have been reused). A write in progress in a live process (another
-        process opening the archive while the node runs) is left alone.
+        A ``.part`` file names its writer's PID and host. It is debris when it
+        is older than ``stale_seconds`` (the PID may have been reused), or when
+        it was written on this host by a process that no longer runs. A write
+        in progress in a live process (another process opening the archive
+        while the node runs), or on another host sharing the folder, is left
+        alone. (Names without a host, from older versions, are this host's.)
         """
         removed = 0
         now = time.time()
         for part in self.tmp.glob("*.part"):
+            writer, _, host = part.name.rsplit(".", 3)[-3].partition("@") if part.name.count(".") >= 3 else ("", "", "")
             try:
-                pid = int(part.name.rsplit(".", 3)[-3])
-            except (ValueError, IndexError):
+                pid = int(writer)
+            except ValueError:
                 pid = -1
             try:
                 stale = now - part.stat().st_mtime > stale_seconds
-                if stale or pid <= 0 or not _process_running(pid):
+                ours = host in ("", HOST)
+                if stale or (ours and (pid <= 0 or not _process_running(pid))):
                     part.unlink()
                     removed += 1
             except FileNotFoundError:  # its writer finished meanwhile
@@ -162,8 +173,8 @@ class Archive:
         return full
 
     def _temp_copy(self, name: str, data: bytes) -> Path:
-        """``data`` in a fsync'd ``.tmp/<name>.<pid>.<random>.part`` (the PID tells :meth:`clean_tmp` its writer)."""
-        tmp = self.tmp / f"{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.part"
+        """``data`` in a fsync'd ``.tmp/<name>.<pid>@<host>.<random>.part`` (:meth:`clean_tmp` reads its writer)."""
+        tmp = self.tmp / f"{name}.{os.getpid()}@{HOST}.{uuid.uuid4().hex[:8]}.part"
         with open(tmp, "wb") as handle:
             handle.write(data)
             handle.flush()
