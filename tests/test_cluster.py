@@ -50,12 +50,12 @@ def test_many_processes_asking_at_once_get_one_leader(db: Database) -> None:
         now = T0 + dt.timedelta(hours=round_)  # every earlier lease has expired
         barrier, won = threading.Barrier(6), []
 
-        def ask(holder: str) -> None:
+        def ask(holder: str, barrier: threading.Barrier, now: dt.datetime, won: list[str]) -> None:
             barrier.wait(timeout=10)
             if take(db, holder, now):
                 won.append(holder)
 
-        threads = [threading.Thread(target=ask, args=(f"node-{i}:{round_}",)) for i in range(6)]
+        threads = [threading.Thread(target=ask, args=(f"node-{i}:{round_}", barrier, now, won)) for i in range(6)]
         for t in threads:
             t.start()
         for t in threads:

@@ -120,7 +120,7 @@ def test_two_writers_of_one_study_at_once_leave_the_right_row(database_url: str)
                 refresh_study(session, study)
             barrier = threading.Barrier(2)
 
-            def record(instance_id: int, total: int) -> None:
+            def record(instance_id: int, total: int, study: str, barrier: threading.Barrier) -> None:
                 with db.session() as session:
                     session.add(ScoreResult(instance_id=instance_id, study_instance_uid=study, status="scored",
                                             total_score=total, brixia_total=total, p_disease=0.5, zones_scored=6))
@@ -128,7 +128,8 @@ def test_two_writers_of_one_study_at_once_leave_the_right_row(database_url: str)
                     barrier.wait(timeout=10) if db.engine.dialect.name != "sqlite" else None
                     refresh_study(session, study)
 
-            threads = [threading.Thread(target=record, args=(iid, total)) for iid, total in zip(ids, (2, 5))]
+            threads = [threading.Thread(target=record, args=(iid, total, study, barrier))
+                       for iid, total in zip(ids, (2, 5))]
             for t in threads:
                 t.start()
             for t in threads:
