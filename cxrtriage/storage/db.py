@@ -15,8 +15,10 @@ statement that failed, and such texts end up in logs and job errors.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -27,6 +29,35 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import ConnectionPoolEntry
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+
+log = logging.getLogger("cxrtriage.storage.db")
+
+
+class DatabaseTooNew(Exception):
+    """The database was migrated by a newer cxrtriage: this code does not know its schema revision.
+
+    ``str()`` is the one-line message an operator reads; the command prints it.
+    """
+
+    def __init__(self, revision: str, head: str) -> None:
+        super().__init__(
+            f"database schema revision {revision} is newer than this cxrtriage knows (newest: {head}); "
+            "upgrade cxrtriage, or restore a backup taken before the upgrade"
+        )
+        self.revision, self.head = revision, head
+
+
+@dataclass(frozen=True)
+class SchemaState:
+    """Where a database's schema stands against this code's migrations."""
+
+    current: str | None  # None: no schema yet
+    head: str
+    known: bool  # False: a revision this code does not have (a newer cxrtriage migrated it)
+
+    @property
+    def pending(self) -> bool:
+        return self.known and self.current != self.head
 
 
 def make_engine(url: str) -> Engine:
@@ -64,11 +95,11 @@ def rowcount(result: Result[Any]) -> int:
     return cast(CursorResult[Any], result).rowcount
 
 
-def is_sqlite(engine: Engine) -> bool:
+def is_sqlite(engine: Engine | Connection) -> bool:
     return engine.dialect.name == "sqlite"
 
 
-def upsert_insert(engine: Engine, table: Any) -> Any:
+def upsert_insert(engine: Engine | Connection, table: Any) -> Any:
     """INSERT with the dialect's ON CONFLICT support (``.on_conflict_do_nothing()`` and friends)."""
     from sqlalchemy.dialects.postgresql import insert as pg_insert
     from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -83,15 +114,61 @@ class Database:
         self.engine = make_engine(url)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
 
-    def migrate(self, revision: str = "head") -> None:
-        """Bring the schema to the newest Alembic revision (or to ``revision``)."""
-        from alembic import command
+    def _alembic(self) -> Any:
         from alembic.config import Config
 
         cfg = Config()
         cfg.set_main_option("script_location", str(MIGRATIONS))
         cfg.attributes["connection_engine"] = self.engine
-        command.upgrade(cfg, revision)
+        return cfg
+
+    def schema_state(self) -> SchemaState:
+        """The database's Alembic revision against this code's newest (nothing is changed)."""
+        from alembic.runtime.migration import MigrationContext
+        from alembic.script import ScriptDirectory
+
+        script = ScriptDirectory.from_config(self._alembic())
+        head = script.get_current_head() or ""
+        with self.engine.connect() as conn:
+            current = MigrationContext.configure(conn).get_current_revision()
+        known = current is None or any(r.revision == current for r in script.walk_revisions())
+        return SchemaState(current, head, known)
+
+    def migrate(self, revision: str = "head") -> None:
+        """Bring the schema to the newest Alembic revision (or to ``revision``).
+
+        Logs ``database migration`` (from, to). A SQLite database with data is
+        first copied next to itself (``<db>.pre-<to>.bak``, online backup API),
+        so a failed or regretted upgrade can be rolled back. A database whose
+        revision this code does not know raises :class:`DatabaseTooNew`
+        instead of Alembic's own error.
+        """
+        from alembic import command
+
+        state = self.schema_state()
+        if not state.known:
+            raise DatabaseTooNew(str(state.current), state.head)
+        target = state.head if revision == "head" else revision
+        if state.current == target:
+            return
+        fields: dict[str, object] = {"from_revision": state.current or "", "to_revision": target}
+        if state.current is not None and is_sqlite(self.engine):
+            backup = self._pre_migration_backup(target)
+            if backup is not None:
+                fields["backup"] = str(backup)
+        log.info("database migration", extra={"fields": fields})
+        command.upgrade(self._alembic(), revision)
+
+    def _pre_migration_backup(self, target: str) -> Path | None:
+        """The copy of a SQLite database with data taken before migrating it to ``target``."""
+        from .backup import is_empty, sqlite_backup
+
+        database = self.engine.url.database
+        if not database or database == ":memory:" or is_empty(self):
+            return None
+        path = Path(f"{database}.pre-{target}.bak")
+        sqlite_backup(Path(database), path)
+        return path
 
     @contextmanager
     def session(self) -> Iterator[Session]:

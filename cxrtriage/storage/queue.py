@@ -182,6 +182,47 @@ class JobQueue:
                 query.values(state=JobState.PENDING, attempts=0, available_at=utcnow(), finished_at=None)
             ))
 
+    def retry_ids(self, ids: Collection[int]) -> int:
+        """Give the failed jobs among ``ids`` a fresh set of attempts, available now; returns how many."""
+        if not ids:
+            return 0
+        with self.db.session() as session:
+            return rowcount(session.execute(
+                update(Job).where(Job.state == JobState.FAILED, Job.id.in_(sorted(ids)))
+                .values(state=JobState.PENDING, attempts=0, available_at=utcnow(), finished_at=None)
+            ))
+
+    def resend(self, session: Session, instance_id: int, destination: str, *, max_attempts: int = 5) -> None:
+        """Queue a send of ``instance_id`` to ``destination`` inside the caller's transaction.
+
+        A new job, or the existing one (unique on kind, instance, destination)
+        back to pending with its attempts reset; a job a worker holds right
+        now is left to that worker.
+        """
+        values = dict(
+            kind=JobKind.SEND, instance_id=instance_id, destination=destination, priority=0, state=JobState.PENDING,
+            attempts=0, max_attempts=max_attempts, available_at=utcnow(), created_at=utcnow(), worker="",
+            last_error="",
+        )
+        insert = upsert_insert(self.db.engine, Job).values(**values)
+        again = dict(state=JobState.PENDING, attempts=0, available_at=utcnow(), finished_at=None, lease_until=None,
+                     last_error="")
+        session.execute(insert.on_conflict_do_update(
+            index_elements=[Job.kind, Job.instance_id, Job.destination], set_=again,
+            where=Job.state != JobState.RUNNING,
+        ))
+        sa_event.listen(session, "after_commit", self._announce, once=True)
+
+    def jobs(self, *, state: JobState | None = None, kind: JobKind | None = None, limit: int = 50) -> list[Job]:
+        """The most recently created jobs (of ``state`` and ``kind``), newest first, for an operator's listing."""
+        query = select(Job)
+        if state is not None:
+            query = query.where(Job.state == state)
+        if kind is not None:
+            query = query.where(Job.kind == kind)
+        with self.db.session() as session:
+            return list(session.scalars(query.order_by(Job.id.desc()).limit(limit)))
+
     def release_worker(self, worker_prefix: str, keep: str) -> int:
         """Re-queue jobs leased by earlier runs of this node (``worker_prefix``), not by ``keep``.
 
