@@ -6,7 +6,7 @@
   the catalog attributes of a header, an element cut short by truncation;
 * :func:`check_encoding`: dataset bytes walked element by element in their
   declared transfer syntax, strictly (PS3.5 7.1), before anything is stored;
-* :class:`EncodedObject`: a SEG or SR as the bytes it will be stored and
+* :class:`EncodedObject`: a SEG, SR or Secondary Capture as the bytes it will be stored and
   sent as, with the header facts the node needs about it, so nobody parses
   the bytes back to learn what the builder already knew.
 """
@@ -114,7 +114,7 @@ def catalog_attributes(ds: pydicom.Dataset) -> dict[str, Any]:
     )
 
 
-ResultKind = Literal["seg", "sr"]
+ResultKind = Literal["seg", "sr", "sc"]
 
 
 @dataclass(frozen=True)

@@ -180,6 +180,34 @@ def test_score_stage_run_again_keeps_the_uids_refreshes_the_bytes_and_adds_no_ro
     assert source.id == rows["seg"].derived_from_id
 
 
+def test_score_stage_stores_catalogs_and_sends_the_secondary_capture(
+    env: Env, source_cr: Path, pipeline: Any
+) -> None:
+    """With results.secondary_capture the SC is a third derived object: archived, cataloged (kind sc), sent to
+    every destination, and found by C-FIND like the SEG and SR."""
+    from cxrtriage.scp.query import QueryEngine
+
+    source = env.receive(source_cr)
+    scorer = LocalScorer(InferenceSettings(), pipeline=pipeline, secondary_capture=True)
+    assert env.loop(JobKind.SCORE, env.score_stage(scorer)).turn() is Turn.DONE
+    derived = {row.kind: row for row in env.rows(Instance, Instance.derived_from_id == source.id)}
+    assert set(derived) == {"seg", "sr", "sc"}
+    sc = derived["sc"]
+    header = pydicom.dcmread(env.archive.path(sc.path), stop_before_pixels=True)
+    assert header.SOPInstanceUID == sc.sop_instance_uid and sc.sop_class_uid == "1.2.840.10008.5.1.4.1.1.7"
+    assert (sc.modality, sc.series_number) == ("OT", 9903)
+    assert sorted(j.destination for j in env.rows(Job, Job.kind == JobKind.SEND, Job.instance_id == sc.id)) == sorted(
+        DESTINATIONS)
+    query = pydicom.Dataset()
+    query.QueryRetrieveLevel = "SERIES"
+    query.StudyInstanceUID = source.study_instance_uid
+    query.SeriesInstanceUID = ""
+    query.Modality = ""
+    engine = QueryEngine(env.db, env.archive, "CXRTRIAGE")
+    found = {str(r.Modality) for r in engine.find(query, "STUDY")}
+    assert found >= {"SEG", "SR", "OT"}
+
+
 def test_score_stage_records_an_image_it_cannot_score(env: Env, tmp_path: Path, pipeline: Any) -> None:
     ds = pydicom.dcmread(write_cr(PhantomGenerator(448, 416)(SEED + 1), tmp_path / "lateral.dcm"))
     ds.ViewPosition = "LL"

@@ -122,7 +122,7 @@ def _segment_descriptions(
     return descs
 
 
-def _contributing_equipment(versions: list[str]) -> hd.ContributingEquipment:
+def contributing_equipment(versions: list[str]) -> hd.ContributingEquipment:
     """IHE AIR's Contributing Equipment item for the processing algorithm.
 
     highdicom only admits the CID 7005 purposes, so the item is built as
@@ -201,7 +201,7 @@ def build_segmentation(
         content_description="Lungs, opacity and lung zones",
         transfer_syntax_uid=JPEG2000Lossless if jpeg2000 else ExplicitVRLittleEndian,
         omit_empty_frames=bool(stack.any()),
-        contributing_equipment=[_contributing_equipment(result.software_versions)],
+        contributing_equipment=[contributing_equipment(result.software_versions)],
     )
     seg.SeriesDescription = f"cxrtriage lung zones ({identity.short_label})"[:64]
     # Type 2C in the General Image module; highdicom does not copy it.
@@ -327,7 +327,7 @@ def build_report(
         is_complete=True,
         is_final=False,
         is_verified=False,
-        contributing_equipment=[_contributing_equipment(result.software_versions)],
+        contributing_equipment=[contributing_equipment(result.software_versions)],
     )
     sr.SeriesDescription = f"cxrtriage zone severity ({result.identity.short_label})"[:64]
     # Declare the private coding scheme (PS3.3 C.12.1.1.8).

@@ -1,7 +1,8 @@
-"""One archived DICOM instance scored into what the node stores: SEG and SR bytes, scores.
+"""One archived DICOM instance scored into what the node stores: SEG, SR (and SC) bytes, scores.
 
 :func:`score_instance` is the CPU-heavy part of the node's scoring job
-(decode, both stages, scoring, SEG + SR encoding, overlay PNG), with plain,
+(decode, both stages, scoring, SEG + SR encoding, with ``secondary_capture``
+a Secondary Capture image too, overlay PNG), with plain,
 picklable results, so that it can run in the node's own thread or in a
 :class:`~cxrtriage.inference.parallel.ScoringPool` worker process. Storing
 the bytes durably and recording them in the database stay with the caller
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 
 @dataclass
 class InstanceScored:
-    """A scored instance: the result record and the encoded SEG and SR."""
+    """A scored instance: the result record and the encoded SEG, SR and (when asked for) Secondary Capture."""
 
     details: dict[str, Any]
     total: int
@@ -36,12 +37,13 @@ class InstanceScored:
     algorithm_version: str
     seg: EncodedObject
     sr: EncodedObject
+    sc: EncodedObject | None = None
     seconds: dict[str, float] = field(default_factory=dict)
 
     @property
-    def objects(self) -> tuple[EncodedObject, EncodedObject]:
-        """The SEG and the SR, in the order they are stored and sent."""
-        return self.seg, self.sr
+    def objects(self) -> tuple[EncodedObject, ...]:
+        """The SEG, the SR and the Secondary Capture if any, in the order they are stored and sent."""
+        return (self.seg, self.sr) if self.sc is None else (self.seg, self.sr, self.sc)
 
 
 @dataclass
@@ -53,9 +55,10 @@ class InstanceRefused:
 
 
 def score_instance(
-    pipeline: Pipeline, path: Path, sop_instance_uid: str, overlay: Path | None = None, *, jpeg2000: bool = False
+    pipeline: Pipeline, path: Path, sop_instance_uid: str, overlay: Path | None = None, *, jpeg2000: bool = False,
+    secondary_capture: bool = False,
 ) -> InstanceScored | InstanceRefused:
-    """Score the DICOM file at ``path``: the encoded SEG + SR and the scores, or why it cannot be scored."""
+    """Score the DICOM file at ``path``: the encoded SEG + SR (+ SC) and the scores, or why it cannot be scored."""
     import pydicom
 
     from .radiograph import RadiographError, radiograph_from_dataset
@@ -68,23 +71,27 @@ def score_instance(
         return InstanceRefused(exc.reason, exc.detail)
     result = pipeline(radiograph)
     t1 = time.perf_counter()
-    outcome = encode_result(ds, radiograph.pixels, result, overlay, jpeg2000=jpeg2000)
+    outcome = encode_result(ds, radiograph.pixels, result, overlay, jpeg2000=jpeg2000,
+                            secondary_capture=secondary_capture)
     outcome.seconds = {"inference": t1 - t0, "dicom_results": time.perf_counter() - t1}
     return outcome
 
 
 def encode_result(
-    ds: Any, pixels: Any, result: Result, overlay: Path | None = None, *, jpeg2000: bool = False
+    ds: Any, pixels: Any, result: Result, overlay: Path | None = None, *, jpeg2000: bool = False,
+    secondary_capture: bool = False,
 ) -> InstanceScored:
-    """A pipeline result as the node stores it: the SEG and SR encoded, the overlay written, the scores."""
+    """A pipeline result as the node stores it: the SEG and SR (and SC) encoded, the overlay written, the scores."""
     from .dicom_results import build_result_objects
     from .overlay import write_overlay
+    from .secondary_capture import encode_secondary_capture
 
     seg, sr = build_result_objects(ds, result, jpeg2000=jpeg2000).encode()
+    sc = encode_secondary_capture(ds, pixels, result) if secondary_capture else None
     if overlay is not None:
         write_overlay(overlay, pixels, result)
     scores = result.scores
     return InstanceScored(
         details=result.as_dict(), total=scores.total, brixia_total=scores.brixia_total, p_disease=result.p_disease,
-        algorithm_version=result.algorithm_version, seg=seg, sr=sr,
+        algorithm_version=result.algorithm_version, seg=seg, sr=sr, sc=sc,
     )

@@ -42,10 +42,11 @@ def _score_in_worker(
 
 
 def _score_instance_in_worker(
-    path: Path, sop_instance_uid: str, overlay: Path | None, jpeg2000: bool
+    path: Path, sop_instance_uid: str, overlay: Path | None, jpeg2000: bool, secondary_capture: bool = False
 ) -> InstanceScored | InstanceRefused:
     assert _pipeline is not None, "worker started without a pipeline"
-    return score_instance(_pipeline, path, sop_instance_uid, overlay, jpeg2000=jpeg2000)
+    return score_instance(_pipeline, path, sop_instance_uid, overlay, jpeg2000=jpeg2000,
+                          secondary_capture=secondary_capture)
 
 
 def threads_per_worker(workers: int, cores: int | None = None) -> int:
@@ -113,19 +114,21 @@ class ScoringPool:
             yield from pending.popleft().result()
 
     def submit_instance(
-        self, path: Path, sop_instance_uid: str, overlay: Path | None = None, *, jpeg2000: bool = False
+        self, path: Path, sop_instance_uid: str, overlay: Path | None = None, *, jpeg2000: bool = False,
+        secondary_capture: bool = False,
     ) -> Future[InstanceScored | InstanceRefused]:
         """:func:`~cxrtriage.inference.instance.score_instance` in a worker: the node's scoring job.
 
         A worker that died (killed for memory, say) breaks the pool: the jobs
         in flight fail and are retried by the queue, and a new pool starts.
         """
+        args = (path, sop_instance_uid, overlay, jpeg2000, secondary_capture)
         try:
-            return self.executor.submit(_score_instance_in_worker, path, sop_instance_uid, overlay, jpeg2000)
+            return self.executor.submit(_score_instance_in_worker, *args)
         except BrokenProcessPool:
             self.executor.shutdown(wait=False, cancel_futures=True)
             self.executor = self._start()
-            return self.executor.submit(_score_instance_in_worker, path, sop_instance_uid, overlay, jpeg2000)
+            return self.executor.submit(_score_instance_in_worker, *args)
 
     def close(self) -> None:
         self.executor.shutdown(wait=True, cancel_futures=True)

@@ -1,9 +1,10 @@
 """The score stage: one received image in, its SEG, SR, catalog rows, send jobs and result out.
 
 The scorer (in this process, or in a pool of worker processes) returns the
-encoded SEG and SR with their UIDs. This stage then
+encoded SEG and SR with their UIDs, and with ``results.secondary_capture``
+a Secondary Capture image (kind ``sc``). This stage then
 
-1. writes both files durably to the archive (same UIDs on a re-run: the
+1. writes every file durably to the archive (same UIDs on a re-run: the
    files are replaced, never duplicated);
 2. in one transaction: a catalog row for each (the source's patient and
    study, the object's own UIDs and series), one ``send`` job per result
@@ -73,10 +74,12 @@ class LocalScorer:
     """Scores in the calling thread; the pipeline is loaded on first use, once, shared by all threads."""
 
     def __init__(
-        self, settings: InferenceSettings, *, jpeg2000: bool = False, pipeline: Pipeline | None = None
+        self, settings: InferenceSettings, *, jpeg2000: bool = False, pipeline: Pipeline | None = None,
+        secondary_capture: bool = False,
     ) -> None:
         self.settings = settings
         self.jpeg2000 = jpeg2000
+        self.secondary_capture = secondary_capture  # results.secondary_capture
         self._pipeline = pipeline
         self._lock = threading.Lock()
 
@@ -92,7 +95,8 @@ class LocalScorer:
     def __call__(self, path: Path, sop_instance_uid: str, overlay: Path | None) -> Outcome:
         from ..inference.instance import score_instance
 
-        return score_instance(self.pipeline, path, sop_instance_uid, overlay, jpeg2000=self.jpeg2000)
+        return score_instance(self.pipeline, path, sop_instance_uid, overlay, jpeg2000=self.jpeg2000,
+                              secondary_capture=self.secondary_capture)
 
     def warm_up(self, sample: Path) -> None:
         self(sample, "warm-up", None)
@@ -104,12 +108,15 @@ class LocalScorer:
 class PoolScorer:
     """Scores in a :class:`~cxrtriage.inference.parallel.ScoringPool`; the calling thread waits for its result."""
 
-    def __init__(self, pool: ScoringPool, *, jpeg2000: bool = False) -> None:
+    def __init__(self, pool: ScoringPool, *, jpeg2000: bool = False, secondary_capture: bool = False) -> None:
         self.pool = pool
         self.jpeg2000 = jpeg2000
+        self.secondary_capture = secondary_capture  # results.secondary_capture
 
     def __call__(self, path: Path, sop_instance_uid: str, overlay: Path | None) -> Outcome:
-        return self.pool.submit_instance(path, sop_instance_uid, overlay, jpeg2000=self.jpeg2000).result()
+        future = self.pool.submit_instance(path, sop_instance_uid, overlay, jpeg2000=self.jpeg2000,
+                                           secondary_capture=self.secondary_capture)
+        return future.result()
 
     def warm_up(self, sample: Path) -> None:
         self.pool.warm_up(sample)
@@ -196,7 +203,7 @@ class ScoreStage:
         return True
 
     def record_scored(self, job: Claimed, worker: str, source: Instance, scored: InstanceScored) -> None:
-        """Store the SEG and SR, then catalog, queue their sends and record the result in one transaction."""
+        """Store the SEG, SR (and SC), then catalog, queue their sends and record the result in one transaction."""
         stored = [(obj, *self._store(obj)) for obj in scored.objects]  # durable on disk before any row names them
         with self.db.session() as session:
             ids: dict[str, int] = {}

@@ -1,8 +1,10 @@
-"""The send stage: one stored SEG or SR to one destination, byte for byte as archived.
+"""The send stage: one stored SEG, SR or SC to one destination, byte for byte as archived.
 
-The file goes out in its own transfer syntax and is never decoded
-(:func:`~cxrtriage.scp.sender.send_files`). Success, or a storage warning
-(:data:`~cxrtriage.scp.sender.STORED_STATUSES`), marks the job done.
+The file goes out in its own transfer syntax and is never decoded: by
+C-STORE to a ``dimse`` destination (:func:`~cxrtriage.scp.sender.send_files`),
+by STOW-RS to a ``dicomweb`` one (:func:`~cxrtriage.scp.stow.stow_files`).
+Success, or a storage warning (:data:`~cxrtriage.scp.sender.STORED_STATUSES`),
+marks the job done.
 
 One destination never holds up another: each has its own send workers
 (claiming only its jobs, :meth:`~cxrtriage.storage.queue.JobQueue.for_destination`),
@@ -14,8 +16,11 @@ circuit open (the one that trips it, or a failed half-open trial) defers
 the job without spending its attempt: while a destination is down its jobs
 wait, unclaimed, however long that lasts, and flow again once a trial
 succeeds. A destination that answers but takes no context for an object
-(:class:`~cxrtriage.scp.sender.ContextNotAccepted`) is up: that counts as
-a success for its circuit, and the job fails the usual way.
+(:class:`~cxrtriage.scp.sender.ContextNotAccepted`), or a DICOMweb service
+that refuses it (HTTP 4xx, :class:`~cxrtriage.scp.stow.StowRefused`, or a
+Failed SOP Sequence item), is up: that counts as a success for its
+circuit, and the job fails the usual way. HTTP 5xx, a refused connection or
+a timeout count as down, like an unreachable DIMSE peer.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from collections.abc import Callable, Mapping
 from ..config import Peer
 from ..observability import Metrics, event, hex_status, safe_error
 from ..scp.sender import STORED_STATUSES, ContextNotAccepted, SendError, SendTimeout, send_files
+from ..scp.stow import StowRefused, stow_files
 from ..storage.archive import Archive
 from ..storage.db import Database
 from ..storage.models import Instance
@@ -50,7 +56,7 @@ class SendStage:
     def __init__(
         self, db: Database, archive: Archive, queue: JobQueue, metrics: Metrics, destinations: Mapping[str, Peer], *,
         ae_title: str, timeout: float = 30.0, connect_timeout: float = 10.0, circuits: Circuits | None = None,
-        sender: Sender = send_files,
+        sender: Sender = send_files, web_sender: Sender = stow_files,
     ) -> None:
         self.db = db
         self.archive = archive
@@ -61,7 +67,8 @@ class SendStage:
         self.timeout = timeout  # DIMSE: how long a destination may take to answer a C-STORE
         self.connect_timeout = connect_timeout
         self.circuits = circuits
-        self.sender = sender
+        self.sender = sender  # dimse destinations
+        self.web_sender = web_sender  # dicomweb destinations
 
     def __call__(self, job: Claimed, worker: str) -> None:
         peer = self.destinations.get(job.destination)
@@ -79,13 +86,20 @@ class SendStage:
             instance = session.get(Instance, job.instance_id)
         assert instance is not None, f"send job {job.id} names no stored instance"
         t0 = time.perf_counter()
+        web = peer.type == "dicomweb"
+        sender = self.web_sender if web else self.sender
         try:
-            (status,) = self.sender(peer, [self.archive.path(instance.path)], self.ae_title, timeout=self.timeout,
-                                    connect_timeout=self.connect_timeout)
+            (status,) = sender(peer, [self.archive.path(instance.path)], self.ae_title, timeout=self.timeout,
+                               connect_timeout=self.connect_timeout)
             if status not in STORED_STATUSES:
                 label = hex_status(status) if status is not None else "no_status"
                 self.metrics.sent.labels(destination=peer.ae_title, outcome=label).inc()
-                raise RefusedError(f"{peer.ae_title} answered C-STORE status {label}")
+                raise RefusedError(f"{peer.ae_title} answered {'STOW-RS' if web else 'C-STORE'} status {label}")
+        except StowRefused:
+            self.metrics.sent.labels(destination=peer.ae_title, outcome="http_refused").inc()
+            if circuit is not None:
+                circuit.succeeded()  # it answered: up, it refuses this request
+            raise
         except ContextNotAccepted:
             self.metrics.sent.labels(destination=peer.ae_title, outcome="context_not_accepted").inc()
             if circuit is not None:
