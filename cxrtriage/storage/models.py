@@ -22,7 +22,7 @@ class JobKind(enum.StrEnum):
     """What a job does; stored as its value in ``jobs.kind``."""
 
     SCORE = "score"  # score one received image
-    SEND = "send"  # send one SEG or SR to one destination
+    SEND = "send"  # send one SEG, SR or SC to one destination
 
 
 class JobState(enum.StrEnum):
@@ -88,7 +88,7 @@ class Instance(Base):
     path: Mapped[str] = mapped_column(String(512))  # relative to the archive root
     sha256: Mapped[str] = mapped_column(String(64))
     size: Mapped[int] = mapped_column(Integer)
-    kind: Mapped[str] = mapped_column(String(8), default="source")  # source | seg | sr
+    kind: Mapped[str] = mapped_column(String(8), default="source")  # source | seg | sr | sc
     duplicate_of_id: Mapped[int | None] = mapped_column(ForeignKey("instances.id"), nullable=True)
     derived_from_id: Mapped[int | None] = mapped_column(ForeignKey("instances.id"), nullable=True, index=True)
     received_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
