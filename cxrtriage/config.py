@@ -1,13 +1,18 @@
-"""config.yaml, validated with pydantic.
+"""config.yaml and ``CXRTRIAGE_*`` environment variables, validated with pydantic.
 
 Every setting has a default, so the node and ``cxrtriage score`` run with no
 config file at all; config.yaml in the repository lists them with comments.
+Any key can be set from the environment (containers, systemd credentials):
+see :func:`environment_overrides`; the environment wins over the file.
 """
 
 from __future__ import annotations
 
+import json
+import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -306,15 +311,137 @@ def _describe(error: Any) -> str:
     return f"{where}: {message}{shown}"
 
 
-def load_settings(path: str | Path | None = None) -> Settings:
-    """Read config.yaml; ``None`` gives the defaults.
+#: Environment variables that set keys start with this; ``__`` separates nested keys.
+ENV_PREFIX = "CXRTRIAGE_"
+#: A variable ending in this names a file holding the value (Docker/Kubernetes secrets, systemd credentials).
+FILE_SUFFIX = "_FILE"
+#: Key names whose values are never shown in an error message.
+SECRET_KEYS = frozenset({"token", "password", "readers", "database_url", "webhook_url"})
+MASK = "<secret>"
 
-    Raises :class:`ConfigError` with one line per problem, each naming the key,
-    the value and what is allowed, before anything else starts.
+
+class EnvValue:
+    """One key set from the environment: which variable set it, and whether its value may be shown."""
+
+    def __init__(self, variable: str, value: str, secret: bool) -> None:
+        self.variable, self.value, self.secret = variable, value, secret
+
+    def shown(self) -> str:
+        return MASK if self.secret else repr(self.value)
+
+
+def _is_config_variable(rest: str, top_level: Mapping[str, Any]) -> bool:
+    """Only ``CXRTRIAGE_A__B`` (a nested key) or ``CXRTRIAGE_<top-level key>`` are config.
+
+    Others with the prefix belong to tools and tests (``CXRTRIAGE_TEST_DATABASE_URL``, ``CXRTRIAGE_CT_DIR``).
     """
-    if path is None:
-        return Settings()
-    path = Path(path)
+    name = rest.lower()
+    return "__" in rest or name in top_level or (
+        rest.endswith(FILE_SUFFIX) and name.removesuffix(FILE_SUFFIX.lower()) in top_level
+    )
+
+
+def _resolve(parts: list[str]) -> tuple[Any, str] | str:
+    """The pydantic field the key path ``parts`` ends at and its dotted name, or why there is none.
+
+    Keys of a dict-valued setting (``web.readers``, ``triage.priority.base``) may follow its name.
+    """
+    model: type[BaseModel] = Settings
+    for i, part in enumerate(parts):
+        fields = model.model_fields
+        if part not in fields:
+            where = ".".join(parts[:i]) or "the top level"
+            return f"no setting {'.'.join(parts[: i + 1])}; {where} has: {', '.join(fields)}"
+        field = fields[part]
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel) and i < len(parts) - 1:
+            model = annotation
+            continue
+        if i < len(parts) - 1 and get_origin(annotation) is not dict:
+            return f"{'.'.join(parts[: i + 1])} has no keys below it"
+        return field, ".".join(parts)
+    return "empty key"
+
+
+def _parse(value: str, field: Any) -> Any:
+    """A string setting as it is; for others, JSON when it starts with ``[`` or ``{`` (lists, dicts)."""
+    if field.annotation in (str, str | None) or not value.lstrip().startswith(("[", "{")):
+        return value  # pydantic converts "8080", "true", "1.5" itself
+    return json.loads(value)
+
+
+def environment_overrides(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, EnvValue]]:
+    """The settings the ``CXRTRIAGE_*`` variables set, as nested data, and where each came from.
+
+    ``CXRTRIAGE_WEB__TOKEN=x`` sets ``web.token``; ``CXRTRIAGE_WEB__TOKEN_FILE=/run/secrets/t``
+    sets it to that file's content (one trailing newline stripped); lists and dicts are JSON
+    (``CXRTRIAGE_DESTINATIONS='[{"ae_title": "PACS", "host": "pacs"}]'``). A variable that looks
+    like a key (see :func:`_is_config_variable`) but names none is an error: a typo must not be
+    silently ignored. Raises :class:`ConfigError`, one line per problem.
+    """
+    data: dict[str, Any] = {}
+    origins: dict[str, EnvValue] = {}
+    problems: list[str] = []
+    for variable in sorted(environ):
+        if not variable.startswith(ENV_PREFIX):
+            continue
+        rest = variable[len(ENV_PREFIX):]
+        if not _is_config_variable(rest, Settings.model_fields):
+            continue
+        raw = environ[variable]
+        resolved = _resolve(rest.lower().split("__"))
+        from_file = isinstance(resolved, str) and rest.endswith(FILE_SUFFIX)
+        if from_file:
+            resolved = _resolve(rest[: -len(FILE_SUFFIX)].lower().split("__"))
+        if isinstance(resolved, str):
+            problems.append(f"{variable}: {resolved}")
+            continue
+        field, dotted = resolved
+        parts = dotted.split(".")
+        secret = from_file or bool(SECRET_KEYS & set(parts))
+        if from_file:
+            try:
+                raw = Path(raw).read_text().removesuffix("\n")
+            except OSError as error:
+                problems.append(f"{variable}: cannot read the file {raw}: {error.strerror or error}")
+                continue
+        origin = EnvValue(variable, raw, secret)
+        try:
+            value = _parse(raw, field)
+        except json.JSONDecodeError as error:
+            problems.append(f"{variable}={origin.shown()}: {dotted} must be JSON here ({error.msg})")
+            continue
+        node = data
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+        origins[dotted] = origin
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return data, origins
+
+
+def merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``override`` on top; mappings merge key by key, anything else is replaced."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _env_origin(error: Any, origins: dict[str, EnvValue]) -> EnvValue | None:
+    """The variable that set the key of a validation error (or a key above it), if one did."""
+    loc = [str(p) for p in error["loc"]]
+    for end in range(len(loc), 0, -1):
+        if ".".join(loc[:end]) in origins:
+            return origins[".".join(loc[:end])]
+    return None
+
+
+def _read_file(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
@@ -323,7 +450,29 @@ def load_settings(path: str | Path | None = None) -> Settings:
         raise ConfigError(f"{path}: not valid YAML: {exc}".splitlines()[0]) from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
+    return data
+
+
+def load_settings(path: str | Path | None = None, *, environ: Mapping[str, str] | None = None) -> Settings:
+    """Read config.yaml (``None``: no file) with the ``CXRTRIAGE_*`` environment on top.
+
+    Precedence: environment (and ``*_FILE``) > config.yaml > defaults; nested keys merge.
+    ``environ`` defaults to ``os.environ``. Raises :class:`ConfigError` with one line per
+    problem, each naming the key (or the variable), the value (secrets masked) and what is
+    allowed, before anything else starts.
+    """
+    data = _read_file(Path(path)) if path is not None else {}
+    overrides, origins = environment_overrides(os.environ if environ is None else environ)
     try:
-        return Settings.model_validate(data)
+        return Settings.model_validate(merge(data, overrides))
     except ValidationError as exc:
-        raise ConfigError("\n".join(f"{path}: {_describe(e)}" for e in exc.errors())) from None
+        lines = []
+        for error in exc.errors():
+            origin = _env_origin(error, origins)
+            if origin is None:
+                lines.append(f"{path or 'defaults'}: {_describe(error)}")
+                continue
+            where = ".".join(str(p) for p in error["loc"])
+            message = error["msg"].removeprefix("Value error, ")
+            lines.append(f"{origin.variable}={origin.shown()}: {where}: {message}")
+        raise ConfigError("\n".join(lines)) from None

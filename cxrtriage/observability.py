@@ -10,6 +10,9 @@ Patient data stays out of logs and job errors in three ways:
   at any depth of nested dicts and lists.
 * The values of those dropped fields are also blanked wherever else they
   appear in the same record: the message and the other fields.
+
+``logging.patient_names: true`` lets all of it through; ``logging.accession_numbers:
+true`` lets only accession numbers through (:data:`ACCESSION_KEYS`).
 """
 
 from __future__ import annotations
@@ -18,11 +21,14 @@ import json
 import logging
 import logging.handlers
 import re
+import shutil
 import sys
 import time
 import traceback
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from pathlib import Path
 
+import psutil
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from .config import LoggingSettings
@@ -37,6 +43,9 @@ _PHI_KEY_NAMES = frozenset({
     "patientbirthtime", "medicalrecordlocator", "studyid", "institutionname", "operatorsname",
     "performingphysicianname", "requestingphysician", "physiciansofrecord",
 })
+
+#: The PHI key names of the accession number: logged when ``logging.accession_numbers`` is true.
+ACCESSION_KEYS = frozenset({"accessionnumber", "accession"})
 
 #: What replaces a scrubbed value.
 REDACTED = "<redacted>"
@@ -106,21 +115,25 @@ def _message(exc: BaseException) -> str:
         return ""
 
 
-def is_phi_key(key: object) -> bool:
-    """Whether a field named ``key`` carries patient identity (``patient_id``, ``PatientName``, ...)."""
+def is_phi_key(key: object, allowed: frozenset[str] = frozenset()) -> bool:
+    """Whether a field named ``key`` carries patient identity (``patient_id``, ``PatientName``, ...).
+
+    ``allowed``: normalised key names the configuration lets through (:data:`ACCESSION_KEYS`).
+    """
     if not isinstance(key, str):
         return False
-    return re.sub(r"[\s_\-']", "", key).lower() in _PHI_KEY_NAMES
+    name = re.sub(r"[\s_\-']", "", key).lower()
+    return name in _PHI_KEY_NAMES and name not in allowed
 
 
-def _phi_values(value: object, under_phi: bool = False) -> Iterable[str]:
+def _phi_values(value: object, under_phi: bool = False, allowed: frozenset[str] = frozenset()) -> Iterable[str]:
     """Every string (and number) found under a PHI key in ``value``, at any depth."""
     if isinstance(value, dict):
         for k, v in value.items():
-            yield from _phi_values(v, under_phi or is_phi_key(k))
+            yield from _phi_values(v, under_phi or is_phi_key(k, allowed), allowed)
     elif isinstance(value, (list, tuple, set, frozenset)):
         for item in value:
-            yield from _phi_values(item, under_phi)
+            yield from _phi_values(item, under_phi, allowed)
     elif under_phi and value is not None:
         text = str(value).strip()
         if len(text) >= 3:  # blanking "M" or "1" everywhere would garble the line, not protect anyone
@@ -130,12 +143,12 @@ def _phi_values(value: object, under_phi: bool = False) -> Iterable[str]:
                     yield part.strip()
 
 
-def _without_phi(value: object, secrets: list[str]) -> object:
+def _without_phi(value: object, secrets: list[str], allowed: frozenset[str] = frozenset()) -> object:
     """``value`` without PHI keys at any depth, with ``secrets`` blanked in its strings."""
     if isinstance(value, dict):
-        return {k: _without_phi(v, secrets) for k, v in value.items() if not is_phi_key(k)}
+        return {k: _without_phi(v, secrets, allowed) for k, v in value.items() if not is_phi_key(k, allowed)}
     if isinstance(value, (list, tuple, set, frozenset)):
-        return [_without_phi(v, secrets) for v in value]
+        return [_without_phi(v, secrets, allowed) for v in value]
     if isinstance(value, str):
         return _blank(value, secrets)
     return value
@@ -151,20 +164,21 @@ def _blank(text: str, secrets: list[str]) -> str:
 class _Scrubbed:
     """A record's message and fields as one formatter may print them."""
 
-    def __init__(self, record: logging.LogRecord, patient_names: bool) -> None:
+    def __init__(self, record: logging.LogRecord, patient_names: bool, accession_numbers: bool = False) -> None:
         fields: dict[str, object] = getattr(record, "fields", None) or {}
         message = record.getMessage()
         if patient_names:
             self.message, self.fields = message, dict(fields)
             return
-        secrets = sorted(set(_phi_values(fields)), key=len, reverse=True)
-        extra = {k: v for k, v in vars(record).items() if is_phi_key(k)}  # logger.info(..., extra={...})
-        secrets += sorted(set(_phi_values(extra, under_phi=True)), key=len, reverse=True)
+        allowed = ACCESSION_KEYS if accession_numbers else frozenset()
+        secrets = sorted(set(_phi_values(fields, allowed=allowed)), key=len, reverse=True)
+        extra = {k: v for k, v in vars(record).items() if is_phi_key(k, allowed)}  # logger.info(..., extra={...})
+        secrets += sorted(set(_phi_values(extra, under_phi=True, allowed=allowed)), key=len, reverse=True)
         if not record.name.startswith("cxrtriage"):
             # pynetdicom and friends may print dataset values: scrub them like an exception message
             message = scrub_text(message)
         self.message = _blank(message, secrets)
-        cleaned = _without_phi(fields, secrets)
+        cleaned = _without_phi(fields, secrets, allowed)
         self.fields = cleaned if isinstance(cleaned, dict) else {}
 
 
@@ -187,12 +201,13 @@ def _text_value(value: object) -> str:
 class TextFormatter(logging.Formatter):
     """``<time> <LEVEL> <logger> <message> key=value ...``: the event's fields follow the message."""
 
-    def __init__(self, patient_names: bool) -> None:
+    def __init__(self, patient_names: bool, accession_numbers: bool = False) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s")
         self.patient_names = patient_names
+        self.accession_numbers = accession_numbers
 
     def format(self, record: logging.LogRecord) -> str:
-        scrubbed = _Scrubbed(record, self.patient_names)
+        scrubbed = _Scrubbed(record, self.patient_names, self.accession_numbers)
         record.message = scrubbed.message
         if self.usesTime():
             record.asctime = self.formatTime(record, self.datefmt)
@@ -205,12 +220,13 @@ class TextFormatter(logging.Formatter):
 
 
 class JsonFormatter(logging.Formatter):
-    def __init__(self, patient_names: bool) -> None:
+    def __init__(self, patient_names: bool, accession_numbers: bool = False) -> None:
         super().__init__()
         self.patient_names = patient_names
+        self.accession_numbers = accession_numbers
 
     def format(self, record: logging.LogRecord) -> str:
-        scrubbed = _Scrubbed(record, self.patient_names)
+        scrubbed = _Scrubbed(record, self.patient_names, self.accession_numbers)
         payload: dict[str, object] = {
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
             "level": record.levelname,
@@ -228,10 +244,8 @@ def setup_logging(settings: LoggingSettings) -> None:
     handler: logging.Handler
     # WatchedFileHandler reopens the file after logrotate (or an administrator) renames it.
     handler = logging.handlers.WatchedFileHandler(settings.file) if settings.file else logging.StreamHandler(sys.stderr)
-    if settings.json_lines:
-        handler.setFormatter(JsonFormatter(settings.patient_names))
-    else:
-        handler.setFormatter(TextFormatter(settings.patient_names))
+    formatter = JsonFormatter if settings.json_lines else TextFormatter
+    handler.setFormatter(formatter(settings.patient_names, settings.accession_numbers))
     root = logging.getLogger("cxrtriage")
     root.handlers[:] = [handler]
     root.setLevel(settings.level.upper())
@@ -269,3 +283,49 @@ class Metrics:
             "cxrtriage_stage_seconds", "Latency of processing stages", ["stage"], registry=r,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
         )
+        self.associations_rejected = Counter(
+            "cxrtriage_associations_rejected", "Associations refused or dropped by the node, by reason",
+            ["reason"], registry=r,
+        )
+        self.tls_failures = Counter(
+            "cxrtriage_tls_failures", "Failed DICOM TLS handshakes, by reason", ["reason"], registry=r
+        )
+        self.disk_free = Gauge("cxrtriage_disk_free_bytes", "Free bytes on the archive's file system", registry=r)
+        self.resident_memory = Gauge(
+            "cxrtriage_process_resident_memory_bytes", "Resident memory of the node process", registry=r
+        )
+
+    def association_rejected(self, reason: str) -> None:
+        """Count one refused or dropped association (``reason``: a label of scp.guard/scp.server)."""
+        self.associations_rejected.labels(reason=reason).inc()
+
+    def tls_failure(self, reason: str) -> None:
+        """Count one failed TLS handshake (``no_client_certificate``, ``bad_certificate``, ...)."""
+        self.tls_failures.labels(reason=reason).inc()
+
+
+class GaugeSampler:
+    """Sets the node's gauges from the current state: queue depth, archive free space, memory.
+
+    Every (kind, state) pair is set on each sample, 0 included: a gauge set only
+    for the pairs that have rows would show a drained queue's last nonzero depth
+    forever. Takes the depth query as a callable (``JobQueue.depth``) because
+    observability sits below storage in the import graph.
+    """
+
+    def __init__(self, metrics: Metrics, queue_depth: Callable[[], dict[tuple[str, str], int]],
+                 archive_dir: str | Path, kinds: Iterable[str], states: Iterable[str]) -> None:
+        self.metrics = metrics
+        self.queue_depth = queue_depth
+        self.archive_dir = Path(archive_dir)
+        self.pairs = {(kind, state) for kind in kinds for state in states}
+        self.process = psutil.Process()
+
+    def sample(self) -> None:
+        """One sample of every gauge (the node calls it every few seconds)."""
+        depth = self.queue_depth()
+        self.pairs |= set(depth)  # a kind or state not declared still goes back to 0 once drained
+        for kind, state in self.pairs:
+            self.metrics.queue_depth.labels(kind=kind, state=state).set(depth.get((kind, state), 0))
+        self.metrics.disk_free.set(shutil.disk_usage(self.archive_dir).free)
+        self.metrics.resident_memory.set(self.process.memory_info().rss)

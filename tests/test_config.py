@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -34,9 +33,11 @@ def test_unknown_or_bad_keys_are_named(tmp_path: Path) -> None:
 #: with one line naming the key, the value and what is allowed.
 BAD_VALUES = [
     ("triage:\n  priority:\n    base: {critical: 90}\n", "triage.priority.base", "missing ['high'"),
-    ("triage:\n  priority:\n    max_wait_minutes: {critical: 0, high: 1, moderate: 1, low: 1, unscored: 1, ai_failed: 1}\n",
+    ("triage:\n  priority:\n    max_wait_minutes: "
+     "{critical: 0, high: 1, moderate: 1, low: 1, unscored: 1, ai_failed: 1}\n",
      "triage.priority.max_wait_minutes", "above 0"),
-    ("triage:\n  priority:\n    critical_total: 1\n    high_total: 3\n", "triage.priority", "critical_total >= high_total"),
+    ("triage:\n  priority:\n    critical_total: 1\n    high_total: 3\n", "triage.priority",
+     "critical_total >= high_total"),
     ("inference:\n  preset: danilov\n", "inference.preset", "'danilov'"),
     ("inference:\n  scoring:\n    brixia_cutoffs: [0.9, 0.1, 0.5]\n", "inference.scoring.brixia_cutoffs", "increasing"),
     ("inference:\n  device: gpu7\n", "inference.device", "'gpu7'"),

@@ -115,3 +115,34 @@ def test_the_log_file_is_reopened_after_rotation(tmp_path: Path, restore_loggers
     _log_refusal()
     assert len((tmp_path / "node.log.1").read_text().splitlines()) == 1
     assert len(path.read_text().splitlines()) == 1
+
+
+def _log_study_received() -> None:
+    log = logging.getLogger("cxrtriage.scp.ingest")
+    event(log, logging.INFO, "study received ACC-20260501-7", accession_number="ACC-20260501-7",
+          patient_id="PID-123456", study_uid="1.2.3")
+
+
+@pytest.mark.parametrize("json_lines", [True, False])
+def test_accession_numbers_stay_out_by_default(tmp_path: Path, restore_loggers: None, json_lines: bool) -> None:
+    path = tmp_path / "node.log"
+    setup_logging(LoggingSettings(file=str(path), json_lines=json_lines))
+    _log_study_received()
+    text = path.read_text()
+    assert "ACC-20260501-7" not in text and "PID-123456" not in text
+    assert "1.2.3" in text  # the rest of the event is there
+
+
+@pytest.mark.parametrize("json_lines", [True, False])
+def test_accession_numbers_logged_when_allowed(tmp_path: Path, restore_loggers: None, json_lines: bool) -> None:
+    path = tmp_path / "node.log"
+    setup_logging(LoggingSettings(file=str(path), json_lines=json_lines, accession_numbers=True))
+    _log_study_received()
+    text = path.read_text()
+    assert "PID-123456" not in text  # only accession numbers are let through, not patient identity
+    if json_lines:
+        line = json.loads(text)
+        assert line["accession_number"] == "ACC-20260501-7"
+        assert line["msg"] == "study received ACC-20260501-7"
+    else:
+        assert "accession_number=ACC-20260501-7" in text

@@ -108,6 +108,48 @@ class Limits:
         )
 
 
+#: Why the guard refused or dropped a connection (its log ``reason``) -> the label of
+#: ``cxrtriage_associations_rejected_total``; a fixed set, so the metric's cardinality stays bounded.
+REJECTION_LABELS: dict[str, str] = {
+    "handshake timeout": "handshake_timeout",
+    "PDU too large": "pdu_too_large",
+    "PDU timeout": "slow_pdu",
+    "garbage: not an A-ASSOCIATE-RQ": "not_dicom",
+    "garbage: not a DICOM PDU": "not_dicom",
+    "garbage: undecodable A-ASSOCIATE-RQ": "not_dicom",
+    "too many associations": "max_associations",
+    "too many associations from one host": "per_host_limit",
+    "too many pending connections": "pending_limit",
+}
+#: Called with the metric label of each refused or dropped association.
+OnRejected = Callable[[str], None]
+#: Called with the metric label of each failed TLS handshake.
+OnTLSFailure = Callable[[str], None]
+
+
+def rejection_label(reason: str) -> str:
+    """The metric label of a logged refusal reason (``tls_handshake`` for every TLS failure)."""
+    if reason.startswith("TLS handshake failed"):
+        return "tls_handshake"
+    return REJECTION_LABELS.get(reason, "other")
+
+
+def tls_failure_label(error: BaseException) -> str:
+    """``no_client_certificate``, ``bad_certificate``, ``timeout`` or ``protocol`` (OpenSSL's reason codes)."""
+    if isinstance(error, (TimeoutError, socket.timeout)):  # noqa: UP041
+        return "timeout"
+    reason = str(getattr(error, "reason", "") or "").upper()
+    if "PEER_DID_NOT_RETURN_A_CERTIFICATE" in reason:
+        return "no_client_certificate"
+    if "CERTIFICATE" in reason or "UNKNOWN_CA" in reason or "CERT" in reason:
+        return "bad_certificate"
+    return "protocol"
+
+
+def _ignore(label: str) -> None:
+    """The default counter: nothing counted (tests and tools that start a bare server)."""
+
+
 class Refused(Exception):
     """A connection or association the guard ends: why, and the A-ABORT reason to send (None: just close)."""
 
@@ -225,16 +267,19 @@ class GuardedSocket(AssociationSocket):
 
     limits: Limits
     peer: str
+    on_rejected: OnRejected
     _buffer: bytes
     _budget: DatasetBudget
 
     @classmethod
-    def adopt(cls, plain: AssociationSocket, limits: Limits, peer: str, first_pdu: bytes) -> GuardedSocket:
+    def adopt(cls, plain: AssociationSocket, limits: Limits, peer: str, first_pdu: bytes,
+              on_rejected: OnRejected = _ignore) -> GuardedSocket:
         """Take over a fresh AssociationSocket (its state, not a second Evt5)."""
         guarded = cls.__new__(cls)
         guarded.__dict__.update(plain.__dict__)
         guarded.limits = limits
         guarded.peer = peer
+        guarded.on_rejected = on_rejected
         guarded._buffer = first_pdu
         guarded._budget = DatasetBudget(limits.max_dataset_bytes)
         if guarded.socket is not None:
@@ -268,6 +313,7 @@ class GuardedSocket(AssociationSocket):
         except Refused as refused:
             if refused.level >= logging.WARNING:
                 event(log, logging.WARNING, "association aborted", reason=refused.reason, address=self.peer)
+                self.on_rejected(rejection_label(refused.reason))
             self._drop(refused.abort)
             return b""
         finally:
@@ -392,10 +438,10 @@ class GuardedRequestHandler(RequestHandler):
         try:
             sock, first_pdu = self._handshake(sock, entry)
         except Refused as refused:
-            if entry.evicted:
-                event(log, logging.WARNING, "association rejected", reason="too many pending connections", address=host)
-            elif refused.level >= logging.WARNING:
-                event(log, logging.WARNING, "association rejected", reason=refused.reason, address=host)
+            if entry.evicted or refused.level >= logging.WARNING:
+                reason = "too many pending connections" if entry.evicted else refused.reason
+                event(log, logging.WARNING, "association rejected", reason=reason, address=host)
+                server.on_rejected(rejection_label(reason))
             else:
                 event(log, logging.INFO, "connection ended before association", reason=refused.reason, address=host)
             _close(entry.sock, abort_pdu(refused.abort) if refused.abort is not None else None)
@@ -407,12 +453,13 @@ class GuardedRequestHandler(RequestHandler):
         refusal = server.admission.admit(host)
         if refusal:
             event(log, logging.WARNING, "association rejected", reason=refusal, address=host, calling_aet=calling)
+            server.on_rejected(rejection_label(refusal))
             _close(sock, LOCAL_LIMIT_EXCEEDED)
             return
         try:
             assoc = self._create_association()
             assoc.dul.socket = GuardedSocket.adopt(
-                assoc.dul.socket, server.limits, host, first_pdu  # type: ignore[arg-type]
+                assoc.dul.socket, server.limits, host, first_pdu, server.on_rejected  # type: ignore[arg-type]
             )
             evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
             assoc.start()
@@ -433,9 +480,11 @@ class GuardedRequestHandler(RequestHandler):
                 sock = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
                 entry.sock = sock
                 sock.do_handshake()
-            except (TimeoutError, socket.timeout):  # noqa: UP041
+            except (TimeoutError, socket.timeout) as error:  # noqa: UP041
+                self.server.on_tls_failure(tls_failure_label(error))
                 raise Refused("handshake timeout") from None
             except (ssl.SSLError, OSError) as error:
+                self.server.on_tls_failure(tls_failure_label(error))
                 raise Refused(f"TLS handshake failed: {error.__class__.__name__}") from None
         pdu = read_pdu(sock, deadline, associate_rq_cap, "handshake timeout")
         try:
@@ -468,8 +517,11 @@ class GuardedServer(ThreadedAssociationServer):
     request_queue_size = 128  # listen backlog; socketserver's 5 drops connections of a burst
     block_on_close = False  # shutdown does not wait for running associations
 
-    def __init__(self, *args: Any, limits: Limits, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, limits: Limits, on_rejected: OnRejected = _ignore,
+                 on_tls_failure: OnTLSFailure = _ignore, **kwargs: Any) -> None:
         self.limits = limits
+        self.on_rejected = on_rejected
+        self.on_tls_failure = on_tls_failure
         self.admission = Admission(limits)
         self.pending = PendingConnections()
         super().__init__(*args, **kwargs)
@@ -481,11 +533,17 @@ class GuardedServer(ThreadedAssociationServer):
 
 
 def serve(ae: AE, settings: DicomSettings, evt_handlers: list[EventHandlerType],
-          ssl_context: ssl.SSLContext | None) -> GuardedServer:
-    """Start the guarded server in a daemon thread (as ``AE.start_server(block=False)`` does)."""
+          ssl_context: ssl.SSLContext | None, *, on_rejected: OnRejected = _ignore,
+          on_tls_failure: OnTLSFailure = _ignore) -> GuardedServer:
+    """Start the guarded server in a daemon thread (as ``AE.start_server(block=False)`` does).
+
+    ``on_rejected`` and ``on_tls_failure`` count each refusal where it is logged (the node passes
+    its :class:`~cxrtriage.observability.Metrics`). Binding errors are left to the caller.
+    """
     server: GuardedServer = ae.make_server(  # type: ignore[assignment]
         (settings.host, settings.port), ssl_context=ssl_context, evt_handlers=evt_handlers,
         server_class=GuardedServer, request_handler=GuardedRequestHandler, limits=Limits.from_settings(settings),
+        on_rejected=on_rejected, on_tls_failure=on_tls_failure,
     )
     thread = threading.Thread(target=make_target(server.serve_forever),
                               name=f"AcceptorServer@{datetime.now():%Y%m%d%H%M%S}", daemon=True)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import ssl
 from collections.abc import Callable
 from typing import Any
@@ -13,26 +15,54 @@ from pynetdicom.sop_class import UnifiedProcedureStepPull  # type: ignore[attr-d
 from pynetdicom.transport import ThreadedAssociationServer
 
 from ..config import DicomSettings
-from ..observability import event
+from ..errors import ListenerError, StartupError
+from ..observability import Metrics, event
 from .contexts import FIND_CLASSES, GET_CLASSES, MOVE_CLASSES, STORAGE_CLASSES, TRANSFER_SYNTAXES, VERIFICATION, Status
-from .guard import oversized_dataset, serve
+from .guard import OnRejected, oversized_dataset, serve
 
 log = logging.getLogger(__name__)
 
 
 def server_tls(settings: DicomSettings) -> ssl.SSLContext | None:
-    """DICOM TLS server context; client certificates are required when a CA bundle is set."""
+    """DICOM TLS server context; client certificates are required when a CA bundle is set.
+
+    A missing or unusable file is a :class:`StartupError` naming its config key and path.
+    """
     tls = settings.tls
     if not tls.enabled:
         return None
     if not tls.certificate or not tls.private_key:
-        raise ValueError("dicom.tls.enabled needs dicom.tls.certificate and dicom.tls.private_key")
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(tls.certificate, tls.private_key)
+        raise StartupError("dicom.tls.enabled needs dicom.tls.certificate and dicom.tls.private_key")
+    files = {"dicom.tls.certificate": tls.certificate, "dicom.tls.private_key": tls.private_key}
     if tls.ca_certificates:
-        context.load_verify_locations(tls.ca_certificates)
+        files["dicom.tls.ca_certificates"] = tls.ca_certificates
+    for key, path in files.items():
+        _readable(key, path)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(tls.certificate, tls.private_key)
+    except ssl.SSLError as error:
+        raise StartupError(f"dicom.tls.certificate {tls.certificate} / dicom.tls.private_key {tls.private_key}: "
+                           f"not a PEM certificate and its key ({error.reason or error})") from None
+    if tls.ca_certificates:
+        try:
+            context.load_verify_locations(tls.ca_certificates)
+        except ssl.SSLError as error:
+            raise StartupError(f"dicom.tls.ca_certificates {tls.ca_certificates}: not a PEM CA bundle "
+                               f"({error.reason or error})") from None
         context.verify_mode = ssl.CERT_REQUIRED
     return context
+
+
+def _readable(key: str, path: str) -> None:
+    """Raise a StartupError naming ``key`` unless ``path`` is a file this process can read."""
+    if not os.path.isfile(path):
+        raise StartupError(f"{key}: no such file: {path}")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as error:
+        raise StartupError(f"{key}: cannot read {path}: {error.strerror or error}") from None
 
 
 def build_ae(settings: DicomSettings) -> AE:
@@ -56,22 +86,45 @@ def build_ae(settings: DicomSettings) -> AE:
     return ae
 
 
-def start_server(settings: DicomSettings, handlers: dict[str, Callable[[Any], Any]]) -> ThreadedAssociationServer:
-    """Start listening (non-blocking) behind the receive-path guard (see guard.py); returns the server."""
+def start_server(settings: DicomSettings, handlers: dict[str, Callable[[Any], Any]], *,
+                 metrics: Metrics | None = None) -> ThreadedAssociationServer:
+    """Start listening (non-blocking) behind the receive-path guard (see guard.py); returns the server.
+
+    With ``metrics``, every refused or dropped association and every failed TLS handshake is
+    counted where it is logged. A port that cannot be bound raises :class:`ListenerError`.
+    """
     ae = build_ae(settings)
+    on_rejected: OnRejected = metrics.association_rejected if metrics else _not_counted
     bound: list[EventHandlerType] = [
         (evt.EVT_C_ECHO, lambda e: Status.SUCCESS),
         (evt.EVT_C_STORE, refuse_oversized(handlers["store"], settings.max_dataset_mb)),
         (evt.EVT_C_FIND, handlers["find"]),
         (evt.EVT_C_MOVE, handlers["move"]),
         (evt.EVT_C_GET, handlers["get"]),
-        (evt.EVT_REJECTED, _log_rejected),
+        (evt.EVT_REJECTED, _log_rejected, [on_rejected]),
         (evt.EVT_ACCEPTED, _log_accepted),
     ]
-    server = serve(ae, settings, bound, server_tls(settings))
+    context = server_tls(settings)
+    try:
+        server = serve(ae, settings, bound, context, on_rejected=on_rejected,
+                       on_tls_failure=metrics.tls_failure if metrics else _not_counted)
+    except OSError as error:
+        raise ListenerError("dicom", settings.host, settings.port, bind_failure(error)) from None
     event(log, logging.INFO, "listening", ae_title=settings.ae_title, host=settings.host, port=settings.port,
           tls=settings.tls.enabled)
     return server
+
+
+def bind_failure(error: OSError) -> str:
+    """Why a listener could not bind, in an operator's words."""
+    reasons = {errno.EADDRINUSE: "address already in use (another process listens on this port)",
+               errno.EACCES: "permission denied (ports below 1024 need privileges)",
+               errno.EADDRNOTAVAIL: "address not available on this machine"}
+    return reasons.get(error.errno or 0, error.strerror or str(error))
+
+
+def _not_counted(label: str) -> None:
+    """No metrics: refusals are logged only."""
 
 
 def refuse_oversized(store: Callable[[Any], Any], max_dataset_mb: int) -> Callable[[Any], Any]:
@@ -97,7 +150,7 @@ def _peer(e: Any) -> dict[str, object]:
     return {"calling_aet": str(requestor.ae_title).strip(), "address": requestor.address}
 
 
-#: A-ASSOCIATE-RJ (result source, diagnostic) -> why, PS3.8 Table 9-21.
+#: A-ASSOCIATE-RJ (result source, diagnostic) -> why, PS3.8 Table 9-21; the metric label is the reason in snake case.
 REJECT_REASONS: dict[tuple[int, int], str] = {
     (0x01, 0x01): "no reason given",
     (0x01, 0x02): "application context not supported",
@@ -110,13 +163,26 @@ REJECT_REASONS: dict[tuple[int, int], str] = {
 }
 
 
-def _log_rejected(e: Any) -> None:
+def _log_rejected(e: Any, on_rejected: OnRejected) -> None:
     primitive = e.assoc.acceptor.primitive
     key = (getattr(primitive, "result_source", None), getattr(primitive, "diagnostic", None))
     reason = REJECT_REASONS.get(key, "unknown")  # type: ignore[arg-type]
     if key == (0x02, 0x01) and e.assoc.requestor.user_identity:
         reason = "user identity not verified"
     event(log, logging.WARNING, "association rejected", reason=reason, **_peer(e))
+    on_rejected(REJECT_LABELS.get(reason, "other"))
+
+
+#: The metric labels of the rejections pynetdicom makes (REJECT_REASONS), in the guard's vocabulary.
+REJECT_LABELS: dict[str, str] = {
+    "calling AE title not allowed": "calling_ae_not_allowed",
+    "called AE title wrong": "called_ae_wrong",
+    "too many associations": "max_associations",
+    "temporary congestion": "congestion",
+    "application context not supported": "application_context",
+    "protocol version not supported": "protocol_version",
+    "user identity not verified": "user_identity",
+}
 
 
 def _log_accepted(e: Any) -> None:
