@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 import yaml
-from sqlalchemy import insert
 from pydicom.filereader import read_file_meta_info
 from pynetdicom import AE
 from pynetdicom.dimse_primitives import C_STORE
+from sqlalchemy import insert
 
 from cxrtriage.storage.models import Instance, Reading, ScoreResult
 
@@ -344,3 +344,32 @@ def fill_random_studies(db: Any, studies: int, seed: int, now: dt.datetime, *, r
 
         with db.session() as session:  # bulk rows bypass the writers that keep study_ranks current
             rebuild(session)
+
+
+def make_pki(folder: Path) -> dict[str, Path]:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, made with openssl (P-256 keys:
+    a fraction of RSA's key generation time)."""
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=folder)
+
+    run("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", "ca.key",
+        "-out", "ca.pem", "-days", "2", "-subj", "/CN=cxrtriage test CA")
+    for name, extra in (("server", "subjectAltName=IP:127.0.0.1"), ("client", "extendedKeyUsage=clientAuth")):
+        run("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", f"{name}.key",
+            "-out", f"{name}.csr", "-subj", f"/CN={name}")
+        (folder / f"{name}.ext").write_text(extra + "\n")
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext")
+    return {n: folder / n for n in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")}
+
+
+def cli(*args: str) -> tuple[int, str]:
+    """Run the ``cxrtriage`` command in-process (typer's CliRunner, a wide terminal): exit code and output."""
+    from typer.testing import CliRunner
+
+    from cxrtriage.cli import app
+
+    result = CliRunner().invoke(app, list(args), env={"COLUMNS": "200"})
+    return result.exit_code, result.output

@@ -12,22 +12,13 @@ import pytest
 import yaml
 from sqlalchemy import select
 from sqlalchemy.engine import make_url
-from typer.testing import CliRunner
 
-from cxrtriage.cli import app
 from cxrtriage.storage.backup import MANIFEST, _pg_args, sqlite_backup
 from cxrtriage.storage.db import Database, DatabaseTooNew
 from cxrtriage.storage.models import Base, Instance, JobKind
 from cxrtriage.storage.queue import JobQueue
 
-from .harness import fill_random_studies
-
-runner = CliRunner()
-
-
-def cli(*args: str) -> tuple[int, str]:
-    result = runner.invoke(app, list(args), env={"COLUMNS": "200"})
-    return result.exit_code, result.output
+from .harness import cli, fill_random_studies
 
 
 def snapshot(db: Database) -> dict[str, list[tuple[object, ...]]]:

@@ -8,7 +8,6 @@ import datetime as dt
 import os
 import socket
 import ssl
-import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -28,31 +27,13 @@ from cxrtriage.scp.server import start_server
 from cxrtriage.storage.models import Instance, JobKind, JobState
 from cxrtriage.storage.queue import JobQueue
 
-from .harness import fill_random_studies, free_port, wait_for
+from .harness import fill_random_studies, free_port, make_pki, wait_for
 
 REJECTED = "cxrtriage_associations_rejected_total"
 TLS_FAILURES = "cxrtriage_tls_failures_total"
 HANDLERS: dict[str, Callable[[Any], Any]] = {
     name: lambda e: Status.SUCCESS for name in ("store", "find", "move", "get")
 }
-
-
-def make_pki(folder: Path) -> dict[str, Path]:
-    """A CA, a server certificate for 127.0.0.1 and a client certificate (as tests/test_node_security.py)."""
-    folder.mkdir(parents=True, exist_ok=True)
-
-    def run(*args: str) -> None:
-        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=folder)
-
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
-        "-subj", "/CN=cxrtriage test CA")
-    for name, extra in (("server", "subjectAltName=IP:127.0.0.1"), ("client", "extendedKeyUsage=clientAuth")):
-        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
-            "-subj", f"/CN={name}")
-        (folder / f"{name}.ext").write_text(extra + "\n")
-        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-            "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext")
-    return {n: folder / n for n in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")}
 
 
 def count(metrics: Metrics, name: str, reason: str) -> float:

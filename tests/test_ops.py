@@ -14,24 +14,14 @@ from pathlib import Path
 import pytest
 import yaml
 from sqlalchemy import select, text
-from typer.testing import CliRunner
 
-from cxrtriage.cli import app
 from cxrtriage.storage.db import Database
 from cxrtriage.storage.models import AuditEvent, Instance, Job, JobKind, JobState, ScoreResult
 from cxrtriage.storage.queue import JobQueue
 
-from .harness import StoreSCP, free_port
+from .harness import StoreSCP, cli, free_port, make_pki
 
 CR = "1.2.840.10008.5.1.4.1.1.1"
-runner = CliRunner()
-
-
-def cli(*args: str) -> tuple[int, str]:
-    result = runner.invoke(app, list(args), env={"COLUMNS": "200"})
-    return result.exit_code, result.output
-
-
 def write_config(folder: Path, database_url: str, **sections: object) -> Path:
     config = {"storage": {"database_url": database_url, "archive_dir": str(folder / "archive")}, **sections}
     path = folder / "config.yaml"
@@ -238,27 +228,6 @@ def test_check_archive_short_of_space_and_unwritable(tmp_path: Path) -> None:
         data["storage"]["archive_dir"] = str(locked / "archive")
         config.write_text(yaml.safe_dump(data))
         assert "cannot be created" in cli("check", "-c", str(config))[1]
-
-
-def make_pki(folder: Path) -> dict[str, Path]:
-    """A CA, a server certificate for 127.0.0.1 and a client certificate, made with openssl.
-
-    (The same as test_node_security.make_pki: a candidate for tests/harness.py.)
-    """
-    folder.mkdir(parents=True, exist_ok=True)
-
-    def run(*args: str) -> None:
-        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=folder)
-
-    run("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", "ca.key",
-        "-out", "ca.pem", "-days", "2", "-subj", "/CN=cxrtriage test CA")
-    for name, extra in (("server", "subjectAltName=IP:127.0.0.1"), ("client", "extendedKeyUsage=clientAuth")):
-        run("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", f"{name}.key",
-            "-out", f"{name}.csr", "-subj", f"/CN={name}")
-        (folder / f"{name}.ext").write_text(extra + "\n")
-        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-            "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext")
-    return {n: folder / n for n in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")}
 
 
 def test_echo_and_check_over_tls(tmp_path: Path) -> None:
