@@ -24,7 +24,9 @@ TOKEN = "s3cret-token"
 #: Every route the app serves, documentation and static files included.
 PROTECTED = ["/", "/docs", "/redoc", "/openapi.json", "/static/common.js", "/static/worklist.js", "/static/style.css",
              "/metrics", "/api/worklist", "/api/studies/1.2.3", "/studies/1.2.3", "/api/images/1.2.3/overlay.png",
+             "/api/images/1.2.3/image.png", "/api/audit", "/api/me", "/api/destinations", "/static-docs/swagger-ui.css",
              "/no-such-page"]
+READERS = {"dr_a": "token-of-a"}
 
 
 @pytest.fixture
@@ -50,7 +52,18 @@ def test_every_route_but_health_needs_the_token(db: Database, tmp_path: Path, pa
     allowed = web.get(path, headers={"Authorization": f"Bearer {TOKEN}"})
     assert allowed.status_code != 401, path
     assert web.get(path, auth=("reader", TOKEN)).status_code == allowed.status_code  # HTTP Basic, token as password
-    assert web.get("/api/health").status_code == 200
+    assert web.get("/api/health").status_code == 200 and web.get("/api/health/live").status_code == 200
+
+
+@pytest.mark.parametrize("path", PROTECTED)
+def test_a_readers_own_token_opens_every_route(db: Database, tmp_path: Path, path: str) -> None:
+    web = client(db, tmp_path, token=TOKEN, readers=READERS)
+    expected = web.get(path, headers={"Authorization": f"Bearer {TOKEN}"}).status_code
+    assert expected != 401
+    assert web.get(path, auth=("dr_a", "token-of-a")).status_code == expected
+    assert web.get(path, headers={"Authorization": "Bearer token-of-a"}).status_code == expected
+    assert web.get(path, auth=("dr_b", "token-of-a")).status_code == 401  # the token is dr_a's, not dr_b's
+    assert web.get(path, auth=("dr_a", "token-of-")).status_code == 401
 
 
 def test_docs_and_openapi_open_without_a_token(db: Database, tmp_path: Path) -> None:
@@ -77,7 +90,8 @@ def test_other_hosts_are_refused(db: Database, tmp_path: Path, host: str) -> Non
 
 
 def test_health_answers_any_host(db: Database, tmp_path: Path) -> None:
-    assert client(db, tmp_path).get("/api/health", headers={"Host": "pod-10-0-0-7"}).status_code == 200
+    for probe in ("/api/health", "/api/health/live"):
+        assert client(db, tmp_path).get(probe, headers={"Host": "pod-10-0-0-7"}).status_code == 200
 
 
 def test_configured_names_and_the_wildcard(db: Database, tmp_path: Path) -> None:
@@ -113,12 +127,12 @@ def test_pages_have_no_inline_script(db: Database, tmp_path: Path) -> None:
     import re
 
     web = client(db, tmp_path)
-    for page in ("/", "/static/study.html"):
+    for page in ("/", "/static/study.html", "/docs"):
         html = web.get(page).text
         scripts = re.findall(r"<script([^>]*)>(.*?)</script>", html, re.S)
-        assert scripts and all('src="/static/' in attrs and not body.strip() for attrs, body in scripts), page
+        assert scripts and all('src="/static' in attrs and not body.strip() for attrs, body in scripts), page
         assert not re.search(r"\son[a-z]+=", html) and "style=" not in html  # no inline handlers or styles
-        for src in re.findall(r'src="(/static/[^"]+)"', html):
+        for src in re.findall(r'src="(/static[^"]+)"', html):
             assert web.get(src).status_code == 200
 
 

@@ -501,6 +501,20 @@ UPS_PULL = "1.2.840.10008.5.1.4.34.6.3"
 VERIFICATION = "1.2.840.10008.1.1"
 UPS_SOP_CLASS = "1.2.840.10008.5.1.4.34.6.1"
 UPS_PRIORITY = {"critical": "HIGH", "high": "HIGH", "low": "LOW"}
+#: Requested Procedure Priority (0040,1003) values that make the workitem HIGH whatever the AI found.
+URGENT_ORDERS = frozenset({"STAT", "HIGH"})
+
+
+def ups_priority(band: str, requested_priority: str, dimse_high: bool) -> str:
+    """Scheduled Procedure Step Priority (0074,1200; PS3.3 C.30.2.1): HIGH, MEDIUM or LOW.
+
+    The band's mapping, raised to HIGH for an urgent order (STAT or HIGH requested
+    priority, or a C-STORE sent with DIMSE priority HIGH): as on the worklist, the
+    AI never lowers the order's priority (triage/priority.py).
+    """
+    if requested_priority.strip().upper() in URGENT_ORDERS or dimse_high:
+        return "HIGH"
+    return UPS_PRIORITY.get(band, "MEDIUM")
 UPS_STATE = {"unread": "SCHEDULED", "claimed": "IN PROGRESS", "read": "COMPLETED"}
 
 
@@ -511,7 +525,9 @@ def workitems(worklist: Worklist, ae_title: str) -> Iterator[Dataset]:
         item.SOPClassUID = UPS_SOP_CLASS
         item.SOPInstanceUID = derived_uid(entry.study_instance_uid, "reading", "ups")
         item.ProcedureStepState = UPS_STATE[entry.reading_state]
-        item.ScheduledProcedureStepPriority = UPS_PRIORITY.get(entry.priority.band, "MEDIUM")
+        # WorklistEntry.dimse_high: any image of the study sent with DIMSE priority HIGH (absent: False).
+        item.ScheduledProcedureStepPriority = ups_priority(entry.priority.band, entry.requested_priority,
+                                                           bool(getattr(entry, "dimse_high", False)))
         item.ProcedureStepLabel = f"Read chest X-ray ({entry.priority.band.replace('_', ' ')})"
         item.WorklistLabel = f"{ae_title} reading"
         item.ScheduledProcedureStepStartDateTime = entry.received_at.strftime("%Y%m%d%H%M%S")

@@ -16,6 +16,7 @@ async function refresh() {
       <td>${s.p_disease === null ? "-" : s.p_disease.toFixed(2)}</td>
       <td>${minutes(s.waited_minutes)}</td>
       <td>${flagBadges(s.flags)}${researchBadge(s)}</td>
+      <td class="patient">${escapeHtml(patientText(s))}</td>
       <td><a href="/studies/${encodeURIComponent(s.study_instance_uid)}">${escapeHtml(s.accession_number || "(none)")}</a></td>
       <td>${escapeHtml(s.study_date)}</td>
       <td>${escapeHtml(s.reading_state)}${s.reader ? " (" + escapeHtml(s.reader) + ")" : ""}</td>
@@ -43,6 +44,7 @@ async function showDestinations() {
   line.textContent = down.map((d) => `Sending to ${d.destination} is paused after ${d.consecutive_failures} failures`
     + (d.state === "open" ? `: next try in ${Math.ceil(d.retry_in_seconds)} s` : ": trying one object")).join(" · ");
 }
+renderLegend(document.getElementById("legend"));
 for (const id of ["band", "modality", "unread"]) document.getElementById(id).addEventListener("change", refresh);
 refresh();
 setInterval(refresh, 2000);
