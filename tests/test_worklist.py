@@ -42,7 +42,7 @@ def test_worklist_order_claims_and_restart(tmp_path: Path, database_url: str) ->
         assert status == 409 and "another reader" in body["detail"]
         assert call(f"{base}/api/studies/1.2.3.999/claim", "POST", {"reader": "dr_a"})[0] == 404
         status, study = call(f"{base}/api/studies/{top}")
-        assert study["reading_state"] == "claimed" and study["reader"] == "dr_a"
+        assert study["reading_state"] == "claimed" and study["reader"] == "unauthenticated:dr_a"  # no web auth
         assert study["image_results"][0]["status"] == "scored"
         overlay = urllib.request.urlopen(f"{base}/api/images/{study['image_results'][0]['sop_instance_uid']}/overlay.png")
         assert overlay.read(8) == b"\x89PNG\r\n\x1a\n"
@@ -57,7 +57,7 @@ def test_worklist_order_claims_and_restart(tmp_path: Path, database_url: str) ->
     try:
         base = restarted.web_url()
         study = call(f"{base}/api/studies/{top}")[1]
-        assert study["reading_state"] == "claimed" and study["reader"] == "dr_a"  # survived the restart
+        assert study["reading_state"] == "claimed" and study["reader"] == "unauthenticated:dr_a"  # survived restart
         assert call(f"{base}/api/studies/{top}/read", "POST", {"reader": "dr_a"})[0] == 200
         assert top not in [e["study_instance_uid"] for e in call(f"{base}/api/worklist")[1]]
     finally:

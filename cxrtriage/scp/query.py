@@ -525,9 +525,8 @@ def workitems(worklist: Worklist, ae_title: str) -> Iterator[Dataset]:
         item.SOPClassUID = UPS_SOP_CLASS
         item.SOPInstanceUID = derived_uid(entry.study_instance_uid, "reading", "ups")
         item.ProcedureStepState = UPS_STATE[entry.reading_state]
-        # WorklistEntry.dimse_high: any image of the study sent with DIMSE priority HIGH (absent: False).
         item.ScheduledProcedureStepPriority = ups_priority(entry.priority.band, entry.requested_priority,
-                                                           bool(getattr(entry, "dimse_high", False)))
+                                                           entry.dimse_high)
         item.ProcedureStepLabel = f"Read chest X-ray ({entry.priority.band.replace('_', ' ')})"
         item.WorklistLabel = f"{ae_title} reading"
         item.ScheduledProcedureStepStartDateTime = entry.received_at.strftime("%Y%m%d%H%M%S")

@@ -29,6 +29,7 @@ from ..storage.cluster import SCHEDULER_LEASE, acquire
 from ..storage.db import Database
 from ..storage.models import Instance, Job, JobKind, JobState, Reading, ScoreResult, as_utc, utcnow
 from ..storage.queue import JobQueue
+from .preview import plain_path
 from .study_rank import refresh_study
 from .worklist import Worklist
 
@@ -163,6 +164,7 @@ def purge(settings: Settings | None = None) -> int:
             for instance in instances:
                 archive.remove(instance.path)
                 archive.overlay_path(instance.sop_instance_uid).unlink(missing_ok=True)
+                plain_path(archive, instance.sop_instance_uid).unlink(missing_ok=True)
             session.execute(delete(Job).where(Job.instance_id.in_(ids)))
             session.execute(delete(ScoreResult).where(ScoreResult.instance_id.in_(ids)))
             unlink = update(Instance).where(Instance.id.in_(ids)).values(duplicate_of_id=None, derived_from_id=None)

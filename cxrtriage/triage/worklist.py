@@ -150,6 +150,7 @@ class WorklistEntry:
     patient_name: str = ""
     study_date: str = ""
     study_description: str = ""
+    dimse_high: bool = False  # an image of the study came with DIMSE priority HIGH (0000,0700 = 1)
     ai_status: str = "PENDING"  # SCORED, PENDING, FAILED or NOT_SCORABLE (as C-FIND reports it)
     total_score: int | None = None
     brixia_total: int | None = None
@@ -326,14 +327,16 @@ class Worklist:
         images = study.images
         requested = [image.requested_priority for image in images]
         received = min(image.received_at for image in images)
+        dimse_high = any(image.dimse_priority == 1 for image in images)
         priority = prioritise([image.finding() for image in images], requested, received, now, self.settings,
-                              dimse_high=any(image.dimse_priority == 1 for image in images))
+                              dimse_high=dimse_high)
         if study.escalated:
             priority.flags.append("escalated")
         entry = WorklistEntry(
             study_instance_uid=study.uid, first_instance_id=images[0].instance_id,
             modalities=sorted({image.modality for image in images if image.modality}), received_at=received,
             images=len(images), priority=priority, reading_state=study.state, reader=study.reader,
+            dimse_high=dimse_high,
             requested_priority=max(requested, key=lambda r: REQUESTED_PRIORITY_RANK.get(r.upper(), -1), default=""),
             ai_status=ai_status(images),
             scored_instance_ids=[image.instance_id for image in images if image.status == ResultStatus.SCORED],
