@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from .cli_models import app as models_app
 from .cli_ops import register as register_ops
@@ -18,6 +21,16 @@ if TYPE_CHECKING:
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Chest X-ray severity triage node.")
 console = Console()
+errors = Console(stderr=True)
+#: ``cxrtriage --debug ...``: errors show their traceback instead of one line.
+DEBUG = {"on": False}
+#: What a user who reads ``--dicom <bool>`` might type after a flag; never taken as an input file.
+BOOLEAN_WORDS = {"true", "false", "yes", "no", "on", "off", "1", "0"}
+
+
+def flag(name: str, help: str) -> Any:
+    """A boolean option shown as ``--name / --no-name`` (no ``<bool>`` value in the help)."""
+    return typer.Option(False, f"--{name}/--no-{name}", metavar="", show_default=False, help=help)
 
 
 def _print_version(value: bool) -> None:
@@ -30,33 +43,52 @@ def _print_version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, metavar="",
                                  help="print the version and exit"),
+    debug: bool = typer.Option(False, "--debug", metavar="", help="show the traceback of an error, not one line"),
 ) -> None:
     """Chest X-ray severity triage node."""
+    DEBUG["on"] = debug
+
+
+@contextmanager
+def startup_errors() -> Iterator[None]:
+    """A :class:`~.errors.StartupError` (or a database newer than this code) as one red ``error:`` line
+    on stderr and exit 1, without a traceback unless ``--debug``."""
+    from .errors import StartupError
+
+    try:
+        yield
+    except Exception as exc:
+        from .storage.db import DatabaseTooNew
+
+        if DEBUG["on"] or not isinstance(exc, StartupError | DatabaseTooNew):
+            raise
+        errors.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
 
 
 def _settings(path: Path | None, *, models: bool = True) -> Any:
     """config.yaml (and, with ``models``, the model files it names) checked before anything
     starts: one red line per problem and exit 2, no traceback."""
-    from .config import ConfigError, load_settings
+    from .cli_ops import load_settings_or_exit
+
+    settings = load_settings_or_exit(path)
+    if models:
+        _check_models(settings)
+    return settings
+
+
+def _check_models(settings: Any) -> None:
+    """The model files config.yaml names exist (nothing is loaded), or one red line and exit 2."""
+    from .inference.model_cache import ModelNotCached
+    from .inference.presets import model_specs
 
     try:
-        settings = load_settings(path)
-    except ConfigError as exc:
-        for line in str(exc).splitlines():
-            console.print(f"[red]config error:[/] {line}", highlight=False, soft_wrap=True)
+        model_specs(settings.inference)
+    except (ModelNotCached, FileNotFoundError, ValueError) as exc:
+        errors.print(f"[red]model error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
-    if models:
-        from .inference.model_cache import ModelNotCached
-        from .inference.presets import model_specs
-
-        try:
-            model_specs(settings.inference)
-        except (ModelNotCached, FileNotFoundError, ValueError) as exc:
-            console.print(f"[red]model error:[/] {exc}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
-    return settings
 
 
 app.add_typer(models_app, name="models")
@@ -76,11 +108,14 @@ def archive_verify(
     """
     from sqlalchemy import select
 
+    from .preflight import require_database
     from .storage.archive import Archive
     from .storage.db import Database
     from .storage.models import Instance
 
     settings = _settings(config, models=False)
+    with startup_errors():
+        require_database(settings.storage.database_url)
     db = Database(settings.storage.database_url)
     archive = Archive(settings.storage.archive_dir)
     try:
@@ -193,64 +228,117 @@ def score(
     inputs: list[Path] = typer.Argument(..., help="DICOM / PNG / JPEG files or folders"),
     out: Path = typer.Option(Path("cxrtriage-out"), help="folder for results.json and overlay PNGs"),
     config: Path | None = typer.Option(None, "--config", "-c", help="config.yaml (default: built-in settings)"),
-    dicom: bool = typer.Option(False, "--dicom", help="also write the DICOM SEG + TID 1500 SR the node sends"),
-    jpeg2000: bool = typer.Option(False, "--jpeg2000", help="JPEG 2000 lossless SEG (about 100x smaller)"),
+    dicom: bool = flag("dicom", "also write the DICOM SEG + TID 1500 SR the node sends"),
+    jpeg2000: bool = flag("jpeg2000", "JPEG 2000 lossless SEG (about 100x smaller)"),
     workers: int = typer.Option(1, "--workers", "-w", min=1, help="worker processes (each loads the models)"),
+    as_json: bool = flag("json", "print only results.json on stdout (no table; progress stays on stderr)"),
 ) -> None:
     """Score chest radiographs offline: a table, results.json and an overlay PNG per image.
 
     Exit status 0 when every file was scored, 1 when some were rejected (each
     is listed with its reason), 2 when nothing could be scored.
     """
-    from rich.table import Table
-
     from .inference.score_files import expand_inputs, write_report
 
+    words = [str(p) for p in inputs if str(p).lower() in BOOLEAN_WORDS and not p.exists()]
+    if words:
+        raise typer.BadParameter(f"{words[0]!r} is not a file: --dicom, --jpeg2000 and --json are flags "
+                                 "(--dicom or --no-dicom, no value)", param_hint="INPUTS")
     settings = _settings(config)
     files = expand_inputs(inputs)
     if not files:
-        console.print("[red]no input files found[/]")
+        errors.print("[red]no input files found[/]")
         raise typer.Exit(2)
-    table = Table(title=f"cxrtriage: {len(files)} file(s)")
-    for column in ("file", "score 0-6", "zones A-F", "Brixia 0-18", "P(disease)", "ms", "status"):
-        table.add_column(column)
+    outcomes = _score_with_progress(settings.inference, files, out, workers, dicom=dicom, jpeg2000=jpeg2000)
+    report = write_report(outcomes, out, settings.inference)
+    rejected = sum(not o.ok for o in outcomes)
+    if as_json:
+        sys.stdout.write(report.read_text() + "\n")
+    else:
+        console.print(_score_table(outcomes, console.width))
+        research = [o.result for o in outcomes if o.ok and o.result and o.result["research_use"]]
+        if research:
+            models = sorted({research[0]["model_identity"][s]["name"] for s in ("lungs", "disease")})
+            console.print(f"[black on yellow] {research[0]['model_identity']['notice']} [/] ({'; '.join(models)})")
+        console.print(f"results: {report}  ({len(outcomes) - rejected} scored, {rejected} rejected)")
+    if rejected:
+        raise typer.Exit(2 if rejected == len(outcomes) else 1)
+
+
+def _score_with_progress(settings: Any, files: list[Path], out: Path, workers: int, **options: bool) -> list[Any]:
+    """Every outcome, with a progress bar on stderr (the first file waits for the models to load)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     outcomes = []
-    for outcome in _scored(settings.inference, files, out, workers, dicom=dicom, jpeg2000=jpeg2000):
-        outcomes.append(outcome)
+    with Progress(*columns, console=errors, transient=True) as progress:
+        bar = progress.add_task("loading models, scoring", total=len(files))
+        for outcome in _scored(settings, files, out, workers, **options):
+            outcomes.append(outcome)
+            progress.update(bar, advance=1, description=f"scoring {outcome.path.name}")
+    return outcomes
+
+
+#: Columns of the score table; those marked optional are dropped, in this order, on narrow terminals.
+SCORE_COLUMNS = ("file", "score 0-6", "zones A-F", "Brixia 0-18", "P(disease)", "ms", "status")
+NARROW_DROPS = (("ms", 100), ("zones A-F", 80), ("Brixia 0-18", 64))
+
+
+def _score_table(outcomes: list[Any], width: int) -> Any:
+    """The scores as a rich table no wider than ``width``: optional columns dropped on narrow terminals,
+    file names and reasons wrapped, never cut."""
+    from rich.table import Table
+
+    shown = [c for c in SCORE_COLUMNS if not any(c == name and width < below for name, below in NARROW_DROPS)]
+    table = Table(title=f"cxrtriage: {len(outcomes)} file(s)")
+    for column in shown:
+        table.add_column(column, overflow="fold", no_wrap=column not in ("file", "status"))
+    for outcome in outcomes:
         if outcome.ok:
             r = outcome.result or {}
             zones = "".join("-" if z["binary_score"] is None else str(z["binary_score"]) for z in r["zones"].values())
-            table.add_row(
-                outcome.path.name, str(r["total_score"]), zones, str(r["brixia_total"]),
-                f"{r['p_disease']:.2f}", f"{r['timings_ms']['total']:.0f}", "[green]scored[/]",
-            )
+            cells = {"score 0-6": str(r["total_score"]), "zones A-F": zones, "Brixia 0-18": str(r["brixia_total"]),
+                     "P(disease)": f"{r['p_disease']:.2f}", "ms": f"{r['timings_ms']['total']:.0f}",
+                     "status": "[green]scored[/]"}
         else:
-            table.add_row(outcome.path.name, "-", "-", "-", "-", "-", f"[red]{outcome.reason}[/]: {outcome.message}")
-    report = write_report(outcomes, out, settings.inference)
-    console.print(table)
-    research = [o.result for o in outcomes if o.ok and o.result and o.result["research_use"]]
-    if research:
-        models = sorted({research[0]["model_identity"][s]["name"] for s in ("lungs", "disease")})
-        console.print(f"[black on yellow] {research[0]['model_identity']['notice']} [/] ({'; '.join(models)})")
-    rejected = sum(not o.ok for o in outcomes)
-    console.print(f"results: {report}  ({len(outcomes) - rejected} scored, {rejected} rejected)")
-    if rejected:
-        raise typer.Exit(2 if rejected == len(outcomes) else 1)
+            cells = {"status": f"[red]{outcome.reason}[/]: {escape(outcome.message or '')}"}
+        table.add_row(*(escape(outcome.path.name) if c == "file" else cells.get(c, "-") for c in shown))
+    return table
 
 
 @app.command()
 def serve(
     config: Path | None = typer.Option(None, "--config", "-c", help="config.yaml (default: built-in settings)"),
 ) -> None:
-    """Run the DICOM node: receive, score, write SEG + SR, send to PACS, answer queries."""
-    from .node import Node
+    """Run the DICOM node: receive, score, write SEG + SR, send to PACS, answer queries.
+
+    Config, database, archive, TLS files and the DICOM, web and metrics ports are
+    checked before the models load; a problem is one ``error:`` line and exit 1
+    (config.yaml and model files: exit 2).
+    """
+    from .preflight import preflight
+
+    settings = _settings(config, models=False)
+    with startup_errors():
+        preflight(settings)
+        _check_models(settings)
+        _setup_logging(settings.logging)
+        from .node import Node  # imports torch: after the cheap checks
+
+        d = settings.dicom
+        console.print(f"cxrtriage node [bold]{d.ae_title}[/] on {d.host}:{d.port}  (Ctrl+C stops)", highlight=False)
+        Node(settings).serve_forever()
+
+
+def _setup_logging(settings: Any) -> None:
+    """The node's logging; a ``logging.file`` that cannot be opened is a StartupError naming it."""
+    from .errors import StartupError
     from .observability import setup_logging
 
-    settings = _settings(config)
-    setup_logging(settings.logging)
-    d = settings.dicom
-    console.print(f"cxrtriage node [bold]{d.ae_title}[/] on {d.host}:{d.port}  (Ctrl+C stops)", highlight=False)
-    Node(settings).serve_forever()
+    try:
+        setup_logging(settings)
+    except OSError as exc:
+        raise StartupError(f"logging.file {settings.file}: cannot be opened: {exc.strerror or exc}") from None
 
 
 @app.command()
@@ -263,14 +351,19 @@ def demo(
     web: str = typer.Option("http://127.0.0.1:8080/", help="where the node's worklist is"),
 ) -> None:
     """Send synthetic studies of mixed severity (and the real RG1 CR) to a running node."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
     from rich.table import Table
 
     from .demo import run_demo
 
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
     try:
-        sent = run_demo(host, port, called_ae, studies, seed)
+        with Progress(*columns, console=errors, transient=True) as progress:
+            bar = progress.add_task("drawing phantoms", total=studies)
+            sent = run_demo(host, port, called_ae, studies, seed,
+                            lambda label: progress.update(bar, advance=1, description=f"drew {label}"))
     except ConnectionError as exc:
-        console.print(f"[red]{exc}[/]")
+        errors.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     table = Table(title=f"sent to {called_ae}@{host}:{port}")
     table.add_column("study")

@@ -1,11 +1,15 @@
-"""``cxrtriage models``: list, pull, import and verify the published checkpoints."""
+"""``cxrtriage models``: list, pull, import and verify the published checkpoints.
+
+The registry and the cache are imported inside each command: they import torch,
+and ``cxrtriage --help`` must not wait for it.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import typer
 from rich.console import Console
@@ -21,7 +25,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from .inference import model_cache, registry
+if TYPE_CHECKING:
+    from .inference import registry
 
 app = typer.Typer(
     add_completion=False,
@@ -42,6 +47,8 @@ def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
 
 
 def _entries(name: str) -> list[registry.RegistryEntry]:
+    from .inference import registry
+
     try:
         return registry.expand(name)
     except registry.UnknownModel as error:
@@ -63,6 +70,8 @@ def _human(size: int) -> str:
 @app.command("list")
 def list_models() -> None:
     """Show every published checkpoint and whether it is in the cache."""
+    from .inference import model_cache, registry
+
     table = Table(title=f"published models (cache: {model_cache.models_dir()})")
     for column in ("name", "stage", "arch", "encoder", "input", "T", "size", "cached"):
         table.add_column(column, justify="right" if column in ("input", "T", "size") else "left")
@@ -80,11 +89,13 @@ def pull(
     name: str = typer.Argument(..., help="a registry name (see `list`) or a pair: danilov2022"),
     base_url: str | None = typer.Option(
         None, "--base-url",
-        help=f"where <path in the repository> is served; default ${model_cache.BASE_URL_ENV} or "
-        f"{model_cache.DEFAULT_BASE_URL}",
+        help="where <path in the repository> is served; default $CXRTRIAGE_MODELS_URL or the published "
+        "repository's Git LFS media on GitHub",
     ),
 ) -> None:
     """Download checkpoints into the cache (resumable; size and SHA-256 checked before use)."""
+    from .inference import model_cache
+
     entries = _entries(name)
     with _progress() as progress:
         for entry in entries:
@@ -107,6 +118,8 @@ def import_(
     name: str | None = typer.Option(None, "--name", help="the registry name it must be (default: found by SHA-256)"),
 ) -> None:
     """Copy a local checkpoint into the cache if it is one of the published files."""
+    from .inference import model_cache
+
     if name is not None:
         _entries(name)  # an unknown name is a usage error, before any copying
     if not file.is_file():
@@ -121,6 +134,8 @@ def import_(
 @app.command("verify")
 def verify() -> None:
     """Re-hash every cached checkpoint; exit 1 if any is corrupt."""
+    from .inference import model_cache
+
     table = Table(title=f"model cache {model_cache.models_dir()}")
     for column in ("name", "status"):
         table.add_column(column)

@@ -1,24 +1,24 @@
 """The running node: storage SCP, scoring workers, send workers, metrics.
 
-``cxrtriage serve`` builds one :class:`Node`. It only wires things and starts
-and stops them: receiving is :mod:`.scp.ingest`, the workers are
-:mod:`.stages` run by the lease loop. All durable state lives in the
-database and the archive, so a node killed at any moment restarts where it
-stopped: jobs its previous process held are released at start-up, and
-scoring and sending pick up every job not marked done.
+``cxrtriage serve`` builds one :class:`Node`. It only wires things and starts and stops them: receiving is
+:mod:`.scp.ingest`, the workers are :mod:`.stages` run by the lease loop, listeners :mod:`.listeners`. All
+durable state lives in the database and the archive, so a node killed at any moment restarts where it stopped:
+jobs its previous process held are released at start-up, and scoring and sending pick up every job not done.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import threading
-import time
 import uuid
 from collections.abc import Callable
 from typing import Any
 
 from .config import Settings
+from .config_audit import record_config_change
+from .listeners import start_metrics, web_server
 from .observability import Metrics, event
 from .scp.ingest import Ingest
 from .scp.query import QueryEngine, make_handlers
@@ -58,7 +58,8 @@ class Node:
         self.query = QueryEngine(self.db, self.archive, d.ae_title, self.worklist)
         self.destinations = {p.ae_title: p for p in settings.destinations}
         self.move_destinations = {p.ae_title: p for p in d.move_destinations}
-        self.scorer: Scorer = LocalScorer(settings.inference, jpeg2000=w.seg_jpeg2000, pipeline=pipeline)
+        self.scorer: Scorer = LocalScorer(settings.inference, jpeg2000=w.seg_jpeg2000, pipeline=pipeline,
+                                          secondary_capture=settings.results.secondary_capture)
         self.circuits = Circuits(self.destinations, w.breaker_failures, w.breaker_open_seconds,
                                  registry=self.metrics.registry)
         self.send_stage = SendStage(self.db, self.archive, self.queue, self.metrics, self.destinations,
@@ -72,23 +73,28 @@ class Node:
         self.scheduler: Any = None
 
     def start(self) -> None:
+        """Start everything; a part that fails (a listener that cannot bind) stops the parts already started."""
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> None:
         released = self.queue.release_worker(self.worker_prefix, keep=self.incarnation)
         if released:
             event(log, logging.WARNING, "re-queued jobs of a previous run", jobs=released)
+        record_config_change(self.db, self.settings)
         w = self.settings.workers
         scoring_threads = max(w.scoring_workers, w.scoring_processes)
         if scoring_threads:
             self._start_scoring(scoring_threads)
         handlers: dict[str, Any] = {"store": self.ingest.handle, **make_handlers(self.query, self._move_target)}
-        self.server = start_server(self.settings.dicom, handlers)
+        self.server = start_server(self.settings.dicom, handlers, metrics=self.metrics)
         self._start_sending()
         self._spawn("gauges", self._gauge_loop)
         if self.settings.metrics.enabled:
-            from prometheus_client import start_http_server
-
-            m = self.settings.metrics
-            self.metrics_server, _ = start_http_server(m.port, addr=m.host, registry=self.metrics.registry)
-            event(log, logging.INFO, "metrics", url=f"http://{m.host}:{self.metrics_server.server_port}/metrics")
+            self.metrics_server = start_metrics(self.settings.metrics, self.metrics.registry)
         if self.settings.web.enabled:
             self._start_web()
         from .triage.scheduler import start_scheduler
@@ -103,7 +109,8 @@ class Node:
         if w.scoring_processes:
             from .inference.parallel import ScoringPool
 
-            self.scorer = PoolScorer(ScoringPool(self.settings.inference, w.scoring_processes), jpeg2000=w.seg_jpeg2000)
+            self.scorer = PoolScorer(ScoringPool(self.settings.inference, w.scoring_processes), jpeg2000=w.seg_jpeg2000,
+                                     secondary_capture=self.settings.results.secondary_capture)
         warm_up(self.scorer, self.archive.tmp, w.scoring_processes)
         stage = ScoreStage(self.db, self.archive, self.queue, self.metrics, self.scorer,
                            destinations=list(self.destinations), ae_title=self.settings.dicom.ae_title,
@@ -126,21 +133,13 @@ class Node:
                          queue=self.queue.for_other_destinations(self.destinations))
 
     def _start_web(self) -> None:
-        import uvicorn
-
         from .triage.web import create_app
 
         web = self.settings.web
         app = create_app(self.worklist, self.archive, token=web.token, metrics=self.metrics,
                          allowed_hosts=web.allowed_hosts, destinations=self.circuits.states)
-        config = uvicorn.Config(app, host=web.host, port=web.port, log_level="warning", access_log=False)
-        self.web_server = uvicorn.Server(config)
-        self._spawn("web", self.web_server.run)
-        deadline = time.monotonic() + 30
-        while not self.web_server.started and time.monotonic() < deadline:
-            time.sleep(0.05)
-        port = self.web_server.servers[0].sockets[0].getsockname()[1] if self.web_server.servers else web.port
-        event(log, logging.INFO, "worklist", url=f"http://{web.host}:{port}/")
+        self.web_server, serve = web_server(app, web)
+        self._spawn("web", serve)
 
     def stop(self) -> None:
         self.stopping.set()
@@ -175,10 +174,8 @@ class Node:
 
     def _move_target(self, ae_title: str) -> tuple[str, int, dict] | None:
         peer = self.move_destinations.get(ae_title)
-        if peer is None:
-            return None
-        tls = client_tls(peer.tls, peer.host)
-        return peer.host, peer.port, ({"tls_args": tls} if tls else {})
+        tls = client_tls(peer.tls, peer.host) if peer else None
+        return (peer.host, peer.port, {"tls_args": tls} if tls else {}) if peer else None
 
     def _gauge_loop(self) -> None:
         while not self.stopping.wait(2.0):
@@ -189,11 +186,9 @@ class Node:
                 pass
 
     def serve_forever(self) -> None:
-        import signal
-
-        self.start()
-        done = threading.Event()
+        done = threading.Event()  # SIGTERM while starting: start, then stop cleanly
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: done.set())
+        self.start()
         done.wait()
         self.stop()

@@ -71,7 +71,7 @@ def test_score_with_nothing_to_score(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     proc = run("score", str(tmp_path / "empty"), "--out", str(tmp_path / "out"))
     assert proc.returncode == 2
-    assert "no input files" in proc.stdout
+    assert "no input files" in proc.stderr  # stdout stays clean for --json
 
 
 def test_version() -> None:
@@ -82,3 +82,80 @@ def test_version() -> None:
 
     done = subprocess.run([sys.executable, "-m", "cxrtriage", "--version"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == f"cxrtriage {__version__}"
+
+
+def test_help_and_version_import_no_torch() -> None:
+    """The command answers --help at once: torch (seconds to import) loads only in the commands that score."""
+    probe = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from cxrtriage.cli import app\n"
+        "for args in (['--help'], ['--version'], ['score', '--help'], ['serve', '--help'], ['models', '--help'],"
+        " ['models', 'pull', '--help']):\n"
+        "    assert CliRunner().invoke(app, args).exit_code == 0, args\n"
+        "print(sorted(m for m in ('torch', 'torchvision', 'segmentation_models_pytorch') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
+
+
+def test_models_pull_help_names_the_base_url_variable() -> None:
+    from cxrtriage.inference.model_cache import BASE_URL_ENV
+
+    done = run("models", "pull", "--help")
+    assert f"${BASE_URL_ENV}" in done.stdout
+
+
+def test_boolean_options_are_flags() -> None:
+    help_text = run("score", "--help").stdout
+    for name in ("dicom", "jpeg2000", "json"):
+        line = next(line for line in help_text.splitlines() if f"--{name} " in line)
+        assert f"--no-{name}" in line and "<bool>" not in line, line
+    done = run("score", "--dicom", "true", "missing.dcm")
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "'true' is not a file" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.fixture(scope="module")
+def two_phantoms(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("two")
+    generator = PhantomGenerator(600, 560)
+    write_cr(generator(2_000_020, affected_zones=(0, 3)), folder / "a-rather-long-file-name-for-a-narrow-table.dcm")
+    (folder / "not-an-image.dcm").write_bytes(b"\0" * 300)
+    return folder
+
+
+def test_score_json_prints_only_json(tmp_path: Path, two_phantoms: Path) -> None:
+    done = subprocess.run([*CLI, "score", str(two_phantoms), "--out", str(tmp_path), "--json"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 1, done.stderr  # one scored, one rejected
+    report = json.loads(done.stdout)  # nothing but JSON on stdout
+    assert report == json.loads((tmp_path / "results.json").read_text())
+    assert [r["status"] for r in sorted(report["results"], key=lambda r: r["file"])] == ["scored", "rejected"]
+
+
+def test_score_table_fits_a_narrow_terminal(tmp_path: Path, two_phantoms: Path) -> None:
+    done = subprocess.run([*CLI, "score", str(two_phantoms), "--out", str(tmp_path)], capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "COLUMNS": "60"})
+    assert done.returncode == 1, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 60, done.stdout
+    assert "…" not in done.stdout  # wrapped, never cut
+    file_column = "".join(line.split("│")[1].strip() for line in lines if line.startswith("│"))
+    assert "a-rather-long-file-name-for-a-narrow-table.dcm" in file_column  # wrapped over lines, in full
+    header = next(line for line in lines if "file" in line and "status" in line)
+    assert "score 0-6" in header and "P(disease)" in header and " ms " not in header  # a column dropped
+    assert "not_dicom" in done.stdout
+
+
+def test_demo_draws_its_phantoms_with_progress(tmp_path: Path) -> None:
+    import pydicom
+
+    from cxrtriage.demo import demo_files
+
+    heard: list[str] = []
+    files = demo_files(tmp_path, 3, 7_000_000, heard.append)
+    phantoms = [(label, path) for label, path in files if path.parent == tmp_path]
+    assert sorted(heard) == sorted(label for label, _ in phantoms) and len(phantoms) == 3
+    assert "ordered STAT" in phantoms[1][0]
+    assert pydicom.dcmread(phantoms[1][1]).RequestAttributesSequence[0].RequestedProcedurePriority == "STAT"
