@@ -25,6 +25,7 @@ from .scp.query import QueryEngine, make_handlers
 from .scp.sender import client_tls
 from .scp.server import start_server
 from .stages.circuit import Circuits
+from .stages.housekeeping import Housekeeping
 from .stages.lease_loop import FailureHook, LeaseLoop, Stage
 from .stages.score import LocalScorer, PoolScorer, Scorer, ScoreStage, warm_up
 from .stages.send import SendStage
@@ -32,6 +33,7 @@ from .storage.archive import Archive
 from .storage.db import Database
 from .storage.models import JobKind
 from .storage.queue import JobQueue
+from .triage.scheduler import start_scheduler, stop_scheduler
 from .triage.worklist import Worklist
 
 log = logging.getLogger(__name__)
@@ -66,6 +68,7 @@ class Node:
                                     ae_title=d.ae_title, timeout=w.send_dimse_timeout,
                                     connect_timeout=w.send_connect_timeout, circuits=self.circuits)
         self.stopping = threading.Event()
+        self.models_ready = threading.Event()  # readiness: set once the scorer has warmed up (or none runs)
         self.threads: list[threading.Thread] = []
         self.server: Any = None
         self.metrics_server: Any = None
@@ -87,37 +90,41 @@ class Node:
         record_config_change(self.db, self.settings)
         w = self.settings.workers
         scoring_threads = max(w.scoring_workers, w.scoring_processes)
-        if scoring_threads:
-            self._start_scoring(scoring_threads)
+        if not scoring_threads or self._start_scoring(scoring_threads):
+            self.models_ready.set()
         handlers: dict[str, Any] = {"store": self.ingest.handle, **make_handlers(self.query, self._move_target)}
         self.server = start_server(self.settings.dicom, handlers, metrics=self.metrics)
         self._start_sending()
-        self._spawn("gauges", self._gauge_loop)
+        roles = ["receiver", "sender"] + ["scorer"] * bool(scoring_threads) + ["web"] * self.settings.web.enabled
+        housekeeping = Housekeeping(self.db, self.queue, self.metrics, self.settings.storage.archive_dir,
+                                    name=self.settings.node_name, incarnation=self.incarnation, roles=roles,
+                                    models={"preset": self.settings.inference.preset})
+        self._spawn("housekeeping", housekeeping.run, self.stopping)
         if self.settings.metrics.enabled:
             self.metrics_server = start_metrics(self.settings.metrics, self.metrics.registry)
         if self.settings.web.enabled:
             self._start_web()
-        from .triage.scheduler import start_scheduler
-
-        self.scheduler = start_scheduler(self.settings, self.db.engine)
+        self.scheduler = start_scheduler(self.settings, self.db.engine, holder=self.incarnation)
         event(log, logging.INFO, "node started", incarnation=self.incarnation,
               destinations=sorted(self.destinations), database=self.db.engine.dialect.name)
 
-    def _start_scoring(self, threads: int) -> None:
-        """Scoring workers (threads; with ``scoring_processes``, each waits on the pool), warmed up first."""
+    def _start_scoring(self, threads: int) -> bool:
+        """Scoring workers (threads; with ``scoring_processes``, each waits on the pool), warmed up first;
+        whether the models loaded."""
         w = self.settings.workers
         if w.scoring_processes:
             from .inference.parallel import ScoringPool
 
             self.scorer = PoolScorer(ScoringPool(self.settings.inference, w.scoring_processes), jpeg2000=w.seg_jpeg2000,
                                      secondary_capture=self.settings.results.secondary_capture)
-        warm_up(self.scorer, self.archive.tmp, w.scoring_processes)
+        ready = warm_up(self.scorer, self.archive.tmp, w.scoring_processes)
         stage = ScoreStage(self.db, self.archive, self.queue, self.metrics, self.scorer,
                            destinations=list(self.destinations), ae_title=self.settings.dicom.ae_title,
                            max_attempts=w.max_attempts,
                            min_free_bytes=self.settings.storage.min_free_mb * MIB)
         for i in range(threads):  # the stage is also the claim gate: nothing is claimed below min_free_mb
             self._spawn_loop(f"score-{i}", JobKind.SCORE, stage, stage.record_failed, queue=self.queue.gated(stage))
+        return ready
 
     def _start_sending(self) -> None:
         """``send_workers`` per destination, each claiming only its destination's jobs while its circuit lets
@@ -133,18 +140,23 @@ class Node:
                          queue=self.queue.for_other_destinations(self.destinations))
 
     def _start_web(self) -> None:
+        from .triage.health import readiness
         from .triage.web import create_app
 
-        web = self.settings.web
+        web, floor = self.settings.web, self.settings.storage.min_free_mb * MIB
         app = create_app(self.worklist, self.archive, token=web.token, metrics=self.metrics,
-                         allowed_hosts=web.allowed_hosts, destinations=self.circuits.states)
+                         allowed_hosts=web.allowed_hosts, destinations=self.circuits.states, readers=web.readers,
+                         show_patient_identity=web.show_patient_identity,
+                         readiness=lambda: readiness(self.db, self.archive, floor, circuits=self.circuits.states,
+                                                     models_ready=self.models_ready.is_set))
         self.web_server, serve = web_server(app, web)
         self._spawn("web", serve)
 
     def stop(self) -> None:
+        self.models_ready.clear()  # a stopping node is not ready: load balancers send it nothing new
         self.stopping.set()
         if self.scheduler is not None:
-            self.scheduler.shutdown(wait=False)
+            stop_scheduler(self.scheduler, self.db, self.incarnation)
         if self.web_server is not None:
             self.web_server.should_exit = True
         if self.server is not None:
@@ -176,14 +188,6 @@ class Node:
         peer = self.move_destinations.get(ae_title)
         tls = client_tls(peer.tls, peer.host) if peer else None
         return (peer.host, peer.port, {"tls_args": tls} if tls else {}) if peer else None
-
-    def _gauge_loop(self) -> None:
-        while not self.stopping.wait(2.0):
-            try:
-                for (kind, state), count in self.queue.depth().items():
-                    self.metrics.queue_depth.labels(kind=kind, state=state).set(count)
-            except Exception:  # metrics must never take the node down
-                pass
 
     def serve_forever(self) -> None:
         done = threading.Event()  # SIGTERM while starting: start, then stop cleanly

@@ -15,10 +15,16 @@ expires (three escalation intervals).
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from ..config import Settings
+from ..observability import event, safe_error
+from ..storage.cluster import SCHEDULER_LEASE, release
+from ..storage.db import Database
 from .jobs import escalate_overdue, purge, retry_failed, use_settings
+
+log = logging.getLogger(__name__)
 
 
 def start_scheduler(settings: Settings, engine: Any, holder: str | None = None) -> Any:
@@ -41,3 +47,13 @@ def start_scheduler(settings: Settings, engine: Any, holder: str | None = None) 
                       jobstore="persistent", replace_existing=True, misfire_grace_time=86400, **common)
     scheduler.start()
     return scheduler
+
+
+def stop_scheduler(scheduler: Any, db: Database, holder: str) -> None:
+    """Stop the jobs and give the scheduler lease up, so another node takes over at once, not after it expires."""
+    scheduler.shutdown(wait=False)
+    try:
+        with db.session() as session:
+            release(session, SCHEDULER_LEASE, holder)
+    except Exception as exc:  # the database is away: the lease simply expires
+        event(log, logging.WARNING, "scheduler lease not released", error=safe_error(exc))
