@@ -129,7 +129,7 @@ def _configured_peer(settings: Settings, ae_title: str) -> Peer:
 @jobs_app.command("list")
 def jobs_list(
     config: Path | None = CONFIG_OPTION,
-    failed: bool = typer.Option(False, "--failed", help="only failed jobs"),
+    failed: bool = typer.Option(False, "--failed", metavar="", help="only failed jobs"),
     kind: str | None = typer.Option(None, help="score or send"),
     limit: int = typer.Option(50, min=1, help="newest jobs shown"),
 ) -> None:
@@ -172,7 +172,7 @@ def _kind(kind: str | None) -> JobKind | None:
 @jobs_app.command("retry")
 def jobs_retry(
     config: Path | None = CONFIG_OPTION,
-    failed: bool = typer.Option(False, "--failed", help="every failed job"),
+    failed: bool = typer.Option(False, "--failed", metavar="", help="every failed job"),
     ids: list[int] = typer.Option([], "--id", help="this failed job (repeat for more)"),
 ) -> None:
     """Failed jobs back to pending, with fresh attempts, available now; prints how many."""
@@ -258,7 +258,7 @@ def backup(
 def restore(
     src: Path = typer.Argument(..., help="a folder written by cxrtriage backup"),
     config: Path | None = CONFIG_OPTION,
-    force: bool = typer.Option(False, "--force", help="overwrite a database that holds data"),
+    force: bool = typer.Option(False, "--force", metavar="", help="overwrite a database that holds data"),
 ) -> None:
     """Restore the database of a backup; then copy the archive back and run: cxrtriage archive verify."""
     from .storage.backup import BackupError
