@@ -401,5 +401,5 @@ def test_node_with_the_paper_preset_and_no_files_names_the_command(tmp_path: Pat
     proc = subprocess.run([sys.executable, "-m", "cxrtriage", "serve", "-c", str(config)],
                           capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
     assert proc.returncode == 2
-    assert "cxrtriage models pull danilov2022" in proc.stdout and "Traceback" not in proc.stdout + proc.stderr
+    assert "cxrtriage models pull danilov2022" in proc.stderr and "Traceback" not in proc.stdout + proc.stderr
     assert not (tmp_path / "cxrtriage-data").exists()  # stopped before the database or the archive was made
