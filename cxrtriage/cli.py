@@ -318,10 +318,9 @@ def serve(
     """
     from .preflight import preflight
 
-    settings = _settings(config, models=False)
+    settings = _settings(config)  # config.yaml, then the model files it names: nothing is created yet
     with startup_errors():
         preflight(settings)
-        _check_models(settings)
         _setup_logging(settings.logging)
         from .node import Node  # imports torch: after the cheap checks
 

@@ -66,7 +66,7 @@ def test_jobs_list_and_retry_failed(database: Database, tmp_path: Path) -> None:
 
     code, out = cli("jobs", "list", "-c", str(config), "--failed")
     assert code == 0, out
-    rows = [line.split() for line in out.splitlines() if line.split()[:1] == [str(claimed.id)]]  # cells may wrap
+    rows = [line.split() for line in out.splitlines() if line.split()[:2] == [str(claimed.id), "send"]]  # cells wrap
     assert len(rows) == 1 and rows[0][:5] == [str(claimed.id), "send", "failed", "1/1", "PACS"], out
     assert "1 jobs" in out
     code, out = cli("jobs", "list", "-c", str(config), "--kind", "score")
