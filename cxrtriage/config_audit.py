@@ -1,8 +1,9 @@
 """An audit event whenever a node starts with settings other than last time.
 
 The event names the changed keys (``dicom.port``, ``web.token``), never their
-values: the detail keeps one salted SHA-256 per key, so the next start can tell
-which keys changed without the audit table holding a token, password or host.
+values: the detail keeps one salted hash per key (scrypt for secrets), so the
+next start can tell which keys changed without the audit table holding a token,
+password or host.
 Lists and mappings (``destinations``, ``triage.priority.base``) are one key each.
 """
 
@@ -17,7 +18,7 @@ from typing import Any
 from pydantic import BaseModel
 from sqlalchemy import select
 
-from .config import Settings
+from .config import SECRET_KEYS, Settings
 from .observability import event
 from .storage.audit import AuditAction, record_audit
 from .storage.db import Database
@@ -38,11 +39,23 @@ def setting_values(model: BaseModel, prefix: str = "") -> dict[str, Any]:
     return values
 
 
+#: Keys whose values are secrets or may hold one (destinations carry DICOMweb passwords).
+SECRET_SETTINGS = SECRET_KEYS | {"destinations"}
+
+
+def _digest(key: str, value: Any, salt: str) -> str:
+    """16 hex digits of a salted hash: enough to see a change, not to read one. Secrets get scrypt, so that
+    the audit table is no cheap way to test guesses of a weak token or password."""
+    data = f"{salt}\0{json.dumps(value, sort_keys=True)}".encode()
+    if SECRET_SETTINGS & set(key.split(".")):
+        return hashlib.scrypt(data, salt=salt.encode(), n=2**14, r=8, p=1, dklen=8).hex()
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
 def fingerprint(settings: Settings, salt: str) -> dict[str, str]:
-    """Dotted key -> salted hash of its value (16 hex digits: enough to see a change, not to read one)."""
+    """Dotted key -> :func:`_digest` of its value."""
     plain = json.loads(json.dumps(setting_values(settings), default=_jsonable, sort_keys=True))
-    return {key: hashlib.sha256(f"{salt}\0{json.dumps(value, sort_keys=True)}".encode()).hexdigest()[:16]
-            for key, value in plain.items()}
+    return {key: _digest(key, value, salt) for key, value in plain.items()}
 
 
 def _jsonable(value: Any) -> Any:
