@@ -22,8 +22,8 @@ from cxrtriage.stages.circuit import Circuits
 DEPLOY = Path(__file__).parents[1] / "deploy"
 UNIT = DEPLOY / "systemd" / "cxrtriage.service"
 RULES = DEPLOY / "prometheus" / "cxrtriage-alerts.yml"
-#: Metrics of other exporters the rules may use: Prometheus's own ``up`` and node_exporter's filesystem.
-EXTERNAL = {"up", "node_filesystem_avail_bytes", "node_filesystem_size_bytes"}
+#: Metrics of other exporters the rules may use: Prometheus's own ``up``.
+EXTERNAL = {"up"}
 #: PromQL words that look like metric names.
 PROMQL = {"sum", "by", "without", "and", "or", "unless", "delta", "increase", "rate", "min_over_time",
           "max_over_time", "avg_over_time", "absent", "on", "ignoring", "bool"}
