@@ -118,6 +118,16 @@ def test_without_authentication_the_audit_says_so(node: Node) -> None:
     assert len(web.get("/api/audit", params={"limit": 1}).json()) == 1
 
 
+def test_configuration_changes_are_served_by_key_without_their_hashes(node: Node) -> None:
+    from cxrtriage.config import Settings
+    from cxrtriage.config_audit import record_config_change
+
+    changed = record_config_change(node.db, Settings.model_validate({"web": {"token": "weak"}}))
+    assert "web.token" in changed
+    rows = [r for r in node.client().get("/api/audit").json() if r["action"] == "config_changed"]
+    assert len(rows) == 1 and rows[0]["detail"] == {"changed": changed}  # no salt, no per-key hashes
+
+
 @pytest.mark.parametrize("show", [True, False])
 def test_patient_identity_shown_or_left_out(node: Node, show: bool) -> None:
     web = node.client(show_patient_identity=show)

@@ -243,6 +243,15 @@ def pn_hidden(row: Row, show_identity: bool) -> Row:
     return row if show_identity else row.model_copy(update={"patient_name": "", "patient_id": ""})
 
 
+#: Bookkeeping in a config_changed event's detail (config_audit.py: salted hashes of each setting, by which the
+#: next start sees what changed): not served, so that the API is no way to test guesses of a setting's value.
+HIDDEN_DETAIL = frozenset({"salt", "fingerprint"})
+
+
+def _shown(detail: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in detail.items() if k not in HIDDEN_DETAIL}
+
+
 def audit_entries(worklist: Worklist, study: str | None, limit: int) -> list[AuditEntry]:
     """The newest ``limit`` audit rows, of one study or of all."""
     query = select(AuditEvent).order_by(AuditEvent.id.desc()).limit(limit)
@@ -250,7 +259,7 @@ def audit_entries(worklist: Worklist, study: str | None, limit: int) -> list[Aud
         query = query.where(AuditEvent.study_instance_uid == study)
     with worklist.db.session() as session:
         return [AuditEntry(at=e.at.isoformat(), actor=e.actor, action=e.action,
-                           study_instance_uid=e.study_instance_uid, detail=json.loads(e.detail or "{}"))
+                           study_instance_uid=e.study_instance_uid, detail=_shown(json.loads(e.detail or "{}")))
                 for e in session.scalars(query)]
 
 
