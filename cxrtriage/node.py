@@ -96,7 +96,7 @@ class Node:
         self.server = start_server(self.settings.dicom, handlers, metrics=self.metrics)
         self._start_sending()
         roles = ["receiver", "sender"] + ["scorer"] * bool(scoring_threads) + ["web"] * self.settings.web.enabled
-        housekeeping = Housekeeping(self.db, self.queue, self.metrics, self.settings.storage.archive_dir,
+        housekeeping = Housekeeping(self.db, self.queue, self.metrics, self.archive,
                                     name=self.settings.node_name, incarnation=self.incarnation, roles=roles,
                                     models={"preset": self.settings.inference.preset})
         self._spawn("housekeeping", housekeeping.run, self.stopping)

@@ -21,12 +21,10 @@ import json
 import logging
 import logging.handlers
 import re
-import shutil
 import sys
 import time
 import traceback
 from collections.abc import Callable, Iterable
-from pathlib import Path
 
 import psutil
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -309,15 +307,16 @@ class GaugeSampler:
 
     Every (kind, state) pair is set on each sample, 0 included: a gauge set only
     for the pairs that have rows would show a drained queue's last nonzero depth
-    forever. Takes the depth query as a callable (``JobQueue.depth``) because
-    observability sits below storage in the import graph.
+    forever. Takes the depth query and the archive's free space as callables
+    (``JobQueue.depth``, ``Archive.free_bytes``) because observability sits
+    below storage in the import graph.
     """
 
     def __init__(self, metrics: Metrics, queue_depth: Callable[[], dict[tuple[str, str], int]],
-                 archive_dir: str | Path, kinds: Iterable[str], states: Iterable[str]) -> None:
+                 disk_free: Callable[[], int], kinds: Iterable[str], states: Iterable[str]) -> None:
         self.metrics = metrics
         self.queue_depth = queue_depth
-        self.archive_dir = Path(archive_dir)
+        self.disk_free = disk_free
         self.pairs = {(kind, state) for kind in kinds for state in states}
         self.process = psutil.Process()
 
@@ -327,5 +326,5 @@ class GaugeSampler:
         self.pairs |= set(depth)  # a kind or state not declared still goes back to 0 once drained
         for kind, state in self.pairs:
             self.metrics.queue_depth.labels(kind=kind, state=state).set(depth.get((kind, state), 0))
-        self.metrics.disk_free.set(shutil.disk_usage(self.archive_dir).free)
+        self.metrics.disk_free.set(self.disk_free())
         self.metrics.resident_memory.set(self.process.memory_info().rss)

@@ -24,6 +24,7 @@ from cxrtriage.errors import ListenerError, StartupError
 from cxrtriage.observability import GaugeSampler, Metrics
 from cxrtriage.scp.contexts import Status
 from cxrtriage.scp.server import start_server
+from cxrtriage.storage.archive import Archive
 from cxrtriage.storage.models import Instance, JobKind, JobState
 from cxrtriage.storage.queue import JobQueue
 
@@ -170,7 +171,7 @@ def test_queue_depth_reads_zero_once_drained(database: Any, tmp_path: Path) -> N
         for instance_id in session.scalars(select(Instance.id).limit(3)):
             queue.enqueue(session, JobKind.SCORE, instance_id)
     metrics = Metrics()
-    sampler = GaugeSampler(metrics, queue.depth, tmp_path, kinds=[k.value for k in JobKind],
+    sampler = GaugeSampler(metrics, queue.depth, Archive(tmp_path / "archive").free_bytes, kinds=[k.value for k in JobKind],
                            states=[JobState.PENDING.value, JobState.RUNNING.value])
 
     def depth(kind: str, state: str) -> float | None:

@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 
 from .. import __version__
 from ..observability import GaugeSampler, Metrics, event, safe_error
+from ..storage.archive import Archive
 from ..storage.cluster import heartbeat
 from ..storage.db import Database
 from ..storage.models import JobKind, JobState, utcnow
@@ -27,11 +28,11 @@ log = logging.getLogger(__name__)
 class Housekeeping:
     """``run(stopping)`` samples the gauges every ``interval`` seconds and beats every ``beat_every`` samples."""
 
-    def __init__(self, db: Database, queue: JobQueue, metrics: Metrics, archive_dir: str, *, name: str,
+    def __init__(self, db: Database, queue: JobQueue, metrics: Metrics, archive: Archive, *, name: str,
                  incarnation: str, roles: Sequence[str], models: Mapping[str, str], interval: float = 2.0,
                  beat_every: int = 5) -> None:
         self.db = db
-        self.sampler = GaugeSampler(metrics, queue.depth, archive_dir, kinds=[k.value for k in JobKind],
+        self.sampler = GaugeSampler(metrics, queue.depth, archive.free_bytes, kinds=[k.value for k in JobKind],
                                     states=[s.value for s in JobState])
         self.name, self.incarnation, self.roles, self.models = name, incarnation, list(roles), dict(models)
         self.started_at = utcnow()
