@@ -7,12 +7,9 @@ no database or archive is created, no model is loaded.
 
 from __future__ import annotations
 
-import base64
 import os
 import shutil
 import ssl
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,18 +142,16 @@ def check_peer(peer: Peer, calling_ae: str, *, timeout: float = 5.0) -> Check:
 
 
 def _check_dicomweb(peer: Peer, timeout: float) -> Check:
-    url = f"{str(peer.url).rstrip('/')}/studies?limit=1"
-    request = urllib.request.Request(url, headers={"Accept": "application/dicom+json"})
-    if peer.username:
-        token = base64.b64encode(f"{peer.username}:{peer.password or ''}".encode()).decode()
-        request.add_header("Authorization", f"Basic {token}")
+    import requests
+
+    from ..scp.stow import dicomweb_auth, dicomweb_root
+
+    url = f"{dicomweb_root(peer)}/studies?limit=1"
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 - configured http(s) URL
-            status = response.status
-    except urllib.error.HTTPError as exc:
-        status = exc.code
-    except (OSError, ValueError) as exc:
-        return Check(False, f"DICOMweb {peer.ae_title} {url}: {_first_line(getattr(exc, 'reason', exc))}")
+        status = requests.get(url, headers={"Accept": "application/dicom+json"}, auth=dicomweb_auth(peer),
+                              timeout=timeout).status_code
+    except requests.RequestException as exc:
+        return Check(False, f"DICOMweb {peer.ae_title} {url}: {_first_line(exc)}")
     return Check(status < 500, f"DICOMweb {peer.ae_title} {url}: HTTP {status}")
 
 

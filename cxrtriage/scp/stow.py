@@ -50,6 +50,16 @@ class StowRefused(RuntimeError):
     """The DICOMweb service answered, and refused the request as a whole (HTTP 4xx)."""
 
 
+def dicomweb_root(peer: Peer) -> str:
+    """The destination's DICOMweb root URL, without a trailing slash."""
+    return (peer.url or "").rstrip("/")
+
+
+def dicomweb_auth(peer: Peer) -> tuple[str, str] | None:
+    """HTTP Basic credentials of a DICOMweb destination, or None."""
+    return (peer.username, peer.password or "") if peer.username else None
+
+
 def stow_files(
     peer: Peer, files: Sequence[Path], calling_ae: str, *, timeout: float = 30.0,
     connect_timeout: float | None = None,
@@ -63,13 +73,13 @@ def stow_files(
     """
     uids = [str(read_file_meta_info(f).MediaStorageSOPInstanceUID) for f in files]
     boundary = uuid.uuid4().hex
-    url = f"{(peer.url or '').rstrip('/')}/studies"
+    url = f"{dicomweb_root(peer)}/studies"
     headers = {
         "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
         "Accept": "application/dicom+json",
         "User-Agent": f"cxrtriage ({calling_ae})",
     }
-    auth = (peer.username, peer.password or "") if peer.username else None
+    auth = dicomweb_auth(peer)
     connect = timeout if connect_timeout is None else connect_timeout
     with requests.Session() as session:
         try:
