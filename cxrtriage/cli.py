@@ -68,12 +68,12 @@ def startup_errors() -> Iterator[None]:
         raise typer.Exit(1) from None
 
 
-def _settings(path: Path | None, *, models: bool = True) -> Any:
-    """config.yaml (and, with ``models``, the model files it names) checked before anything
-    starts: one red line per problem and exit 2, no traceback."""
+def _settings(path: Path | None, *, models: bool = True, roles: str | None = None) -> Any:
+    """config.yaml (with ``roles`` in place of its ``node.roles``; with ``models``, the model files it
+    names) checked before anything starts: one red line per problem and exit 2, no traceback."""
     from .cli_ops import load_settings_or_exit
 
-    settings = load_settings_or_exit(path)
+    settings = load_settings_or_exit(path, roles=roles)
     if models:
         _check_models(settings)
     return settings
@@ -309,23 +309,32 @@ def _score_table(outcomes: list[Any], width: int) -> Any:
 @app.command()
 def serve(
     config: Path | None = typer.Option(None, "--config", "-c", help="config.yaml (default: built-in settings)"),
+    roles: str | None = typer.Option(
+        None, "--roles", help="comma-separated, of receiver,scorer,sender,scheduler,web (default: node.roles, all)"
+    ),
 ) -> None:
     """Run the DICOM node: receive, score, write SEG + SR, send to PACS, answer queries.
 
     Config, database, archive, TLS files and the DICOM, web and metrics ports are
     checked before the models load; a problem is one ``error:`` line and exit 1
-    (config.yaml and model files: exit 2).
+    (config.yaml and model files: exit 2). ``--roles`` splits the work over
+    several nodes sharing one PostgreSQL database and archive (docs/deploy.md):
+    only a scorer loads models, only a receiver opens the DICOM port.
     """
     from .preflight import preflight
 
-    settings = _settings(config)  # config.yaml, then the model files it names: nothing is created yet
+    settings = _settings(config, models=False, roles=roles)  # nothing is created yet
+    if settings.node.runs("scorer"):
+        _check_models(settings)
     with startup_errors():
         preflight(settings)
         _setup_logging(settings.logging)
         from .node import Node  # imports torch: after the cheap checks
 
         d = settings.dicom
-        console.print(f"cxrtriage node [bold]{d.ae_title}[/] on {d.host}:{d.port}  (Ctrl+C stops)", highlight=False)
+        where = f" on {d.host}:{d.port}" if settings.node.runs("receiver") else ""
+        console.print(f"cxrtriage node [bold]{d.ae_title}[/]{where}, roles {','.join(settings.node.roles)}"
+                      "  (Ctrl+C stops)", highlight=False)
         Node(settings).serve_forever()
 
 

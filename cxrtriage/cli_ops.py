@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 
@@ -25,12 +26,20 @@ CONFIG_OPTION = typer.Option(None, "--config", "-c", help="config.yaml (default:
 jobs_app = typer.Typer(add_completion=False, no_args_is_help=True, help="The job queue: list and retry jobs.")
 
 
-def load_settings_or_exit(path: Path | None, *, code: int = 2) -> Settings:
-    """config.yaml, or one red line per problem and exit ``code`` (no traceback)."""
-    from .config import ConfigError, load_settings
+def load_settings_or_exit(path: Path | None, *, code: int = 2, roles: str | None = None) -> Settings:
+    """config.yaml (``roles``, comma-separated, replacing its ``node.roles``), or one red line per problem
+    and exit ``code`` (no traceback)."""
+    from .config import ConfigError, NodeSettings, load_settings
 
     try:
-        return load_settings(path)
+        settings = load_settings(path)
+        if roles is None:
+            return settings
+        try:
+            node = NodeSettings(roles=roles)  # type: ignore[arg-type]  # the validator splits the string
+        except ValidationError as exc:
+            raise ConfigError(f"--roles {roles!r}: {exc.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+        return settings.model_copy(update={"node": node})
     except ConfigError as exc:
         for line in str(exc).splitlines():
             console.print(f"[red]config error:[/] {escape(line)}", highlight=False, soft_wrap=True)

@@ -59,6 +59,10 @@ class InferenceSettings(BaseModel):
     )
     threads: int = Field(0, ge=0, description="torch CPU threads; 0 = all cores")
     batch_size: int = Field(1, ge=1)
+    max_batch: int = Field(8, ge=1, description="scoring engine: images per network batch, at most")
+    max_wait_ms: float = Field(
+        10.0, ge=0, description="scoring engine: how long a batch waits for more images once it has one"
+    )
     min_lung_blob_fraction: float = Field(0.01, ge=0.0, lt=0.5, description="smaller lung blobs are dropped")
     crop_margin: float = Field(0.02, ge=0.0, lt=0.5, description="margin around the lung box, fraction of image")
     scoring: ScoringSettings = Field(default_factory=ScoringSettings)
@@ -139,6 +143,10 @@ class WorkerSettings(BaseModel):
 
     scoring_workers: int = Field(1, ge=0, description="scoring threads in the node process")
     scoring_processes: int = Field(0, ge=0, description="score in this many worker processes instead (0 = in the node)")
+    scoring_engine: bool = Field(
+        False, description="one process owns the device and batches both networks across jobs; scoring_processes "
+        "CPU workers (0 = one per core) decode and write SEG/SR around it",
+    )
     send_workers: int = Field(2, ge=0, description="send workers per destination (each destination has its own)")
     lease_seconds: float = Field(300.0, gt=0)
     max_attempts: int = Field(8, ge=1)
@@ -283,10 +291,42 @@ class ResultsSettings(BaseModel):
     )
 
 
+#: What a node can do (issue #14); a node runs the roles in ``node.roles``, all of them by default.
+Role = Literal["receiver", "scorer", "sender", "scheduler", "web"]
+ROLES: tuple[Role, ...] = ("receiver", "scorer", "sender", "scheduler", "web")
+
+
+class NodeSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    roles: list[Role] = Field(
+        default_factory=lambda: list(ROLES),
+        description="receiver (DICOM listener: storage and query/retrieve), scorer (loads the models, scores), "
+        "sender (sends results to destinations), scheduler (escalation, retries, purge: run by one node at a time), "
+        "web (worklist page and API)",
+    )
+
+    @field_validator("roles", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        return [part.strip() for part in value.split(",") if part.strip()] if isinstance(value, str) else value
+
+    @field_validator("roles")
+    @classmethod
+    def _some_distinct_roles(cls, value: list[Role]) -> list[Role]:
+        if not value:
+            raise ValueError(f"name at least one role of {', '.join(ROLES)}")
+        return [role for role in ROLES if role in value]  # canonical order, duplicates dropped
+
+    def runs(self, role: Role) -> bool:
+        return role in self.roles
+
+
 class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    node_name: str = Field("cxrtriage", description="names this node's workers in the job table")
+    node_name: str = Field("cxrtriage", description="names this node's workers in the job table; unique per node")
+    node: NodeSettings = Field(default_factory=NodeSettings)
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
     dicom: DicomSettings = Field(default_factory=DicomSettings)
     storage: StorageSettings = Field(default_factory=StorageSettings)

@@ -22,7 +22,7 @@ from .listeners import start_metrics, web_server
 from .observability import Metrics, event
 from .scp.ingest import Ingest
 from .scp.query import QueryEngine, make_handlers
-from .scp.sender import client_tls
+from .scp.sender import move_target
 from .scp.server import start_server
 from .stages.circuit import Circuits
 from .stages.housekeeping import Housekeeping
@@ -59,7 +59,6 @@ class Node:
         self.worklist = Worklist(self.db, settings.triage.priority)
         self.query = QueryEngine(self.db, self.archive, d.ae_title, self.worklist)
         self.destinations = {p.ae_title: p for p in settings.destinations}
-        self.move_destinations = {p.ae_title: p for p in d.move_destinations}
         self.scorer: Scorer = LocalScorer(settings.inference, jpeg2000=w.seg_jpeg2000, pipeline=pipeline,
                                           secondary_capture=settings.results.secondary_capture)
         self.circuits = Circuits(self.destinations, w.breaker_failures, w.breaker_open_seconds,
@@ -88,24 +87,29 @@ class Node:
         if released:
             event(log, logging.WARNING, "re-queued jobs of a previous run", jobs=released)
         record_config_change(self.db, self.settings)
-        w = self.settings.workers
-        scoring_threads = max(w.scoring_workers, w.scoring_processes)
+        w, node = self.settings.workers, self.settings.node
+        scoring_threads = max(w.scoring_workers, w.scoring_processes) if node.runs("scorer") else 0
         if not scoring_threads or self._start_scoring(scoring_threads):
             self.models_ready.set()
-        handlers: dict[str, Any] = {"store": self.ingest.handle, **make_handlers(self.query, self._move_target)}
-        self.server = start_server(self.settings.dicom, handlers, metrics=self.metrics)
-        self._start_sending()
-        roles = ["receiver", "sender"] + ["scorer"] * bool(scoring_threads) + ["web"] * self.settings.web.enabled
+        if node.runs("receiver"):
+            moves = move_target(self.settings.dicom.move_destinations)
+            handlers: dict[str, Any] = {"store": self.ingest.handle, **make_handlers(self.query, moves)}
+            self.server = start_server(self.settings.dicom, handlers, metrics=self.metrics)
+        if node.runs("sender"):
+            self._start_sending()
+        serving = {"scorer": bool(scoring_threads), "web": self.settings.web.enabled}  # roles configured off
+        roles = [role for role in node.roles if serving.get(role, True)]
         housekeeping = Housekeeping(self.db, self.queue, self.metrics, self.archive,
                                     name=self.settings.node_name, incarnation=self.incarnation, roles=roles,
-                                    models={"preset": self.settings.inference.preset})
+                                    models={"preset": self.settings.inference.preset} if scoring_threads else {})
         self._spawn("housekeeping", housekeeping.run, self.stopping)
         if self.settings.metrics.enabled:
             self.metrics_server = start_metrics(self.settings.metrics, self.metrics.registry)
-        if self.settings.web.enabled:
+        if node.runs("web") and self.settings.web.enabled:
             self._start_web()
-        self.scheduler = start_scheduler(self.settings, self.db.engine, holder=self.incarnation)
-        event(log, logging.INFO, "node started", incarnation=self.incarnation,
+        if node.runs("scheduler"):
+            self.scheduler = start_scheduler(self.settings, self.db.engine, holder=self.incarnation)
+        event(log, logging.INFO, "node started", incarnation=self.incarnation, roles=",".join(roles),
               destinations=sorted(self.destinations), database=self.db.engine.dialect.name)
 
     def _start_scoring(self, threads: int) -> bool:
@@ -183,11 +187,6 @@ class Node:
                          lease_seconds=w.lease_seconds, poll_seconds=w.poll_seconds, stopping=self.stopping,
                          on_failed=on_failed)
         self._spawn(name, loop.run)
-
-    def _move_target(self, ae_title: str) -> tuple[str, int, dict] | None:
-        peer = self.move_destinations.get(ae_title)
-        tls = client_tls(peer.tls, peer.host) if peer else None
-        return (peer.host, peer.port, {"tls_args": tls} if tls else {}) if peer else None
 
     def serve_forever(self) -> None:
         done = threading.Event()  # SIGTERM while starting: start, then stop cleanly

@@ -52,9 +52,9 @@ def check_archive_writable(root: Path) -> None:
 
 
 def listeners(settings: Settings) -> list[tuple[str, str, int]]:
-    """(listener, host, port) of each enabled listener with a fixed port (port 0 picks a free one)."""
-    wanted = [("dicom", settings.dicom.host, settings.dicom.port)]
-    if settings.web.enabled:
+    """(listener, host, port) of each listener this node's roles open, with a fixed port (0 picks a free one)."""
+    wanted = [("dicom", settings.dicom.host, settings.dicom.port)] if settings.node.runs("receiver") else []
+    if settings.node.runs("web") and settings.web.enabled:
         wanted.append(("web", settings.web.host, settings.web.port))
     if settings.metrics.enabled:
         wanted.append(("metrics", settings.metrics.host, settings.metrics.port))

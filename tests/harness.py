@@ -99,7 +99,13 @@ class NodeProcess:
         argv = in_netns(self.netns, [sys.executable, "-m", "cxrtriage", "serve", "-c", str(self.config_path)])
         out = open(self.workdir / "stdout.log", "ab")
         self.process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=self.workdir)
-        wait_for(lambda: port_open(self.port, self.netns) or self.process.poll() is not None, timeout, "the node to listen")
+        roles = yaml.safe_load(self.config_path.read_text()).get("node", {}).get("roles", ["receiver"])
+        if "receiver" in roles:
+            wait_for(lambda: port_open(self.port, self.netns) or self.process.poll() is not None, timeout,
+                     "the node to listen")
+        else:  # no DICOM port to wait for
+            wait_for(lambda: '"node started"' in self.log[self.log_offset:] or self.process.poll() is not None,
+                     timeout, "the node to start")
         if self.process.poll() is not None:
             raise AssertionError(f"node exited with {self.process.returncode}:\n{self.log[-3000:]}")
         return self

@@ -38,7 +38,7 @@ def test_a_node_is_ready_beats_leads_and_hands_over_when_it_stops(tmp_path: Path
                 return session.scalars(select(NodeRecord).where(NodeRecord.name == "testnode")).first()
 
         row = wait_for(beat, 30, "the node's heartbeat")
-        assert row.roles == "receiver,sender,web" and row.incarnation.startswith("testnode:")
+        assert row.roles == "receiver,sender,scheduler,web" and row.incarnation.startswith("testnode:")
 
         def leader() -> str | None:
             with db.session() as session:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import ssl
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pydicom
@@ -49,6 +49,20 @@ def client_tls(tls: TLSSettings, host: str) -> tuple[ssl.SSLContext, str] | None
     if tls.certificate:
         context.load_cert_chain(tls.certificate, tls.private_key)
     return context, host
+
+
+def move_target(peers: Sequence[Peer]) -> Callable[[str], tuple[str, int, dict] | None]:
+    """C-MOVE's destination lookup: an AE title to (host, port, association arguments), None when unknown."""
+    by_title = {peer.ae_title: peer for peer in peers}
+
+    def target(ae_title: str) -> tuple[str, int, dict] | None:
+        peer = by_title.get(ae_title)
+        if peer is None:
+            return None
+        tls = client_tls(peer.tls, peer.host)
+        return peer.host, peer.port, {"tls_args": tls} if tls else {}
+
+    return target
 
 
 class SendError(RuntimeError):
