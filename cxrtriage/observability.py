@@ -292,6 +292,11 @@ class Metrics:
         self.resident_memory = Gauge(
             "cxrtriage_process_resident_memory_bytes", "Resident memory of the node process", registry=r
         )
+        self.live_nodes = Gauge(
+            "cxrtriage_node_last_seen_timestamp_seconds",
+            "Last heartbeat of each live node sharing this node's database (several nodes: docs/deploy.md)",
+            ["node", "roles", "version"], registry=r,
+        )
 
     def association_rejected(self, reason: str) -> None:
         """Count one refused or dropped association (``reason``: a label of scp.guard/scp.server)."""

@@ -77,6 +77,29 @@ def test_heartbeats_list_the_live_nodes(db: Database) -> None:
             ("receiver-1", "receiver-1:1", "receiver"), ("scorer-1", "scorer-1:2", "scorer,sender")]
 
 
+def test_every_node_lists_the_live_nodes_in_its_metrics(db: Database, tmp_path: Path) -> None:
+    from cxrtriage.observability import Metrics
+    from cxrtriage.stages.housekeeping import Housekeeping
+    from cxrtriage.storage.archive import Archive
+    from cxrtriage.storage.queue import JobQueue
+
+    def node(name: str, roles: list[str]) -> Housekeeping:
+        return Housekeeping(db, JobQueue(db), Metrics(), Archive(tmp_path / "archive"), name=name,
+                            incarnation=f"{name}:1", roles=roles, models={})
+
+    def listed(keeper: Housekeeping) -> dict[str, tuple[str, float]]:
+        series = keeper.metrics.live_nodes.collect()[0].samples
+        return {s.labels["node"]: (s.labels["roles"], s.value) for s in series}
+
+    receiver, scorer = node("receiver-1", ["receiver"]), node("scorer-1", ["scorer", "sender"])
+    receiver.beat(now=T0)
+    scorer.beat(now=T0 + dt.timedelta(seconds=1))
+    assert listed(scorer) == {"receiver-1": ("receiver", T0.timestamp()),
+                              "scorer-1": ("scorer,sender", T0.timestamp() + 1)}
+    scorer.beat(now=T0 + dt.timedelta(seconds=1 + scorer.live_seconds))  # the receiver went silent
+    assert list(listed(scorer)) == ["scorer-1"]
+
+
 def test_only_the_leader_runs_the_periodic_jobs(db: Database, database_url: str, tmp_path: Path) -> None:
     """Three nodes' scheduler jobs on one database: one escalation per study, by the lease's holder."""
     with db.session() as session:

@@ -5,6 +5,9 @@ Gauges (:class:`~cxrtriage.observability.GaugeSampler`): every queue
 heartbeat (:func:`~cxrtriage.storage.cluster.heartbeat`) is the node's row in
 ``nodes``: name, incarnation, roles, version and models, and when it was last
 seen, so an operator (and the other nodes) can tell which nodes are alive.
+After each beat the live nodes, this one included, are listed in the gauge
+``cxrtriage_node_last_seen_timestamp_seconds`` (one series per node; a node
+gone silent drops out).
 """
 
 from __future__ import annotations
@@ -17,9 +20,9 @@ from collections.abc import Mapping, Sequence
 from .. import __version__
 from ..observability import GaugeSampler, Metrics, event, safe_error
 from ..storage.archive import Archive
-from ..storage.cluster import heartbeat
+from ..storage.cluster import heartbeat, live_nodes
 from ..storage.db import Database
-from ..storage.models import JobKind, JobState, utcnow
+from ..storage.models import JobKind, JobState, as_utc, utcnow
 from ..storage.queue import JobQueue
 
 log = logging.getLogger(__name__)
@@ -32,6 +35,7 @@ class Housekeeping:
                  incarnation: str, roles: Sequence[str], models: Mapping[str, str], interval: float = 2.0,
                  beat_every: int = 5) -> None:
         self.db = db
+        self.metrics = metrics
         self.sampler = GaugeSampler(metrics, queue.depth, archive.free_bytes, kinds=[k.value for k in JobKind],
                                     states=[s.value for s in JobState])
         self.name, self.incarnation, self.roles, self.models = name, incarnation, list(roles), dict(models)
@@ -39,10 +43,21 @@ class Housekeeping:
         self.interval = interval
         self.beat_every = beat_every
 
+    @property
+    def live_seconds(self) -> float:
+        """A node not seen for three heartbeat periods is taken for gone."""
+        return 3 * self.beat_every * self.interval
+
     def beat(self, now: dt.datetime | None = None) -> None:
         with self.db.session() as session:
             heartbeat(session, name=self.name, incarnation=self.incarnation, roles=self.roles, version=__version__,
                       models=self.models, started_at=self.started_at, now=now)
+        with self.db.session() as session:
+            nodes = live_nodes(session, self.live_seconds, now=now)
+            self.metrics.live_nodes.clear()
+            for node in nodes:
+                self.metrics.live_nodes.labels(node=node.name, roles=node.roles, version=node.version).set(
+                    as_utc(node.last_seen).timestamp())
 
     def run(self, stopping: threading.Event) -> None:
         tick, last_error = 0, ""
