@@ -36,7 +36,7 @@ def load_settings_or_exit(path: Path | None, *, code: int = 2, roles: str | None
         if roles is None:
             return settings
         try:
-            node = NodeSettings(roles=roles)  # type: ignore[arg-type]  # the validator splits the string
+            node = NodeSettings(roles=roles)  # the validator splits the comma-separated string
         except ValidationError as exc:
             raise ConfigError(f"--roles {roles!r}: {exc.errors()[0]['msg'].removeprefix('Value error, ')}") from None
         return settings.model_copy(update={"node": node})
