@@ -22,11 +22,17 @@ lung that was not found are left out of the SR (unscored, never "absent").
 Their UIDs are derived from the source SOP Instance UID and the algorithm
 version: re-scoring the same image with the same models gives the same UIDs,
 never a second copy.
+
+This highdicom builder is the reference; the node encodes through
+:mod:`.result_templates`, which fills compiled templates of these objects and
+is tested to give the same bytes. ``now`` pins every timestamp the objects
+carry (creation, content, contribution), so the two paths can be compared.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import highdicom as hd
@@ -35,6 +41,7 @@ from pydicom import Dataset
 from pydicom.dataset import FileMetaDataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
+from pydicom.valuerep import DA, DT, TM
 
 from ..dicom_header import EncodedObject, derived_uid
 from .pipeline import Result
@@ -166,8 +173,40 @@ def algorithm_parameters(result: Result) -> list[str]:
     return [*result.identity.lines(), f"zone threshold T={result.scores.zone_threshold:g}"]
 
 
+#: Manufacturer of the Contributing Equipment item highdicom adds for itself (it stamps it with the time).
+HIGHDICOM_EQUIPMENT = "Highdicom open-source contributors"
+
+
+def pin_times(ds: Dataset, now: datetime) -> None:
+    """Give every timestamp highdicom set by its own clock the one time ``now``."""
+    ds.InstanceCreationDate, ds.InstanceCreationTime = DA(now.date()), TM(now.time())
+    ds.ContentDate, ds.ContentTime = DA(now.date()), TM(now.time())
+    for item in ds.get("ContributingEquipmentSequence", []):
+        if item.get("Manufacturer") == HIGHDICOM_EQUIPMENT and "ContributionDateTime" in item:
+            item.ContributionDateTime = DT(now)
+
+
+def segmentation_planes(result: Result) -> list[np.ndarray]:
+    """The SEG's segments 1-9 as full-resolution masks, in segment order."""
+    zones = result.zones
+    return [zones.right, zones.left, result.disease, *zones.zones]
+
+
+def zone_values(result: Result, k: int) -> tuple[float, int, int]:
+    """Zone ``k``'s measured values, as its SR group carries them: affected %, binary score, grade."""
+    s = result.scores
+    return round(100.0 * s.fractions[k], 2), s.binary[k], s.brixia[k]
+
+
+def total_values(result: Result) -> tuple[float | int, ...]:
+    """The image-level group's measured values, in order."""
+    s = result.scores
+    return s.total, s.brixia_total, s.extent_right, s.extent_left, round(result.p_disease, 4)
+
+
 def build_segmentation(
-    source: Dataset, result: Result, *, series_number: int = 9901, jpeg2000: bool = False
+    source: Dataset, result: Result, *, series_number: int = 9901, jpeg2000: bool = False,
+    now: datetime | None = None,
 ) -> hd.seg.Segmentation:
     version = result.algorithm_version
     src_uid = str(source.SOPInstanceUID)
@@ -177,11 +216,10 @@ def build_segmentation(
         parameters={"lungs": identity.lungs.describe(), "disease": identity.disease.describe(),
                     "research_use": "yes" if identity.research_use else "no"},
     )
-    zones = result.zones
     # Segments stacked as planes, then viewed as (1, rows, columns, segments):
     # highdicom's per-pixel checks and frame extraction run over contiguous
     # planes, 3x faster than over an interleaved last axis.
-    planes = np.stack([zones.right, zones.left, result.disease, *zones.zones], dtype=np.uint8)
+    planes = np.stack(segmentation_planes(result), dtype=np.uint8)
     stack = np.moveaxis(planes, 0, -1)[None]
     seg = hd.seg.Segmentation(
         source_images=[_source_header(source)],
@@ -206,6 +244,12 @@ def build_segmentation(
     seg.SeriesDescription = f"cxrtriage lung zones ({identity.short_label})"[:64]
     # Type 2C in the General Image module; highdicom does not copy it.
     seg.PatientOrientation = source.get("PatientOrientation", "")
+    # highdicom draws a random Dimension Organization UID; derive it like the others.
+    organization = derived_uid(src_uid, version, "dimension-organization")
+    seg.DimensionOrganizationSequence[0].DimensionOrganizationUID = organization
+    for item in seg.DimensionIndexSequence:
+        item.DimensionOrganizationUID = organization
+    pin_times(seg, now or datetime.now())
     return seg
 
 
@@ -215,11 +259,12 @@ def _zone_group(
     s = result.scores
     side = codes.SCT.Right if k < 3 else codes.SCT.Left
     site = hd.sr.FindingSite(anatomic_location=ZONE_TYPES[k % 3], laterality=side)
+    fraction, binary, grade = zone_values(result, k)
     measurements = [
-        hd.sr.Measurement(name=AFFECTED_FRACTION, value=round(100.0 * s.fractions[k], 2), unit=UNIT_PERCENT,
+        hd.sr.Measurement(name=AFFECTED_FRACTION, value=fraction, unit=UNIT_PERCENT,
                           algorithm_id=algorithm_id, finding_sites=[site]),
-        hd.sr.Measurement(name=ZONE_SCORE, value=s.binary[k], unit=UNIT_SCORE, algorithm_id=algorithm_id),
-        hd.sr.Measurement(name=BRIXIA_GRADE, value=s.brixia[k], unit=UNIT_SCORE, algorithm_id=algorithm_id),
+        hd.sr.Measurement(name=ZONE_SCORE, value=binary, unit=UNIT_SCORE, algorithm_id=algorithm_id),
+        hd.sr.Measurement(name=BRIXIA_GRADE, value=grade, unit=UNIT_SCORE, algorithm_id=algorithm_id),
     ]
     evaluations = [
         hd.sr.QualitativeEvaluation(
@@ -248,7 +293,7 @@ def _zone_group(
 
 
 def build_report(
-    source: Dataset, seg: Dataset, result: Result, *, series_number: int = 9902
+    source: Dataset, seg: Dataset, result: Result, *, series_number: int = 9902, now: datetime | None = None
 ) -> hd.sr.Comprehensive3DSR:
     version = result.algorithm_version
     src_uid = str(source.SOPInstanceUID)
@@ -291,14 +336,10 @@ def build_report(
             measurements=opacity_measurements or None,
         )
     )
-    totals = [
-        hd.sr.Measurement(name=TOTAL_SCORE, value=s.total, unit=UNIT_SCORE, algorithm_id=algorithm_id),
-        hd.sr.Measurement(name=BRIXIA_TOTAL, value=s.brixia_total, unit=UNIT_SCORE, algorithm_id=algorithm_id),
-        hd.sr.Measurement(name=EXTENT_RIGHT, value=s.extent_right, unit=UNIT_SCORE, algorithm_id=algorithm_id),
-        hd.sr.Measurement(name=EXTENT_LEFT, value=s.extent_left, unit=UNIT_SCORE, algorithm_id=algorithm_id),
-        hd.sr.Measurement(name=codes.DCM.Probability, value=round(result.p_disease, 4), unit=UNIT_ONE,
-                          algorithm_id=algorithm_id),
-    ]
+    names = (TOTAL_SCORE, BRIXIA_TOTAL, EXTENT_RIGHT, EXTENT_LEFT, codes.DCM.Probability)
+    units = (UNIT_SCORE, UNIT_SCORE, UNIT_SCORE, UNIT_SCORE, UNIT_ONE)
+    totals = [hd.sr.Measurement(name=name, value=value, unit=unit, algorithm_id=algorithm_id)
+              for name, value, unit in zip(names, total_values(result), units)]
     groups.append(
         hd.sr.MeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(
@@ -336,11 +377,15 @@ def build_report(
     scheme.CodingSchemeName = "cxrtriage zone severity codes"
     scheme.CodingSchemeResponsibleOrganization = "cxrtriage project"
     sr.CodingSchemeIdentificationSequence = [scheme]
+    pin_times(sr, now or datetime.now())
     return sr
 
 
-def build_result_objects(source: Dataset, result: Result, *, jpeg2000: bool = False) -> ResultObjects:
-    """SEG and SR of one scored image, ready to save or send."""
-    seg = build_segmentation(source, result, jpeg2000=jpeg2000)
-    sr = build_report(source, seg, result)
+def build_result_objects(
+    source: Dataset, result: Result, *, jpeg2000: bool = False, now: datetime | None = None
+) -> ResultObjects:
+    """SEG and SR of one scored image, ready to save or send (highdicom: the reference builder)."""
+    now = now or datetime.now()
+    seg = build_segmentation(source, result, jpeg2000=jpeg2000, now=now)
+    sr = build_report(source, seg, result, now=now)
     return ResultObjects(seg=seg, sr=sr)

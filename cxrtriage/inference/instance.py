@@ -79,14 +79,18 @@ def score_instance(
 
 def encode_result(
     ds: Any, pixels: Any, result: Result, overlay: Path | None = None, *, jpeg2000: bool = False,
-    secondary_capture: bool = False,
+    secondary_capture: bool = False, reference: bool = False,
 ) -> InstanceScored:
-    """A pipeline result as the node stores it: the SEG and SR (and SC) encoded, the overlay written, the scores."""
-    from .dicom_results import build_result_objects
+    """A pipeline result as the node stores it: the SEG and SR (and SC) encoded, the overlay written, the scores.
+
+    The SEG and SR come from compiled templates (:mod:`.result_templates`);
+    ``reference`` builds them with highdicom instead, byte for byte the same.
+    """
     from .overlay import write_overlay
+    from .result_templates import encode_result_objects
     from .secondary_capture import encode_secondary_capture
 
-    seg, sr = build_result_objects(ds, result, jpeg2000=jpeg2000).encode()
+    seg, sr = encode_result_objects(ds, result, jpeg2000=jpeg2000, reference=reference)
     sc = encode_secondary_capture(ds, pixels, result) if secondary_capture else None
     if overlay is not None:
         write_overlay(overlay, pixels, result)

@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import Any
 
 from ..config import InferenceSettings
-from .dicom_results import build_result_objects
 from .overlay import write_overlay
 from .pipeline import Pipeline
 from .presets import brixia_cutoffs, model_specs, zone_threshold
 from .radiograph import RadiographError, load_radiograph
+from .result_templates import save_result_objects
 
 
 @dataclass
@@ -93,8 +93,7 @@ def score_batch(
         if dicom:
             written = []
             if radiograph.dataset is not None:
-                objects = build_result_objects(radiograph.dataset, result, jpeg2000=jpeg2000)
-                written = list(objects.save(out_dir / "dicom"))
+                written = list(save_result_objects(radiograph.dataset, result, out_dir / "dicom", jpeg2000=jpeg2000))
         outcomes[index] = FileOutcome(path, result=record, overlay=picture, dicom=written)
     return [outcomes[i] for i, _ in items]
 

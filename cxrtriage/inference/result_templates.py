@@ -1,0 +1,667 @@
+"""SEG and SR from compiled templates: highdicom builds once per configuration, each image fills in its values.
+
+The reference builder (:mod:`.dicom_results`, highdicom) costs hundreds of
+CPU-ms per image, nearly all of it re-deriving what is the same for every
+image. Here highdicom builds the SEG and SR once per *shape* (:func:`_key`:
+source SOP class, character set and which patient/study attributes it has,
+image size, transfer syntax, the models and settings), from a "full" version
+of the first result of that shape: all zones scored, every zone graded,
+a lesion area, all nine segments non-empty. The encoded dataset is then
+compiled (:func:`_compile`) into constant bytes and *slots*:
+
+* UIDs derived from the source, and the source's own UIDs, wherever they
+  occur (found by value);
+* the patient/study attributes highdicom copies from the source, Patient
+  Orientation, the source's acquisition equipment item, the timestamps;
+* each measured value (``MeasuredValueSequence``, in document order) and each
+  qualitative evaluation's code (present/absent, severity);
+* optional items: a zone group (unscored zone), a severity item (grade 0),
+  the lesion area, a SEG frame (empty segment, as highdicom omits it);
+* Number of Frames and Pixel Data: the frames bit-packed with
+  ``np.packbits`` in highdicom's order (or JPEG 2000, frame by frame, with
+  highdicom's own encoder).
+
+Sequences and items carry explicit lengths as pydicom writes them, so they are
+recomputed when rendered. A compiled template must render its own template
+inputs to exactly the bytes pydicom wrote, or it is not used (the reference
+builds that shape instead, with a warning). tests/test_result_templates.py
+holds the proof that matters: varied real results give the same bytes here
+as through highdicom.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import struct
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import highdicom as hd
+import numpy as np
+from highdicom.enum import PatientSexValues
+from highdicom.frame import encode_frame
+from pydicom import Dataset
+from pydicom.datadict import tag_for_keyword
+from pydicom.dataelem import DataElement
+from pydicom.encaps import encapsulate
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_data_element, write_dataset, write_file_meta_info
+from pydicom.sr.codedict import codes
+from pydicom.uid import JPEG2000Lossless
+from pydicom.valuerep import DA, DS, DT, TM
+
+from ..dicom_header import EncodedObject, ResultKind, derived_uid, integer, text
+from . import dicom_results as ref
+from .pipeline import Result
+
+log = logging.getLogger(__name__)
+
+__all__ = ["clear_templates", "encode_result_objects", "save_result_objects", "template_counts"]
+
+# -- compiled form ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Slot:
+    """A value filled in per image: ``kind`` says how, ``arg`` which one; ``head`` is the element's tag + VR."""
+
+    kind: str
+    arg: Any
+    head: bytes
+    tag: int
+
+
+@dataclass
+class Item:
+    """A sequence item; ``option`` names the condition under which it is written (None: always)."""
+
+    option: str | None
+    nodes: list[Node]
+    undefined: bool
+
+
+@dataclass
+class Seq:
+    head: bytes  # tag, "SQ", reserved
+    items: list[Item]
+    undefined: bool
+
+
+Node = bytes | Slot | Seq
+
+_ITEM = b"\xfe\xff\x00\xe0"
+_ITEM_END = b"\xfe\xff\x0d\xe0\x00\x00\x00\x00"
+_SEQ_END = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
+_UNDEFINED = b"\xff\xff\xff\xff"
+
+
+def _writer() -> DicomBytesIO:
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, False
+    return fp
+
+
+def _element_bytes(elem: DataElement, encoding: Any) -> bytes:
+    fp = _writer()
+    write_data_element(fp, elem, encoding)
+    return fp.getvalue()
+
+
+def _item_bytes(item: Dataset, encoding: Any) -> bytes:
+    fp = _writer()
+    write_dataset(fp, item, encoding)
+    body = fp.getvalue()
+    return _ITEM + struct.pack("<I", len(body)) + body
+
+
+# -- what varies per image --------------------------------------------------
+
+#: Slot names of the UIDs that differ per image, derived as dicom_results derives them.
+_DERIVED = ("seg", "seg-series", "sr", "sr-series", "dimension-organization", "opacity", "totals",
+            *(f"segment-{n}" for n in range(1, 10)), *(f"zone-{k}" for k in range(6)))
+#: What SOPClass.__init__ takes from the source itself, before (and besides) copying its Patient and Study modules.
+_BASE_COPIED = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "AccessionNumber",
+                "StudyID", "StudyDate", "StudyTime", "ReferringPhysicianName")
+_TIMES = {"InstanceCreationDate": "date", "ContentDate": "date", "InstanceCreationTime": "time",
+          "ContentTime": "time", "ContributionDateTime": "datetime"}
+_EVALUATION = (codes.DCM.AbnormalOpacity.value, codes.DCM.AbnormalOpacity.scheme_designator)
+_SEVERITY = (codes.SCT.Severity.value, codes.SCT.Severity.scheme_designator)
+_AREA = (codes.SCT.Area.value, codes.SCT.Area.scheme_designator)
+_ZONES = 6
+
+
+def _copied_tags(sop_class_uid: str, modules: tuple[tuple[str, str | None], ...]) -> tuple[int, ...]:
+    """Root-level tags highdicom copies from a source of this SOP class (SOPClass._copy_root_attributes_of_module)."""
+    from highdicom._standard_utils import get_iod_module_map, get_module_attribute_map, get_sop_class_iod_map
+
+    attributes = get_module_attribute_map()
+    keywords: list[str] = list(_BASE_COPIED)
+    for entry in get_iod_module_map()[get_sop_class_iod_map()[sop_class_uid]]:
+        for ie, module in modules:
+            wanted = module is None or entry["key"] == module
+            if entry["ie"] == ie and wanted:
+                keywords += [str(a["keyword"]) for a in attributes[entry["key"]] if len(a["path"]) == 0]
+    return tuple(sorted({t for t in (tag_for_keyword(k) for k in keywords) if t is not None}))
+
+
+_SEG_MODULES = (("Patient", None), ("Study", None), ("Image", "specimen"))
+_SR_MODULES = (("Patient", None), ("Study", None))
+_copied_cache: dict[tuple[str, str], tuple[int, ...]] = {}
+
+
+def copied_tags(source: Dataset, kind: str) -> tuple[int, ...]:
+    key = (str(source.SOPClassUID), kind)
+    if key not in _copied_cache:
+        _copied_cache[key] = _copied_tags(key[0], _SEG_MODULES if kind == "seg" else _SR_MODULES)
+    return _copied_cache[key]
+
+
+@dataclass
+class Values:
+    """One image's values for the slots of its SEG and SR templates."""
+
+    source: Dataset
+    now: datetime
+    uids: dict[str, str]
+    numbers: list[float | int]
+    codes: dict[str, hd.sr.CodedConcept]
+    options: dict[str, bool]
+    planes: list[np.ndarray]
+    present: list[bool]
+    jpeg2000: bool
+    acquisition: bytes | None = None  # the source's acquisition equipment item, once made
+    packed: dict[int, np.ndarray] = field(default_factory=dict)
+
+    def packed_plane(self, index: int) -> np.ndarray:
+        """Segment plane ``index`` bit-packed as DICOM packs 1-bit pixels (little bit order), made once."""
+        if index not in self.packed:
+            self.packed[index] = np.packbits(self.planes[index], axis=None, bitorder="little")
+        return self.packed[index]
+
+    def overlap(self) -> bool:
+        """Is any pixel in more than one segment (highdicom's Segments Overlap)?"""
+        seen: np.ndarray | None = None
+        for index, present in enumerate(self.present):
+            if not present:
+                continue
+            plane = self.packed_plane(index)
+            if seen is None:
+                seen = plane.copy()
+            elif np.bitwise_and(seen, plane).any():
+                return True
+            else:
+                seen |= plane
+        return False
+
+
+def _values(source: Dataset, result: Result, now: datetime, jpeg2000: bool) -> Values:
+    src, version = str(source.SOPInstanceUID), result.algorithm_version
+    uids = {name: derived_uid(src, version, name) for name in _DERIVED}
+    uids.update(source=src, source_series=str(source.SeriesInstanceUID), study=str(source.StudyInstanceUID))
+    s = result.scores
+    numbers: list[float | int] = []
+    for k in range(_ZONES):
+        numbers += ref.zone_values(result, k)
+    if s.lesion_area_mm2 is not None:
+        numbers.append(round(s.lesion_area_mm2, 1))
+    else:
+        numbers.append(0.0)  # left out below
+    numbers += ref.total_values(result)
+    chosen = {}
+    for k in range(_ZONES):
+        chosen[f"evaluation-{k}"] = codes.SCT.Present if s.binary[k] else codes.SCT.Absent
+        chosen[f"severity-{k}"] = ref.SEVERITY.get(s.brixia[k], codes.SCT.Mild)
+    scored = s.scored
+    planes = ref.segmentation_planes(result)
+    present = [bool(p.any()) for p in planes]
+    omit = any(present)  # highdicom omits empty frames unless all are empty
+    options = {f"zone-{k}": scored[k] for k in range(_ZONES)}
+    options.update({f"severity-{k}": bool(s.brixia[k]) for k in range(_ZONES)})
+    options["area"] = s.lesion_area_mm2 is not None
+    options.update({f"frame-{i}": present[i] or not omit for i in range(len(planes))})
+    return Values(source, now, uids, numbers, chosen, options, planes, present, jpeg2000)
+
+
+_has_pixels: dict[str, bool] = {}
+
+
+def _acquisition_equipment(source: Dataset) -> hd.ContributingEquipment | None:
+    """highdicom's ContributingEquipment.for_image_acquisition, its IOD lookup cached; None where it gives none."""
+    from highdicom._standard_utils import does_iod_have_pixel_data
+
+    sop_class = str(source.SOPClassUID)
+    if sop_class not in _has_pixels:
+        _has_pixels[sop_class] = bool(does_iod_have_pixel_data(sop_class))
+    manufacturer = source.get("Manufacturer")
+    if not _has_pixels[sop_class] or manufacturer is None or manufacturer == "":
+        return None
+    when = source.get("AcquisitionDateTime")
+    if when is None:
+        date, time = source.get("AcquisitionDate"), source.get("AcquisitionTime")
+        if isinstance(date, dt.date) and isinstance(time, dt.time):
+            when = dt.datetime.combine(date, time)
+    try:
+        return hd.ContributingEquipment(
+            manufacturer=manufacturer, purpose_of_reference=codes.DCM.AcquisitionEquipment,
+            manufacturer_model_name=source.get("ManufacturerModelName"),
+            software_versions=source.get("SoftwareVersions"), device_serial_number=source.get("DeviceSerialNumber"),
+            institution_name=source.get("InstitutionName"),
+            institutional_department_name=source.get("InstitutionalDepartmentName"),
+            institution_address=source.get("InstitutionAddress"), station_name=source.get("StationName"),
+            contribution_datetime=when, contribution_description="Acquisition equipment of the source image(s)",
+        )
+    except Exception:  # highdicom's builder leaves the item out when it cannot make it
+        return None
+
+
+def _checked(source: Dataset) -> bool:
+    """Does the source pass the checks highdicom makes of what it takes from it (SOPClass.__init__)?
+
+    The template copies these values without looking at them; where highdicom
+    would refuse one, the reference builder runs instead, so the node refuses
+    the same sources with the same errors.
+    """
+    try:
+        for keyword in ("PatientID", "PatientName", "AccessionNumber", "StudyID"):
+            getattr(source, keyword)
+        DA(source.PatientBirthDate)
+        if source.StudyDate is not None:
+            DA(source.StudyDate)
+        if source.StudyTime is not None:
+            TM(source.StudyTime)
+        if source.PatientSex not in (None, ""):
+            PatientSexValues(source.PatientSex)
+    except (AttributeError, ValueError, TypeError):
+        return False
+    return True
+
+
+def _full(result: Result) -> Result:
+    """The template's inputs: ``result`` with every optional part present."""
+    s = result.scores
+    scores = replace(s, brixia=[b or 1 for b in s.brixia], zone_area_px=[1] * _ZONES,
+                     lesion_area_mm2=s.lesion_area_mm2 if s.lesion_area_mm2 is not None else 1.0)
+    ones = np.ones(result.lungs.shape, dtype=bool)
+    zones = replace(result.zones, right=ones, left=ones, zones=(ones,) * _ZONES)
+    return replace(result, disease=ones, zones=zones, scores=scores)
+
+
+# -- compiling ---------------------------------------------------------------
+
+
+class _Compiler:
+    """Walks an encoded-to-be dataset, emitting constant bytes and slots (see the module docstring)."""
+
+    def __init__(self, values: Values, copied: tuple[int, ...], kind: str) -> None:
+        self.uid_names = {v: k for k, v in values.uids.items()}
+        self.copied = set(copied)
+        self.kind = kind
+        self.numbers = 0
+        self.evaluations = 0
+        self.severities = 0
+
+    def dataset(self, ds: Dataset, encoding: Any, depth: int) -> list[Node]:
+        encoding = ds.get("SpecificCharacterSet", encoding)
+        nodes: list[Node] = []
+        for tag in sorted(ds.keys()):
+            if tag.element == 0 and tag.group > 6:
+                continue
+            elem = ds[tag]
+            nodes.append(self.element(elem, ds, encoding, depth))
+        return _merge(nodes)
+
+    def element(self, elem: DataElement, parent: Dataset, encoding: Any, depth: int) -> Node:
+        tag, keyword = int(elem.tag), elem.keyword
+        head = struct.pack("<HH", tag >> 16, tag & 0xFFFF) + str(elem.VR).encode()[:2]
+        if depth == 0 and tag in self.copied:
+            return Slot("copy", tag, head, tag)
+        if depth == 0 and keyword in ("PatientOrientation", "NumberOfFrames", "PixelData", "SegmentsOverlap"):
+            return Slot(keyword, None, head, tag)
+        if keyword in _TIMES:
+            return Slot("time", _TIMES[keyword], head, tag)
+        if elem.VR == "UI" and isinstance(elem.value, str) and elem.value in self.uid_names:
+            return Slot("uid", self.uid_names[elem.value], head, tag)
+        if keyword == "MeasuredValueSequence":
+            self.numbers += 1
+            units = _element_bytes(elem.value[0]["MeasurementUnitsCodeSequence"], encoding)
+            return Slot("number", (self.numbers - 1, units), head, tag)
+        if keyword == "ConceptCodeSequence" and parent.get("ValueType") == "CODE":
+            concept = _concept(parent)
+            if concept == _EVALUATION:
+                self.evaluations += 1
+                return Slot("code", f"evaluation-{self.evaluations - 1}", head, tag)
+            if concept == _SEVERITY:  # its item was counted just before (option)
+                return Slot("code", f"severity-{self.severities - 1}", head, tag)
+        if elem.VR != "SQ":
+            return _element_bytes(elem, encoding)
+        if depth == 0 and keyword == "ContributingEquipmentSequence":
+            items = [self.item(x, encoding, depth, None) for x in elem.value]
+            first = elem.value[0] if elem.value else None
+            if first is not None and _is_acquisition(first):
+                items[0] = Item(None, [Slot("acquisition", None, b"", 0)], False)
+            return Seq(head + b"\0\0", items, elem.is_undefined_length)
+        items = []
+        for index, x in enumerate(elem.value):
+            items.append(self.item(x, encoding, depth, self.option(keyword, index, x)))
+        return Seq(head + b"\0\0", items, elem.is_undefined_length)
+
+    def option(self, keyword: str, index: int, item: Dataset) -> str | None:
+        if keyword == "PerFrameFunctionalGroupsSequence":
+            return f"frame-{index}"
+        if keyword != "ContentSequence":
+            return None
+        concept = _concept(item)
+        if item.get("ValueType") == "CODE" and concept == _SEVERITY:
+            self.severities += 1
+            return f"severity-{self.severities - 1}"
+        if item.get("ValueType") == "NUM" and concept == _AREA:
+            return "area"
+        if item.get("ValueType") == "CONTAINER":
+            for child in item.get("ContentSequence", []):
+                name = self.uid_names.get(str(child.get("UID", "")), "")
+                if name.startswith("zone-"):
+                    return name
+        return None
+
+    def item(self, item: Dataset, encoding: Any, depth: int, option: str | None) -> Item:
+        nodes = self.dataset(item, encoding, depth + 1)
+        return Item(option, nodes, bool(getattr(item, "is_undefined_length_sequence_item", False)))
+
+
+def _concept(item: Dataset) -> tuple[str, str] | None:
+    names = item.get("ConceptNameCodeSequence")
+    if not names:
+        return None
+    return str(names[0].CodeValue), str(names[0].CodingSchemeDesignator)
+
+
+def _is_acquisition(item: Dataset) -> bool:
+    purpose = item.get("PurposeOfReferenceCodeSequence")
+    return bool(purpose) and str(purpose[0].CodeValue) == codes.DCM.AcquisitionEquipment.value
+
+
+def _merge(nodes: Iterable[Node]) -> list[Node]:
+    """Adjacent constant bytes joined; a sequence with no slot or option inside becomes bytes."""
+    out: list[Node] = []
+    for node in nodes:
+        if isinstance(node, Seq) and _constant(node):
+            node = _render_seq(node, None)
+        if isinstance(node, bytes) and out and isinstance(out[-1], bytes):
+            out[-1] = out[-1] + node
+        else:
+            out.append(node)
+    return out
+
+
+def _constant(seq: Seq) -> bool:
+    return all(item.option is None and all(isinstance(n, bytes) for n in item.nodes) for item in seq.items)
+
+
+# -- rendering ---------------------------------------------------------------
+
+
+@dataclass
+class Template:
+    """One compiled object: its nodes, file meta and the facts the node records for it."""
+
+    kind: ResultKind
+    nodes: list[Node]
+    meta: Dataset
+    encoding: Any
+    facts: dict[str, Any]
+    render_slot: _Slots
+
+    def render(self, values: Values) -> bytes:
+        meta = Dataset()
+        meta.update(self.meta)
+        meta.MediaStorageSOPInstanceUID = values.uids[self.kind]
+        fp = _writer()
+        fp.write(b"\0" * 128 + b"DICM")
+        write_file_meta_info(fp, meta, enforce_standard=True)  # type: ignore[arg-type]
+        parts = [fp.getvalue()]
+        for node in self.nodes:
+            if isinstance(node, Slot) and node.kind == "PixelData" and not values.jpeg2000:
+                parts += self.render_slot.pixel_parts(node, values)
+            else:
+                parts.append(_render(node, values, self.render_slot))
+        return b"".join(parts)
+
+    def encoded(self, values: Values) -> EncodedObject:
+        f = self.facts
+        return EncodedObject(
+            kind=self.kind, sop_class_uid=f["sop_class_uid"], sop_instance_uid=values.uids[self.kind],
+            series_instance_uid=values.uids[f"{self.kind}-series"], study_instance_uid=values.uids["study"],
+            transfer_syntax_uid=f["transfer_syntax_uid"], modality=f["modality"], series_number=f["series_number"],
+            series_description=f["series_description"], instance_number=f["instance_number"],
+            body_part=f["body_part"], data=self.render(values),
+        )
+
+
+def _render(node: Node, values: Values | None, slot: Callable[[Slot, Values], bytes] | None) -> bytes:
+    if isinstance(node, bytes):
+        return node
+    if isinstance(node, Seq):
+        return _render_seq(node, values, slot)
+    assert values is not None and slot is not None
+    return slot(node, values)
+
+
+def _render_seq(seq: Seq, values: Values | None, slot: Callable[[Slot, Values], bytes] | None = None) -> bytes:
+    parts = []
+    for item in seq.items:
+        if item.option is not None and not (values is not None and values.options[item.option]):
+            continue
+        if len(item.nodes) == 1 and isinstance(item.nodes[0], Slot) and item.nodes[0].kind == "acquisition":
+            parts.append(_render(item.nodes[0], values, slot))  # a whole item, or nothing
+            continue
+        body = b"".join([_render(n, values, slot) for n in item.nodes])
+        if item.undefined:
+            parts.append(_ITEM + _UNDEFINED + body + _ITEM_END)
+        else:
+            parts.append(_ITEM + struct.pack("<I", len(body)) + body)
+    body = b"".join(parts)
+    if seq.undefined:
+        return seq.head + _UNDEFINED + body + _SEQ_END
+    return seq.head + struct.pack("<I", len(body)) + body
+
+
+def _short(head: bytes, value: bytes) -> bytes:
+    return head + struct.pack("<H", len(value)) + value
+
+
+class _Slots:
+    """Renders a template's slots for one image."""
+
+    def __init__(self, encoding: Any, kind: str) -> None:
+        self.encoding = encoding
+        self.kind = kind
+        self.codes: dict[tuple[str, str], bytes] = {}
+        self.values: dict[tuple[type, float | int], bytes] = {}
+
+    def __call__(self, slot: Slot, v: Values) -> bytes:
+        kind = slot.kind
+        if kind == "uid":
+            uid = v.uids[slot.arg].encode()
+            return _short(slot.head, uid + b"\0" if len(uid) % 2 else uid)
+        if kind == "copy":
+            return _element_bytes(v.source[slot.tag], self.encoding) if slot.tag in v.source else b""
+        if kind == "time":
+            value: Any = {"date": DA(v.now.date()), "time": TM(v.now.time()), "datetime": DT(v.now)}[slot.arg]
+            return self.element(slot, value)
+        if kind == "number":
+            return self.number(slot, v)
+        if kind == "code":
+            return self.code(slot, v.codes[slot.arg])
+        if kind == "acquisition":
+            return self.acquisition(v)
+        if kind == "PatientOrientation":
+            return self.element(slot, v.source.get("PatientOrientation", ""))
+        if kind == "NumberOfFrames":
+            return self.element(slot, sum(v.options[f"frame-{i}"] for i in range(len(v.planes))))
+        if kind == "PixelData":
+            return self.pixel_data(slot, v)
+        if kind == "SegmentsOverlap":
+            return self.element(slot, "YES" if v.overlap() else "NO")
+        raise ValueError(f"unknown slot {kind}")
+
+    def element(self, slot: Slot, value: Any) -> bytes:
+        vr = slot.head[4:6].decode()
+        return _element_bytes(DataElement(slot.tag, vr, value), self.encoding)
+
+    def number(self, slot: Slot, v: Values) -> bytes:
+        index, units = slot.arg
+        value = v.numbers[index]
+        key = (type(value), value)
+        if key not in self.values:
+            # As highdicom's NumContentItem: Numeric Value (DS) always, Floating Point Value (FD) for a float.
+            fp = _element_bytes(DataElement(0x0040A161, "FD", value), None) if isinstance(value, float) else b""
+            self.values[key] = fp + _element_bytes(DataElement(0x0040A30A, "DS", DS(value, auto_format=True)), None)
+        body = units + self.values[key]
+        return slot.head + b"\0\0" + struct.pack("<I", len(body) + 8) + _ITEM + struct.pack("<I", len(body)) + body
+
+    def code(self, slot: Slot, code: Any) -> bytes:
+        key = (code.value, code.scheme_designator)
+        if key not in self.codes:
+            item = hd.sr.CodeContentItem(name=codes.DCM.Finding, value=code,
+                                         relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+            self.codes[key] = _element_bytes(item["ConceptCodeSequence"], self.encoding)
+        return self.codes[key]
+
+    def acquisition(self, v: Values) -> bytes:
+        if v.acquisition is None:
+            item = _acquisition_equipment(v.source)
+            v.acquisition = b"" if item is None else _item_bytes(item, self.encoding)
+        return v.acquisition
+
+    def pixel_data(self, slot: Slot, v: Values) -> bytes:
+        if not v.jpeg2000:
+            return b"".join(self.pixel_parts(slot, v))
+        # frame by frame with highdicom's own encoder, then encapsulated (with a Basic Offset Table) as it does
+        frames = [p for i, p in enumerate(v.planes) if v.options[f"frame-{i}"]]
+        encoded = [encode_frame(np.ascontiguousarray(p, dtype=np.uint8), transfer_syntax_uid=JPEG2000Lossless,
+                                bits_allocated=1, bits_stored=1, photometric_interpretation="MONOCHROME2",
+                                pixel_representation=0) for p in frames]
+        return slot.head + b"\0\0" + _UNDEFINED + encapsulate(encoded) + _SEQ_END
+
+    def pixel_parts(self, slot: Slot, v: Values) -> list[Any]:
+        """Native Pixel Data as pieces (header, packed frames, pad), so that 5 MB are copied once."""
+        included = [i for i in range(len(v.planes)) if v.options[f"frame-{i}"]]
+        frames = [v.planes[i] for i in included]
+        rows, columns = frames[0].shape
+        packed: list[Any]
+        if (rows * columns) % 8 == 0:  # frames pack on byte boundaries: one at a time, no stacked copy
+            packed = [v.packed_plane(i) for i in included]
+        else:  # bits run on across frames, as highdicom packs them
+            packed = [np.packbits(np.stack(frames), axis=None, bitorder="little")]
+        size = sum(int(p.size) for p in packed)
+        pad = [b"0"] if size % 2 else []  # highdicom's pad byte
+        return [slot.head + b"\0\0" + struct.pack("<I", size + len(pad)), *packed, *pad]
+
+
+def _compile(kind: ResultKind, ds: Dataset, values: Values, copied: tuple[int, ...]) -> Template:
+    compiler = _Compiler(values, copied, kind)
+    encoding = ds.get("SpecificCharacterSet")
+    nodes = compiler.dataset(ds, encoding, 0)
+    facts = dict(
+        sop_class_uid=str(ds.SOPClassUID), transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
+        modality=text(ds, "Modality", 16), series_number=integer(ds, "SeriesNumber"),
+        series_description=text(ds, "SeriesDescription"), instance_number=integer(ds, "InstanceNumber"),
+        body_part=text(ds, "BodyPartExamined", 16),
+    )
+    return Template(kind, nodes, ds.file_meta, encoding, facts, _Slots(encoding, kind))
+
+
+# -- the cache -----------------------------------------------------------------
+
+#: Templates kept (LRU); a node sees a few shapes (detector sizes, sites), each costs one highdicom build.
+MAX_TEMPLATES = 32
+_templates: OrderedDict[tuple[Any, ...], tuple[Template, Template] | None] = OrderedDict()
+_lock = threading.Lock()
+
+
+def clear_templates() -> None:
+    with _lock:
+        _templates.clear()
+
+
+def template_counts() -> tuple[int, int]:
+    """(shapes with a compiled template, shapes whose template failed its check and use highdicom)."""
+    with _lock:
+        compiled = sum(t is not None for t in _templates.values())
+        return compiled, len(_templates) - compiled
+
+
+def _key(source: Dataset, result: Result, jpeg2000: bool) -> tuple[Any, ...]:
+    """What changes the structure of the SEG and SR (everything else is a slot)."""
+    identity = result.identity
+    numbers = [type(x) for k in range(_ZONES) for x in ref.zone_values(result, k)]
+    numbers += [type(x) for x in ref.total_values(result)]
+    present = tuple(t for t in sorted(set(copied_tags(source, "seg")) | set(copied_tags(source, "sr")))
+                    if t in source)
+    return (
+        str(source.SOPClassUID), str(source.get("SpecificCharacterSet", "")), present, result.lungs.shape, jpeg2000,
+        result.algorithm_version, tuple(result.software_versions), ref.algorithm_name(result),
+        tuple(ref.algorithm_parameters(result)), identity.short_label, identity.lungs.describe(),
+        identity.disease.describe(), identity.research_use, tuple(numbers),
+    )
+
+
+def _build(source: Dataset, result: Result, jpeg2000: bool, now: datetime) -> tuple[Template, Template] | None:
+    """Compile the SEG and SR templates of this shape; None when they do not reproduce highdicom exactly."""
+    full = _full(result)
+    objects = ref.build_result_objects(source, full, jpeg2000=jpeg2000, now=now)
+    seg_ref, sr_ref = objects.encode()  # also settles the VRs pydicom writes
+    values = _values(source, full, now, jpeg2000)
+    seg = _compile("seg", objects.seg, values, copied_tags(source, "seg"))
+    sr = _compile("sr", objects.sr, values, copied_tags(source, "sr"))
+    if seg.render(values) != seg_ref.data or sr.render(values) != sr_ref.data:
+        log.warning("SEG/SR template does not reproduce highdicom's bytes; this shape uses highdicom")
+        return None
+    return seg, sr
+
+
+def encode_result_objects(
+    source: Dataset, result: Result, *, jpeg2000: bool = False, now: datetime | None = None, reference: bool = False
+) -> tuple[EncodedObject, EncodedObject]:
+    """The SEG and SR of one scored image as the node stores them.
+
+    ``reference``: build them with highdicom (:mod:`.dicom_results`), as the
+    templates are tested against; otherwise a compiled template of this
+    shape is filled in.
+    """
+    now = now or datetime.now()
+    if reference or not _checked(source):
+        return ref.build_result_objects(source, result, jpeg2000=jpeg2000, now=now).encode()
+    key = _key(source, result, jpeg2000)
+    with _lock:
+        found = key in _templates
+        templates = _templates.get(key)
+        if found:
+            _templates.move_to_end(key)
+    if not found:
+        templates = _build(source, result, jpeg2000, now)
+        with _lock:
+            _templates[key] = templates
+            while len(_templates) > MAX_TEMPLATES:
+                _templates.popitem(last=False)
+    if templates is None:
+        return ref.build_result_objects(source, result, jpeg2000=jpeg2000, now=now).encode()
+    values = _values(source, result, now, jpeg2000)
+    seg, sr = templates
+    return seg.encoded(values), sr.encoded(values)
+
+
+def save_result_objects(source: Dataset, result: Result, folder: Path, *, jpeg2000: bool = False) -> tuple[Path, Path]:
+    """Write the SEG and SR to ``folder`` under the names :meth:`.dicom_results.ResultObjects.save` gives them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    seg, sr = encode_result_objects(source, result, jpeg2000=jpeg2000)
+    seg_path, sr_path = folder / f"{seg.sop_instance_uid}.seg.dcm", folder / f"{sr.sop_instance_uid}.sr.dcm"
+    seg_path.write_bytes(seg.data)
+    sr_path.write_bytes(sr.data)
+    return seg_path, sr_path

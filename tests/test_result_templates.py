@@ -1,0 +1,134 @@
+"""SEG and SR from compiled templates are highdicom's SEG and SR, byte for byte (issue #15).
+
+Real results of the real pipeline, varied in what changes the objects'
+structure (diseased, normal, one lung missing, no mask at all, a frame size
+whose bits run across frames, MONOCHROME1, the real RG1 CR with its own
+character set and equipment, no lesion area, JPEG 2000): the template path
+must give exactly the bytes highdicom gives for the same time, and dciodvfy
+must find nothing wrong with them. Several results share one shape, so most
+are rendered from a template compiled from another image.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import replace
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from cxrtriage.inference.phantom import PhantomGenerator, write_cr
+from cxrtriage.inference.radiograph import load_radiograph
+from cxrtriage.inference.result_templates import (
+    clear_templates,
+    encode_result_objects,
+    save_result_objects,
+    template_counts,
+)
+from cxrtriage.inference.scoring import ScoringConfig, score
+
+from .tools import dciodvfy_errors
+
+NOW = datetime(2026, 11, 26, 23, 59, 58, 123456)
+
+
+@pytest.fixture(scope="module")
+def cases(pipeline, rg1: Path, tmp_path_factory: pytest.TempPathFactory) -> list[tuple[str, pydicom.Dataset, object]]:
+    folder = tmp_path_factory.mktemp("templates")
+    phantom = PhantomGenerator(512, 448, p_normal=0.0)(2_000_101, affected_zones=(0, 4))  # graded and clear zones
+    r = load_radiograph(write_cr(phantom, folder / "diseased.dcm"))
+    diseased = pipeline(r)
+    normal_r = load_radiograph(write_cr(PhantomGenerator(512, 448, p_normal=1.0)(2_000_102), folder / "normal.dcm"))
+    scores, zones = score(diseased.zones.right, diseased.disease, ScoringConfig(diseased.scores.zone_threshold),
+                          r.patient_orientation, r.image_laterality, r.pixel_spacing_mm)
+    one_lung = replace(diseased, lungs=diseased.zones.right, zones=zones, scores=scores)
+    none = np.zeros(r.shape, dtype=bool)
+    empty = replace(diseased, lungs=none, disease=none,
+                    zones=replace(diseased.zones, right=none, left=none, zones=(none,) * 6))
+    # 301 x 250 pixels: not a multiple of 8, so the bits of a frame run on into the next
+    odd = load_radiograph(write_cr(PhantomGenerator(301, 250, p_normal=0.0)(2_000_103), folder / "odd.dcm",
+                                   monochrome1=True))
+    real = load_radiograph(rg1)
+    return [
+        ("diseased", r.dataset, diseased),
+        ("normal", normal_r.dataset, pipeline(normal_r)),
+        ("one lung", r.dataset, one_lung),
+        ("no masks", r.dataset, empty),
+        ("odd size, MONOCHROME1", odd.dataset, pipeline(odd)),
+        ("RG1", real.dataset, pipeline(real)),
+    ]
+
+
+def test_template_output_is_highdicoms_output(cases, tmp_path: Path) -> None:
+    clear_templates()
+    shapes = set()
+    for name, source, result in cases:
+        shapes.add(result.lungs.shape)
+        template = encode_result_objects(source, result, now=NOW)
+        reference = encode_result_objects(source, result, now=NOW, reference=True)
+        for ours, theirs in zip(template, reference):
+            assert ours.data == theirs.data, f"{name}: {ours.kind} differs from highdicom's"
+            assert ours == theirs  # and every fact the node records about it
+    # one compiled template per shape, none refused: four results were rendered from another image's template
+    assert template_counts() == (len(shapes), 0) and len(shapes) < len(cases)
+    # what the cases were meant to cover, they do cover
+    results = {name: result for name, _, result in cases}
+    assert results["one lung"].scores.missing_lungs == ["left"]
+    assert results["RG1"].scores.lesion_area_mm2 is None and results["diseased"].scores.lesion_area_mm2
+    assert any(results["diseased"].scores.brixia) and not all(results["diseased"].scores.brixia)
+
+
+def test_template_output_passes_dciodvfy(cases, tmp_path: Path) -> None:
+    for index, (name, source, result) in enumerate(cases):
+        seg_path, sr_path = save_result_objects(source, result, tmp_path / str(index))
+        for path in (seg_path, sr_path):
+            assert dciodvfy_errors(path) == [], f"{name}: {path.name}"
+        seg = pydicom.dcmread(seg_path)
+        assert seg_path.name == f"{seg.SOPInstanceUID}.seg.dcm" and pydicom.dcmread(sr_path).Modality == "SR"
+        expected = sum(bool(p.any()) for p in (result.zones.right, result.zones.left, result.disease,
+                                               *result.zones.zones)) or 9
+        assert seg.NumberOfFrames == expected, name
+
+
+def test_jpeg2000_template_is_highdicoms(cases, tmp_path: Path) -> None:
+    for name, source, result in cases[:3]:
+        template = encode_result_objects(source, result, now=NOW, jpeg2000=True)
+        reference = encode_result_objects(source, result, now=NOW, jpeg2000=True, reference=True)
+        assert template == reference, name
+    path = tmp_path / "seg.dcm"
+    path.write_bytes(template[0].data)
+    assert dciodvfy_errors(path) == []
+    assert pydicom.dcmread(path).file_meta.TransferSyntaxUID == pydicom.uid.JPEG2000Lossless
+
+
+def test_masks_round_trip_through_the_template_seg(cases) -> None:
+    import highdicom as hd
+
+    _, source, result = cases[2]  # one lung: empty frames left out
+    seg = hd.seg.Segmentation.from_dataset(pydicom.dcmread(io.BytesIO(encode_result_objects(source, result)[0].data)))
+    pixels = seg.get_pixels_by_source_instance(source_sop_instance_uids=[source.SOPInstanceUID],
+                                               segment_numbers=list(range(1, 10)))[0]
+    planes = (result.zones.right, result.zones.left, result.disease, *result.zones.zones)
+    for k, plane in enumerate(planes):
+        np.testing.assert_array_equal(pixels[..., k].astype(bool), plane)
+
+
+@pytest.mark.parametrize("change", ["invalid Patient's Sex", "no Study ID"])
+def test_a_source_highdicom_refuses_is_refused_alike(cases, change: str) -> None:
+    _, source, result = cases[0]
+    bad = pydicom.Dataset()
+    bad.update(source)
+    bad.file_meta = source.file_meta
+    if change == "invalid Patient's Sex":
+        bad.PatientSex = "X"
+    else:
+        del bad.StudyID
+    refused = []
+    for reference in (True, False):
+        with pytest.raises((ValueError, AttributeError)) as info:
+            encode_result_objects(bad, result, reference=reference)
+        refused.append(type(info.value))
+    assert refused[0] is refused[1]
