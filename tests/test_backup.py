@@ -174,3 +174,33 @@ def test_pg_backup_keeps_the_password_off_the_command_line() -> None:
     args, env = _pg_args(make_url("postgresql+psycopg://triage:s3cret@db.example:5433/cxr?sslmode=require"))
     assert "s3cret" not in " ".join(args) and env["PGPASSWORD"] == "s3cret"
     assert args == ["--dbname", "postgresql://triage@db.example:5433/cxr?sslmode=require"]
+
+
+def test_nodes_starting_together_migrate_once(database_url: str) -> None:
+    """Several nodes starting at once on a new PostgreSQL database: one migrates, the others wait for it."""
+    if database_url.startswith("sqlite"):
+        pytest.skip("a SQLite database has one node")
+    import threading
+
+    databases = [Database(database_url) for _ in range(3)]
+    barrier, failures = threading.Barrier(3), []
+
+    def start(db: Database) -> None:
+        barrier.wait(timeout=10)
+        try:
+            db.migrate()
+        except Exception as exc:  # noqa: BLE001 - collected and asserted below
+            failures.append(repr(exc))
+
+    threads = [threading.Thread(target=start, args=(db,)) for db in databases]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    try:
+        assert failures == []
+        state = databases[0].schema_state()
+        assert state.current == state.head
+    finally:
+        for db in databases:
+            db.dispose()

@@ -7,6 +7,13 @@ over, so this worker's transaction is rolled back and the other one's
 result stands. Any other exception fails the job: back to pending after a
 backoff, or failed for good after ``max_attempts`` (at once for
 :class:`GiveUp`), when ``on_failed`` runs.
+
+The database going away (PostgreSQL restarting or failing over) is nobody's
+fault: a stage that fails on it has its job put back without spending the
+attempt, and the queue updates that record an outcome are retried with
+backoff until the database answers (at most for the job's lease: after
+that another worker may hold it). So the loop survives an outage and
+resumes by itself, and no job is left leased for a whole lease period.
 """
 
 from __future__ import annotations
@@ -14,10 +21,13 @@ from __future__ import annotations
 import enum
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from ..observability import event, safe_error
+from ..storage.db import database_unreachable
 from ..storage.models import JobKind, JobState
 from ..storage.queue import Claimed, JobQueue
 
@@ -27,6 +37,9 @@ log = logging.getLogger(__name__)
 Stage = Callable[[Claimed, str], None]
 #: Called once a job has failed for good: ``(job, worker, the last error)``.
 FailureHook = Callable[[Claimed, str, Exception], None]
+T = TypeVar("T")
+#: Longest wait between two tries of a queue update while the database is away.
+RECORD_BACKOFF_CAP = 5.0
 
 
 class LeaseLost(RuntimeError):
@@ -88,11 +101,40 @@ class LeaseLoop:
             return self._failed(job, exc)
         return Turn.DONE
 
+    def _record(self, update: Callable[[], T]) -> T:
+        """Run a queue update, tried again with backoff while the database is away, until the job's lease
+        would have run out or the loop stops; then the last error is raised."""
+        deadline = time.monotonic() + self.lease_seconds
+        delay = 0.2
+        while True:
+            try:
+                return update()
+            except Exception as exc:
+                if not database_unreachable(exc) or self.stopping.is_set() or time.monotonic() + delay > deadline:
+                    raise
+            self.stopping.wait(delay)
+            delay = min(delay * 2, RECORD_BACKOFF_CAP)
+
+    def _database_away(self, job: Claimed, error: str) -> Turn:
+        """The stage failed because the database went away: the job goes back, its attempt not spent, after
+        the queue's first backoff (an error that only looks like an outage must not spin)."""
+        event(log, logging.WARNING, "database unavailable; job put back", job=job.id, kind=self.kind, error=error)
+        delay = self.queue.backoff_base
+        try:
+            kept = self._record(lambda: self.queue.defer(job, self.worker, f"database unavailable: {error}", delay))
+        except Exception as db_error:  # still away: the lease runs out and the job is claimed again
+            event(log, logging.ERROR, "recording the failure failed", job=job.id, kind=self.kind,
+                  error=safe_error(db_error))
+            return Turn.CLAIM_FAILED
+        return Turn.RETRYING if kept else Turn.LEASE_LOST
+
     def _failed(self, job: Claimed, exc: Exception) -> Turn:
         # Scrubbed: a database error's text carries the bound values (patient name, ID, ...) of its statement.
         error = safe_error(exc)
+        if database_unreachable(exc):
+            return self._database_away(job, error)
         try:
-            state = self.queue.fail(job, self.worker, error, retry=not isinstance(exc, GiveUp))
+            state = self._record(lambda: self.queue.fail(job, self.worker, error, retry=not isinstance(exc, GiveUp)))
         except Exception as db_error:  # not recorded: the lease runs out and the job is claimed again
             event(log, logging.ERROR, "recording the failure failed", job=job.id, kind=self.kind,
                   error=safe_error(db_error))

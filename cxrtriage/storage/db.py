@@ -60,6 +60,10 @@ class SchemaState:
         return self.known and self.current != self.head
 
 
+#: The PostgreSQL advisory lock (a number of cxrtriage's own) held while one node migrates the schema.
+MIGRATION_LOCK = 7_406_551
+
+
 def make_engine(url: str) -> Engine:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
@@ -85,6 +89,14 @@ def make_engine(url: str) -> Engine:
     if parsed.drivername == "postgresql":
         url = str(parsed.set(drivername="postgresql+psycopg"))
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, hide_parameters=True)
+
+
+def database_unreachable(exc: BaseException) -> bool:
+    """Whether ``exc`` says the database is away or busy (refused, cut, restarting, locked), not that the
+    statement or the data is wrong: the same work succeeds once it answers again."""
+    from sqlalchemy.exc import DBAPIError, OperationalError
+
+    return isinstance(exc, OperationalError) or (isinstance(exc, DBAPIError) and exc.connection_invalidated)
 
 
 def rowcount(result: Result[Any]) -> int:
@@ -141,8 +153,22 @@ class Database:
         first copied next to itself (``<db>.pre-<to>.bak``, online backup API),
         so a failed or regretted upgrade can be rolled back. A database whose
         revision this code does not know raises :class:`DatabaseTooNew`
-        instead of Alembic's own error.
+        instead of Alembic's own error. On PostgreSQL an advisory lock lets
+        one of several nodes starting at once migrate while the others wait
+        and then find the schema current.
         """
+        if is_sqlite(self.engine):
+            self._migrate(revision)
+            return
+        with self.engine.connect() as lock:
+            lock.exec_driver_sql(f"SELECT pg_advisory_lock({MIGRATION_LOCK})")
+            try:
+                self._migrate(revision)
+            finally:
+                lock.exec_driver_sql(f"SELECT pg_advisory_unlock({MIGRATION_LOCK})")
+                lock.commit()
+
+    def _migrate(self, revision: str) -> None:
         from alembic import command
 
         state = self.schema_state()
