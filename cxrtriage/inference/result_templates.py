@@ -7,7 +7,8 @@ source SOP class, character set and which patient/study attributes it has,
 image size, transfer syntax, the models and settings), from a "full" version
 of the first result of that shape: all zones scored, every zone graded,
 a lesion area, all nine segments non-empty. The encoded dataset is then
-compiled (:func:`_compile`) into constant bytes and *slots*:
+compiled (:func:`_compile`, with :mod:`.dataset_template`) into constant
+bytes and *slots*, by the rules here (:class:`_Rules`):
 
 * UIDs derived from the source, and the source's own UIDs, wherever they
   occur (found by value);
@@ -21,22 +22,18 @@ compiled (:func:`_compile`) into constant bytes and *slots*:
   ``np.packbits`` in highdicom's order (or JPEG 2000, frame by frame, with
   highdicom's own encoder).
 
-Sequences and items carry explicit lengths as pydicom writes them, so they are
-recomputed when rendered. A compiled template must render its own template
-inputs to exactly the bytes pydicom wrote, or it is not used (the reference
-builds that shape instead, with a warning). tests/test_result_templates.py
-holds the proof that matters: varied real results give the same bytes here
-as through highdicom.
+A compiled template must render its own template inputs to exactly the
+bytes pydicom wrote, or it is not used (the reference builds that shape
+instead, with a warning). tests/test_result_templates.py holds the proof that
+matters: varied real results give the same bytes here as through highdicom.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
-import struct
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
@@ -50,75 +47,28 @@ from pydicom import Dataset
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataelem import DataElement
 from pydicom.encaps import encapsulate
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_data_element, write_dataset, write_file_meta_info
 from pydicom.sr.codedict import codes
 from pydicom.uid import JPEG2000Lossless
 from pydicom.valuerep import DA, DS, DT, TM
 
 from ..dicom_header import EncodedObject, ResultKind, derived_uid, integer, text
 from . import dicom_results as ref
+from .dataset_template import (
+    Slot,
+    Template,
+    encode_element,
+    encode_item,
+    file_header,
+    item_bytes,
+    long_element,
+    long_header,
+    short_element,
+)
 from .pipeline import Result
 
 log = logging.getLogger(__name__)
 
 __all__ = ["clear_templates", "encode_result_objects", "save_result_objects", "template_counts"]
-
-# -- compiled form ----------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Slot:
-    """A value filled in per image: ``kind`` says how, ``arg`` which one; ``head`` is the element's tag + VR."""
-
-    kind: str
-    arg: Any
-    head: bytes
-    tag: int
-
-
-@dataclass
-class Item:
-    """A sequence item; ``option`` names the condition under which it is written (None: always)."""
-
-    option: str | None
-    nodes: list[Node]
-    undefined: bool
-
-
-@dataclass
-class Seq:
-    head: bytes  # tag, "SQ", reserved
-    items: list[Item]
-    undefined: bool
-
-
-Node = bytes | Slot | Seq
-
-_ITEM = b"\xfe\xff\x00\xe0"
-_ITEM_END = b"\xfe\xff\x0d\xe0\x00\x00\x00\x00"
-_SEQ_END = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
-_UNDEFINED = b"\xff\xff\xff\xff"
-
-
-def _writer() -> DicomBytesIO:
-    fp = DicomBytesIO()
-    fp.is_little_endian, fp.is_implicit_VR = True, False
-    return fp
-
-
-def _element_bytes(elem: DataElement, encoding: Any) -> bytes:
-    fp = _writer()
-    write_data_element(fp, elem, encoding)
-    return fp.getvalue()
-
-
-def _item_bytes(item: Dataset, encoding: Any) -> bytes:
-    fp = _writer()
-    write_dataset(fp, item, encoding)
-    body = fp.getvalue()
-    return _ITEM + struct.pack("<I", len(body)) + body
-
 
 # -- what varies per image --------------------------------------------------
 
@@ -295,63 +245,44 @@ def _full(result: Result) -> Result:
 # -- compiling ---------------------------------------------------------------
 
 
-class _Compiler:
-    """Walks an encoded-to-be dataset, emitting constant bytes and slots (see the module docstring)."""
+class _Rules:
+    """Which parts of the SEG and SR vary per image (see the module docstring): :class:`.dataset_template.Rules`."""
 
-    def __init__(self, values: Values, copied: tuple[int, ...], kind: str) -> None:
+    def __init__(self, values: Values, copied: tuple[int, ...]) -> None:
         self.uid_names = {v: k for k, v in values.uids.items()}
         self.copied = set(copied)
-        self.kind = kind
         self.numbers = 0
         self.evaluations = 0
         self.severities = 0
 
-    def dataset(self, ds: Dataset, encoding: Any, depth: int) -> list[Node]:
-        encoding = ds.get("SpecificCharacterSet", encoding)
-        nodes: list[Node] = []
-        for tag in sorted(ds.keys()):
-            if tag.element == 0 and tag.group > 6:
-                continue
-            elem = ds[tag]
-            nodes.append(self.element(elem, ds, encoding, depth))
-        return _merge(nodes)
-
-    def element(self, elem: DataElement, parent: Dataset, encoding: Any, depth: int) -> Node:
+    def slot(self, elem: DataElement, parent: Dataset, encoding: Any, depth: int) -> Slot | None:
         tag, keyword = int(elem.tag), elem.keyword
-        head = struct.pack("<HH", tag >> 16, tag & 0xFFFF) + str(elem.VR).encode()[:2]
         if depth == 0 and tag in self.copied:
-            return Slot("copy", tag, head, tag)
+            return Slot.of(elem, "copy", tag)
         if depth == 0 and keyword in ("PatientOrientation", "NumberOfFrames", "PixelData", "SegmentsOverlap"):
-            return Slot(keyword, None, head, tag)
+            return Slot.of(elem, keyword)
         if keyword in _TIMES:
-            return Slot("time", _TIMES[keyword], head, tag)
+            return Slot.of(elem, "time", _TIMES[keyword])
         if elem.VR == "UI" and isinstance(elem.value, str) and elem.value in self.uid_names:
-            return Slot("uid", self.uid_names[elem.value], head, tag)
+            return Slot.of(elem, "uid", self.uid_names[elem.value])
         if keyword == "MeasuredValueSequence":
             self.numbers += 1
-            units = _element_bytes(elem.value[0]["MeasurementUnitsCodeSequence"], encoding)
-            return Slot("number", (self.numbers - 1, units), head, tag)
+            units = encode_element(elem.value[0]["MeasurementUnitsCodeSequence"], encoding)
+            return Slot.of(elem, "number", (self.numbers - 1, units))
         if keyword == "ConceptCodeSequence" and parent.get("ValueType") == "CODE":
             concept = _concept(parent)
             if concept == _EVALUATION:
                 self.evaluations += 1
-                return Slot("code", f"evaluation-{self.evaluations - 1}", head, tag)
-            if concept == _SEVERITY:  # its item was counted just before (option)
-                return Slot("code", f"severity-{self.severities - 1}", head, tag)
-        if elem.VR != "SQ":
-            return _element_bytes(elem, encoding)
-        if depth == 0 and keyword == "ContributingEquipmentSequence":
-            items = [self.item(x, encoding, depth, None) for x in elem.value]
-            first = elem.value[0] if elem.value else None
-            if first is not None and _is_acquisition(first):
-                items[0] = Item(None, [Slot("acquisition", None, b"", 0)], False)
-            return Seq(head + b"\0\0", items, elem.is_undefined_length)
-        items = []
-        for index, x in enumerate(elem.value):
-            items.append(self.item(x, encoding, depth, self.option(keyword, index, x)))
-        return Seq(head + b"\0\0", items, elem.is_undefined_length)
+                return Slot.of(elem, "code", f"evaluation-{self.evaluations - 1}")
+            if concept == _SEVERITY:  # its item was counted just before (item)
+                return Slot.of(elem, "code", f"severity-{self.severities - 1}")
+        return None
 
-    def option(self, keyword: str, index: int, item: Dataset) -> str | None:
+    def item(self, sequence: DataElement, index: int, item: Dataset, depth: int) -> str | Slot | None:
+        keyword = sequence.keyword
+        if depth == 0 and keyword == "ContributingEquipmentSequence":
+            # the source's acquisition equipment: made per image, or left out, as highdicom does
+            return Slot("acquisition") if index == 0 and _is_acquisition(item) else None
         if keyword == "PerFrameFunctionalGroupsSequence":
             return f"frame-{index}"
         if keyword != "ContentSequence":
@@ -369,10 +300,6 @@ class _Compiler:
                     return name
         return None
 
-    def item(self, item: Dataset, encoding: Any, depth: int, option: str | None) -> Item:
-        nodes = self.dataset(item, encoding, depth + 1)
-        return Item(option, nodes, bool(getattr(item, "is_undefined_length_sequence_item", False)))
-
 
 def _concept(item: Dataset) -> tuple[str, str] | None:
     names = item.get("ConceptNameCodeSequence")
@@ -386,118 +313,31 @@ def _is_acquisition(item: Dataset) -> bool:
     return bool(purpose) and str(purpose[0].CodeValue) == codes.DCM.AcquisitionEquipment.value
 
 
-def _merge(nodes: Iterable[Node]) -> list[Node]:
-    """Adjacent constant bytes joined; a sequence with no slot or option inside becomes bytes."""
-    out: list[Node] = []
-    for node in nodes:
-        if isinstance(node, Seq) and _constant(node):
-            node = _render_seq(node, None)
-        if isinstance(node, bytes) and out and isinstance(out[-1], bytes):
-            out[-1] = out[-1] + node
-        else:
-            out.append(node)
-    return out
-
-
-def _constant(seq: Seq) -> bool:
-    return all(item.option is None and all(isinstance(n, bytes) for n in item.nodes) for item in seq.items)
-
-
 # -- rendering ---------------------------------------------------------------
 
 
-@dataclass
-class Template:
-    """One compiled object: its nodes, file meta and the facts the node records for it."""
-
-    kind: ResultKind
-    nodes: list[Node]
-    meta: Dataset
-    encoding: Any
-    facts: dict[str, Any]
-    render_slot: _Slots
-
-    def render(self, values: Values) -> bytes:
-        meta = Dataset()
-        meta.update(self.meta)
-        meta.MediaStorageSOPInstanceUID = values.uids[self.kind]
-        fp = _writer()
-        fp.write(b"\0" * 128 + b"DICM")
-        write_file_meta_info(fp, meta, enforce_standard=True)  # type: ignore[arg-type]
-        parts = [fp.getvalue()]
-        for node in self.nodes:
-            if isinstance(node, Slot) and node.kind == "PixelData" and not values.jpeg2000:
-                parts += self.render_slot.pixel_parts(node, values)
-            else:
-                parts.append(_render(node, values, self.render_slot))
-        return b"".join(parts)
-
-    def encoded(self, values: Values) -> EncodedObject:
-        f = self.facts
-        return EncodedObject(
-            kind=self.kind, sop_class_uid=f["sop_class_uid"], sop_instance_uid=values.uids[self.kind],
-            series_instance_uid=values.uids[f"{self.kind}-series"], study_instance_uid=values.uids["study"],
-            transfer_syntax_uid=f["transfer_syntax_uid"], modality=f["modality"], series_number=f["series_number"],
-            series_description=f["series_description"], instance_number=f["instance_number"],
-            body_part=f["body_part"], data=self.render(values),
-        )
-
-
-def _render(node: Node, values: Values | None, slot: Callable[[Slot, Values], bytes] | None) -> bytes:
-    if isinstance(node, bytes):
-        return node
-    if isinstance(node, Seq):
-        return _render_seq(node, values, slot)
-    assert values is not None and slot is not None
-    return slot(node, values)
-
-
-def _render_seq(seq: Seq, values: Values | None, slot: Callable[[Slot, Values], bytes] | None = None) -> bytes:
-    parts = []
-    for item in seq.items:
-        if item.option is not None and not (values is not None and values.options[item.option]):
-            continue
-        if len(item.nodes) == 1 and isinstance(item.nodes[0], Slot) and item.nodes[0].kind == "acquisition":
-            parts.append(_render(item.nodes[0], values, slot))  # a whole item, or nothing
-            continue
-        body = b"".join([_render(n, values, slot) for n in item.nodes])
-        if item.undefined:
-            parts.append(_ITEM + _UNDEFINED + body + _ITEM_END)
-        else:
-            parts.append(_ITEM + struct.pack("<I", len(body)) + body)
-    body = b"".join(parts)
-    if seq.undefined:
-        return seq.head + _UNDEFINED + body + _SEQ_END
-    return seq.head + struct.pack("<I", len(body)) + body
-
-
-def _short(head: bytes, value: bytes) -> bytes:
-    return head + struct.pack("<H", len(value)) + value
-
-
 class _Slots:
-    """Renders a template's slots for one image."""
+    """Renders a template's slots for one image; what is the same for many images is encoded once."""
 
-    def __init__(self, encoding: Any, kind: str) -> None:
+    def __init__(self, encoding: Any) -> None:
         self.encoding = encoding
-        self.kind = kind
         self.codes: dict[tuple[str, str], bytes] = {}
         self.values: dict[tuple[type, float | int], bytes] = {}
 
-    def __call__(self, slot: Slot, v: Values) -> bytes:
+    def __call__(self, slot: Slot, v: Values) -> bytes | list[Any]:
         kind = slot.kind
         if kind == "uid":
             uid = v.uids[slot.arg].encode()
-            return _short(slot.head, uid + b"\0" if len(uid) % 2 else uid)
+            return short_element(slot.head, uid + b"\0" if len(uid) % 2 else uid)
         if kind == "copy":
-            return _element_bytes(v.source[slot.tag], self.encoding) if slot.tag in v.source else b""
+            return encode_element(v.source[slot.tag], self.encoding) if slot.tag in v.source else b""
         if kind == "time":
             value: Any = {"date": DA(v.now.date()), "time": TM(v.now.time()), "datetime": DT(v.now)}[slot.arg]
             return self.element(slot, value)
         if kind == "number":
             return self.number(slot, v)
         if kind == "code":
-            return self.code(slot, v.codes[slot.arg])
+            return self.code(v.codes[slot.arg])
         if kind == "acquisition":
             return self.acquisition(v)
         if kind == "PatientOrientation":
@@ -511,8 +351,7 @@ class _Slots:
         raise ValueError(f"unknown slot {kind}")
 
     def element(self, slot: Slot, value: Any) -> bytes:
-        vr = slot.head[4:6].decode()
-        return _element_bytes(DataElement(slot.tag, vr, value), self.encoding)
+        return encode_element(DataElement(slot.tag, slot.vr, value), self.encoding)
 
     def number(self, slot: Slot, v: Values) -> bytes:
         index, units = slot.arg
@@ -520,34 +359,33 @@ class _Slots:
         key = (type(value), value)
         if key not in self.values:
             # As highdicom's NumContentItem: Numeric Value (DS) always, Floating Point Value (FD) for a float.
-            fp = _element_bytes(DataElement(0x0040A161, "FD", value), None) if isinstance(value, float) else b""
-            self.values[key] = fp + _element_bytes(DataElement(0x0040A30A, "DS", DS(value, auto_format=True)), None)
-        body = units + self.values[key]
-        return slot.head + b"\0\0" + struct.pack("<I", len(body) + 8) + _ITEM + struct.pack("<I", len(body)) + body
+            fp = encode_element(DataElement(0x0040A161, "FD", value), None) if isinstance(value, float) else b""
+            self.values[key] = fp + encode_element(DataElement(0x0040A30A, "DS", DS(value, auto_format=True)), None)
+        return long_element(slot.head, item_bytes(units + self.values[key]))
 
-    def code(self, slot: Slot, code: Any) -> bytes:
+    def code(self, code: Any) -> bytes:
         key = (code.value, code.scheme_designator)
         if key not in self.codes:
             item = hd.sr.CodeContentItem(name=codes.DCM.Finding, value=code,
                                          relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
-            self.codes[key] = _element_bytes(item["ConceptCodeSequence"], self.encoding)
+            self.codes[key] = encode_element(item["ConceptCodeSequence"], self.encoding)
         return self.codes[key]
 
     def acquisition(self, v: Values) -> bytes:
         if v.acquisition is None:
             item = _acquisition_equipment(v.source)
-            v.acquisition = b"" if item is None else _item_bytes(item, self.encoding)
+            v.acquisition = b"" if item is None else encode_item(item, self.encoding)
         return v.acquisition
 
-    def pixel_data(self, slot: Slot, v: Values) -> bytes:
+    def pixel_data(self, slot: Slot, v: Values) -> bytes | list[Any]:
         if not v.jpeg2000:
-            return b"".join(self.pixel_parts(slot, v))
+            return self.pixel_parts(slot, v)
         # frame by frame with highdicom's own encoder, then encapsulated (with a Basic Offset Table) as it does
         frames = [p for i, p in enumerate(v.planes) if v.options[f"frame-{i}"]]
         encoded = [encode_frame(np.ascontiguousarray(p, dtype=np.uint8), transfer_syntax_uid=JPEG2000Lossless,
                                 bits_allocated=1, bits_stored=1, photometric_interpretation="MONOCHROME2",
                                 pixel_representation=0) for p in frames]
-        return slot.head + b"\0\0" + _UNDEFINED + encapsulate(encoded) + _SEQ_END
+        return long_element(slot.head, encapsulate(encoded), undefined=True)
 
     def pixel_parts(self, slot: Slot, v: Values) -> list[Any]:
         """Native Pixel Data as pieces (header, packed frames, pad), so that 5 MB are copied once."""
@@ -561,27 +399,68 @@ class _Slots:
             packed = [np.packbits(np.stack(frames), axis=None, bitorder="little")]
         size = sum(int(p.size) for p in packed)
         pad = [b"0"] if size % 2 else []  # highdicom's pad byte
-        return [slot.head + b"\0\0" + struct.pack("<I", size + len(pad)), *packed, *pad]
+        return [long_header(slot.head, size + len(pad)), *packed, *pad]
 
 
-def _compile(kind: ResultKind, ds: Dataset, values: Values, copied: tuple[int, ...]) -> Template:
-    compiler = _Compiler(values, copied, kind)
-    encoding = ds.get("SpecificCharacterSet")
-    nodes = compiler.dataset(ds, encoding, 0)
+@dataclass
+class _Filling:
+    """One image's values for one template (:class:`.dataset_template.Filling`)."""
+
+    slots: _Slots
+    values: Values
+
+    def slot(self, slot: Slot) -> bytes | list[Any]:
+        return self.slots(slot, self.values)
+
+    def written(self, option: str) -> bool:
+        return self.values.options[option]
+
+
+@dataclass
+class ResultTemplate:
+    """One compiled SEG or SR: its dataset's template, file meta and the facts the node records for it."""
+
+    kind: ResultKind
+    body: Template
+    meta: Dataset
+    facts: dict[str, Any]
+    slots: _Slots
+
+    def render(self, values: Values) -> bytes:
+        meta = Dataset()
+        meta.update(self.meta)
+        meta.MediaStorageSOPInstanceUID = values.uids[self.kind]
+        return b"".join([file_header(meta), *self.body.parts(_Filling(self.slots, values))])
+
+    def encoded(self, values: Values) -> EncodedObject:
+        f = self.facts
+        return EncodedObject(
+            kind=self.kind, sop_class_uid=f["sop_class_uid"], sop_instance_uid=values.uids[self.kind],
+            series_instance_uid=values.uids[f"{self.kind}-series"], study_instance_uid=values.uids["study"],
+            transfer_syntax_uid=f["transfer_syntax_uid"], modality=f["modality"], series_number=f["series_number"],
+            series_description=f["series_description"], instance_number=f["instance_number"],
+            body_part=f["body_part"], data=self.render(values),
+        )
+
+
+def _compile(kind: ResultKind, ds: Dataset, values: Values, copied: tuple[int, ...]) -> ResultTemplate:
+    body = Template.compile(ds, _Rules(values, copied))
     facts = dict(
         sop_class_uid=str(ds.SOPClassUID), transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
         modality=text(ds, "Modality", 16), series_number=integer(ds, "SeriesNumber"),
         series_description=text(ds, "SeriesDescription"), instance_number=integer(ds, "InstanceNumber"),
         body_part=text(ds, "BodyPartExamined", 16),
     )
-    return Template(kind, nodes, ds.file_meta, encoding, facts, _Slots(encoding, kind))
+    return ResultTemplate(kind, body, ds.file_meta, facts, _Slots(ds.get("SpecificCharacterSet")))
 
 
 # -- the cache -----------------------------------------------------------------
 
+_Pair = tuple[ResultTemplate, ResultTemplate]  # a shape's SEG and SR
+
 #: Templates kept (LRU); a node sees a few shapes (detector sizes, sites), each costs one highdicom build.
 MAX_TEMPLATES = 32
-_templates: OrderedDict[tuple[Any, ...], tuple[Template, Template] | None] = OrderedDict()
+_templates: OrderedDict[tuple[Any, ...], _Pair | None] = OrderedDict()
 _lock = threading.Lock()
 
 
@@ -612,7 +491,7 @@ def _key(source: Dataset, result: Result, jpeg2000: bool) -> tuple[Any, ...]:
     )
 
 
-def _build(source: Dataset, result: Result, jpeg2000: bool, now: datetime) -> tuple[Template, Template] | None:
+def _build(source: Dataset, result: Result, jpeg2000: bool, now: datetime) -> _Pair | None:
     """Compile the SEG and SR templates of this shape; None when they do not reproduce highdicom exactly."""
     full = _full(result)
     objects = ref.build_result_objects(source, full, jpeg2000=jpeg2000, now=now)
