@@ -12,6 +12,12 @@ Greys are rounded to the nearest even level (invisible on screen: the
 radiograph is a preview here, the diagnostic image is the DICOM) and
 annotations keep their exact colours; the file is about a third of the
 RGB PNG's size.
+
+The node does not draw it while scoring (about 100 CPU-ms an image that most
+readers never open): the study page's first request draws it from the
+archived source image, its SEG (the masks) and its result record (the
+scores), :func:`overlay_from_seg`, and the archive keeps the PNG for the
+next request.
 """
 
 from __future__ import annotations
@@ -19,14 +25,16 @@ from __future__ import annotations
 import struct
 import uuid
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import cv2
 import numpy as np
 
-from .identity import RESEARCH_USE_NOTICE
-from .pipeline import Result
-from .scoring import BRIXIA_LETTERS
+from .identity import RESEARCH_USE_NOTICE, ModelIdentity, StageModel
+from .result_model import ImageResult, StageModelRecord
+from .scoring import BRIXIA_LETTERS, ZONE_NAMES, ZoneMasks, ZoneScores
 
 LUNG_COLOUR = (255, 255, 0)  # cyan (BGR)
 ZONE_COLOUR = (0, 215, 255)  # amber
@@ -34,12 +42,94 @@ OPACITY_COLOUR = (0, 0, 255)  # red
 NOTICE_COLOUR = (0, 191, 255)  # amber banner behind the research-use notice
 
 
+class Drawable(Protocol):
+    """What the overlay draws: a pipeline :class:`~.pipeline.Result`, or an :class:`OverlayContent` read back."""
+
+    @property
+    def disease(self) -> np.ndarray: ...
+    @property
+    def zones(self) -> ZoneMasks: ...
+    @property
+    def scores(self) -> ZoneScores: ...
+    @property
+    def p_disease(self) -> float: ...
+    @property
+    def identity(self) -> ModelIdentity: ...
+
+
+@dataclass(frozen=True)
+class OverlayContent:
+    """The masks and scores of a scored image as the archive holds them (its SEG and its result record)."""
+
+    disease: np.ndarray
+    zones: ZoneMasks
+    scores: ZoneScores
+    p_disease: float
+    identity: ModelIdentity
+
+
+#: Segment numbers of the node's SEG (dicom_results.py): right lung, left lung, opacity, then zones A-F.
+_RIGHT, _LEFT, _OPACITY, _FIRST_ZONE = 1, 2, 3, 4
+
+
+def seg_masks(seg: Any) -> dict[int, np.ndarray]:
+    """Each segment's full-resolution mask of a single-image BINARY SEG, by segment number.
+
+    Frames of empty segments may be left out of a SEG (highdicom's
+    ``omit_empty_frames``): those segments are all False.
+    """
+    rows, cols = int(seg.Rows), int(seg.Columns)
+    frames = np.asarray(seg.pixel_array).reshape(-1, rows, cols).astype(bool)
+    numbers = [int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+               for item in seg.PerFrameFunctionalGroupsSequence]
+    masks = {int(d.SegmentNumber): np.zeros((rows, cols), bool) for d in seg.SegmentSequence}
+    for number, frame in zip(numbers, frames):
+        masks[number] = masks.get(number, np.zeros((rows, cols), bool)) | frame
+    return masks
+
+
+def _stage(record: StageModelRecord | None, stage: str, version: str) -> StageModel:
+    if record is None:  # a record from before identities were kept: only the synthetic bundle existed
+        return StageModel(stage, "unknown model", version, "bundled", ())
+    return StageModel(record.stage or stage, record.name, record.version, record.origin,
+                      tuple(record.training_data))
+
+
+def scores_from_record(record: ImageResult) -> ZoneScores:
+    """The :class:`ZoneScores` a result record was made from (fractions as stored: rounded to 4 places)."""
+    zones = [record.zones.get(name) for name in ZONE_NAMES]
+    return ZoneScores(
+        fractions=[float(z.affected_fraction or 0.0) if z else 0.0 for z in zones],
+        binary=[int(z.binary_score or 0) if z else 0 for z in zones],
+        brixia=[int(z.brixia_grade or 0) if z else 0 for z in zones],
+        total=record.total_score, brixia_total=record.brixia_total,
+        extent_right=record.geographic_extent.right, extent_left=record.geographic_extent.left,
+        zone_threshold=record.zone_threshold, lungs_found=record.lungs_found,
+        lung_area_px=record.lung_area_px, lesion_area_px=record.lesion_area_px,
+        lung_area_mm2=record.lung_area_mm2, lesion_area_mm2=record.lesion_area_mm2,
+        zone_area_px=[z.area_px if z else 0 for z in zones],
+    )
+
+
+def overlay_from_seg(seg: Any, record: ImageResult) -> OverlayContent:
+    """What the overlay draws, from the node's SEG of the image (masks) and its result record (scores)."""
+    masks = seg_masks(seg)
+    empty = np.zeros((int(seg.Rows), int(seg.Columns)), bool)
+    identity = record.model_identity
+    lungs = _stage(identity.lungs if identity else None, "lungs", record.models.get("lungs", ""))
+    disease = _stage(identity.disease if identity else None, "disease", record.models.get("disease", ""))
+    zones = ZoneMasks(zones=tuple(masks.get(_FIRST_ZONE + k, empty) for k in range(len(ZONE_NAMES))),
+                      right=masks.get(_RIGHT, empty), left=masks.get(_LEFT, empty), lungs_found=record.lungs_found)
+    return OverlayContent(disease=masks.get(_OPACITY, empty), zones=zones, scores=scores_from_record(record),
+                          p_disease=record.p_disease, identity=ModelIdentity(lungs, disease))
+
+
 def _contours(mask: np.ndarray) -> list[np.ndarray]:
     found, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     return list(found)
 
 
-def render_overlay(pixels: np.ndarray, result: Result, max_side: int = 1024) -> np.ndarray:
+def render_overlay(pixels: np.ndarray, result: Drawable, max_side: int = 1024) -> np.ndarray:
     """BGR uint8 image: opacity tinted red, lung outlines, zone outlines and labels."""
     scale = min(1.0, max_side / max(pixels.shape))
     size = (max(1, round(pixels.shape[1] * scale)), max(1, round(pixels.shape[0] * scale)))
@@ -174,11 +264,16 @@ def encode_palette_png(indices: np.ndarray, palette: np.ndarray = PALETTE) -> by
             + _chunk(b"IDAT", zlib.compress(raw, 4)) + _chunk(b"IEND", b""))
 
 
-def write_overlay(path: str | Path, pixels: np.ndarray, result: Result) -> Path:
+def overlay_png(pixels: np.ndarray, result: Drawable) -> bytes:
+    """The overlay as palette PNG bytes."""
+    return encode_palette_png(palette_indices(render_overlay(pixels, result)))
+
+
+def write_overlay(path: str | Path, pixels: np.ndarray, result: Drawable) -> Path:
     """Render the overlay and write it as a palette PNG, atomically (a reader never sees half a file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = encode_palette_png(palette_indices(render_overlay(pixels, result)))
+    data = overlay_png(pixels, result)
     # A name of this writer's own: two workers scoring one image (an expired lease), on this host or on
     # another sharing the archive, never share a temp file.
     partial = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")

@@ -214,13 +214,14 @@ def _stored_value_lut(raw: np.ndarray, ds: Any, photometric: str) -> np.ndarray:
     """:func:`stretch` of :func:`_presentation`, computed once per stored value instead of once per pixel.
 
     Every step maps a stored value to one output value (rescale, LUTs, windows, inversion), so
-    the chain runs on the at most 65 536 values between the image's minimum and maximum, the
-    percentiles come from a histogram of the stored values, and the image is one table lookup:
-    about a tenth of the CPU time of the per-pixel float64 path on a 5-megapixel film.
+    the chain runs on the at most 65 536 stored values, the percentiles come from a histogram of
+    the stored values, and the image is one table lookup: one pass for the histogram and one
+    for the lookup, no float64 and no per-pixel arithmetic (about 12 CPU-ms on a 5-megapixel
+    film, against 25 for a bincount and an int32 copy, and 150 for the per-pixel float64 path).
     """
-    lowest = int(raw.min())
-    codes = raw.astype(np.int32) - lowest if lowest or raw.dtype.kind == "i" else raw
-    counts = np.bincount(codes.ravel())
+    lowest = int(raw.min()) if raw.dtype.kind == "i" else 0
+    codes = raw if raw.dtype.kind == "u" else (raw.astype(np.int32) - lowest)
+    counts = _histogram(codes)
     present = counts > 0
     stored = np.arange(lowest, lowest + counts.size).astype(raw.dtype)
     table = _presentation(stored, ds, photometric, present)
@@ -229,7 +230,36 @@ def _stored_value_lut(raw: np.ndarray, ds: Any, photometric: str) -> np.ndarray:
         lo, hi = float(table[present].min()), float(table[present].max())
     if hi <= lo:
         return np.zeros(raw.shape, np.float32)
-    return np.clip((table - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)[codes]
+    return lookup(np.clip((table - lo) / (hi - lo), 0.0, 1.0).astype(np.float32), codes)
+
+
+#: Rows per block of :func:`lookup`: its int64 index copy stays in the cache.
+_LOOKUP_ROWS = 64
+
+
+def lookup(table: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """``table[codes]`` for a 2-D integer image, a block of rows at a time (a quarter less CPU time than
+    one ``np.take``, which first copies the whole image into int64 indices)."""
+    out = np.empty(codes.shape, table.dtype)
+    for top in range(0, codes.shape[0], _LOOKUP_ROWS):
+        np.take(table, codes[top:top + _LOOKUP_ROWS], out=out[top:top + _LOOKUP_ROWS])
+    return out
+
+
+#: cv2.calcHist counts in float32, exact up to 2**24 pixels per value; larger images use np.bincount.
+_FLOAT_EXACT = 2**24
+
+
+def _histogram(codes: np.ndarray) -> np.ndarray:
+    """Pixels per value 0..max of non-negative integer ``codes`` (as ``np.bincount``), int64.
+
+    OpenCV's histogram of uint8/uint16 images is a fifth of ``np.bincount``'s CPU time (no int64 index copy).
+    """
+    top = int(codes.max()) + 1
+    if codes.dtype in (np.uint8, np.uint16) and codes.size < _FLOAT_EXACT and codes.ndim == 2:
+        image = np.ascontiguousarray(codes)
+        return cv2.calcHist([image], [0], None, [top], [0, top]).ravel().astype(np.int64)
+    return np.bincount(codes.ravel(), minlength=top)
 
 
 def _histogram_percentiles(values: np.ndarray, counts: np.ndarray, percents: tuple[float, ...]) -> list[float]:

@@ -45,6 +45,27 @@ BRIXIA_LETTERS: tuple[str, ...] = ("A", "B", "C", "D", "E", "F")
 
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
+#: Rows ``top:bottom`` and columns ``left:right`` of an array (half open); (0, 0, 0, 0) holds nothing.
+Box = tuple[int, int, int, int]
+EMPTY_BOX: Box = (0, 0, 0, 0)
+
+
+def bounds(mask: np.ndarray) -> Box:
+    """The smallest box holding every True pixel of a 2-D mask; :data:`EMPTY_BOX` when there is none.
+
+    Full-resolution scoring works inside these boxes (a lung is about a fifth of a chest film),
+    so no step but this one reads the whole 5-megapixel mask.
+    """
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0:
+        return EMPTY_BOX
+    cols = np.flatnonzero(mask[rows[0]:rows[-1] + 1].any(axis=0))
+    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+
+
+def _take(array: np.ndarray, box: Box) -> np.ndarray:
+    return array[box[0]:box[1], box[2]:box[3]]
+
 
 @dataclass(frozen=True)
 class OrientationTransform:
@@ -74,6 +95,15 @@ class OrientationTransform:
         if self.flip_rows:
             out = out[::-1, :]
         return out.T if self.transpose else out
+
+    def invert_box(self, box: Box, shape: tuple[int, int]) -> Box:
+        """The rectangle that :meth:`invert` carries ``box`` (of an array of ``shape``) to."""
+        top, bottom, left, right = box
+        if self.flip_cols:
+            left, right = shape[1] - right, shape[1] - left
+        if self.flip_rows:
+            top, bottom = shape[0] - bottom, shape[0] - top
+        return (left, right, top, bottom) if self.transpose else (top, bottom, left, right)
 
 
 def canonical_transform(patient_orientation: Sequence[str] | None) -> OrientationTransform:
@@ -122,10 +152,12 @@ class LungPair:
     lungs_found: int
 
 
-def centroid_column(blob: np.ndarray) -> float:
-    """Mean column index of a non-empty mask (from column sums: no index grids)."""
-    counts = np.count_nonzero(blob, axis=0)
-    return float(counts @ np.arange(blob.shape[1])) / float(counts.sum())
+def centroid_column(blob: np.ndarray, box: Box | None = None) -> float:
+    """Mean column index of a non-empty mask (from column sums: no index grids), read inside ``box``
+    (:func:`bounds`) when given."""
+    top, bottom, left, right = box if box is not None else (0, blob.shape[0], 0, blob.shape[1])
+    counts = np.count_nonzero(blob[top:bottom, left:right], axis=0)
+    return float(counts @ np.arange(left, right)) / float(counts.sum())
 
 
 def largest_components(mask: np.ndarray, count: int) -> list[np.ndarray]:
@@ -197,9 +229,15 @@ def split_lungs(mask: np.ndarray, image_laterality: str | None = None,
     which half of the image holds its centroid, and the other side is empty
     (its zones are reported unscored, never as clear).
     """
-    mask = mask.astype(bool)
+    mask = mask if mask.dtype == bool else mask.astype(bool)
     empty = np.zeros_like(mask)
-    blobs = largest_components(mask, 2) if blobs is None else [b.astype(bool) for b in blobs if b.any()][:2]
+    if blobs is None:
+        blobs = largest_components(mask, 2)
+    else:
+        blobs = [b if b.dtype == bool else b.astype(bool) for b in blobs]
+    boxes = [bounds(b) for b in blobs]
+    blobs = [b for b, box in zip(blobs, boxes) if box != EMPTY_BOX][:2]
+    boxes = [box for box in boxes if box != EMPTY_BOX][:2]
     found = len(blobs)
     if found == 0:
         return LungPair(empty, empty.copy(), 0)
@@ -210,10 +248,10 @@ def split_lungs(mask: np.ndarray, image_laterality: str | None = None,
             return LungPair(split[0], split[1], 2)
         side = (image_laterality or "").upper()
         if side not in ("R", "L"):
-            side = "R" if centroid_column(blob) < mask.shape[1] / 2 else "L"
+            side = "R" if centroid_column(blob, boxes[0]) < mask.shape[1] / 2 else "L"
         return LungPair(blob, empty, 1) if side == "R" else LungPair(empty, blob, 1)
     a, b = blobs
-    if centroid_column(a) <= centroid_column(b):
+    if centroid_column(a, boxes[0]) <= centroid_column(b, boxes[1]):
         return LungPair(a, b, found)
     return LungPair(b, a, found)
 
@@ -226,16 +264,41 @@ def lung_zones(lung: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     Zone areas therefore differ by at most one pixel, and each zone is a
     horizontal band except for the single row it shares with its neighbour.
     """
-    lung = lung.astype(bool)
-    flat_index = np.flatnonzero(lung.ravel())  # raster order = top to bottom
-    n = flat_index.size
-    c1, c2 = round(n / 3), round(2 * n / 3)
-    zones = []
-    for lo, hi in ((0, c1), (c1, c2), (c2, n)):
-        zone = np.zeros(lung.size, dtype=bool)
-        zone[flat_index[lo:hi]] = True
-        zones.append(zone.reshape(lung.shape))
+    zones, _ = _lung_zones(lung if lung.dtype == bool else lung.astype(bool))
     return zones[0], zones[1], zones[2]
+
+
+def _lung_zones(lung: np.ndarray) -> tuple[list[np.ndarray], list[Box]]:
+    """:func:`lung_zones` and each zone's box (:func:`bounds` or larger).
+
+    The cut rows come from the lung's pixel count per row; only the two
+    boundary rows are split pixel by pixel. Each zone is copied from the lung
+    inside its band: the lung's pixels are read about twice, not once per
+    zone and pixel index.
+    """
+    box = bounds(lung)
+    zones = [np.zeros(lung.shape, dtype=bool) for _ in range(3)]
+    if box == EMPTY_BOX:
+        return zones, [EMPTY_BOX] * 3
+    top, _, left, right = box
+    inside = _take(lung, box)
+    ends = np.cumsum(np.count_nonzero(inside, axis=1))  # ends[r]: pixels in rows up to r
+    n = int(ends[-1])
+    c1, c2 = round(n / 3), round(2 * n / 3)
+    boxes = []
+    for zone, (lo, hi) in zip(zones, ((0, c1), (c1, c2), (c2, n))):
+        if hi <= lo:
+            boxes.append(EMPTY_BOX)
+            continue
+        first, last = (int(np.searchsorted(ends, k, side="right")) for k in (lo, hi - 1))  # rows of pixels lo, hi-1
+        band = zone[top + first:top + last + 1, left:right]
+        band[...] = inside[first:last + 1]
+        for row in {first, last}:  # keep only the pixels of ranks lo..hi-1 in the boundary rows
+            cols = np.flatnonzero(inside[row])
+            ranks = (int(ends[row - 1]) if row else 0) + np.arange(cols.size)
+            band[row - first, cols[(ranks < lo) | (ranks >= hi)]] = False
+        boxes.append((top + first, top + last + 1, left, right))
+    return zones, boxes
 
 
 #: T when neither the config nor the disease model gives one: the paper's default (Danilov et al. 2022).
@@ -349,6 +412,9 @@ class ZoneMasks:
     right: np.ndarray
     left: np.ndarray
     lungs_found: int
+    #: Per zone, a box holding all its pixels (:func:`bounds` or larger), so scoring reads only those;
+    #: None: the whole image.
+    boxes: tuple[Box, ...] | None = None
 
 
 def zone_masks(
@@ -361,14 +427,18 @@ def zone_masks(
     the mask's own orientation."""
     transform = canonical_transform(patient_orientation)
     canonical_blobs = None if blobs is None else [transform.apply(b) for b in blobs]
-    pair = split_lungs(transform.apply(lung_mask), image_laterality, canonical_blobs)
-    zones = lung_zones(pair.right) + lung_zones(pair.left)
-    back = tuple(np.ascontiguousarray(transform.invert(z)) for z in zones)
+    canonical = transform.apply(lung_mask)
+    pair = split_lungs(canonical, image_laterality, canonical_blobs)
+    right, right_boxes = _lung_zones(pair.right)
+    left, left_boxes = _lung_zones(pair.left)
+    back = tuple(np.ascontiguousarray(transform.invert(z)) for z in right + left)
+    shape = (canonical.shape[0], canonical.shape[1])
     return ZoneMasks(
         zones=back,
         right=np.ascontiguousarray(transform.invert(pair.right)),
         left=np.ascontiguousarray(transform.invert(pair.left)),
         lungs_found=pair.lungs_found,
+        boxes=tuple(transform.invert_box(b, shape) for b in right_boxes + left_boxes),
     )
 
 
@@ -380,9 +450,11 @@ def score_zones(
 ) -> ZoneScores:
     """Score the disease mask against precomputed zones."""
     config = config or ScoringConfig()
-    disease = disease_mask.astype(bool)
-    zone_area = [int(z.sum()) for z in zones.zones]
-    affected = [int(np.count_nonzero(z & disease)) for z in zones.zones]
+    disease = disease_mask if disease_mask.dtype == bool else disease_mask.astype(bool)
+    whole = (0, disease.shape[0], 0, disease.shape[1])
+    boxes = zones.boxes or (whole,) * len(zones.zones)
+    zone_area = [int(np.count_nonzero(_take(z, b))) for z, b in zip(zones.zones, boxes)]
+    affected = [int(np.count_nonzero(_take(z, b) & _take(disease, b))) for z, b in zip(zones.zones, boxes)]
     fractions = [a / z if z else 0.0 for a, z in zip(affected, zone_area)]
     binary = [int(f > config.zone_threshold) for f in fractions]
     brixia = [brixia_grade(f, config.brixia_cutoffs) for f in fractions]

@@ -14,7 +14,11 @@ a Secondary Capture image (kind ``sc``). This stage then
 Images the reader cannot score are recorded ``not_scorable`` with its
 reason; a job that fails for good is recorded ``failed``.
 
-Scoring output (SEG, SR, overlay) respects ``storage.min_free_mb``, the
+The overlay PNG is not drawn here: the study page's first request draws it
+from the archived source and SEG (:func:`~cxrtriage.triage.preview.overlay_image`);
+a re-score removes the one kept from the previous result.
+
+Scoring output (SEG, SR) respects ``storage.min_free_mb``, the
 floor below which ingest answers C-STORE with 0xA700: with less free
 space the job is not scored and writes nothing; it is deferred
 (:meth:`~cxrtriage.storage.queue.JobQueue.defer`: back to pending after a
@@ -59,7 +63,8 @@ Outcome = InstanceScored | InstanceRefused
 
 
 class Scorer(Protocol):
-    """Scores the DICOM file at ``path`` (an archived image), writing its overlay PNG to ``overlay``."""
+    """Scores the DICOM file at ``path`` (an archived image), writing its overlay PNG to ``overlay`` when given
+    (the score stage gives None: the web page draws the overlay on first request)."""
 
     def __call__(self, path: Path, sop_instance_uid: str, overlay: Path | None) -> Outcome: ...
 
@@ -171,8 +176,8 @@ class ScoreStage:
         assert source is not None, f"score job {job.id} names no stored instance"
         if self._short_of_space(job, worker):
             return
-        overlay = self.archive.overlay_path(source.sop_instance_uid)
-        outcome = self.scorer(self.archive.path(source.path), source.sop_instance_uid, overlay)
+        # No overlay: drawn lazily, when the web page first asks for it (about 100 CPU-ms an image saved).
+        outcome = self.scorer(self.archive.path(source.path), source.sop_instance_uid, None)
         if isinstance(outcome, InstanceRefused):
             self.record_refused(job, worker, source, outcome)
         else:
@@ -220,6 +225,8 @@ class ScoreStage:
             )
             if not self.queue.complete(session, job, worker):
                 raise LeaseLost()
+        # The overlay kept for an earlier result would show old scores: the next request draws the new one.
+        self.archive.overlay_path(source.sop_instance_uid).unlink(missing_ok=True)
         self.metrics.scored.labels(outcome=ResultStatus.SCORED).inc()
         for stage, seconds in scored.seconds.items():
             self.metrics.latency.labels(stage=stage).observe(seconds)

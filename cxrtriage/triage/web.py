@@ -51,7 +51,7 @@ from ..inference.radiograph import RadiographError
 from ..storage.archive import Archive, is_valid_uid
 from ..storage.models import AuditEvent
 from .health import Liveness, Readiness
-from .preview import plain_image
+from .preview import NoOverlay, overlay_image, plain_image
 from .worklist import StudyDetail, StudyNotFound, Worklist, WorklistRow
 
 PAGE = Path(__file__).parent / "static"
@@ -376,11 +376,16 @@ def create_app(worklist: Worklist, archive: Archive, *, token: str | None = None
     @app.get("/api/images/{sop_uid}/overlay.png", response_class=FileResponse,
              responses={200: {"content": {"image/png": {}}}})
     def overlay(sop_uid: str) -> FileResponse:
+        """The overlay of a scored image, drawn on the first request and kept (404: no such image; 409: an
+        image without scores, or whose source or SEG has left the archive)."""
         if not is_valid_uid(sop_uid):
             raise HTTPException(400, "not a UID")
-        path = archive.overlay_path(sop_uid)
-        if not path.is_file():
-            raise HTTPException(404, "no overlay for this image")
+        try:
+            path = overlay_image(worklist.db, archive, sop_uid)
+        except NoOverlay as exc:
+            raise HTTPException(exc.status, exc.reason) from None
+        except RadiographError:
+            raise HTTPException(409, "the source image cannot be shown") from None
         return FileResponse(path, media_type="image/png")
 
     @app.get("/api/images/{sop_uid}/image.png", response_class=FileResponse,

@@ -1,0 +1,163 @@
+"""The CPU-lean paths around the networks give exactly what their plain definitions give.
+
+Each fast path (histograms and lookups in the decoder, block-wise conversion,
+OpenCV's equalisation table rebuilt as one float lookup, copy-under-mask,
+equal-area zones cut from row counts and scored inside their boxes) is
+compared, bit for bit, with the straightforward formula it replaces, on
+random images and masks of many shapes (including the degenerate ones).
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from cxrtriage.inference.preprocess import CropBox, equalize, masked_lung_crop, normalise, resize, to_u8
+from cxrtriage.inference.radiograph import _histogram, lookup
+from cxrtriage.inference.scoring import (
+    ZONE_NAMES,
+    ScoringConfig,
+    ZoneMasks,
+    bounds,
+    canonical_transform,
+    lung_zones,
+    score,
+    score_zones,
+    zone_masks,
+)
+
+RNG = np.random.default_rng(20_261_126)
+ORIENTATIONS = [None, ["L", "F"], ["R", "F"], ["L", "H"], ["R", "H"], ["F", "L"], ["H", "R"], ["F", "R"], ["H", "L"]]
+
+
+def blobs_mask(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
+    """Up to three filled ellipses, sometimes with speckle: lung-like and not."""
+    mask = np.zeros((h, w), np.uint8)
+    for _ in range(int(rng.integers(0, 4))):
+        centre = (int(rng.integers(0, w)), int(rng.integers(0, h)))
+        axes = (int(rng.integers(1, w // 3 + 2)), int(rng.integers(1, h // 2 + 2)))
+        cv2.ellipse(mask, centre, axes, 0, 0, 360, 1, -1)
+    if rng.random() < 0.3:
+        mask |= (rng.random((h, w)) < 0.05).astype(np.uint8)
+    return mask.astype(bool)
+
+
+def raster_zones(lung: np.ndarray) -> list[np.ndarray]:
+    """docs/scoring.md's definition: the first round(N/3) pixels in raster order, the next, the rest."""
+    flat = np.flatnonzero(lung.ravel())
+    n = flat.size
+    cuts = (0, round(n / 3), round(2 * n / 3), n)
+    zones = []
+    for lo, hi in zip(cuts, cuts[1:]):
+        zone = np.zeros(lung.size, bool)
+        zone[flat[lo:hi]] = True
+        zones.append(zone.reshape(lung.shape))
+    return zones
+
+
+def test_zones_are_the_raster_order_thirds() -> None:
+    for _ in range(150):
+        h, w = (int(v) for v in RNG.integers(1, 120, 2))
+        lung = blobs_mask(h, w, RNG)
+        for fast, reference in zip(lung_zones(lung), raster_zones(lung)):
+            np.testing.assert_array_equal(fast, reference)
+    single_row = np.zeros((5, 9), bool)
+    single_row[2, 1:8] = True  # every zone on one row: both cuts split it
+    for fast, reference in zip(lung_zones(single_row), raster_zones(single_row)):
+        np.testing.assert_array_equal(fast, reference)
+
+
+@pytest.mark.parametrize("orientation", ORIENTATIONS)
+def test_zone_boxes_hold_their_zones_and_scoring_inside_them_changes_nothing(orientation: list[str] | None) -> None:
+    config = ScoringConfig()
+    for _ in range(12):
+        h, w = (int(v) for v in RNG.integers(20, 160, 2))
+        lung, disease = blobs_mask(h, w, RNG), RNG.random((h, w)) < RNG.random()
+        zones = zone_masks(lung, orientation)
+        assert zones.boxes is not None and len(zones.boxes) == len(ZONE_NAMES)
+        for zone, (top, bottom, left, right) in zip(zones.zones, zones.boxes):
+            assert np.count_nonzero(zone[top:bottom, left:right]) == np.count_nonzero(zone)
+        whole = ZoneMasks(zones.zones, zones.right, zones.left, zones.lungs_found)  # no boxes: whole image
+        assert vars(score_zones(zones, disease, config)) == vars(score_zones(whole, disease, config))
+        # The zones themselves are the raster-order thirds of each lung in the canonical orientation.
+        transform = canonical_transform(orientation)
+        for side, first in ((zones.right, 0), (zones.left, 3)):
+            for k, reference in enumerate(raster_zones(transform.apply(side))):
+                np.testing.assert_array_equal(transform.apply(zones.zones[first + k]), reference)
+
+
+def test_bounds_is_the_smallest_box() -> None:
+    assert bounds(np.zeros((4, 6), bool)) == (0, 0, 0, 0)
+    mask = np.zeros((10, 12), bool)
+    mask[3, 7] = mask[6, 2] = True
+    assert bounds(mask) == (3, 7, 2, 8)
+
+
+def test_scores_with_precomputed_blobs_equal_scores_without() -> None:
+    from cxrtriage.inference.scoring import largest_components
+
+    for k in range(30):  # display orientation: labelled in the same raster order, so ties break alike
+        h, w = (int(v) for v in RNG.integers(30, 150, 2))
+        lung, disease = blobs_mask(h, w, RNG), RNG.random((h, w)) < 0.4
+        orientation = [None, ["L", "F"]][k % 2]
+        with_blobs, _ = score(lung, disease, None, orientation, None, (0.2, 0.2), largest_components(lung, 2))
+        without, _ = score(lung, disease, None, orientation, None, (0.2, 0.2))
+        assert vars(with_blobs) == vars(without)
+
+
+def reference_equalize(image: np.ndarray) -> np.ndarray:
+    as_u8 = np.clip(image * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return cv2.equalizeHist(as_u8).astype(np.float32) / 255.0
+
+
+def test_equalize_is_opencvs_equalisation_of_the_rounded_image() -> None:
+    for k in range(200):
+        h, w = (int(v) for v in RNG.integers(1, 200, 2))
+        kind = k % 5
+        if kind == 0:
+            image = RNG.random((h, w))
+        elif kind == 1:
+            image = RNG.beta(0.3, 5, (h, w))  # most pixels dark: long runs of empty levels
+        elif kind == 2:
+            image = np.full((h, w), RNG.random())  # one level: OpenCV fills the image with it
+        elif kind == 3:
+            image = RNG.choice(RNG.random(int(RNG.integers(1, 5))), (h, w))
+        else:
+            image = RNG.normal(0.5, 0.4, (h, w))  # outside [0, 1]: the clipped path
+        image = image.astype(np.float32 if k % 3 else np.float64)
+        fast = equalize(image)
+        assert fast.dtype == np.float32
+        np.testing.assert_array_equal(fast, reference_equalize(image))
+        np.testing.assert_array_equal(to_u8(image), np.clip(image * 255.0 + 0.5, 0, 255).astype(np.uint8))
+
+
+def test_normalise_crop_and_mask_resize_equal_their_formulas() -> None:
+    for _ in range(20):
+        h, w = (int(v) for v in RNG.integers(8, 300, 2))
+        image = RNG.random((h, w)).astype(np.float32)
+        mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+        stack = np.repeat(image[None], 3, axis=0)
+        expected = (stack - np.asarray(mean, np.float32)[:, None, None]) / np.asarray(std, np.float32)[:, None, None]
+        np.testing.assert_array_equal(normalise(image, mean, std), expected)
+        mask = RNG.random((h, w)) < 0.5
+        box = CropBox(int(RNG.integers(0, h // 2)), h, 0, int(RNG.integers(w // 2 + 1, w + 1)))
+        crop = masked_lung_crop(image, mask, box)
+        assert crop.dtype == np.float32
+        np.testing.assert_array_equal(crop, box.take(np.where(mask, image, 0.0).astype(np.float32)))
+        for size in ((max(1, h // 3), max(1, w // 3)), (h * 2, w + 7)):
+            for nearest in (False, True):
+                plain = cv2.resize(mask.astype(np.uint8), size[::-1],
+                                   interpolation=cv2.INTER_NEAREST if nearest else
+                                   cv2.INTER_AREA if size[0] < h and size[1] < w else cv2.INTER_LINEAR)
+                np.testing.assert_array_equal(resize(mask, size, nearest=nearest), plain.astype(bool))
+
+
+@pytest.mark.parametrize("dtype,top", [(np.uint8, 255), (np.uint16, 4095), (np.uint16, 65535)])
+def test_histogram_and_lookup_equal_bincount_and_take(dtype: type, top: int) -> None:
+    codes = RNG.integers(0, top + 1, (333, 97)).astype(dtype)
+    np.testing.assert_array_equal(_histogram(codes), np.bincount(codes.ravel()))
+    signed = RNG.integers(0, 300, (70, 40)).astype(np.int32)  # the decoder's offset signed codes
+    np.testing.assert_array_equal(_histogram(signed), np.bincount(signed.ravel()))
+    table = RNG.random(int(codes.max()) + 1).astype(np.float32)
+    np.testing.assert_array_equal(lookup(table, codes), table[codes])
