@@ -101,6 +101,9 @@ def test_worklist_in_a_browser(tmp_path: Path, browser, database_url: str) -> No
         browser.execute_script("document.querySelector('#legend summary').click();")
         legend = text("legend")
         assert "Brixia-style grade" in legend and "s1 g2" in legend and "critical" in legend
+        browser.execute_script("document.querySelector('#nodes summary').click();")
+        nodes = text("nodes")  # the node list: one node here
+        assert "Nodes (1 live)" in nodes and "testnode: receiver, scorer, sender, scheduler, web" in nodes
         save_screenshot(browser, "worklist.png")
 
         browser.execute_script(f"document.querySelector('tr[data-study=\"{page_order[1]}\"] a').click();")  # most severe

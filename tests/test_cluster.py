@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import select
 
 from cxrtriage.config import Settings
-from cxrtriage.storage.cluster import SCHEDULER_LEASE, acquire, heartbeat, holder_of, live_nodes, release
+from cxrtriage.storage.cluster import LIVE_SECONDS, SCHEDULER_LEASE, acquire, heartbeat, holder_of, live_nodes, release
 from cxrtriage.storage.db import Database
 from cxrtriage.storage.models import Instance, Reading, ScoreResult
 from cxrtriage.triage import jobs
@@ -96,7 +96,7 @@ def test_every_node_lists_the_live_nodes_in_its_metrics(db: Database, tmp_path: 
     scorer.beat(now=T0 + dt.timedelta(seconds=1))
     assert listed(scorer) == {"receiver-1": ("receiver", T0.timestamp()),
                               "scorer-1": ("scorer,sender", T0.timestamp() + 1)}
-    scorer.beat(now=T0 + dt.timedelta(seconds=1 + scorer.live_seconds))  # the receiver went silent
+    scorer.beat(now=T0 + dt.timedelta(seconds=1 + LIVE_SECONDS))  # the receiver went silent
     assert list(listed(scorer)) == ["scorer-1"]
 
 

@@ -45,6 +45,10 @@ def test_a_node_is_ready_beats_leads_and_hands_over_when_it_stops(tmp_path: Path
                 return holder_of(session, SCHEDULER_LEASE)
 
         assert wait_for(leader, 60, "the scheduler lease") == row.incarnation
+        status, nodes = call(f"{base}/api/nodes")  # the web page's node list
+        assert status == 200 and isinstance(nodes, list) and len(nodes) == 1, nodes
+        assert (nodes[0]["name"], nodes[0]["roles"], nodes[0]["leader"]) == (
+            "testnode", ["receiver", "sender", "scheduler", "web"], True)
         node.stop()
         assert node.process is not None and node.process.returncode == 0
         assert leader() is None  # given up on a clean stop: another node takes over at once

@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from .. import __version__
 from ..observability import GaugeSampler, Metrics, event, safe_error
 from ..storage.archive import Archive
-from ..storage.cluster import heartbeat, live_nodes
+from ..storage.cluster import HEARTBEAT_SECONDS, LIVE_SECONDS, heartbeat, live_nodes
 from ..storage.db import Database
 from ..storage.models import JobKind, JobState, as_utc, utcnow
 from ..storage.queue import JobQueue
@@ -33,7 +33,7 @@ class Housekeeping:
 
     def __init__(self, db: Database, queue: JobQueue, metrics: Metrics, archive: Archive, *, name: str,
                  incarnation: str, roles: Sequence[str], models: Mapping[str, str], interval: float = 2.0,
-                 beat_every: int = 5) -> None:
+                 beat_every: int | None = None) -> None:
         self.db = db
         self.metrics = metrics
         self.sampler = GaugeSampler(metrics, queue.depth, archive.free_bytes, kinds=[k.value for k in JobKind],
@@ -41,19 +41,14 @@ class Housekeeping:
         self.name, self.incarnation, self.roles, self.models = name, incarnation, list(roles), dict(models)
         self.started_at = utcnow()
         self.interval = interval
-        self.beat_every = beat_every
-
-    @property
-    def live_seconds(self) -> float:
-        """A node not seen for three heartbeat periods is taken for gone."""
-        return 3 * self.beat_every * self.interval
+        self.beat_every = beat_every or max(1, round(HEARTBEAT_SECONDS / interval))
 
     def beat(self, now: dt.datetime | None = None) -> None:
         with self.db.session() as session:
             heartbeat(session, name=self.name, incarnation=self.incarnation, roles=self.roles, version=__version__,
                       models=self.models, started_at=self.started_at, now=now)
         with self.db.session() as session:
-            nodes = live_nodes(session, self.live_seconds, now=now)
+            nodes = live_nodes(session, LIVE_SECONDS, now=now)
             self.metrics.live_nodes.clear()
             for node in nodes:
                 self.metrics.live_nodes.labels(node=node.name, roles=node.roles, version=node.version).set(

@@ -27,6 +27,9 @@ from .models import Lease, NodeRecord, as_utc, utcnow
 
 #: The lease of the node that runs the periodic jobs.
 SCHEDULER_LEASE = "scheduler"
+#: Each node beats this often (stages/housekeeping.py); one not seen for three beats is taken for gone.
+HEARTBEAT_SECONDS = 10.0
+LIVE_SECONDS = 3 * HEARTBEAT_SECONDS
 
 
 def heartbeat(session: Session, *, name: str, incarnation: str, roles: Sequence[str], version: str,

@@ -51,6 +51,7 @@ from ..inference.radiograph import RadiographError
 from ..storage.archive import Archive, is_valid_uid
 from ..storage.models import AuditEvent
 from .health import Liveness, Readiness
+from .nodes import NodeState, node_states
 from .preview import NoOverlay, overlay_image, plain_image
 from .worklist import StudyDetail, StudyNotFound, Worklist, WorklistRow
 
@@ -335,6 +336,11 @@ def create_app(worklist: Worklist, archive: Archive, *, token: str | None = None
     @app.get("/api/destinations")
     def get_destinations() -> list[DestinationState]:
         return [DestinationState.model_validate(d) for d in (destinations() if destinations else [])]
+
+    @app.get("/api/nodes")
+    def get_nodes() -> list[NodeState]:
+        """The live nodes sharing this database (heartbeats), and which one runs the periodic jobs."""
+        return node_states(worklist.db)
 
     @app.get("/api/worklist", response_model=list[WorklistRow])
     def get_worklist(

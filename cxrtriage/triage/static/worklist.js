@@ -32,6 +32,22 @@ async function refresh() {
   }
   document.getElementById("status").textContent = `${studies.length} studies, updated ${new Date().toLocaleTimeString()}`;
   await showDestinations();
+  await showNodes();
+}
+
+// The live nodes sharing this node's database (docs/deploy.md): names, roles, and who runs the periodic jobs.
+async function showNodes() {
+  const response = await fetch("/api/nodes");
+  if (!response.ok) return;
+  const nodes = await response.json();
+  const box = document.getElementById("nodes");
+  box.querySelector("summary").textContent = `Nodes (${nodes.length} live)`;
+  box.querySelector("ul").replaceChildren(...nodes.map((n) => {
+    const item = document.createElement("li");
+    item.textContent = `${n.name}: ${n.roles.join(", ")}${n.leader ? " (runs escalation, retries, purge)" : ""}`
+      + ` · version ${n.version} · seen ${Math.round(n.seconds_since_seen)} s ago`;
+    return item;
+  }));
 }
 
 // A destination whose circuit is open is backing off: results wait in its outbox, none are lost.
