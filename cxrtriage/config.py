@@ -63,6 +63,10 @@ class InferenceSettings(BaseModel):
     max_wait_ms: float = Field(
         10.0, ge=0, description="scoring engine: how long a batch waits for more images once it has one"
     )
+    compile: bool = Field(
+        False, description="scoring engine on CUDA: torch.compile the networks (CUDA graphs per batch size; the "
+        "first batch of each size compiles, minutes)",
+    )
     min_lung_blob_fraction: float = Field(0.01, ge=0.0, lt=0.5, description="smaller lung blobs are dropped")
     crop_margin: float = Field(0.02, ge=0.0, lt=0.5, description="margin around the lung box, fraction of image")
     scoring: ScoringSettings = Field(default_factory=ScoringSettings)

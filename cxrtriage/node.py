@@ -27,7 +27,8 @@ from .scp.server import start_server
 from .stages.circuit import Circuits
 from .stages.housekeeping import Housekeeping
 from .stages.lease_loop import FailureHook, LeaseLoop, Stage
-from .stages.score import LocalScorer, PoolScorer, Scorer, ScoreStage, warm_up
+from .stages.score import LocalScorer, Scorer, ScoreStage, warm_up
+from .stages.scorers import process_scorer, scoring_threads
 from .stages.send import SendStage
 from .storage.archive import Archive
 from .storage.db import Database
@@ -87,9 +88,8 @@ class Node:
         if released:
             event(log, logging.WARNING, "re-queued jobs of a previous run", jobs=released)
         record_config_change(self.db, self.settings)
-        w, node = self.settings.workers, self.settings.node
-        scoring_threads = max(w.scoring_workers, w.scoring_processes) if node.runs("scorer") else 0
-        if not scoring_threads or self._start_scoring(scoring_threads):
+        node, threads = self.settings.node, scoring_threads(self.settings)
+        if not threads or self._start_scoring(threads):
             self.models_ready.set()
         if node.runs("receiver"):
             moves = move_target(self.settings.dicom.move_destinations)
@@ -97,11 +97,11 @@ class Node:
             self.server = start_server(self.settings.dicom, handlers, metrics=self.metrics)
         if node.runs("sender"):
             self._start_sending()
-        serving = {"scorer": bool(scoring_threads), "web": self.settings.web.enabled}  # roles configured off
+        serving = {"scorer": bool(threads), "web": self.settings.web.enabled}  # roles configured off
         roles = [role for role in node.roles if serving.get(role, True)]
         housekeeping = Housekeeping(self.db, self.queue, self.metrics, self.archive,
                                     name=self.settings.node_name, incarnation=self.incarnation, roles=roles,
-                                    models={"preset": self.settings.inference.preset} if scoring_threads else {})
+                                    models={"preset": self.settings.inference.preset} if threads else {})
         self._spawn("housekeeping", housekeeping.run, self.stopping)
         if self.settings.metrics.enabled:
             self.metrics_server = start_metrics(self.settings.metrics, self.metrics.registry)
@@ -113,14 +113,10 @@ class Node:
               destinations=sorted(self.destinations), database=self.db.engine.dialect.name)
 
     def _start_scoring(self, threads: int) -> bool:
-        """Scoring workers (threads; with ``scoring_processes``, each waits on the pool), warmed up first;
-        whether the models loaded."""
+        """Scoring threads (each waits on the pool or the engine, if any: :mod:`.stages.scorers`), warmed up
+        first; whether the models loaded."""
         w = self.settings.workers
-        if w.scoring_processes:
-            from .inference.parallel import ScoringPool
-
-            self.scorer = PoolScorer(ScoringPool(self.settings.inference, w.scoring_processes), jpeg2000=w.seg_jpeg2000,
-                                     secondary_capture=self.settings.results.secondary_capture)
+        self.scorer = process_scorer(self.settings) or self.scorer
         ready = warm_up(self.scorer, self.archive.tmp, w.scoring_processes)
         stage = ScoreStage(self.db, self.archive, self.queue, self.metrics, self.scorer,
                            destinations=list(self.destinations), ae_title=self.settings.dicom.ae_title,

@@ -11,6 +11,7 @@ there, so they can be written as a DICOM Segmentation of the source.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import time
 from collections.abc import Sequence
@@ -26,7 +27,7 @@ from ..config import InferenceSettings
 from .identity import ModelIdentity
 from .models import ModelSpec
 from .predictors import Predictor, make_predictor
-from .preprocess import equalize, lung_box, masked_lung_crop, normalise, resize
+from .preprocess import CropBox, equalize, lung_box, masked_lung_crop, normalise, resize
 from .presets import model_specs, scoring_config
 from .radiograph import Radiograph
 from .result_model import ImageResult
@@ -97,18 +98,98 @@ def clean_lung_probabilities(prob: np.ndarray, threshold: float, min_fraction: f
     return prob * remove_small_components(mask, min_fraction)
 
 
+def model_blobs(prob: np.ndarray, threshold: float, min_fraction: float) -> list[np.ndarray]:
+    """The (at most) two lungs' cleaned probabilities at the model's resolution, largest first.
+
+    Cleaning, labelling and choosing the two largest components run on the
+    model's output (256 x 256), where they cost a fraction of a millisecond.
+    """
+    cleaned = clean_lung_probabilities(prob, threshold, min_fraction)
+    return [cleaned * blob for blob in largest_components(cleaned > threshold, 2)]
+
+
 def lung_blobs(prob: np.ndarray, threshold: float, min_fraction: float, shape: tuple[int, int]) -> list[np.ndarray]:
     """The (at most) two lungs as full-resolution masks, largest first, separated at the model's resolution.
 
-    Cleaning, labelling and choosing the two largest components run on the
-    model's output (256 x 256), where they cost a fraction of a millisecond;
-    each kept component's probability is then brought to the image's size
-    and thresholded, once. Two components are at least one model pixel apart,
-    so their full-resolution masks never overlap, and no 5-megapixel mask is
-    labelled (that cost about 35 CPU-ms per labelling).
+    Each kept component's probability (:func:`model_blobs`) is brought to the
+    image's size and thresholded, once. Two components are at least one model
+    pixel apart, so their full-resolution masks never overlap, and no
+    5-megapixel mask is labelled (that cost about 35 CPU-ms per labelling).
     """
-    cleaned = clean_lung_probabilities(prob, threshold, min_fraction)
-    return [resize(cleaned * blob, shape) > threshold for blob in largest_components(cleaned > threshold, 2)]
+    return [resize(blob, shape) > threshold for blob in model_blobs(prob, threshold, min_fraction)]
+
+
+def stage_sources(pixels: np.ndarray, lung_spec: ModelSpec, disease_spec: ModelSpec) -> tuple[np.ndarray, np.ndarray]:
+    """The images Stage I and Stage II start from: the pixels, or their equalised copy where a model wants it."""
+    equalized = equalize(pixels) if lung_spec.equalize or disease_spec.equalize else pixels
+    return (equalized if lung_spec.equalize else pixels), (equalized if disease_spec.equalize else pixels)
+
+
+def model_inputs(images: Sequence[np.ndarray], spec: ModelSpec) -> np.ndarray:
+    """(N, C, S, S) float32: each image resized to the model's input and normalised."""
+    mean, std = spec.channel_stats()
+    size = (spec.input_size, spec.input_size)
+    return np.stack([normalise(resize(im, size), mean, std) for im in images])
+
+
+@dataclass
+class LungCrop:
+    """Stage I's outcome for one image: full-resolution lungs, their box, and the masked crop for Stage II."""
+
+    lungs: np.ndarray
+    blobs: list[np.ndarray]
+    box: CropBox
+    crop: np.ndarray
+
+
+def lung_crop(
+    image: np.ndarray, prob: np.ndarray, threshold: float, min_fraction: float, margin: float
+) -> LungCrop:
+    """Lung masks from Stage I's ``prob``, and ``image`` masked and cropped to them (Danilov's single crop)."""
+    kept = lung_blobs(prob, threshold, min_fraction, image.shape)
+    # Pairwise OR: np.logical_or.reduce(list) first stacks the masks into one (n, H, W) copy.
+    full = functools.reduce(np.logical_or, kept) if kept else np.zeros(image.shape, dtype=bool)
+    box = lung_box(full, margin)
+    return LungCrop(full, kept, box, masked_lung_crop(image, full, box))
+
+
+class ResultBuilder:
+    """Stage II's output at model resolution -> the full-resolution disease mask, zone scores and :class:`Result`.
+
+    Needs the model specs only, not the models: the scoring engine's CPU
+    workers build results with it while the networks run elsewhere.
+    """
+
+    def __init__(self, settings: InferenceSettings, lung_spec: ModelSpec, disease_spec: ModelSpec) -> None:
+        self.settings = settings
+        self.disease_threshold = disease_spec.pixel_threshold
+        self.identity = ModelIdentity.from_specs(lung_spec, disease_spec)  # fixed for the pipeline's life
+        self.scoring = scoring_config(settings, disease_spec)
+        self.model_versions = {"lungs": lung_spec.version, "disease": disease_spec.version}
+
+    def __call__(
+        self, r: Radiograph, lungs: np.ndarray, kept: list[np.ndarray], box: CropBox, seg: np.ndarray, p: float,
+        timings_ms: dict[str, float],
+    ) -> Result:
+        t_post = time.perf_counter()
+        refined = seg * float(p >= 0.5)
+        disease = box.paste(resize(refined, box.shape) > self.disease_threshold, r.shape) & lungs
+        scores, zones = score(
+            lungs, disease, self.scoring, r.patient_orientation, r.image_laterality, r.pixel_spacing_mm, kept
+        )
+        return Result(
+            source=r.source,
+            lungs=lungs,
+            disease=disease,
+            zones=zones,
+            scores=scores,
+            p_disease=float(p),
+            timings_ms={**timings_ms, "scoring": (time.perf_counter() - t_post) * 1000},
+            models=dict(self.model_versions),
+            identity=self.identity,
+            sop_instance_uid=r.sop_instance_uid,
+            study_instance_uid=r.study_instance_uid,
+        )
 
 
 class Pipeline:
@@ -130,18 +211,13 @@ class Pipeline:
             disease = disease or make_predictor(disease_spec, backend, device, precision)
         self.lungs_model = lungs
         self.disease_model = disease
-        self.identity = ModelIdentity.from_specs(lungs.spec, disease.spec)  # fixed for the pipeline's life
-        self.scoring = scoring_config(self.settings, disease.spec)
+        self.build_result = ResultBuilder(self.settings, lungs.spec, disease.spec)
+        self.identity = self.build_result.identity
+        self.scoring = self.build_result.scoring
 
     @property
     def model_versions(self) -> dict[str, str]:
         return {"lungs": self.lungs_model.spec.version, "disease": self.disease_model.spec.version}
-
-
-    def _inputs(self, images: Sequence[np.ndarray], spec: ModelSpec) -> np.ndarray:
-        mean, std = spec.channel_stats()
-        size = (spec.input_size, spec.input_size)
-        return np.stack([normalise(resize(im, size), mean, std) for im in images])
 
     def __call__(self, radiograph: Radiograph) -> Result:
         return self.run_batch([radiograph])[0]
@@ -153,55 +229,25 @@ class Pipeline:
         t0 = time.perf_counter()
         lung_spec = self.lungs_model.spec
         disease_spec = self.disease_model.spec
-        equalized = [equalize(r.pixels) for r in radiographs] if lung_spec.equalize or disease_spec.equalize else []
-        stage1_images = equalized if lung_spec.equalize else [r.pixels for r in radiographs]
-        stage2_images = equalized if disease_spec.equalize else [r.pixels for r in radiographs]
-        lung_probs, _ = self.lungs_model(self._inputs(stage1_images, lung_spec))
+        sources = [stage_sources(r.pixels, lung_spec, disease_spec) for r in radiographs]
+        lung_probs, _ = self.lungs_model(model_inputs([s[0] for s in sources], lung_spec))
         t1 = time.perf_counter()
 
-        lung_masks, blobs, boxes, crops = [], [], [], []
-        for r, image, prob in zip(radiographs, stage2_images, lung_probs):
-            kept = lung_blobs(prob, lung_spec.pixel_threshold, self.settings.min_lung_blob_fraction, r.shape)
-            full = np.logical_or.reduce(kept) if kept else np.zeros(r.shape, dtype=bool)
-            box = lung_box(full, self.settings.crop_margin)
-            lung_masks.append(full)
-            blobs.append(kept)
-            boxes.append(box)
-            crops.append(masked_lung_crop(image, full, box))
+        crops = [
+            lung_crop(s[1], prob, lung_spec.pixel_threshold, self.settings.min_lung_blob_fraction,
+                      self.settings.crop_margin)
+            for s, prob in zip(sources, lung_probs)
+        ]
         t2 = time.perf_counter()
 
-        seg_probs, p_disease = self.disease_model(self._inputs(crops, disease_spec))
+        seg_probs, p_disease = self.disease_model(model_inputs([c.crop for c in crops], disease_spec))
         if p_disease is None:  # a segmentation-only Stage II model: gate on the mask itself
             p_disease = np.array([float(p.max()) for p in seg_probs])
         t3 = time.perf_counter()
 
-        results = []
-        per_image = 1.0 / len(radiographs)
-        for r, lungs, kept, box, seg, p in zip(radiographs, lung_masks, blobs, boxes, seg_probs, p_disease):
-            t_post = time.perf_counter()
-            refined = seg * float(p >= 0.5)
-            disease = box.paste(resize(refined, box.shape) > disease_spec.pixel_threshold, r.shape) & lungs
-            scores, zones = score(
-                lungs, disease, self.scoring, r.patient_orientation, r.image_laterality, r.pixel_spacing_mm, kept
-            )
-            results.append(
-                Result(
-                    source=r.source,
-                    lungs=lungs,
-                    disease=disease,
-                    zones=zones,
-                    scores=scores,
-                    p_disease=float(p),
-                    timings_ms={
-                        "stage1": (t1 - t0) * 1000 * per_image,
-                        "crop": (t2 - t1) * 1000 * per_image,
-                        "stage2": (t3 - t2) * 1000 * per_image,
-                        "scoring": (time.perf_counter() - t_post) * 1000,
-                    },
-                    models=self.model_versions,
-                    identity=self.identity,
-                    sop_instance_uid=r.sop_instance_uid,
-                    study_instance_uid=r.study_instance_uid,
-                )
-            )
-        return results
+        per_image = 1000.0 / len(radiographs)
+        timings = {"stage1": (t1 - t0) * per_image, "crop": (t2 - t1) * per_image, "stage2": (t3 - t2) * per_image}
+        return [
+            self.build_result(r, c.lungs, c.blobs, c.box, seg, float(p), timings)
+            for r, c, seg, p in zip(radiographs, crops, seg_probs, p_disease)
+        ]

@@ -1,0 +1,461 @@
+"""The scoring engine: one process owns the device and runs both networks on batches formed across jobs.
+
+CPU worker processes decode images and prepare Stage I's input
+(:mod:`.engine_jobs`); the engine takes them from any number of jobs, waits
+at most ``inference.max_wait_ms`` for a batch of up to
+``inference.max_batch``, and runs Stage I, the lung post-processing at model
+resolution, the masked crop into Stage II, and Stage II. It returns the lung
+labels at full resolution and Stage II's output at model resolution; the
+workers do the rest (disease mask, zones, SEG/SR). Images and masks travel
+in shared memory (:mod:`.shm`): the pipes carry only block names, shapes,
+boxes and a few numbers.
+
+With ``inference.device: cpu`` the engine runs the very functions of
+:class:`~.pipeline.Pipeline` (same predictors, same OpenCV steps), so its
+outputs equal the in-process pipeline's. On CUDA it keeps the work on the
+device (:mod:`.device_ops`): pinned staging buffers, copies on their own
+stream overlapping Stage I, ``cudnn.benchmark``, bf16 weights, and
+optionally ``torch.compile``.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import threading
+import time
+import traceback
+from collections import Counter
+from concurrent.futures import Future
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+import numpy as np
+
+from ..config import InferenceSettings
+from .shm import Block, open_block, write_block
+
+log = logging.getLogger(__name__)
+
+
+class EngineError(RuntimeError):
+    """The engine could not score an image, or is gone; the job fails with this text and is retried."""
+
+
+@dataclass(frozen=True)
+class EngineOutput:
+    """One image's engine result. The block holds ``labels`` (H, W) uint8 and ``seg`` (S, S) float32."""
+
+    block: Block
+    box: tuple[int, int, int, int]  # top, bottom, left, right of the lung crop in the source image
+    blobs: int  # kept lung components, labelled 1..blobs
+    p_disease: float
+    batch_size: int
+    batch: int  # the engine's batch counter: images of one batch share it
+    seconds: float  # this image's share of its batch's engine time
+
+
+@dataclass(frozen=True)
+class EngineReply:
+    job: int
+    output: EngineOutput | None = None
+    error: str | None = None
+
+
+# --------------------------------------------------------------------------- engine process
+
+
+class HostStages:
+    """Both stages on the CPU with the pipeline's own functions: outputs equal :class:`~.pipeline.Pipeline`'s."""
+
+    def __init__(self, settings: InferenceSettings) -> None:
+        from .predictors import make_predictor
+        from .presets import model_specs
+
+        lung_spec, disease_spec = model_specs(settings)
+        self.settings = settings
+        self.lungs = make_predictor(lung_spec, settings.backend, "cpu", settings.precision)
+        self.disease = make_predictor(disease_spec, settings.backend, "cpu", settings.precision)
+
+    def warm(self, max_batch: int) -> None:
+        """Run both networks once per batch size, so that no job pays a kernel choice for a new shape."""
+        for model in (self.lungs, self.disease):
+            spec = model.spec
+            for n in range(1, max_batch + 1):
+                model(np.zeros((n, spec.in_channels, spec.input_size, spec.input_size), dtype=np.float32))
+
+    def __call__(self, images: list[dict[str, np.ndarray]]) -> list[tuple[dict[str, np.ndarray], tuple[int, ...],
+                                                                           int, float] | Exception]:
+        from .pipeline import lung_crop, model_inputs
+
+        lung_spec, disease_spec = self.lungs.spec, self.disease.spec
+        probs, _ = self.lungs(np.stack([im["stage1"] for im in images]))
+        crops: list[Any] = []
+        for im, prob in zip(images, probs):
+            try:
+                crops.append(lung_crop(im["stage2"], prob, lung_spec.pixel_threshold,
+                                       self.settings.min_lung_blob_fraction, self.settings.crop_margin))
+            except Exception as exc:  # this image only; the others of the batch go on
+                crops.append(exc)
+        good = [c for c in crops if not isinstance(c, Exception)]
+        seg, p = self.disease(model_inputs([c.crop for c in good], disease_spec)) if good else (None, None)
+        if p is None and seg is not None:  # a segmentation-only Stage II model: gate on the mask itself
+            p = np.array([float(s.max()) for s in seg])
+        out: list[Any] = []
+        done = iter(range(len(good)))
+        for crop in crops:
+            if isinstance(crop, Exception):
+                out.append(crop)
+                continue
+            i = next(done)
+            labels = np.zeros(crop.lungs.shape, dtype=np.uint8)
+            for k in range(len(crop.blobs) - 1, -1, -1):
+                labels[crop.blobs[k]] = k + 1
+            box = crop.box
+            assert seg is not None and p is not None
+            out.append(({"labels": labels, "seg": seg[i]}, (box.top, box.bottom, box.left, box.right),
+                        len(crop.blobs), float(p[i])))
+        return out
+
+
+class DeviceStages:
+    """Both stages on a CUDA device; Stage I post-processing and the crop stay on the device.
+
+    Cannot run on the CPU-only machines the tests use; its torch steps are
+    :mod:`.device_ops`, which the tests check against the CPU path.
+    """
+
+    def __init__(self, settings: InferenceSettings, device: Any, compile_models: bool = False) -> None:
+        import torch
+
+        from .models import load_model
+        from .presets import model_specs
+
+        torch.backends.cudnn.benchmark = True  # one kernel search per batch shape
+        self.torch = torch
+        self.settings = settings
+        self.device = device
+        self.dtype = torch.bfloat16 if settings.precision == "bf16" else torch.float32
+        self.lung_spec, self.disease_spec = model_specs(settings)
+        self.models = []
+        for spec in (self.lung_spec, self.disease_spec):
+            model: Any = load_model(spec, device).to(memory_format=torch.channels_last).to(self.dtype).eval()
+            if compile_models:  # CUDA graphs per batch shape; the first batch of each size compiles
+                model = torch.compile(model, mode="max-autotune")
+            self.models.append(model)
+        self.copy_stream = torch.cuda.Stream(device)
+        self.pinned: dict[str, Any] = {}
+
+    def _upload(self, key: str, array: np.ndarray) -> Any:
+        """Stage ``array`` in a reused pinned buffer and copy it on the copy stream (asynchronously)."""
+        torch = self.torch
+        buffer = self.pinned.get(key)
+        if buffer is None or buffer.numel() < array.size:
+            buffer = self.pinned[key] = torch.empty(array.size, dtype=torch.float32, pin_memory=True)
+        host = buffer[: array.size].view(array.shape)
+        host.copy_(torch.from_numpy(np.asarray(array, dtype=np.float32)))
+        with torch.cuda.stream(self.copy_stream):
+            return host.to(self.device, non_blocking=True)
+
+    def _run(self, model: Any, x: Any) -> tuple[Any, Any]:
+        torch = self.torch
+        x = x.to(self.dtype).contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            out = model(x)
+        seg, cls = out if isinstance(out, tuple) else (out, None)
+        probs = torch.sigmoid(seg.float())[:, 0]
+        return probs, (torch.sigmoid(cls.float())[:, 0] if cls is not None else probs.amax(dim=(1, 2)))
+
+    def warm(self, max_batch: int) -> None:
+        """One pass per batch size: cudnn's kernel search (and compilation, when on) before the first job."""
+        torch = self.torch
+        for model, spec in zip(self.models, (self.lung_spec, self.disease_spec)):
+            for n in range(1, max_batch + 1):
+                self._run(model, torch.zeros(n, spec.in_channels, spec.input_size, spec.input_size,
+                                             device=self.device))
+        torch.cuda.synchronize(self.device)
+
+    def __call__(self, images: list[dict[str, np.ndarray]]) -> list[tuple[dict[str, np.ndarray], tuple[int, ...],
+                                                                           int, float] | Exception]:
+        from .device_ops import crop_input, lung_labels
+        from .pipeline import model_blobs
+
+        torch = self.torch
+        compute = torch.cuda.current_stream(self.device)
+        x1 = self._upload("stage1", np.stack([im["stage1"] for im in images]))
+        x1_ready = self.copy_stream.record_event()
+        sources = [self._upload(f"source{i}", im["stage2"]) for i, im in enumerate(images)]
+        compute.wait_event(x1_ready)  # the full-resolution copies go on while Stage I runs
+        probs, _ = self._run(self.models[0], x1)
+        host_probs = probs.cpu().numpy()  # 256 x 256 each: blob cleaning and labelling on the host, sub-ms
+        compute.wait_stream(self.copy_stream)
+        mean, std = self.disease_spec.channel_stats()
+        crops: list[Any] = []
+        for source, prob in zip(sources, host_probs):
+            try:
+                blobs = model_blobs(prob, self.lung_spec.pixel_threshold, self.settings.min_lung_blob_fraction)
+                kept = torch.from_numpy(np.stack(blobs) if blobs else np.zeros((0, *prob.shape), np.float32))
+                labels = lung_labels(kept.to(self.device), tuple(source.shape), self.lung_spec.pixel_threshold)
+                box, x = crop_input(source, labels, self.settings.crop_margin, self.disease_spec.input_size,
+                                    mean, std)
+                crops.append((labels, box, len(blobs), x))
+            except Exception as exc:  # this image only
+                crops.append(exc)
+        good = [c for c in crops if not isinstance(c, Exception)]
+        seg = p = None
+        if good:
+            seg, p = self._run(self.models[1], torch.stack([c[3] for c in good]))
+            seg, p = seg.cpu().numpy(), p.cpu().numpy()
+        out: list[Any] = []
+        done = iter(range(len(good)))
+        for crop in crops:
+            if isinstance(crop, Exception):
+                out.append(crop)
+                continue
+            i = next(done)
+            labels, box, blobs, _ = crop
+            assert seg is not None and p is not None
+            out.append(({"labels": labels.cpu().numpy(), "seg": seg[i]}, (box.top, box.bottom, box.left, box.right),
+                        blobs, float(p[i])))
+        self.copy_stream.synchronize()  # the pinned buffers are free for the next batch
+        return out
+
+
+def make_stages(settings: InferenceSettings, compile_models: bool = False) -> HostStages | DeviceStages:
+    from .predictors import resolve_device
+
+    device = resolve_device(settings.device)
+    if device.type == "cuda" and settings.backend == "torch":
+        return DeviceStages(settings, device, compile_models)
+    return HostStages(settings)
+
+
+def _collect(requests: Connection, max_batch: int, max_wait: float) -> tuple[list[tuple[int, Block]], bool]:
+    """Block for one request, then take more until ``max_batch`` or ``max_wait`` seconds; True: stop after it."""
+    batch: list[tuple[int, Block]] = []
+    first = requests.recv()
+    if first is None:
+        return batch, True
+    batch.append(first)
+    deadline = time.monotonic() + max_wait
+    while len(batch) < max_batch and requests.poll(max(0.0, deadline - time.monotonic())):
+        item = requests.recv()
+        if item is None:
+            return batch, True
+        batch.append(item)
+    return batch, False
+
+
+def _run_batch(stages: HostStages | DeviceStages, batch: list[tuple[int, Block]], number: int) -> list[EngineReply]:
+    t0 = time.perf_counter()
+    replies: dict[int, EngineReply] = {}
+    images: list[dict[str, np.ndarray]] = []
+    jobs: list[int] = []
+    opened = []
+    try:
+        for job, block in batch:
+            try:
+                context = open_block(block)
+                images.append(context.__enter__())
+                opened.append(context)
+                jobs.append(job)
+            except Exception as exc:  # e.g. the block is gone: this job fails, the batch goes on
+                replies[job] = EngineReply(job, error=f"input not readable: {type(exc).__name__}: {exc}")
+        results = stages(images) if images else []
+    finally:
+        for context in opened:
+            context.__exit__(None, None, None)
+    share = (time.perf_counter() - t0) / max(1, len(batch))
+    for job, result in zip(jobs, results):
+        if isinstance(result, Exception):
+            replies[job] = EngineReply(job, error=f"{type(result).__name__}: {result}")
+            continue
+        arrays, box, blobs, p = result
+        output = EngineOutput(write_block(arrays), (box[0], box[1], box[2], box[3]), blobs, p, len(batch), number,
+                              share)
+        replies[job] = EngineReply(job, output=output)
+    return [replies[job] for job, _ in batch]
+
+
+def serve(
+    settings_json: str, requests: Connection, replies: Connection, threads: int, compile_models: bool, warm: bool
+) -> None:
+    """The engine process: load the models (with ``warm``, run each batch size once), say ready, then batch
+    until told to stop or the client goes."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    settings = InferenceSettings.model_validate_json(settings_json)
+    try:
+        stages = make_stages(settings, compile_models)
+        if warm:
+            stages.warm(settings.max_batch)
+    except Exception as exc:
+        replies.send(("failed", f"{type(exc).__name__}: {exc}"))
+        return
+    replies.send(("ready", type(stages).__name__))
+    max_wait = settings.max_wait_ms / 1000.0
+    stop, number = False, 0
+    while not stop:
+        try:
+            batch, stop = _collect(requests, settings.max_batch, max_wait)
+        except (EOFError, OSError):
+            return  # the client is gone
+        if not batch:
+            continue
+        number += 1
+        try:
+            out = _run_batch(stages, batch, number)
+        except Exception as exc:  # a failure of the whole batch (a network error): each job says why
+            text = f"{type(exc).__name__}: {exc}"
+            log.error("engine batch failed: %s", traceback.format_exc())
+            out = [EngineReply(job, error=text) for job, _ in batch]
+        for reply in out:
+            replies.send(reply)
+
+
+# --------------------------------------------------------------------------- client
+
+
+@dataclass
+class _Link:
+    """One engine process, its request pipe, and the jobs it owes."""
+
+    process: multiprocessing.process.BaseProcess
+    requests: Connection
+    pending: dict[int, Future[EngineOutput]]
+
+
+class ScoringEngine:
+    """The client of one engine process: :meth:`submit` a block, get a future of its :class:`EngineOutput`.
+
+    Thread-safe. An engine that dies fails every job in flight with an
+    :class:`EngineError` (no job waits forever); the next :meth:`submit`
+    starts a new one. :attr:`batch_sizes` counts the batches by size.
+    """
+
+    def __init__(self, settings: InferenceSettings, *, threads: int = 0, compile_models: bool = False,
+                 start_timeout: float = 300.0) -> None:
+        self.settings = settings
+        self.threads = threads
+        self.compile_models = compile_models
+        self.start_timeout = start_timeout
+        self.warm_batches = False  # run every batch size once at start (a few seconds; the node's warm-up asks)
+        self.batch_sizes: Counter[int] = Counter()
+        self.stages = ""
+        self._lock = threading.Lock()
+        self._next_job = 0
+        self._last_batch: tuple[int, int] | None = None
+        self._link: _Link | None = None
+        self._closing = False
+
+    @property
+    def pid(self) -> int | None:
+        return self._link.process.pid if self._link is not None else None
+
+    def start(self) -> None:
+        with self._lock:
+            self._ensure_started()
+
+    def _ensure_started(self) -> _Link:
+        if self._link is not None and self._link.process.is_alive():
+            return self._link
+        context = multiprocessing.get_context("spawn")  # no fork of a threaded torch
+        requests_read, requests_write = context.Pipe(duplex=False)
+        replies_read, replies_write = context.Pipe(duplex=False)
+        process = context.Process(
+            target=serve, name="cxrtriage-engine", daemon=True,
+            args=(self.settings.model_dump_json(), requests_read, replies_write, self.threads, self.compile_models,
+                  self.warm_batches),
+        )
+        process.start()
+        requests_read.close()
+        replies_write.close()
+        ready = wait([replies_read, process.sentinel], timeout=self.start_timeout)
+        message = replies_read.recv() if replies_read in ready and replies_read.poll() else None
+        if not (isinstance(message, tuple) and message[0] == "ready"):
+            process.kill()
+            process.join(5)
+            requests_write.close()
+            replies_read.close()
+            why = message[1] if isinstance(message, tuple) else f"exit code {process.exitcode}"
+            raise EngineError(f"scoring engine did not start: {why}")
+        self.stages = message[1]
+        link = self._link = _Link(process, requests_write, {})
+        threading.Thread(target=self._dispatch, args=(link, replies_read), name="engine-replies",
+                         daemon=True).start()
+        return link
+
+    def submit(self, block: Block) -> Future[EngineOutput]:
+        future: Future[EngineOutput] = Future()
+        with self._lock:
+            if self._closing:
+                raise EngineError("scoring engine is closed")
+            link = self._ensure_started()
+            job, self._next_job = self._next_job, self._next_job + 1
+            link.pending[job] = future
+            try:
+                link.requests.send((job, block))
+            except OSError as exc:  # the engine died between the check and the send
+                link.pending.pop(job, None)
+                raise EngineError(f"scoring engine is gone: {exc}") from exc
+        return future
+
+    def _dispatch(self, link: _Link, replies: Connection) -> None:
+        """Resolve futures as replies come; when the process ends, fail what it still owed."""
+        while True:
+            wait([replies, link.process.sentinel])
+            try:
+                if replies.poll():
+                    reply = replies.recv()
+                    if isinstance(reply, EngineReply):
+                        self._resolve(link, reply)
+                    continue
+            except (EOFError, OSError):
+                break  # the engine closed its end: it is exiting
+            if not link.process.is_alive():
+                break
+        link.process.join(5)
+        replies.close()
+        with self._lock:
+            if self._link is link:
+                self._link = None
+            owed = list(link.pending.values())
+            link.pending.clear()
+            link.requests.close()
+        if owed and not self._closing:
+            log.error("scoring engine exited with code %s; %d jobs failed", link.process.exitcode, len(owed))
+        for future in owed:
+            future.set_exception(EngineError(
+                f"scoring engine process exited (code {link.process.exitcode}) before answering; the job is retried"))
+
+    def _resolve(self, link: _Link, reply: EngineReply) -> None:
+        with self._lock:
+            future = link.pending.pop(reply.job, None)
+            output = reply.output
+            if output is not None and (link.process.pid, output.batch) != self._last_batch:
+                self._last_batch = (link.process.pid or 0, output.batch)
+                self.batch_sizes[output.batch_size] += 1
+        if future is None:
+            return
+        if output is not None:
+            future.set_result(output)
+        else:
+            future.set_exception(EngineError(f"scoring engine: {reply.error}"))
+
+    def close(self, timeout: float = 10.0) -> None:
+        with self._lock:
+            self._closing = True
+            link = self._link
+        if link is None:
+            return
+        try:
+            link.requests.send(None)
+        except OSError:
+            pass
+        link.process.join(timeout)
+        if link.process.is_alive():
+            link.process.kill()
+            link.process.join(5)

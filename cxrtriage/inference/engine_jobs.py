@@ -1,0 +1,225 @@
+"""The CPU side of the scoring engine: worker processes decode before it and build SEG/SR after it.
+
+A node's scoring job goes through three steps: :func:`prepare` in a CPU
+worker (read, decode, Stage I input; pixels into shared memory), the
+engine (:mod:`.engine`: both networks, batched across jobs), then
+:func:`finish` in a CPU worker (disease mask at full resolution, zones and
+scores, SEG + SR (+ SC), overlay). :class:`EnginePool` runs them; it is
+what a node's scoring threads call, one blocking call per job.
+
+Both worker steps reuse the pipeline's and :mod:`.instance`'s functions, so
+an image scores the same as through :func:`~.instance.score_instance`.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..config import InferenceSettings
+from .engine import EngineError, EngineOutput, ScoringEngine
+from .instance import InstanceRefused, InstanceScored
+from .parallel import threads_per_worker
+from .shm import Block, open_block, unlink, write_block
+
+if TYPE_CHECKING:
+    from .models import ModelSpec
+    from .pipeline import ResultBuilder
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A decoded image waiting for the engine: its block (see :func:`prepare`) and header facts."""
+
+    block: Block
+    path: Path
+    source: str
+    pixel_spacing_mm: tuple[float, float] | None
+    patient_orientation: list[str] | None
+    image_laterality: str | None
+    sop_instance_uid: str | None
+    study_instance_uid: str | None
+    seconds: float
+
+
+@dataclass
+class _Worker:
+    settings: InferenceSettings
+    lung_spec: ModelSpec
+    disease_spec: ModelSpec
+    build_result: ResultBuilder
+
+
+_worker: _Worker | None = None  # one per worker process: the specs, no models
+
+
+def _start_worker(settings_json: str) -> None:
+    global _worker
+    from .pipeline import ResultBuilder
+    from .presets import model_specs
+
+    settings = InferenceSettings.model_validate_json(settings_json)
+    lung_spec, disease_spec = model_specs(settings)
+    _worker = _Worker(settings, lung_spec, disease_spec, ResultBuilder(settings, lung_spec, disease_spec))
+
+
+def _context() -> _Worker:
+    assert _worker is not None, "engine worker started without its initializer"
+    return _worker
+
+
+def prepare(path: Path, sop_instance_uid: str, keep_pixels: bool = True) -> Prepared | InstanceRefused:
+    """Read and decode ``path`` and prepare Stage I's input, into shared memory; or why it cannot be scored.
+
+    The block holds ``stage1`` (Stage I's input), ``stage2`` (the image Stage II crops) and, with
+    ``keep_pixels`` or when it differs from ``stage2``, ``pixels`` (for the overlay and Secondary Capture).
+    """
+    import pydicom
+
+    from .pipeline import model_inputs, stage_sources
+    from .radiograph import RadiographError, radiograph_from_dataset
+
+    t0 = time.perf_counter()
+    worker = _context()
+    ds = pydicom.dcmread(path)
+    try:
+        r = radiograph_from_dataset(ds, sop_instance_uid)
+    except RadiographError as exc:
+        return InstanceRefused(exc.reason, exc.detail)
+    stage1, stage2 = stage_sources(r.pixels, worker.lung_spec, worker.disease_spec)
+    arrays = {"stage1": model_inputs([stage1], worker.lung_spec)[0], "stage2": stage2}
+    if keep_pixels and stage2 is not r.pixels:
+        arrays["pixels"] = r.pixels
+    block = write_block(arrays)
+    return Prepared(block, path, r.source, r.pixel_spacing_mm, r.patient_orientation, r.image_laterality,
+                    r.sop_instance_uid, r.study_instance_uid, time.perf_counter() - t0)
+
+
+def finish(
+    prepared: Prepared, output: EngineOutput, overlay: Path | None, jpeg2000: bool, secondary_capture: bool
+) -> InstanceScored:
+    """The engine's output -> the full-resolution masks, scores and the encoded SEG + SR (+ SC), overlay written."""
+    import pydicom
+
+    from .instance import encode_result
+    from .preprocess import CropBox
+    from .radiograph import Radiograph
+
+    t0 = time.perf_counter()
+    worker = _context()
+    ds = pydicom.dcmread(prepared.path, defer_size="1 MB")  # the header; pixel data only if something reads it
+    with open_block(prepared.block) as source, open_block(output.block) as engine:
+        labels = engine["labels"]
+        kept = [labels == k + 1 for k in range(output.blobs)]
+        # the Radiograph's pixels give the shape; the overlay and SC (the only readers of the pixels) get the
+        # real ones, which the block holds whenever they are asked for
+        r = Radiograph(source["stage2"], prepared.source, prepared.pixel_spacing_mm, prepared.patient_orientation,
+                       prepared.image_laterality, prepared.sop_instance_uid, prepared.study_instance_uid)
+        timings = {"engine": output.seconds * 1000}
+        result = worker.build_result(r, labels > 0, kept, CropBox(*output.box), engine["seg"].copy(),
+                                     output.p_disease, timings)
+        t1 = time.perf_counter()
+        outcome = encode_result(ds, source.get("pixels", source["stage2"]), result, overlay, jpeg2000=jpeg2000,
+                                secondary_capture=secondary_capture)
+        del r, labels, kept
+    outcome.seconds = {"inference": t1 - t0, "dicom_results": time.perf_counter() - t1}
+    return outcome
+
+
+def _warm(_: int) -> int:
+    time.sleep(0.05)  # long enough that the tasks spread over the workers
+    return os.getpid()
+
+
+class EnginePool:
+    """CPU worker processes around one :class:`~.engine.ScoringEngine`; :meth:`score` is one node job.
+
+    ``workers`` 0 means one per core. Blocks are unlinked here, whatever
+    happens to the job; a worker pool broken by a dead worker is replaced
+    (the jobs in flight fail and are retried), as is a dead engine.
+    """
+
+    def __init__(self, settings: InferenceSettings, workers: int = 0, *, engine_threads: int = 0,
+                 compile_models: bool | None = None) -> None:
+        self.workers = workers or os.cpu_count() or 1
+        self._settings_json = settings.model_dump_json()
+        # The engine is one process among workers + 1: more torch threads than its share of the cores
+        # oversubscribes them, and OpenMP threads that wait at every barrier for a descheduled peer cost
+        # 10x the CPU time (measured: 1.25 vs 0.14 CPU-s an image on 2 busy cores).
+        threads = engine_threads or settings.threads or threads_per_worker(self.workers + 1)
+        compile_models = settings.compile if compile_models is None else compile_models  # inference.compile
+        self.engine = ScoringEngine(settings, threads=threads, compile_models=compile_models)
+        self.executor = self._start()
+
+    def _start(self) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(
+            max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"),
+            initializer=_start_worker, initargs=(self._settings_json,),
+        )
+
+    def _submit(self, fn: Any, *args: Any) -> Future[Any]:
+        try:
+            return self.executor.submit(fn, *args)
+        except BrokenProcessPool:
+            self.executor.shutdown(wait=False, cancel_futures=True)
+            self.executor = self._start()
+            return self.executor.submit(fn, *args)
+
+    def warm_up(self, sample: Path | None = None, timeout: float = 300.0) -> None:
+        """Start the engine (models loaded) and every worker; with ``sample``, also run the networks once per
+        batch size and score ``sample`` end to end, so that no job pays a first call."""
+        self.engine.warm_batches = sample is not None
+        self.engine.start()
+        seen: set[int] = set()
+        deadline = time.monotonic() + timeout
+        while len(seen) < self.workers:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"only {len(seen)} of {self.workers} engine workers started")
+            seen.update(f.result() for f in [self._submit(_warm, i) for i in range(self.workers * 2)])
+        if sample is not None:  # a burst, so that every worker most likely pays its first prepare and finish
+            with ThreadPoolExecutor(2 * self.workers) as threads:
+                list(threads.map(lambda i: self.score(sample, f"warm-up-{i}", None), range(2 * self.workers)))
+
+    def score(
+        self, path: Path, sop_instance_uid: str, overlay: Path | None = None, *, jpeg2000: bool = False,
+        secondary_capture: bool = False,
+    ) -> InstanceScored | InstanceRefused:
+        """Decode in a worker, both networks in the engine, scores and SEG/SR in a worker; blocks the caller."""
+        t0 = time.perf_counter()
+        try:
+            keep_pixels = overlay is not None or secondary_capture
+            prepared = self._submit(prepare, path, sop_instance_uid, keep_pixels).result()
+        except BrokenProcessPool as exc:
+            raise EngineError(f"a scoring worker process died: {exc}") from exc
+        if isinstance(prepared, InstanceRefused):
+            return prepared
+        output: EngineOutput | None = None
+        try:
+            output = self.engine.submit(prepared.block).result()
+            t1 = time.perf_counter()
+            outcome: InstanceScored = self._submit(
+                finish, prepared, output, overlay, jpeg2000, secondary_capture).result()
+        except BrokenProcessPool as exc:
+            raise EngineError(f"a scoring worker process died: {exc}") from exc
+        finally:
+            unlink(prepared.block)
+            unlink(output.block if output is not None else None)
+        # the wait for the engine (batching, both networks) counts as inference, as in score_instance
+        outcome.seconds["inference"] = outcome.seconds.get("inference", 0.0) + (t1 - t0)
+        return outcome
+
+    def close(self) -> None:
+        self.engine.close()
+        self.executor.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> EnginePool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

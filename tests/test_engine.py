@@ -1,0 +1,230 @@
+"""The scoring engine's CPU dry run: batches formed across jobs, a shared-memory hand-off, the pipeline's scores.
+
+One engine process (``device: cpu``) with two CPU workers serves the whole
+module; the last test kills it and checks that a job then fails with the
+reason instead of hanging, and that the next job starts a new engine.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import fields, is_dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import torch
+
+from cxrtriage.config import InferenceSettings
+from cxrtriage.inference import engine_jobs
+from cxrtriage.inference.device_ops import crop_input, lung_labels
+from cxrtriage.inference.engine import EngineError, EngineOutput
+from cxrtriage.inference.engine_jobs import EnginePool, Prepared
+from cxrtriage.inference.instance import InstanceRefused, InstanceScored, score_instance
+from cxrtriage.inference.phantom import PhantomGenerator, write_cr
+from cxrtriage.inference.pipeline import Pipeline, lung_crop, model_blobs, model_inputs, stage_sources
+from cxrtriage.inference.radiograph import load_dicom
+from cxrtriage.inference.shm import Block, open_block, unlink, write_block
+from cxrtriage.stages.engine_scorer import EngineScorer
+
+SEED = 2_300_000
+SETTINGS = InferenceSettings(max_batch=8, max_wait_ms=1500)  # a long wait: jobs of one burst share a batch
+
+
+@pytest.fixture(scope="module")
+def crs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Three phantom CRs of different sizes and findings."""
+    folder = tmp_path_factory.mktemp("engine-crs")
+    zones = ((0, 3), (), (1, 2, 4, 5))
+    return [write_cr(PhantomGenerator(900 + 40 * i, 760 + 30 * i)(SEED + i, affected_zones=zones[i]),
+                     folder / f"cr{i}.dcm") for i in range(3)]
+
+
+@pytest.fixture(scope="module")
+def lateral(crs: list[Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    ds = pydicom.dcmread(crs[0])
+    ds.ViewPosition = "LL"
+    path = tmp_path_factory.mktemp("engine-bad") / "lateral.dcm"
+    ds.save_as(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(crs: list[Path], pipeline: Pipeline) -> list[InstanceScored | InstanceRefused]:
+    """What the pool's workers (and LocalScorer) compute: score_instance on the whole in-process pipeline."""
+    return [score_instance(pipeline, path, f"uid-{i}") for i, path in enumerate(crs)]
+
+
+@pytest.fixture(scope="module")
+def pool() -> Iterator[EnginePool]:
+    with EnginePool(SETTINGS, workers=2) as engine_pool:
+        engine_pool.warm_up()
+        yield engine_pool
+
+
+@pytest.fixture(scope="module")
+def worker_here() -> None:
+    """This process as an engine CPU worker (specs loaded, no models), to call prepare() directly."""
+    engine_jobs._start_worker(SETTINGS.model_dump_json())
+
+
+def _segments() -> set[str]:
+    return {name for name in os.listdir("/dev/shm") if name.startswith("psm_")}
+
+
+def _arrays_inside(value: object) -> list[str]:
+    """Names of numpy arrays anywhere in a message (dataclasses, tuples, lists, dicts)."""
+    if isinstance(value, np.ndarray):
+        return [f"ndarray{value.shape}"]
+    if is_dataclass(value) and not isinstance(value, type):
+        return [a for f in fields(value) for a in _arrays_inside(getattr(value, f.name))]
+    if isinstance(value, (tuple, list)):
+        return [a for v in value for a in _arrays_inside(v)]
+    if isinstance(value, dict):
+        return [a for v in value.values() for a in _arrays_inside(v)]
+    return []
+
+
+def test_device_ops_give_the_cpu_pipelines_masks_box_and_stage2_input(crs: list[Path], pipeline: Pipeline) -> None:
+    """The torch post-processing the engine runs on a GPU, checked here on CPU tensors against the OpenCV path."""
+    lung_spec, disease_spec = pipeline.lungs_model.spec, pipeline.disease_model.spec
+    settings = pipeline.settings
+    for path in crs[:1]:
+        r = load_dicom(path)
+        stage1, stage2 = stage_sources(r.pixels, lung_spec, disease_spec)
+        prob = pipeline.lungs_model(model_inputs([stage1], lung_spec))[0][0]
+        expected = lung_crop(stage2, prob, lung_spec.pixel_threshold, settings.min_lung_blob_fraction,
+                             settings.crop_margin)
+        blobs = model_blobs(prob, lung_spec.pixel_threshold, settings.min_lung_blob_fraction)
+        labels = lung_labels(torch.from_numpy(np.stack(blobs)), r.shape, lung_spec.pixel_threshold)
+        for k, blob in enumerate(expected.blobs):
+            assert np.count_nonzero((labels.numpy() == k + 1) != blob) <= 1e-4 * blob.size
+        box, x = crop_input(torch.from_numpy(stage2), labels, settings.crop_margin, disease_spec.input_size,
+                            *disease_spec.channel_stats())
+        assert box == expected.box
+        want = model_inputs([expected.crop], disease_spec)[0]
+        assert x.shape == want.shape
+        np.testing.assert_allclose(x.numpy(), want, atol=2e-3)
+
+
+def test_a_block_travels_by_name_and_is_freed() -> None:
+    arrays: dict[str, np.ndarray] = {"pixels": np.random.default_rng(1).random((300, 200), dtype=np.float32),
+              "labels": np.arange(12, dtype=np.uint8).reshape(3, 4)}
+    block = write_block(arrays)
+    try:
+        assert len(pickle.dumps(block)) < 500 and not _arrays_inside(block)
+        with open_block(block) as views:
+            for key, array in arrays.items():
+                np.testing.assert_array_equal(views[key], array)
+    finally:
+        unlink(block)
+    assert block.name.lstrip("/") not in _segments()
+    unlink(block)  # a second unlink is harmless
+
+
+def test_jobs_submitted_together_share_a_batch_and_score_like_the_pipeline(
+    pool: EnginePool, crs: list[Path], lateral: Path, reference: list[InstanceScored | InstanceRefused]
+) -> None:
+    scorer = EngineScorer(SETTINGS, pool=pool)
+    before_batches, before_segments = pool.engine.batch_sizes.copy(), _segments()
+    jobs = [*crs, lateral]
+    with ThreadPoolExecutor(len(jobs)) as threads:
+        outcomes = list(threads.map(lambda i: scorer(jobs[i], f"uid-{i}", None), range(len(jobs))))
+    sizes = pool.engine.batch_sizes - before_batches
+    assert max(sizes) > 1, f"no batch formed across jobs: {dict(sizes)}"
+    assert sum(size * count for size, count in sizes.items()) == len(crs)  # the lateral never reached the engine
+
+    refused = outcomes[-1]
+    assert isinstance(refused, InstanceRefused) and refused.reason == "lateral_view"
+    for got, want in zip(outcomes[:-1], reference):
+        assert isinstance(got, InstanceScored) and isinstance(want, InstanceScored)
+        assert (got.total, got.brixia_total) == (want.total, want.brixia_total)
+        assert got.details["zones"] == want.details["zones"]
+        assert got.p_disease == pytest.approx(want.p_disease, abs=1e-3)
+        assert got.seg.sop_instance_uid == want.seg.sop_instance_uid  # same source, same models: same UIDs
+        assert got.seconds["inference"] > 0 and got.seconds["dicom_results"] > 0
+    assert [o.total for o in outcomes[:-1]] == [2, 0, 4]  # type: ignore[union-attr]
+    assert _segments() <= before_segments  # every block of these jobs was unlinked
+
+
+def test_the_hand_off_messages_carry_names_not_pixels(
+    pool: EnginePool, crs: list[Path], worker_here: None
+) -> None:
+    prepared = [engine_jobs.prepare(path, f"uid-{i}") for i, path in enumerate(crs)]
+    assert all(isinstance(p, Prepared) for p in prepared)
+    blocks = [p.block for p in prepared if isinstance(p, Prepared)]
+    gone = Block("psm_cxrtriage_gone", blocks[0].slots)  # its segment does not exist: this job alone fails
+    futures = [pool.engine.submit(b) for b in [blocks[0], gone, *blocks[1:]]]
+    outputs: list[EngineOutput] = []
+    try:
+        with pytest.raises(EngineError, match="input not readable"):
+            futures[1].result(timeout=120)
+        outputs = [f.result(timeout=120) for f in (futures[0], *futures[2:])]
+        for message in [*((0, b) for b in blocks), *outputs, *prepared]:
+            assert not _arrays_inside(message)
+            assert len(pickle.dumps(message)) < 2000
+        assert {o.batch_size for o in outputs} == {4}  # the bad input was in the batch; the others scored
+        with open_block(outputs[0].block) as arrays:
+            assert arrays["labels"].shape == pydicom.dcmread(crs[0]).pixel_array.shape
+            assert set(np.unique(arrays["labels"])) <= set(range(outputs[0].blobs + 1))
+            assert arrays["seg"].shape == (256, 256)
+    finally:
+        for block in [*blocks, *(o.block for o in outputs)]:
+            unlink(block)
+
+
+def test_a_dead_engine_fails_its_jobs_with_the_reason_and_the_next_job_restarts_it(
+    pool: EnginePool, crs: list[Path], worker_here: None
+) -> None:
+    prepared = engine_jobs.prepare(crs[1], "uid-1")
+    assert isinstance(prepared, Prepared)
+    pid = pool.engine.pid
+    assert pid is not None
+    try:
+        os.kill(pid, signal.SIGSTOP)  # the job surely reaches a live engine that has not answered yet
+        future = pool.engine.submit(prepared.block)
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(EngineError, match=r"exited \(code -9\)"):
+            future.result(timeout=30)
+        output = pool.engine.submit(prepared.block).result(timeout=120)
+        assert pool.engine.pid not in (None, pid)
+        unlink(output.block)
+    finally:
+        unlink(prepared.block)
+
+
+def test_a_node_scores_through_the_engine(crs: list[Path], tmp_path: Path) -> None:
+    """workers.scoring_engine wires the engine into the node: images received over DICOM are scored once each."""
+    from sqlalchemy import select
+
+    from cxrtriage.storage.models import ScoreResult
+
+    from .harness import NodeProcess, wait_for
+    from .test_node import dcmtk
+
+    node = NodeProcess(tmp_path / "node", f"sqlite:///{tmp_path / 'node.db'}",
+                       workers={"scoring_engine": True, "scoring_processes": 1}, web={"enabled": False},
+                       inference={"max_batch": 4, "max_wait_ms": 200}).start()
+    db = node.db()
+    try:
+        sent = dcmtk("storescu", "-aet", "MODALITY", "-aec", "CXRTRIAGE", "127.0.0.1", str(node.port),
+                     *map(str, crs))
+        assert sent.returncode == 0, sent.stderr
+
+        def results() -> list[tuple[str, bool]] | None:
+            with db.session() as session:
+                rows = [(r.status, bool(r.seg_instance_id and r.sr_instance_id))
+                        for r in session.scalars(select(ScoreResult))]
+            return rows if len(rows) == len(crs) else None
+
+        rows = wait_for(results, 240, "the engine to score every image")
+        assert rows == [("scored", True)] * len(crs)  # each with its SEG and SR archived
+        assert "scoring ready" in node.log
+    finally:
+        node.stop()
+        db.dispose()
