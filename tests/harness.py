@@ -3,6 +3,7 @@ clients the tests talk to them with (raw C-STORE, UPS C-FIND, the REST API)."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import io
 import json
@@ -15,8 +16,9 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 from pydicom.filereader import read_file_meta_info
@@ -94,7 +96,7 @@ class NodeProcess:
         path = self.workdir / "node.log"
         return path.read_text() if path.exists() else ""
 
-    def start(self, timeout: float = 120) -> "NodeProcess":
+    def start(self, timeout: float = 120) -> NodeProcess:
         self.log_offset = len(self.log)  # the log file is shared with earlier runs in the same folder
         argv = in_netns(self.netns, [sys.executable, "-m", "cxrtriage", "serve", "-c", str(self.config_path)])
         out = open(self.workdir / "stdout.log", "ab")
@@ -149,7 +151,7 @@ class StoreSCP:
         folder.mkdir(parents=True, exist_ok=True)
         self.process: subprocess.Popen | None = None
 
-    def start(self) -> "StoreSCP":
+    def start(self) -> StoreSCP:
         exe = require("storescp", "dcmtk")
         argv = in_netns(self.netns, [exe, "-aet", self.ae_title, "-od", str(self.folder), "+B", str(self.port)])
         self.log = open(self.folder.parent / f"storescp-{self.port}.log", "ab")
@@ -183,7 +185,7 @@ class RecordingSCP:
         self.received: list[tuple[str, bytes]] = []
         self.server: Any = None
 
-    def start(self) -> "RecordingSCP":
+    def start(self) -> RecordingSCP:
         from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
         from pynetdicom.sop_class import Comprehensive3DSRStorage, SegmentationStorage  # type: ignore[attr-defined]
 
@@ -379,3 +381,43 @@ def cli(*args: str) -> tuple[int, str]:
 
     result = CliRunner().invoke(app, list(args), env={"COLUMNS": "200"})
     return result.exit_code, result.output
+
+
+def overdue_critical_studies(db: Any, first: int, count: int) -> list[str]:
+    """Scored, unread studies of the critical band received two hours ago (past any deadline)."""
+    from cxrtriage.triage.study_rank import refresh_study
+
+    uids = []
+    with db.session() as session:
+        for k in range(first, first + count):
+            study = f"1.2.826.0.1.3680043.10.995.{k}"
+            row = Instance(sop_instance_uid=f"{study}.1", sop_class_uid="1.2.840.10008.5.1.4.1.1.1",
+                           transfer_syntax_uid="1.2.840.10008.1.2.1", study_instance_uid=study,
+                           series_instance_uid=f"{study}.2", path="x.dcm", sha256=f"{k:064x}", size=1,
+                           modality="CR", kind="source", received_at=dt.datetime.now(dt.UTC) - dt.timedelta(hours=2))
+            session.add(row)
+            session.flush()
+            session.add(ScoreResult(instance_id=row.id, study_instance_uid=study, status="scored", total_score=6,
+                                    brixia_total=18, p_disease=0.99, zones_scored=6))
+            session.flush()
+            refresh_study(session, study)
+            uids.append(study)
+    return uids
+
+
+@contextlib.contextmanager
+def private_netns(prefix: str = "cxrt") -> Iterator[str]:
+    """A network namespace with loopback only (Orthanc listens on all interfaces: it runs in here)."""
+    import uuid
+
+    import pytest
+
+    if not netns_available():
+        pytest.skip("network namespaces need root and iproute2 (ip netns)")
+    name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    subprocess.run(["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"], check=True)
+    try:
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)

@@ -12,9 +12,10 @@ from sqlalchemy import select
 from cxrtriage.config import Settings
 from cxrtriage.storage.cluster import LIVE_SECONDS, SCHEDULER_LEASE, acquire, heartbeat, holder_of, live_nodes, release
 from cxrtriage.storage.db import Database
-from cxrtriage.storage.models import Instance, Reading, ScoreResult
+from cxrtriage.storage.models import Reading
 from cxrtriage.triage import jobs
-from cxrtriage.triage.study_rank import refresh_study
+
+from .harness import overdue_critical_studies
 
 T0 = dt.datetime(2026, 11, 26, 12, 0, tzinfo=dt.UTC)
 
@@ -102,19 +103,7 @@ def test_every_node_lists_the_live_nodes_in_its_metrics(db: Database, tmp_path: 
 
 def test_only_the_leader_runs_the_periodic_jobs(db: Database, database_url: str, tmp_path: Path) -> None:
     """Three nodes' scheduler jobs on one database: one escalation per study, by the lease's holder."""
-    with db.session() as session:
-        for k in range(3):
-            study = f"1.2.826.0.1.3680043.10.996.{k}"
-            row = Instance(sop_instance_uid=f"{study}.1", sop_class_uid="1.2.840.10008.5.1.4.1.1.1",
-                           transfer_syntax_uid="1.2.840.10008.1.2.1", study_instance_uid=study,
-                           series_instance_uid=f"{study}.2", path="x.dcm", sha256=f"{k:064x}", size=1,
-                           modality="CR", received_at=dt.datetime.now(dt.UTC) - dt.timedelta(hours=2))
-            session.add(row)
-            session.flush()
-            session.add(ScoreResult(instance_id=row.id, study_instance_uid=study, status="scored", total_score=6,
-                                    brixia_total=18, p_disease=0.99, zones_scored=6))
-            session.flush()
-            refresh_study(session, study)
+    overdue_critical_studies(db, 0, 3)
     settings = Settings.model_validate({"storage": {"database_url": database_url,
                                                     "archive_dir": str(tmp_path / "archive")}})
     fired = []

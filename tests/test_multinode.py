@@ -23,7 +23,7 @@ from sqlalchemy import func, select
 from cxrtriage.storage.db import Database
 from cxrtriage.storage.models import Instance, Job, Lease, ScoreResult, as_utc
 
-from .harness import StoreSCP, wait_for
+from .harness import StoreSCP, overdue_critical_studies, private_netns, wait_for
 from .multinode import HAProxy, PrivatePostgres, node, phantoms, sop_uid, storescu
 
 pytestmark = pytest.mark.slow
@@ -194,28 +194,6 @@ class Webhook(BaseHTTPRequestHandler):
         pass
 
 
-def overdue_critical_studies(db: Database, first: int, count: int) -> list[str]:
-    """Scored, unread studies of the critical band received two hours ago (past any deadline)."""
-    from cxrtriage.triage.study_rank import refresh_study
-
-    uids = []
-    with db.session() as session:
-        for k in range(first, first + count):
-            study = f"1.2.826.0.1.3680043.10.995.{k}"
-            row = Instance(sop_instance_uid=f"{study}.1", sop_class_uid="1.2.840.10008.5.1.4.1.1.1",
-                           transfer_syntax_uid="1.2.840.10008.1.2.1", study_instance_uid=study,
-                           series_instance_uid=f"{study}.2", path="x.dcm", sha256=f"{k:064x}", size=1,
-                           modality="CR", kind="source", received_at=dt.datetime.now(dt.UTC) - dt.timedelta(hours=2))
-            session.add(row)
-            session.flush()
-            session.add(ScoreResult(instance_id=row.id, study_instance_uid=study, status="scored", total_score=6,
-                                    brixia_total=18, p_disease=0.99, zones_scored=6))
-            session.flush()
-            refresh_study(session, study)
-            uids.append(study)
-    return uids
-
-
 def test_three_schedulers_escalate_once_and_hand_over_when_the_leader_is_killed(
         tmp_path: Path, pg: PrivatePostgres) -> None:
     from cxrtriage.storage.cluster import SCHEDULER_LEASE
@@ -318,20 +296,8 @@ SCORE_LEASE = 8.0  # seconds; far above one image's scoring time, short enough t
 @pytest.fixture
 def netns() -> Iterator[str]:
     """A network namespace with loopback only, for Orthanc and the nodes that send to it."""
-    import subprocess
-    import uuid
-
-    from .harness import netns_available
-
-    if not netns_available():
-        pytest.skip("network namespaces need root and iproute2 (ip netns)")
-    name = f"cxrt-mn-{uuid.uuid4().hex[:8]}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    subprocess.run(["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"], check=True)
-    try:
+    with private_netns("cxrt-mn") as name:
         yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
 
 
 def orthanc_counts(netns: str) -> dict[str, int]:

@@ -16,7 +16,6 @@ import shutil
 import sqlite3
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import pytest
 
 from cxrtriage.inference.phantom import PhantomGenerator, write_cr
 
-from .harness import NodeProcess, netns_available, port_open, wait_for
+from .harness import NodeProcess, port_open, private_netns, wait_for
 from .tools import require
 
 pytestmark = pytest.mark.slow
@@ -53,15 +52,8 @@ def rest(netns: str, method: str, path: str, body: bytes | dict | None = None) -
 
 @pytest.fixture(scope="module")
 def netns() -> Iterator[str]:
-    if not netns_available():
-        pytest.skip("network namespaces need root and iproute2 (ip netns)")
-    name = f"cxrt-{uuid.uuid4().hex[:8]}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    subprocess.run(["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"], check=True)
-    try:
+    with private_netns() as name:
         yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
 
 
 class Orthanc:
