@@ -74,6 +74,23 @@ def plot_reliability(rows: list[dict[str, float]], path: Path, title: str) -> bo
     return True
 
 
+def overshoot(predicted: np.ndarray, truth: np.ndarray) -> float:
+    """How far the predicted lung runs below the true lung base, as a share of the true lung's height.
+
+    Per side (the image left half holds the patient's right lung); the worse side counts. 0 when the
+    prediction stops at or above the domes: the failure seen on a real film (lung drawn over the
+    gastric bubble) shows here as a large value.
+    """
+    w = truth.shape[1]
+    worst = 0.0
+    for half in (slice(0, w // 2), slice(w // 2, w)):
+        t_rows = np.flatnonzero(truth[:, half].any(axis=1))
+        p_rows = np.flatnonzero(predicted[:, half].any(axis=1))
+        if t_rows.size and p_rows.size:
+            worst = max(worst, (p_rows[-1] - t_rows[-1]) / max(1, t_rows[-1] - t_rows[0]))
+    return float(worst)
+
+
 def evaluate(pipeline: Pipeline, volume_path: Path, images: int, normals: int) -> dict:
     rows, probs, labels = [], [], []
     elapsed = 0.0
@@ -85,7 +102,7 @@ def evaluate(pipeline: Pipeline, volume_path: Path, images: int, normals: int) -
         truth = drr.truth(pipeline.scoring)
         rows.append({
             "seed": seed, "view": drr.view, "lesion": drr.lesion,
-            "lung_dice": dice(result.lungs, drr.lungs),
+            "lung_dice": dice(result.lungs, drr.lungs), "overshoot": overshoot(result.lungs, drr.lungs),
             "opacity_dice": dice(result.disease, drr.disease) if drr.has_disease else None,
             "false_opacity": float(result.disease.sum() / max(1, result.lungs.sum())) if not drr.has_disease else None,
             "score": result.scores.total, "truth": truth.total,
@@ -101,6 +118,8 @@ def evaluate(pipeline: Pipeline, volume_path: Path, images: int, normals: int) -
     summary = {
         "images": images, "diseased": int(labels_a.sum()),
         "lung_dice": float(lung.mean()), "lung_dice_min": float(lung.min()),
+        "overshoot_mean": float(np.mean([r["overshoot"] for r in rows])),
+        "overshoot_over_5pct": float(np.mean([r["overshoot"] > 0.05 for r in rows])),
         "opacity_dice": float(np.mean(opacity)) if opacity else float("nan"),
         "score_mae": float(err.mean()), "score_exact": float((err == 0).mean()),
         "zone_accuracy": float(sum(r["zone_hits"] for r in rows) / (6 * images)),
@@ -151,6 +170,8 @@ def main() -> None:
     print(f"held-out DRRs of the shipped CT: {s['images']} ({s['diseased']} with opacity)")
     print("| metric | value |\n|---|---|")
     for key, label in (("lung_dice", "lung Dice (mean)"), ("lung_dice_min", "lung Dice (worst)"),
+                       ("overshoot_mean", "lung below the true base (share of lung height, mean)"),
+                       ("overshoot_over_5pct", "images with lung > 5 % below the true base"),
                        ("opacity_dice", "opacity Dice (diseased)"), ("score_mae", "0-6 score MAE"),
                        ("score_exact", "0-6 score exact"), ("zone_accuracy", "zone accuracy"),
                        ("auc", "P(disease) ROC AUC"), ("seconds_per_image", "s / image")):

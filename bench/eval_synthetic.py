@@ -1,6 +1,6 @@
 """Held-out quality of the configured models on synthetic radiographs.
 
-    python bench/eval_synthetic.py [--images 200] [--config config.yaml]
+    python bench/eval_synthetic.py [--images 200] [--config config.yaml] [--lungs W] [--disease W]
 
 Prints lung Dice, 0-6 score MAE, P(disease) ROC AUC and more; the numbers
 in docs/model-card.md come from this script.
@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from cxrtriage.config import load_settings
+from cxrtriage.config import InferenceSettings, load_settings
 from cxrtriage.inference.pipeline import Pipeline
 from cxrtriage.inference.training.evaluation import evaluate_synthetic
 
@@ -20,8 +20,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--config", default=None)
+    parser.add_argument("--lungs", default=None, help="Stage I weights instead of the configured ones")
+    parser.add_argument("--disease", default=None, help="Stage II weights instead of the configured ones")
     args = parser.parse_args()
-    pipeline = Pipeline(load_settings(args.config).inference)
+    settings: InferenceSettings = load_settings(args.config).inference
+    update = {k: {"weights": w} for k, w in (("lungs", args.lungs), ("disease", args.disease)) if w}
+    if update:  # candidate weights, e.g. a training run's, scored before they are bundled
+        settings = InferenceSettings(**{**settings.model_dump(exclude_unset=True), **update})
+    pipeline = Pipeline(settings)
     result = evaluate_synthetic(pipeline, args.images)
     print(json.dumps({"models": pipeline.model_versions, **result.as_dict()}, indent=2))
     print(

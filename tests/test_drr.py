@@ -16,8 +16,22 @@ import pytest
 nib = pytest.importorskip("nibabel")
 
 from cxrtriage.inference.models import read_spec  # noqa: E402
-from cxrtriage.inference.training.ct import CTVolume, load_ct, shipped_ct_dir  # noqa: E402
-from cxrtriage.inference.training.drr import DRR, render, split_lungs  # noqa: E402
+from cxrtriage.inference.training.ct import (  # noqa: E402
+    ORGAN_ABDOMEN,
+    ORGAN_COLON,
+    ORGAN_STOMACH,
+    CTVolume,
+    load_ct,
+    shipped_ct_dir,
+)
+from cxrtriage.inference.training.drr import (  # noqa: E402
+    DRR,
+    add_gas,
+    below_domes,
+    fundus_bubble,
+    render,
+    split_lungs,
+)
 from cxrtriage.inference.training.lesions import insert_lesions  # noqa: E402
 from cxrtriage.inference.training.trainer import TrainConfig  # noqa: E402
 
@@ -95,7 +109,8 @@ def test_lung_masks_on_the_correct_sides(renders: list[DRR]) -> None:
         assert _centroid_column(drr.right_lung) < w / 2 < _centroid_column(drr.left_lung)
         # Lungs are darker than the mediastinum between them (MONOCHROME2: air dark, tissue bright).
         rows = np.flatnonzero(drr.lungs.any(axis=1))
-        gap = drr.image[rows[0] : rows[-1], int(np.nonzero(drr.right_lung)[1].max()) + 2 : int(np.nonzero(drr.left_lung)[1].min()) - 1]
+        between = slice(int(np.nonzero(drr.right_lung)[1].max()) + 2, int(np.nonzero(drr.left_lung)[1].min()) - 1)
+        gap = drr.image[rows[0] : rows[-1], between]
         assert drr.image[drr.lungs].mean() < gap.mean()
     assert {d.view for d in renders} == {"PA", "AP"}
 
@@ -115,6 +130,115 @@ def test_lesions_inside_lungs_and_label_matches_mask(renders: list[DRR], volume:
     assert lesions.membership[~(right | left)].max() == 0.0
     inside = lesions.membership > 0.5
     assert (lesions.hu[inside] > volume.hu[inside] + 100).mean() > 0.9
+
+
+def _lowest_lung(mask: np.ndarray) -> np.ndarray:
+    """Per (x, y) column the lowest lung voxel's z (axis 2 runs superior), or the grid height."""
+    return np.where(mask.any(axis=2), np.argmax(mask, axis=2), mask.shape[2])
+
+
+def test_fundus_bubble_sits_under_the_left_dome(volume: CTVolume) -> None:
+    """Gas below the left hemidiaphragm, never in the lung: a standing film's gastric bubble."""
+    right, left = split_lungs(volume)
+    lowest = _lowest_lung(left)
+    found = 0
+    for seed in range(8):
+        bubble = fundus_bubble(np.random.default_rng(seed), left, volume.spacing_mm)
+        if not bubble.any():
+            continue
+        found += 1
+        assert not (bubble & (right | left)).any()
+        x, y, z = np.nonzero(bubble)
+        assert (z < lowest[x, y]).all()  # under the dome of its own column
+        assert x.mean() > np.nonzero(right)[0].mean()  # on the patient's left
+        # Right under the dome: the bubble's roof is within 15 mm of the lung above it.
+        roof = np.zeros(bubble.shape[:2], dtype=int)
+        np.maximum.at(roof, (x, y), z)
+        cols = bubble.any(axis=2)
+        assert ((lowest[cols] - roof[cols]) * volume.spacing_mm <= 15.0).mean() > 0.5
+    assert found >= 6
+
+
+def _with_organs(volume: CTVolume) -> CTVolume:
+    """The synthetic CT with a stomach under the left lung, a colon below it and a liver under the right."""
+    nx, ny, nz = volume.shape
+    x, y, z = np.meshgrid(*[np.arange(n) for n in volume.shape], indexing="ij")
+    right, left = split_lungs(volume)
+    base = int(np.flatnonzero(volume.lungs.any(axis=(0, 1)))[0])
+    organs = np.zeros(volume.shape, dtype=np.uint8)
+    body = volume.hu > -500
+    cx_left, cx_right = np.nonzero(left)[0].mean(), np.nonzero(right)[0].mean()
+    organs[body & (z < base + 2) & (x < nx / 2)] = ORGAN_ABDOMEN
+    stomach = ((x - cx_left) / 8) ** 2 + ((y - ny / 2) / 8) ** 2 + ((z - base + 4) / 6) ** 2 <= 1
+    organs[stomach & ~volume.lungs] = ORGAN_STOMACH
+    organs[body & (z < base - 12) & (x >= nx / 2) & (np.abs(y - ny / 2) < 10)] = ORGAN_COLON
+    assert cx_right < nx / 2 < cx_left
+    return CTVolume(volume.hu.copy(), volume.lungs, volume.spacing_mm, volume.name + "+organs", organs)
+
+
+def test_gas_pockets_in_stomach_and_colon(volume: CTVolume) -> None:
+    organ_volume = _with_organs(volume)
+    right, left = split_lungs(organ_volume)
+    organs = organ_volume.organs
+    assert organs is not None
+    stomach = organs == ORGAN_STOMACH
+    seen_erect = seen_supine = False
+    for seed in range(12):
+        params: dict = {"view": "PA" if seed % 2 else "AP"}
+        hu, abdomen = add_gas(np.random.default_rng(seed), organ_volume.hu, left, organs, volume.spacing_mm, params)
+        new_gas = (hu < -900) & (organ_volume.hu > -900)
+        assert not (new_gas & (right | left)).any()
+        assert (abdomen >= (organs > 0)).all() and (abdomen >= new_gas).all()
+        in_stomach = new_gas & stomach
+        if in_stomach.sum() > 5:
+            z = np.nonzero(stomach)[2]
+            if params["erect"]:  # an air-fluid level: the gas sits at the stomach's top
+                seen_erect = True
+                assert np.nonzero(in_stomach)[2].min() >= np.quantile(z, 0.3)
+            else:  # supine: gas rises anteriorly (axis 1 runs anterior)
+                seen_supine = True
+                assert np.nonzero(in_stomach)[1].mean() > np.nonzero(stomach)[1].mean()
+    assert seen_erect and seen_supine
+
+
+def test_no_lung_field_below_the_domes() -> None:
+    abdomen_mm = np.zeros((6, 3))
+    abdomen_mm[3, 0], abdomen_mm[5, 0] = 20.0, 20.0  # column 0: dome at row 3
+    abdomen_mm[4, 1] = 5.0  # column 1: too thin to be the abdomen
+    abdomen_mm[1, 2], abdomen_mm[2, 2] = 9.0, 0.0  # column 2: dome at row 1, gas pocket below still counts
+    under = below_domes(abdomen_mm, 8.0)
+    np.testing.assert_array_equal(under[:, 0], [0, 0, 0, 1, 1, 1])
+    assert not under[:, 1].any()
+    np.testing.assert_array_equal(under[:, 2], [0, 1, 1, 1, 1, 1])
+
+
+def test_rendered_lungs_stop_above_the_abdomen(volume: CTVolume) -> None:
+    """A labelled abdomen only takes lung-field pixels away, and those it takes lie low in the chest."""
+    organ_volume = _with_organs(volume)
+    sides = split_lungs(organ_volume)
+    removed = 0
+    for seed in range(3):
+        plain, drr = render(volume, seed, sides=sides), render(organ_volume, seed, sides=sides)
+        # Gas has its own random stream: the view, deformation and lesions are the same.
+        assert drr.image.shape == plain.image.shape and drr.params["sid"] == plain.params["sid"]
+        assert drr.right_lung.sum() > 300 and drr.left_lung.sum() > 300
+        assert (drr.lungs & ~plain.lungs).sum() <= 0.005 * drr.lungs.sum()
+        lost = plain.lungs & ~drr.lungs
+        removed += int(lost.sum())
+        if lost.any():  # cut at the bases, never at the apices
+            rows = np.flatnonzero(plain.lungs.any(axis=1))
+            assert np.nonzero(lost)[0].min() > rows[0] + 0.5 * (rows[-1] - rows[0])
+        assert not (drr.disease & ~drr.lungs).any()
+    assert removed > 0
+
+
+def test_organs_are_read_only_from_totalsegmentator_maps(volume: CTVolume, tmp_path: Path) -> None:
+    """Another label map's ids may mean other things: no gas is drawn from them."""
+    assert volume.organs is None  # the synthetic map uses two lobe ids only
+    organ_volume = _with_organs(volume)
+    again = CTVolume.load(organ_volume.save(tmp_path / "v.npz"))
+    assert again.organs is not None and np.array_equal(again.organs, organ_volume.organs)
+    assert again.digest() != CTVolume.load(volume.save(tmp_path / "w.npz")).digest()
 
 
 def test_same_seed_same_radiograph(volume: CTVolume, renders: list[DRR]) -> None:

@@ -32,6 +32,13 @@ if TYPE_CHECKING:  # nibabel is the optional [train] extra, imported where a vol
 
 #: TotalSegmentator's lung lobes: upper/lower left, upper/middle/lower right.
 TOTALSEGMENTATOR_LUNGS: tuple[int, ...] = (10, 11, 12, 13, 14)
+#: TotalSegmentator's abdominal organs below the diaphragm (spleen, kidneys, gallbladder,
+#: liver, stomach, pancreas, adrenals, small bowel, duodenum, colon) and the two that hold gas.
+TOTALSEGMENTATOR_ABDOMEN: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8, 9, 18, 19, 20)
+TOTALSEGMENTATOR_STOMACH: tuple[int, ...] = (6,)
+TOTALSEGMENTATOR_COLON: tuple[int, ...] = (20,)
+#: Codes of :attr:`CTVolume.organs`.
+ORGAN_ABDOMEN, ORGAN_STOMACH, ORGAN_COLON = 1, 2, 3
 SHIPPED_CT_FILES = ("cxr.nii.gz", "mask.nii.gz")
 #: Grid spacing the projector works on: coarse enough for 2 CPU cores.
 DEFAULT_SPACING_MM = 3.0
@@ -44,12 +51,16 @@ class CTVolume:
     ``hu`` is float32 Hounsfield units with everything outside the patient's
     body (air, the CT table, out-of-field voxels) set to -1000; ``lungs`` is
     the union of the lung labels; ``name`` identifies the source for caches.
+    ``organs`` (uint8, optional) marks the abdomen below the diaphragm:
+    ``ORGAN_STOMACH``, ``ORGAN_COLON`` and ``ORGAN_ABDOMEN`` for the other
+    abdominal organs; None when the label map does not name them.
     """
 
     hu: np.ndarray
     lungs: np.ndarray
     spacing_mm: float
     name: str
+    organs: np.ndarray | None = None
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -61,19 +72,27 @@ class CTVolume:
         h.update(np.ascontiguousarray(self.hu[::4, ::4, ::4]).tobytes())
         h.update(np.packbits(self.lungs).tobytes())
         h.update(f"{self.spacing_mm:.4f}".encode())
+        if self.organs is not None:
+            h.update(np.ascontiguousarray(self.organs[::4, ::4, ::4]).tobytes())
         return h.hexdigest()[:12]
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(path, hu=self.hu.astype(np.float16), lungs=self.lungs,
-                 spacing_mm=self.spacing_mm, name=self.name)
+        hu16 = self.hu.astype(np.float16)
+        if self.organs is None:
+            np.savez(path, hu=hu16, lungs=self.lungs, spacing_mm=self.spacing_mm, name=self.name)
+        else:
+            np.savez(path, hu=hu16, lungs=self.lungs, spacing_mm=self.spacing_mm, name=self.name,
+                     organs=self.organs.astype(np.uint8))
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> CTVolume:
         with np.load(path) as data:
-            return cls(data["hu"].astype(np.float32), data["lungs"], float(data["spacing_mm"]), str(data["name"]))
+            organs = data["organs"] if "organs" in data else None
+            return cls(data["hu"].astype(np.float32), data["lungs"], float(data["spacing_mm"]), str(data["name"]),
+                       organs)
 
 
 def shipped_ct_dir() -> Path | None:
@@ -157,6 +176,21 @@ def body_mask(hu: np.ndarray) -> np.ndarray:
     return body
 
 
+def organ_codes(labels: np.ndarray, lung_labels: Sequence[int]) -> np.ndarray | None:
+    """Abdominal organs of a TotalSegmentator label map as ``ORGAN_*`` codes.
+
+    Only a map whose lungs carry TotalSegmentator's lobe ids is read this way:
+    in any other label map the same numbers may name other structures.
+    """
+    if tuple(sorted(lung_labels)) != TOTALSEGMENTATOR_LUNGS:
+        return None
+    organs = np.zeros(labels.shape, dtype=np.uint8)
+    organs[np.isin(labels, TOTALSEGMENTATOR_ABDOMEN)] = ORGAN_ABDOMEN
+    organs[np.isin(labels, TOTALSEGMENTATOR_STOMACH)] = ORGAN_STOMACH
+    organs[np.isin(labels, TOTALSEGMENTATOR_COLON)] = ORGAN_COLON
+    return organs if organs.any() else None
+
+
 def load_ct(
     ct_path: str | Path,
     labels_path: str | Path,
@@ -168,16 +202,18 @@ def load_ct(
     labels, label_zooms = _read_las(Path(labels_path))
     if labels.shape != hu.shape:
         raise ValueError(f"label map {labels.shape} and CT {hu.shape} are not on the same grid")
-    lungs = np.isin(labels, np.asarray(list(lung_labels)))
-    if not lungs.any():
+    if not np.isin(labels, np.asarray(list(lung_labels))).any():
         raise ValueError(f"{labels_path}: no voxel carries the lung labels {list(lung_labels)}")
     hu = np.clip(hu.astype(np.float32), -1000.0, 3000.0)
     hu = _resample(hu, zooms, spacing_mm, nearest=False)
-    lungs = _resample(lungs.astype(np.float32), label_zooms, spacing_mm, nearest=True) > 0.5
+    # Nearest-neighbour keeps label ids exact (float32 holds them without loss).
+    labels = np.rint(_resample(labels.astype(np.float32), label_zooms, spacing_mm, nearest=True)).astype(np.int32)
+    lungs = np.isin(labels, np.asarray(list(lung_labels)))
+    organs = organ_codes(labels, lung_labels)
     body = body_mask(hu) | lungs
     hu = np.where(body, hu, -1000.0).astype(np.float32)
     name = f"{Path(ct_path).name}:{','.join(map(str, lung_labels))}@{spacing_mm}"
-    return CTVolume(hu=hu, lungs=lungs, spacing_mm=spacing_mm, name=name)
+    return CTVolume(hu=hu, lungs=lungs, spacing_mm=spacing_mm, name=name, organs=organs)
 
 
 def load_shipped_ct(spacing_mm: float = DEFAULT_SPACING_MM) -> CTVolume:

@@ -6,8 +6,13 @@ Each seed draws one radiograph of a :class:`~.ct.CTVolume`:
    size and anisotropic scaling, small rotations about all three axes, a
    smooth elastic warp, deeper or shallower inspiration (the diaphragm moves),
    rib and soft-tissue density scaling. One 3D ``grid_sample`` does it all.
-2. **Lesions** (:mod:`.lesions`) are drawn in 3D inside the deformed lungs;
-   about 35 % of the radiographs have none.
+2. **Gas below the diaphragm**: a standing film shows the gastric air
+   bubble under the left dome and colonic gas; the supine CT holds little
+   and in the wrong place. Gas pockets (-1000 HU) are drawn into the stomach
+   (an erect air-fluid level or supine anterior gas) and colon labels when
+   the label map names them, and a fundus bubble right under the left dome
+   of any CT. **Lesions** (:mod:`.lesions`) are drawn in 3D inside the
+   deformed lungs; about 35 % of the radiographs have none.
 3. **Perspective projection** (a cone beam, not parallel rays): PA views with
    a 150-190 cm source-image distance, AP views with 100-130 cm, so near and
    far structures magnify differently. The volume is cut into coronal slices;
@@ -33,7 +38,10 @@ ray's path through that lung is at least ``lung_field_fraction`` of the
 lung's typical (95th percentile) path; below the domes and behind the heart
 the path through lung is short. The opacity mask is where the projected
 lesion thickness exceeds ``lesion_threshold_mm`` inside the lung field; the
-disease label is whether that mask is non-empty.
+disease label is whether that mask is non-empty. No lung-field pixel lies
+below the domes: in each image column, rows at and below the first one whose
+ray crosses more than ``abdomen_threshold_mm`` of abdomen (the labelled
+abdominal organs and the fundus bubble) are not lung.
 """
 
 from __future__ import annotations
@@ -48,11 +56,11 @@ import torch
 import torch.nn.functional as F
 
 from ..phantom import Phantom
-from .ct import CTVolume
+from .ct import ORGAN_COLON, ORGAN_STOMACH, CTVolume
 from .lesions import insert_lesions
 
 #: Bump when rendering changes: cached renders of an older version are not reused.
-RENDER_VERSION = "drr-1"
+RENDER_VERSION = "drr-2"
 
 MU_WATER_PER_MM = 0.02  # about 60 keV effective energy
 
@@ -70,6 +78,7 @@ class DRR(Phantom):
 class RenderSettings:
     lung_field_fraction: float = 0.35
     lesion_threshold_mm: float = 5.0
+    abdomen_threshold_mm: float = 8.0
     p_normal: float = 0.35
     p_ap: float = 0.4
     min_size: int = 256
@@ -113,8 +122,8 @@ def _rotation(rx: float, ry: float, rz: float) -> np.ndarray:
 
 def deform(
     rng: np.random.Generator, volume: CTVolume, right: np.ndarray, left: np.ndarray, params: dict[str, Any]
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Warped (HU, right lung, left lung) on a grid over the body's box, 18 % larger in x and y."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """Warped (HU, right lung, left lung, organ codes or None) on a grid over the body's box, 18 % larger in x and y."""
     s = volume.spacing_mm
     nx, ny, nz = volume.shape
     # Warp only the body's box (plus room to grow): the air around it costs time and adds nothing.
@@ -140,8 +149,8 @@ def deform(
     zs = np.flatnonzero(volume.lungs.any(axis=(0, 1)))
     base = (zs[0] - (nz - 1) / 2) * s
     view = params["view"]
-    shift = rng.uniform(-18.0, 14.0) * (1.0 if view == "PA" else 0.6) - (6.0 if view == "AP" else 0.0)
-    tilt = rng.uniform(-0.25, 0.25)
+    shift = rng.uniform(-22.0, 16.0) * (1.0 if view == "PA" else 0.6) - (6.0 if view == "AP" else 0.0)
+    tilt = rng.uniform(-0.4, 0.4)  # the two domes move differently: their heights vary between people
     bump = torch.exp(-(((gz - base - 30.0) / 70.0) ** 2)) * (1.0 + tilt * torch.tanh(gx / 60.0))
     q[..., 2] += shift * bump
     params.update(elastic_mm=round(amplitude, 2), inspiration_mm=round(shift, 2))
@@ -152,10 +161,101 @@ def deform(
     norm = q / extent
     norm[..., 2] = norm[..., 2].clamp(-1 + 1 / nz, 1 - 1 / nz)
     grid = norm[..., [2, 1, 0]][None]  # grid_sample wants (z, y, x) for a (X, Y, Z) volume
-    channels = torch.from_numpy(np.stack([volume.hu + 1000.0, right, left]).astype(np.float32))[None]
-    warped = F.grid_sample(channels, grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
-    hu = warped[0].numpy() - 1000.0
-    return hu, warped[1].numpy() > 0.5, warped[2].numpy() > 0.5
+    layers: list[np.ndarray] = [volume.hu + 1000.0, right, left]
+    codes = sorted(int(c) for c in np.unique(volume.organs) if c) if volume.organs is not None else []
+    layers += [np.asarray(volume.organs == c) for c in codes]
+    channels = torch.from_numpy(np.stack(layers).astype(np.float32))[None]
+    warped = F.grid_sample(channels, grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0].numpy()
+    hu = warped[0] - 1000.0
+    organs = None
+    if codes:
+        organs = np.zeros(hu.shape, dtype=np.uint8)
+        for i, c in enumerate(codes):
+            organs[warped[3 + i] > 0.5] = c
+    return hu, warped[1] > 0.5, warped[2] > 0.5, organs
+
+
+# -- gas below the diaphragm -----------------------------------------------
+
+
+def _top_share(values: np.ndarray, share: float) -> float:
+    """The level above which ``share`` of ``values`` lie."""
+    return float(np.quantile(values, 1.0 - share))
+
+
+def fundus_bubble(rng: np.random.Generator, left: np.ndarray, spacing: float) -> np.ndarray:
+    """A gas cap right under the left dome: its roof follows the dome, its floor is flat (air-fluid level)."""
+    from .lesions import smooth_noise
+
+    nz = left.shape[2]
+    zs = np.flatnonzero(left.any(axis=(0, 1)))
+    if zs.size < 2:
+        return np.zeros(left.shape, dtype=bool)
+    lowest = np.where(left.any(axis=2), np.argmax(left, axis=2), nz)  # lowest lung voxel per column (z runs up)
+    # Columns whose lung ends in the lower quarter: the dome. Higher ends sit on the heart or the aortic arch.
+    base = lowest <= zs[0] + 0.25 * (zs[-1] - zs[0])
+    if base.sum() < 20:
+        return np.zeros(left.shape, dtype=bool)
+    xs = np.flatnonzero(base.any(axis=1))
+    cx = xs[0] + rng.uniform(0.25, 0.8) * (xs[-1] - xs[0])  # axis 0 runs to the patient's left: lateral is high x
+    ys = np.flatnonzero(base[int(round(cx))])
+    cy = ys[0] + rng.uniform(0.3, 0.75) * (ys[-1] - ys[0]) if ys.size else (base.shape[1] - 1) / 2
+    rx, ry = rng.uniform(15, 45) / spacing, rng.uniform(15, 40) / spacing
+    x, y = np.meshgrid(np.arange(left.shape[0]), np.arange(left.shape[1]), indexing="ij")
+    wobble = 0.3 * smooth_noise(rng, base.shape, 6)
+    footprint = (((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2 < 1.0 + wobble) & base
+    if not footprint.any():
+        return np.zeros(left.shape, dtype=bool)
+    gap = rng.uniform(4.0, 10.0) / spacing  # diaphragm and gastric wall
+    roof = lowest - gap
+    floor = float(roof[footprint].max()) - rng.uniform(10.0, 40.0) / spacing
+    z = np.arange(nz)[None, None, :]
+    return footprint[..., None] & (z <= roof[..., None]) & (z >= floor) & (z >= 3)
+
+
+def add_gas(
+    rng: np.random.Generator, hu: np.ndarray, left: np.ndarray, organs: np.ndarray | None,
+    spacing: float, params: dict[str, Any],
+) -> tuple[np.ndarray, np.ndarray]:
+    """(HU with gas pockets, abdomen mask) of a deformed volume.
+
+    Erect films (most PA, some AP) show the stomach's gas as a cap above an
+    air-fluid level under the left dome; supine ones show it anteriorly.
+    The lowest slices get no new gas: the projector repeats the last slice
+    to continue the abdomen, which would draw a pocket there as a column.
+    """
+    from .lesions import smooth_noise
+
+    hu = hu.copy()
+    erect = rng.random() < (0.85 if params["view"] == "PA" else 0.35)
+    abdomen = organs > 0 if organs is not None else np.zeros(hu.shape, dtype=bool)
+    z = np.arange(hu.shape[2])[None, None, :]
+    gas = np.zeros(hu.shape, dtype=bool)
+    if organs is not None and (organs == ORGAN_STOMACH).sum() > 20:
+        stomach = organs == ORGAN_STOMACH
+        share = rng.uniform(0.08, 0.5) if rng.random() < 0.85 else 0.0  # sometimes collapsed, no bubble
+        if erect:
+            hu[stomach & (hu < -300)] = rng.uniform(0.0, 40.0)  # the supine gas has risen: fluid stays
+            zz = np.broadcast_to(z, hu.shape)[stomach]
+            if share:
+                gas |= stomach & (z >= _top_share(zz, share))
+        elif share:
+            y = np.arange(hu.shape[1])[None, :, None]
+            gas |= stomach & (y >= _top_share(np.broadcast_to(y, hu.shape)[stomach], share))
+    if organs is not None and (organs == ORGAN_COLON).sum() > 20 and rng.random() < 0.85:
+        colon = organs == ORGAN_COLON
+        field = smooth_noise(rng, hu.shape, int(rng.integers(8, 20)))
+        if erect:
+            field = field + 1.5 * z / hu.shape[2]  # gas rises to the flexures
+        gas |= colon & (field >= _top_share(field[colon], rng.uniform(0.05, 0.5)))
+    bubble = np.zeros(hu.shape, dtype=bool)
+    if rng.random() < (0.75 if erect else 0.35):
+        bubble = fundus_bubble(rng, left, spacing)
+    gas = (gas | bubble) & (z >= 3)
+    hu[gas] = rng.uniform(-1000.0, -950.0)
+    params.update(erect=erect, gas_ml=round(float(gas.sum()) * spacing**3 / 1000.0, 1),
+                  fundus_bubble_ml=round(float(bubble.sum()) * spacing**3 / 1000.0, 1))
+    return hu, abdomen | bubble
 
 
 # -- attenuation and projection --------------------------------------------
@@ -311,6 +411,12 @@ def lung_field(path_mm: np.ndarray, fraction: float) -> np.ndarray:
     return cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_CLOSE, kernel).astype(bool)
 
 
+def below_domes(abdomen_mm: np.ndarray, threshold_mm: float) -> np.ndarray:
+    """Pixels at and below the first row of each column whose ray crosses abdomen: never lung field."""
+    hit = abdomen_mm > threshold_mm
+    return np.maximum.accumulate(hit, axis=0)
+
+
 def _separate(right: np.ndarray, left: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Where the two lungs overlap in projection (the anterior junction), keep a gap."""
     overlap = cv2.dilate((right & left).astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
@@ -337,20 +443,24 @@ def render(
     right3, left3 = sides if sides is not None else split_lungs(volume)
     view = "AP" if rng.random() < settings.p_ap else "PA"
     params: dict[str, Any] = {"view": view}
-    hu, right, left = deform(rng, volume, right3, left3, params)
+    hu, right, left, organs = deform(rng, volume, right3, left3, params)
+    # Its own stream: whether a volume names its organs changes nothing else in the render.
+    gas_rng = np.random.default_rng(int(rng.integers(2**63)))
+    hu, abdomen = add_gas(gas_rng, hu, left, organs, volume.spacing_mm, params)
     lesions = insert_lesions(rng, hu, right, left, settings.p_normal)
     params.update(lesion=lesions.kind, lesion_sides=list(lesions.sides), lesion_fraction=round(lesions.fraction, 3))
     mu = attenuation(rng, lesions.hu, params)
     geometry, shape = sample_geometry(rng, volume, right | left, view, settings)
     params.update({k: (round(v, 2) if isinstance(v, float) else v) for k, v in geometry.items() if k != "view"})
-    stack = np.stack([mu, right, left, lesions.membership]).astype(np.float32)
-    line, right_mm, left_mm, lesion_mm = project(stack, volume.spacing_mm, geometry, shape)
+    stack = np.stack([mu, right, left, lesions.membership, abdomen]).astype(np.float32)
+    line, right_mm, left_mm, lesion_mm, abdomen_mm = project(stack, volume.spacing_mm, geometry, shape)
 
-    right_field = lung_field(right_mm, settings.lung_field_fraction)
-    left_field = lung_field(left_mm, settings.lung_field_fraction)
+    under = below_domes(abdomen_mm, settings.abdomen_threshold_mm)
+    min_pixels = max(4, int(0.0005 * shape[0] * shape[1]))
+    right_field = _remove_specks(lung_field(right_mm, settings.lung_field_fraction) & ~under, min_pixels)
+    left_field = _remove_specks(lung_field(left_mm, settings.lung_field_fraction) & ~under, min_pixels)
     right_field, left_field = _separate(right_field, left_field)
     lungs = right_field | left_field
-    min_pixels = max(4, int(0.0005 * shape[0] * shape[1]))
     disease = _remove_specks((lesion_mm > settings.lesion_threshold_mm) & lungs, min_pixels)
 
     image = burn_in(rng, collimate(rng, expose(rng, line, params)))
