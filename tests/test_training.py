@@ -69,7 +69,8 @@ def write_supervisely_layout(root: Path) -> list:
             y0, x0 = int(ys.min()), int(xs.min())
             patch = mask[y0 : ys.max() + 1, x0 : xs.max() + 1]
             objects.append({"classTitle": title, "bitmap": {"data": _bitmap(patch), "origin": [x0, y0]}})
-        tags = [{"name": "Score R", "value": 2}, {"name": "Score D", "value": 3}] if p.has_disease else [{"name": "Normal", "value": None}]
+        scored = [{"name": "Score R", "value": 2}, {"name": "Score D", "value": 3}]
+        tags = scored if p.has_disease else [{"name": "Normal", "value": None}]
         ann = {"size": {"height": 160, "width": 144}, "tags": tags, "objects": objects}
         (root / "Actualmed/ann" / f"{name}.json").write_text(json.dumps(ann))
     return phantoms
@@ -158,3 +159,16 @@ def test_train_on_folder_layout(tmp_path: Path) -> None:
     result = train(TrainConfig(task="lungs", data="folder", data_root=str(tmp_path / "data"), steps=2,
                                eval_every=1, input_size=64, batch_size=2, out=str(tmp_path / "out")))
     assert result.weights.exists() and 0.0 <= result.best["dice"] <= 1.0
+
+
+@pytest.mark.parametrize("arch,encoder", [("DeepLabV3Plus", "efficientnet-b1"), ("MAnet", "resnet18")])
+def test_the_papers_architectures_can_be_trained(arch: str, encoder: str) -> None:
+    """The bundled Unet's small decoder is the default only for a Unet: the paper's models build as published."""
+    from cxrtriage.inference.models import create_model
+    from cxrtriage.inference.training.trainer import TrainConfig
+
+    spec = TrainConfig(task="lungs", arch=arch, encoder=encoder, input_size=64, in_channels=3).spec()
+    assert spec.arch_kwargs == {}
+    with torch.no_grad():
+        out = create_model(spec).eval()(torch.zeros(1, 3, 64, 64))
+    assert (out[0] if isinstance(out, tuple) else out).shape[-2:] == (64, 64)

@@ -41,7 +41,9 @@ class TrainConfig(BaseModel):
     task: Task
     arch: str = "Unet"
     encoder: str = "mobilenet_v2"
-    arch_kwargs: dict[str, Any] = Field(default_factory=lambda: {"decoder_channels": [128, 64, 32, 16, 8]})
+    arch_kwargs: dict[str, Any] | None = Field(
+        None, description="extra smp arguments; default: the bundled Unet's small decoder for a Unet, none otherwise"
+    )
     input_size: int = 256
     in_channels: int = 1
     equalize: bool = Field(True, description="histogram-equalise whole images first (see preprocess.equalize)")
@@ -101,7 +103,8 @@ class TrainConfig(BaseModel):
             input_size=self.input_size,
             in_channels=self.in_channels,
             classification_head=self.task == "disease",
-            arch_kwargs=self.arch_kwargs,
+            arch_kwargs=self.arch_kwargs if self.arch_kwargs is not None
+            else ({"decoder_channels": [128, 64, 32, 16, 8]} if self.arch == "Unet" else {}),
             equalize=self.equalize,
             mean=(0.5,),
             std=(0.25,),
