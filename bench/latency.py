@@ -1,17 +1,24 @@
-"""End-to-end latency under steady load: C-STORE success to SR accepted by the PACS.
+"""End-to-end latency at a steady rate below capacity: C-STORE success to SR accepted by the PACS.
 
-    python bench/latency.py [--rates 1 5] [--images 30] [--json out.json]
+    python bench/latency.py [--load 0.5 0.8] [--duration 60] [--json bench/results/latency.json]
+    python bench/latency.py --rates 2 --duration 30 --variant gpu='{"inference": {"device": "cuda"}}'
 
 A node (bundled models, SQLite) is started with one destination: a pynetdicom storage SCP
-in this process, standing in for PACS; twice, one after the other: with the default
-settings (one scoring thread, fp32) and with ``workers.scoring_processes: 2`` and
-``inference.precision: bf16``. For each rate, ``--images``
-distinct synthetic 2500x2048 CRs are sent at that steady rate, one association per image as
-a modality would. For each image the clock runs from the moment the node answers C-STORE
-success to the moment the destination has received the image's SR (the node sends the SEG
-and the SR; the SR is written after the SEG). p50 / p95 / max are printed, with the node's
-throughput over the run; when images arrive faster than the node scores them, the queue
-grows and so does the latency (nothing is dropped).
+in this process, standing in for PACS; once per variant, one after the other (default: the
+default settings, and ``workers.scoring_processes: 2`` with ``inference.precision: bf16``).
+
+1. **Capacity**: ``--burst`` images sent back to back (one association each); capacity is
+   burst / (first C-STORE to last SR at the destination). Reported on its own line: it is
+   what the node finishes when saturated, not a latency.
+2. **Steady state**: for each offered rate (``--load`` fractions of the measured capacity,
+   or fixed ``--rates`` in images/s), distinct CRs are sent at that rate for ``--duration``
+   seconds, one association per image as a modality would. The first ``--settle`` seconds
+   are not counted; p50 / p95 / max come from the rest. The run is marked *not steady* when
+   the second half's median latency exceeds the first half's by more than half (a queue
+   that keeps growing: the rate is above capacity).
+
+For each image the clock runs from the moment the node answers C-STORE success to the
+moment the destination has received the image's SR (the node sends the SEG, then the SR).
 """
 
 from __future__ import annotations
@@ -27,11 +34,10 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+from ingest import free_port, node_command, wait_port
+from pipeline import make_images, replicate
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Comprehensive3DSRStorage, ComputedRadiographyImageStorage, SegmentationStorage
-
-from ingest import free_port, node_command, wait_port
-from pipeline import make_images
 
 
 class Destination:
@@ -113,42 +119,89 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q))
 
 
+class Images:
+    """Distinct phantoms, then copies with fresh UIDs: every image sent is a new instance to the node."""
+
+    def __init__(self, folder: Path, distinct: int) -> None:
+        self.folder = folder
+        self.distinct = make_images(folder, distinct, 2500, 2048)
+        self.used = 0
+
+    def take(self, count: int) -> list[Path]:
+        files = replicate(self.distinct, count, self.folder / f"batch{self.used}", fresh=True)
+        self.used += count
+        return files
+
+
+def capacity(port: int, destination: Destination, files: list[Path]) -> float:
+    """Images/s the node finishes when images arrive back to back."""
+    destination.arrived.clear()
+    t0 = time.monotonic()
+    acknowledged = send_steadily(port, files, 1000.0)
+    destination.wait_for(list(acknowledged), 900)
+    return len(files) / (max(destination.arrived[u] for u in acknowledged) - t0)
+
+
+def steady(port: int, destination: Destination, files: list[Path], rate: float, settle: float) -> dict[str, object]:
+    destination.arrived.clear()
+    t0 = time.monotonic()
+    acknowledged = send_steadily(port, files, rate)
+    destination.wait_for(list(acknowledged), 900)
+    elapsed = max(destination.arrived[u] for u in acknowledged) - t0
+    counted = [(t, destination.arrived[u] - t) for u, t in acknowledged.items() if t - t0 >= settle]
+    latency = [lat for _, lat in counted]
+    half = len(latency) // 2
+    first, second = statistics.median(latency[:half] or latency), statistics.median(latency[half:])
+    return {"rate": rate, "images": len(files), "counted": len(latency), "settle_s": settle,
+            "p50": percentile(latency, 50), "p95": percentile(latency, 95), "max": max(latency),
+            "mean": statistics.fmean(latency), "first_half_p50": first, "second_half_p50": second,
+            "steady": second <= 1.5 * first + 0.05, "throughput": len(files) / elapsed, "latencies": latency}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rates", type=float, nargs="+", default=[1.0, 5.0], help="images per second")
-    parser.add_argument("--images", type=int, default=30, help="images per rate")
+    parser.add_argument("--load", type=float, nargs="+", default=[0.5, 0.8],
+                        help="offered rates as fractions of the measured capacity")
+    parser.add_argument("--rates", type=float, nargs="+", default=None, help="fixed offered rates (images/s) instead")
+    parser.add_argument("--duration", type=float, default=60.0, help="seconds of sending per rate")
+    parser.add_argument("--settle", type=float, default=None, help="seconds not counted (default: a quarter)")
+    parser.add_argument("--burst", type=int, default=12, help="images of the capacity measurement")
+    parser.add_argument("--distinct", type=int, default=12, help="distinct phantoms drawn (the rest are copies)")
+    parser.add_argument("--variant", action="append", default=None, metavar="NAME=JSON",
+                        help="node config overrides to measure instead of the two default variants")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    report: dict[str, object] = {"images": args.images, "runs": []}
+    variants = VARIANTS
+    if args.variant:
+        variants = {name: json.loads(text) for name, text in (v.split("=", 1) for v in args.variant)}
+    settle = args.settle if args.settle is not None else args.duration / 4
+    report: dict[str, object] = {"duration_s": args.duration, "settle_s": settle, "capacity": {}, "runs": []}
     with tempfile.TemporaryDirectory(prefix="cxrtriage-latency-") as tmp:
         root = Path(tmp)
-        files = make_images(root / "images", args.images * len(args.rates) * len(VARIANTS) + 1, 2500, 2048)
+        images = Images(root / "images", args.distinct)
         destination = Destination()
-        print(f"{args.images} CRs 2500x2048 per rate; bundled models, SQLite; one association per image; "
-              "latency = C-STORE success -> SR received by the destination")
-        for v, (variant, overrides) in enumerate(VARIANTS.items()):
+        print(f"CRs 2500x2048, {args.duration:.0f} s per rate ({settle:.0f} s not counted); one association per "
+              "image; latency = C-STORE success -> SR received by the destination")
+        for v, (variant, overrides) in enumerate(variants.items()):
             node, port = start_node(root / f"node{v}", destination.port, overrides)
             try:
-                warm = files[-1:]
+                warm = images.take(1)
                 destination.arrived.clear()
                 send_steadily(port, warm, 1.0)  # warm-up: models and highdicom's first call
                 destination.wait_for([str(pydicom.dcmread(warm[0]).SOPInstanceUID)], 300)
-                destination.arrived.clear()
-                print(f"  {variant}")
-                for n, rate in enumerate(args.rates):
-                    first = (v * len(args.rates) + n) * args.images
-                    batch = files[first : first + args.images]
-                    t0 = time.monotonic()
-                    acknowledged = send_steadily(port, batch, rate)
-                    destination.wait_for(list(acknowledged), 600)
-                    elapsed = max(destination.arrived[u] for u in acknowledged) - t0
-                    latency = [destination.arrived[u] - t for u, t in acknowledged.items()]
-                    run = {"variant": variant, "rate": rate, "p50": percentile(latency, 50),
-                           "p95": percentile(latency, 95), "max": max(latency), "mean": statistics.fmean(latency),
-                           "throughput": len(batch) / elapsed, "latencies": latency}
-                    report["runs"].append(run)  # type: ignore[union-attr]
-                    print(f"    {rate:4.1f} images/s offered: p50 {run['p50']:6.2f} s  p95 {run['p95']:6.2f} s  "
-                          f"max {run['max']:6.2f} s   (node finished {run['throughput']:.2f} images/s)")
+                cap = capacity(port, destination, images.take(args.burst))
+                report["capacity"][variant] = cap  # type: ignore[index]
+                print(f"  {variant}: capacity {cap:.2f} images/s ({args.burst} images back to back)")
+                rates = args.rates or [round(f * cap, 2) for f in args.load]
+                for rate in rates:
+                    count = max(4, round(rate * args.duration))
+                    run = {"variant": variant, "capacity": cap,
+                           **steady(port, destination, images.take(count), rate, settle)}
+                    report["runs"].append(run)  # type: ignore[attr-defined]
+                    flag = "" if run["steady"] else "  NOT STEADY (the queue kept growing)"
+                    print(f"    {rate:5.2f} images/s offered ({rate / cap:.0%} of capacity): p50 {run['p50']:6.2f} s  "
+                          f"p95 {run['p95']:6.2f} s  max {run['max']:6.2f} s  over {run['counted']} images  "
+                          f"(node finished {run['throughput']:.2f} images/s){flag}")
             finally:
                 node.terminate()
                 node.wait(timeout=60)

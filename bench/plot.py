@@ -19,31 +19,38 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def contenders(run: dict) -> dict[str, dict]:
+    """Per contender: images/s and its ratio against the published inference in the same layout."""
+    return {name: {"images_per_s": s["images_per_s"], "ratio": s.get("vs_published_fp32", float("nan"))}
+            for name, s in run["summary"].items()}
+
+
 def pipeline_panel(ax, runs: list[dict]) -> None:
-    names = list(runs[0]["contenders"])
+    names = list(dict.fromkeys(name for run in runs for name in contenders(run)))
     width = 0.8 / len(names)
     for i, name in enumerate(names):
-        rates = [run["contenders"][name]["images_per_s"] for run in runs]
-        bars = ax.bar([x + i * width for x in range(len(runs))], rates, width, label=name)
-        for bar, run in zip(bars, runs):
-            ratio = run["contenders"][name]["ratio"]
-            ax.annotate(f"{ratio:.2f}x", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                        ha="center", va="bottom", fontsize=8)
+        present = [(x, contenders(run)[name]) for x, run in enumerate(runs) if name in contenders(run)]
+        bars = ax.bar([x + i * width for x, _ in present], [c["images_per_s"] for _, c in present], width, label=name)
+        for bar, (_, c) in zip(bars, present):
+            ax.annotate(f"{c['ratio']:.2f}x", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                        ha="center", va="bottom", fontsize=7)
     ax.set_xticks([x + width * (len(names) - 1) / 2 for x in range(len(runs))])
-    ax.set_xticklabels([f"{run['preset']}\n{run['images']} CRs {run['size'][0]}x{run['size'][1]}" for run in runs])
+    ax.set_xticklabels([f"{run['preset']}, {run.get('workers', '?')} processes\n{run['images']} CRs "
+                        f"{run['size'][0]}x{run['size'][1]}" for run in runs])
     ax.set_ylabel("images/s (2-core CPU), SEG + SR written")
-    ax.set_title("Pipeline: published covid_scoring vs cxrtriage")
-    ax.legend(fontsize=8)
+    ax.set_title("Pipeline: published covid_scoring vs cxrtriage (ratio: vs published, same layout)")
+    ax.legend(fontsize=7)
 
 
 def latency_panel(ax, report: dict) -> None:
     variants = list(dict.fromkeys(run["variant"] for run in report["runs"]))
     for run in report["runs"]:
         values = sorted(run["latencies"])
-        style = "-" if run["rate"] <= 1 else "--"
+        style = "-" if run.get("steady", run["rate"] <= 1) else "--"
         ax.plot(values, [(k + 1) / len(values) for k in range(len(values))], style,
                 color=f"C{variants.index(run['variant'])}",
-                label=f"{run['variant']}, {run['rate']:g}/s offered: p50 {run['p50']:.1f} s, p95 {run['p95']:.1f} s")
+                label=f"{run['variant']}, {run['rate']:g}/s offered: p50 {run['p50']:.1f} s, p95 {run['p95']:.1f} s"
+                + ("" if run.get("steady", run["rate"] <= 1) else " (not steady: above capacity)"))
     ax.set_xscale("log")
     ax.set_xlabel("C-STORE success -> SR at destination (s)")
     ax.set_ylabel("fraction of images")
@@ -57,6 +64,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks.png"))
     args = parser.parse_args()
     pipelines = [json.loads(p.read_text()) for p in sorted(args.results.glob("pipeline-*.json"))]
+    pipelines = [run for run in pipelines if "summary" in run]  # older files compared unequal layouts
     latency = args.results / "latency.json"
     panels = bool(pipelines) + latency.exists()
     if not panels:

@@ -1,8 +1,10 @@
-"""bench/pipeline.py end to end on a few small images: the baseline and cxrtriage agree.
+"""The benchmarks end to end on a few small images: they run, compare like with like, and report it all.
 
-Speeds are printed by the benchmark, never asserted here; this checks that the
-published-inference re-implementation and cxrtriage give the same scores and
-that the benchmark's report is complete.
+Speeds are printed by the benchmarks, never asserted here; these check that the
+published-inference re-implementation and cxrtriage give the same scores, that every
+contender wrote the same outputs, and that the reports hold every round and the CPU
+time beside the wall time. The GPU script's CPU dry run is run as the GPU machine
+would run it (bench/gpu.sh), at tiny sizes.
 """
 
 from __future__ import annotations
@@ -15,18 +17,43 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
-def test_pipeline_benchmark_agrees_with_the_published_inference(tmp_path: Path) -> None:
+def test_pipeline_benchmark_compares_equal_layouts_and_agrees_with_the_published_inference(tmp_path: Path) -> None:
     report_path = tmp_path / "pipeline.json"
+    contenders = ["published as run", "published fp32", "cxrtriage fp32", "cxrtriage bf16"]
     proc = subprocess.run(
-        [sys.executable, str(BENCH / "pipeline.py"), "--images", "4", "--rounds", "1", "--size", "1200x1000",
+        [sys.executable, str(BENCH / "pipeline.py"), "--preset", "bundled", "--images", "2", "--batch", "1",
+         "--workers", "2", "--rounds", "1", "--size", "1200x1000", "--contenders", *contenders,
          "--json", str(report_path)],
         capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     report = json.loads(report_path.read_text())
-    assert set(report["contenders"]) == {"covid_scoring", "cxrtriage fp32", "cxrtriage bf16"}
-    for name, numbers in report["contenders"].items():
-        assert numbers["images_per_s"] > 0
-        assert numbers["agreement"]["same_total"] == 4, name
-        assert f"{name:15s}:" in proc.stdout
-    assert report["fp32_vs_bf16"]["same_total"] == 4
+    assert list(report["summary"]) == contenders
+    assert (report["workers"], report["threads"]) == (2, 1)
+    for name, numbers in report["summary"].items():
+        assert numbers["images_per_s"] > 0 and numbers["cpu_s_per_image"] > 0, name
+        assert numbers["non_empty_lungs"] == 2, name  # real masks: the bundled models are trained
+        assert f"{name:16s}:" in proc.stdout
+        (run,) = report["runs"][name]  # one round, kept
+        if name == "published as run":  # the published program's outputs: two PNGs per image, no DICOM
+            assert run["outputs"] == {"seg": 0, "sr": 0, "png": 4}
+        else:  # the same SEG + SR from every other contender
+            assert run["outputs"] == {"seg": 2, "sr": 2, "png": 0}, name
+            assert numbers["agreement"]["same_total"] == 2, name
+    assert report["summary"]["published fp32"]["vs_published_fp32"] == 1.0
+
+
+def test_gpu_script_dry_run_on_the_cpu(tmp_path: Path) -> None:
+    proc = subprocess.run(["bash", str(BENCH / "gpu.sh"), str(tmp_path), "--dry-run"], capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu-dry-run.json").read_text())
+    phases = report["phases"]
+    assert list(phases) == ["environment", "weights", "ceiling", "baseline", "end_to_end"]
+    assert not [name for name, numbers in phases.items() if "error" in numbers]
+    assert phases["ceiling"]["stage1"]["images_per_s"] > 0 and phases["ceiling"]["stage2"]["images_per_s"] > 0
+    assert phases["baseline"]["outputs"]["png"] == 2 * phases["baseline"]["images"]
+    e2e = phases["end_to_end"]
+    assert e2e["outputs"]["seg"] == e2e["outputs"]["sr"] == e2e["images"]
+    assert e2e["fraction_of_ceiling"] > 0
+    assert "models-alone ceiling" in proc.stdout and (tmp_path / "gpu.log").exists()
