@@ -428,14 +428,18 @@ def test_receivers_behind_haproxy_and_scorers_killed_mid_stream(tmp_path: Path, 
         wait_for(lambda: orthanc_counts(netns) == {"SEG": IMAGES_LB, "SR": IMAGES_LB}, 240,
                  "every SEG and SR in Orthanc")
         with db.session() as session:
-            sends = session.execute(select(Job.state, Job.attempts, Instance.sop_instance_uid)
+            sends = session.execute(select(Job.state, Job.attempts, Job.worker, Instance.sop_instance_uid)
                                     .join(Instance, Instance.id == Job.instance_id).where(Job.kind == "send")).all()
         assert len(sends) == 2 * IMAGES_LB and {s.state for s in sends} == {"done"}
         rerun = {s.sop_instance_uid for s in sends if s.attempts > 1}  # the at-least-once window
         sent = logged(scorers, "sent")
         twice = {uid for uid in sent if sent.count(uid) > 1}
         assert twice <= rerun, twice - rerun
-        assert len(set(sent)) == 2 * IMAGES_LB
+        # "sent" is logged after the job's commit: only the killed scorer A can have died (frozen, then
+        # SIGKILL) between the two, so every send is logged except, at most, ones A completed.
+        unlogged = {s.sop_instance_uid: s.worker for s in sends if s.sop_instance_uid not in set(sent)}
+        assert all(worker.startswith("scorer-a:") for worker in unlogged.values()), unlogged
+        assert len(unlogged) <= 2  # at most one per send worker of A's (workers.send_workers: 2)
     finally:
         if lb is not None:
             lb.stop()
