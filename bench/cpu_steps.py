@@ -61,8 +61,14 @@ from cxrtriage.config import DicomSettings, InferenceSettings  # noqa: E402
 from cxrtriage.inference.dicom_results import build_result_objects  # noqa: E402
 from cxrtriage.inference.overlay import write_overlay  # noqa: E402
 from cxrtriage.inference.phantom import PhantomGenerator, write_cr  # noqa: E402
-from cxrtriage.inference.pipeline import Pipeline, Result, lung_crop, model_inputs, stage_sources  # noqa: E402
-from cxrtriage.inference.preprocess import resize  # noqa: E402
+from cxrtriage.inference.pipeline import (  # noqa: E402
+    Pipeline,
+    Result,
+    disease_mask,
+    lung_crop,
+    model_inputs,
+    stage_sources,
+)
 from cxrtriage.inference.radiograph import radiograph_from_dataset  # noqa: E402
 from cxrtriage.inference.result_templates import encode_result_objects  # noqa: E402
 from cxrtriage.inference.scoring import score  # noqa: E402
@@ -111,8 +117,7 @@ def score_one(pipeline: Pipeline, path: Path, scratch: Path, clock: Clock, seg_s
     p = float(p_disease[0]) if p_disease is not None else float(seg_probs[0].max())
 
     def disease_post() -> Any:  # ResultBuilder.__call__, before score()
-        refined = seg_probs[0] * float(p >= 0.5)
-        return box.paste(resize(refined, box.shape) > pipeline.build_result.disease_threshold, r.shape) & lungs
+        return disease_mask(seg_probs[0], p, pipeline.build_result.disease_threshold, box, lungs)
 
     disease = clock("stage2 post", disease_post)
     scores, zones = clock("zones + scores", lambda: score(lungs, disease, pipeline.scoring, r.patient_orientation,

@@ -155,9 +155,64 @@ def test_normalise_crop_and_mask_resize_equal_their_formulas() -> None:
 
 @pytest.mark.parametrize("dtype,top", [(np.uint8, 255), (np.uint16, 4095), (np.uint16, 65535)])
 def test_histogram_and_lookup_equal_bincount_and_take(dtype: type, top: int) -> None:
-    codes = RNG.integers(0, top + 1, (333, 97)).astype(dtype)
+    codes: np.ndarray = RNG.integers(0, top + 1, (333, 97)).astype(dtype)
     np.testing.assert_array_equal(_histogram(codes), np.bincount(codes.ravel()))
     signed = RNG.integers(0, 300, (70, 40)).astype(np.int32)  # the decoder's offset signed codes
     np.testing.assert_array_equal(_histogram(signed), np.bincount(signed.ravel()))
     table = RNG.random(int(codes.max()) + 1).astype(np.float32)
     np.testing.assert_array_equal(lookup(table, codes), table[codes])
+
+
+def two_lung_probabilities(size: int, rng: np.random.Generator) -> np.ndarray:
+    """A Stage I-like output: two soft ellipses (side by side, stacked or overlapping) over faint noise."""
+    prob = rng.random((size, size), dtype=np.float32) * np.float32(0.3)
+    for _ in range(2):
+        canvas = np.zeros((size, size), np.float32)
+        centre = (int(rng.integers(size // 8, size - size // 8)), int(rng.integers(size // 8, size - size // 8)))
+        axes = (int(rng.integers(size // 16, size // 4)), int(rng.integers(size // 16, size // 3)))
+        cv2.ellipse(canvas, centre, axes, 0, 0, 360, float(rng.uniform(0.6, 1.0)), -1)
+        prob = np.maximum(prob, cv2.GaussianBlur(canvas, (0, 0), float(rng.uniform(0.5, 3.0))))
+    return prob
+
+
+def test_lung_masks_single_upsample_equals_one_upsample_per_blob() -> None:
+    """The union and the blobs of :func:`lung_masks` (one upsample, cut along the gap) are
+    :func:`lung_blobs`' masks (one upsample each) and their union, bit for bit; the cut is taken often."""
+    from cxrtriage.inference.pipeline import _blob_cut, lung_blobs, lung_masks, model_blobs
+
+    cuts = 0
+    for case in range(60):
+        size = int(RNG.choice([64, 256]))
+        prob = two_lung_probabilities(size, RNG)
+        shape = (int(RNG.integers(2 * size, 10 * size)), int(RNG.integers(size // 2, 10 * size)))
+        if case % 10 == 0:
+            shape = (2 * size, 2 * size)  # the smallest enlargement the cut allows
+        expected = lung_blobs(prob, 0.5, 0.01, shape)
+        full, kept = lung_masks(prob, 0.5, 0.01, shape)
+        blobs = model_blobs(prob, 0.5, 0.01)
+        cuts += len(blobs) == 2 and _blob_cut(blobs, prob.shape, shape) is not None
+        assert len(kept) == len(expected)
+        for got, want in zip(kept, expected):
+            assert got.dtype == bool and np.array_equal(got, want)
+        union = np.logical_or.reduce(expected) if expected else np.zeros(shape, bool)
+        assert np.array_equal(full, union)
+    assert cuts >= 15
+
+
+def test_disease_mask_equals_paste_then_and() -> None:
+    """The disease mask thresholded and ANDed inside the box only is the pasted full-size mask ANDed with the lungs."""
+    from cxrtriage.inference.pipeline import disease_mask
+    from cxrtriage.inference.preprocess import lung_box
+
+    non_empty = 0
+    for _ in range(30):
+        h, w = int(RNG.integers(64, 400)), int(RNG.integers(64, 400))
+        lungs = blobs_mask(h, w, RNG)
+        box = lung_box(lungs, float(RNG.uniform(0.0, 0.05)))
+        seg = two_lung_probabilities(int(RNG.choice([32, 64])), RNG)
+        p = float(RNG.random())
+        expected = box.paste(resize(seg * float(p >= 0.5), box.shape) > 0.5, (h, w)) & lungs
+        got = disease_mask(seg, p, 0.5, box, lungs)
+        assert got.dtype == bool and np.array_equal(got, expected)
+        non_empty += bool(expected.any())
+    assert non_empty >= 5

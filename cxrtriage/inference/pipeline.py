@@ -119,6 +119,65 @@ def lung_blobs(prob: np.ndarray, threshold: float, min_fraction: float, shape: t
     return [resize(blob, shape) > threshold for blob in model_blobs(prob, threshold, min_fraction)]
 
 
+def lung_masks(
+    prob: np.ndarray, threshold: float, min_fraction: float, shape: tuple[int, int]
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The union of :func:`lung_blobs` and the blobs themselves (the same masks), with one upsample, not two.
+
+    Where the two blobs lie on either side of at least :data:`SPLIT_GAP` empty
+    model rows or columns, their sum is upsampled once and cut along the gap:
+    bilinear interpolation reads a 2 x 2 block of model pixels, which never
+    holds both blobs (they are 8-separated), so each full-resolution value is
+    the one its own blob's upsample gives, and the cut sits between their supports.
+    """
+    blobs = model_blobs(prob, threshold, min_fraction)
+    cut = _blob_cut(blobs, prob.shape, shape) if len(blobs) == 2 else None
+    if cut is None:
+        kept = [resize(blob, shape) > threshold for blob in blobs]
+        # Pairwise OR: np.logical_or.reduce(list) first stacks the masks into one (n, H, W) copy.
+        full = functools.reduce(np.logical_or, kept) if kept else np.zeros(shape, dtype=bool)
+        return full, kept
+    axis, at, first_before = cut
+    full = resize(blobs[0] + blobs[1], shape) > threshold
+    before, after = np.zeros(shape, dtype=bool), np.zeros(shape, dtype=bool)
+    if axis == 0:
+        before[:at], after[at:] = full[:at], full[at:]
+    else:
+        before[:, :at], after[:, at:] = full[:, :at], full[:, at:]
+    return full, ([before, after] if first_before else [after, before])
+
+
+#: Empty model rows or columns needed between the blobs for :func:`lung_masks`' single upsample.
+SPLIT_GAP = 2
+
+
+def _blob_cut(
+    blobs: list[np.ndarray], source: tuple[int, int], shape: tuple[int, int]
+) -> tuple[int, int, bool] | None:
+    """(axis, full-resolution index, whether blob 0 lies before it) of a cut between the two blobs, or None.
+
+    Only where :func:`~.preprocess.resize` enlarges by at least 2 along the cut's
+    axis and interpolates bilinearly (OpenCV's ``fx = (x + 0.5) * S / W - 0.5``).
+    """
+    if shape[0] < source[0] and shape[1] < source[1]:  # area averaging: not a 2 x 2 read
+        return None
+    for axis in (1, 0):
+        if shape[axis] < 2 * source[axis]:
+            continue
+        spans = [np.flatnonzero(blob.any(axis=1 - axis)) for blob in blobs]
+        (a0, a1), (b0, b1) = [(int(s[0]), int(s[-1])) for s in spans]
+        first_before = a1 < b0
+        low_end, high_start = (a1, b0) if first_before else (b1, a0)
+        if high_start - low_end - 1 < SPLIT_GAP:
+            continue
+        # The cut's full-resolution index maps to model coordinate g + 0.5, g = low_end + 1 the first empty
+        # line: indices below it read model lines <= g + 1 (empty or the low blob's), those from it >= g.
+        g = low_end + 1
+        at = int(round((g + 1) * shape[axis] / source[axis] - 0.5))
+        return axis, at, first_before
+    return None
+
+
 def stage_sources(pixels: np.ndarray, lung_spec: ModelSpec, disease_spec: ModelSpec) -> tuple[np.ndarray, np.ndarray]:
     """The images Stage I and Stage II start from: the pixels, or their equalised copy where a model wants it."""
     equalized = equalize(pixels) if lung_spec.equalize or disease_spec.equalize else pixels
@@ -146,11 +205,22 @@ def lung_crop(
     image: np.ndarray, prob: np.ndarray, threshold: float, min_fraction: float, margin: float
 ) -> LungCrop:
     """Lung masks from Stage I's ``prob``, and ``image`` masked and cropped to them (Danilov's single crop)."""
-    kept = lung_blobs(prob, threshold, min_fraction, image.shape)
-    # Pairwise OR: np.logical_or.reduce(list) first stacks the masks into one (n, H, W) copy.
-    full = functools.reduce(np.logical_or, kept) if kept else np.zeros(image.shape, dtype=bool)
+    full, kept = lung_masks(prob, threshold, min_fraction, image.shape)
     box = lung_box(full, margin)
     return LungCrop(full, kept, box, masked_lung_crop(image, full, box))
+
+
+def disease_mask(seg: np.ndarray, p: float, threshold: float, box: CropBox, lungs: np.ndarray) -> np.ndarray:
+    """Full-resolution disease mask: Stage II's opacity gated by P(disease) >= 0.5, upsampled into ``box``,
+    inside the lungs.
+
+    Only the box is thresholded and ANDed with the lungs (outside it the mask is 0 whatever the lungs);
+    ``box.paste(resize(seg * gate, box.shape) > threshold, lungs.shape) & lungs``, without a full-size AND.
+    """
+    refined = seg * float(p >= 0.5)
+    disease = np.zeros(lungs.shape, dtype=bool)
+    np.logical_and(resize(refined, box.shape) > threshold, box.take(lungs), out=box.take(disease))
+    return disease
 
 
 class ResultBuilder:
@@ -172,8 +242,7 @@ class ResultBuilder:
         timings_ms: dict[str, float],
     ) -> Result:
         t_post = time.perf_counter()
-        refined = seg * float(p >= 0.5)
-        disease = box.paste(resize(refined, box.shape) > self.disease_threshold, r.shape) & lungs
+        disease = disease_mask(seg, p, self.disease_threshold, box, lungs)
         scores, zones = score(
             lungs, disease, self.scoring, r.patient_orientation, r.image_laterality, r.pixel_spacing_mm, kept
         )
