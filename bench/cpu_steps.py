@@ -105,7 +105,7 @@ def score_one(pipeline: Pipeline, path: Path, scratch: Path, clock: Clock, seg_s
     lung_spec, disease_spec = pipeline.lungs_model.spec, pipeline.disease_model.spec
     ds = clock("read (dcmread)", lambda: pydicom.dcmread(path))
     r = clock("decode + LUTs", lambda: radiograph_from_dataset(ds, "bench"))
-    stage1_image, stage2_image = clock("equalise", lambda: stage_sources(r.pixels, lung_spec, disease_spec))
+    stage1_image, stage2_image = clock("equalise", lambda: stage_sources(r, lung_spec, disease_spec))
     inputs = clock("stage1 inputs", lambda: model_inputs([stage1_image], lung_spec))
     lung_probs, _ = clock("stage1 network", lambda: pipeline.lungs_model(inputs))
     settings = pipeline.settings

@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 import pytest
 
-from cxrtriage.inference.preprocess import CropBox, equalize, masked_lung_crop, normalise, resize, to_u8
+from cxrtriage.inference.preprocess import CropBox, equalize, equalized_table, masked_lung_crop, normalise, resize, to_u8
 from cxrtriage.inference.radiograph import _histogram, lookup
 from cxrtriage.inference.scoring import (
     ZONE_NAMES,
@@ -216,3 +216,20 @@ def test_disease_mask_equals_paste_then_and() -> None:
         assert got.dtype == bool and np.array_equal(got, expected)
         non_empty += bool(expected.any())
     assert non_empty >= 5
+
+
+@pytest.mark.parametrize("top", [1, 255, 4095, 65535])
+def test_equalized_table_equals_equalizing_the_looked_up_image(top: int) -> None:
+    """Equalising through the stored values (a table and their counts) gives :func:`equalize` of the image,
+    bit for bit: values on the 8-bit rounding boundaries, codes that never occur, one grey level."""
+    for case in range(6):
+        codes = RNG.integers(0, top + 1, (int(RNG.integers(1, 300)), int(RNG.integers(1, 300)))).astype(np.uint16)
+        if case == 0:
+            codes[:] = codes.flat[0]  # one grey level
+        table = RNG.random(top + 1).astype(np.float32)
+        boundary = (RNG.integers(0, 255, top + 1) + np.float32(0.5)) / np.float32(255)
+        table = np.where(RNG.random(top + 1) < 0.3, boundary.astype(np.float32), table)
+        table[RNG.random(top + 1) < 0.05] = 1.0
+        counts = np.bincount(codes.ravel(), minlength=top + 1)
+        got = lookup(equalized_table(table, counts), codes)
+        np.testing.assert_array_equal(got, equalize(lookup(table, codes)))

@@ -104,7 +104,8 @@ def test_the_stored_value_table_gives_the_per_pixel_presentation(rg1: Path, vari
     from pydicom.dataset import Dataset
     from pydicom.sequence import Sequence
 
-    from cxrtriage.inference.radiograph import dicom_pixels
+    from cxrtriage.inference.preprocess import equalize
+    from cxrtriage.inference.radiograph import Radiograph, dicom_image, dicom_pixels
 
     ds = pydicom.dcmread(rg1)  # MONOCHROME1, 16-bit, with a window
     rng = np.random.default_rng(7)
@@ -138,3 +139,9 @@ def test_the_stored_value_table_gives_the_per_pixel_presentation(rg1: Path, vari
     np.testing.assert_allclose(table, _per_pixel(ds), rtol=0, atol=1e-6)
     if variant != "flat":
         assert table.min() == 0.0 and table.max() == 1.0
+    # Scoring reads only the equalised image: made from the stored values, bit for bit, the pixels never made
+    radiograph = Radiograph(dicom_image(ds), "stored")
+    equalized = radiograph.equalized()
+    assert radiograph.stored is not None and radiograph._pixels is None
+    np.testing.assert_array_equal(equalized, equalize(table))
+    np.testing.assert_array_equal(radiograph.pixels, table)

@@ -92,10 +92,10 @@ def prepare(path: Path, sop_instance_uid: str, keep_pixels: bool = True) -> Prep
         r = radiograph_from_dataset(ds, sop_instance_uid)
     except RadiographError as exc:
         return InstanceRefused(exc.reason, exc.detail)
-    stage1, stage2 = stage_sources(r.pixels, worker.lung_spec, worker.disease_spec)
+    stage1, stage2 = stage_sources(r, worker.lung_spec, worker.disease_spec)
     arrays = {"stage1": model_inputs([stage1], worker.lung_spec)[0], "stage2": stage2}
-    if keep_pixels and stage2 is not r.pixels:
-        arrays["pixels"] = r.pixels
+    if keep_pixels and stage2 is not (pixels := r.pixels):  # made here only when asked for
+        arrays["pixels"] = pixels
     block = write_block(arrays)
     return Prepared(block, path, r.source, r.pixel_spacing_mm, r.patient_orientation, r.image_laterality,
                     r.sop_instance_uid, r.study_instance_uid, time.perf_counter() - t0)

@@ -16,6 +16,7 @@ that the result types can be imported cheaply.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,6 +24,8 @@ from typing import TYPE_CHECKING, Any
 from ..dicom_header import EncodedObject
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from .pipeline import Pipeline, Result
 
 
@@ -71,15 +74,15 @@ def score_instance(
         return InstanceRefused(exc.reason, exc.detail)
     result = pipeline(radiograph)
     t1 = time.perf_counter()
-    outcome = encode_result(ds, radiograph.pixels, result, overlay, jpeg2000=jpeg2000,
+    outcome = encode_result(ds, lambda: radiograph.pixels, result, overlay, jpeg2000=jpeg2000,
                             secondary_capture=secondary_capture)
     outcome.seconds = {"inference": t1 - t0, "dicom_results": time.perf_counter() - t1}
     return outcome
 
 
 def encode_result(
-    ds: Any, pixels: Any, result: Result, overlay: Path | None = None, *, jpeg2000: bool = False,
-    secondary_capture: bool = False, reference: bool = False,
+    ds: Any, pixels: np.ndarray | Callable[[], np.ndarray], result: Result, overlay: Path | None = None, *,
+    jpeg2000: bool = False, secondary_capture: bool = False, reference: bool = False,
 ) -> InstanceScored:
     """A pipeline result as the node stores it: the SEG and SR (and SC) encoded, the overlay written, the scores.
 
@@ -91,9 +94,13 @@ def encode_result(
     from .secondary_capture import encode_secondary_capture
 
     seg, sr = encode_result_objects(ds, result, jpeg2000=jpeg2000, reference=reference)
-    sc = encode_secondary_capture(ds, pixels, result) if secondary_capture else None
-    if overlay is not None:
-        write_overlay(overlay, pixels, result)
+    if secondary_capture or overlay is not None:  # the only readers of the pixels: a callable makes them now
+        image = pixels() if callable(pixels) else pixels
+        sc = encode_secondary_capture(ds, image, result) if secondary_capture else None
+        if overlay is not None:
+            write_overlay(overlay, image, result)
+    else:
+        sc = None
     scores = result.scores
     return InstanceScored(
         details=result.as_dict(), total=scores.total, brixia_total=scores.brixia_total, p_disease=result.p_disease,

@@ -27,7 +27,7 @@ from ..config import InferenceSettings
 from .identity import ModelIdentity
 from .models import ModelSpec
 from .predictors import Predictor, make_predictor
-from .preprocess import CropBox, equalize, lung_box, masked_lung_crop, normalise, resize
+from .preprocess import CropBox, lung_box, masked_lung_crop, normalise, resize
 from .presets import model_specs, scoring_config
 from .radiograph import Radiograph
 from .result_model import ImageResult
@@ -178,10 +178,16 @@ def _blob_cut(
     return None
 
 
-def stage_sources(pixels: np.ndarray, lung_spec: ModelSpec, disease_spec: ModelSpec) -> tuple[np.ndarray, np.ndarray]:
-    """The images Stage I and Stage II start from: the pixels, or their equalised copy where a model wants it."""
-    equalized = equalize(pixels) if lung_spec.equalize or disease_spec.equalize else pixels
-    return (equalized if lung_spec.equalize else pixels), (equalized if disease_spec.equalize else pixels)
+def stage_sources(
+    radiograph: Radiograph, lung_spec: ModelSpec, disease_spec: ModelSpec
+) -> tuple[np.ndarray, np.ndarray]:
+    """The images Stage I and Stage II start from: the pixels, or their equalised copy where a model wants it
+    (made from the stored values where the radiograph keeps them: the pixels themselves are then never made)."""
+    if not (lung_spec.equalize or disease_spec.equalize):
+        return radiograph.pixels, radiograph.pixels
+    equalized = radiograph.equalized()
+    return (equalized if lung_spec.equalize else radiograph.pixels), (
+        equalized if disease_spec.equalize else radiograph.pixels)
 
 
 def model_inputs(images: Sequence[np.ndarray], spec: ModelSpec) -> np.ndarray:
@@ -298,7 +304,7 @@ class Pipeline:
         t0 = time.perf_counter()
         lung_spec = self.lungs_model.spec
         disease_spec = self.disease_model.spec
-        sources = [stage_sources(r.pixels, lung_spec, disease_spec) for r in radiographs]
+        sources = [stage_sources(r, lung_spec, disease_spec) for r in radiographs]
         lung_probs, _ = self.lungs_model(model_inputs([s[0] for s in sources], lung_spec))
         t1 = time.perf_counter()
 

@@ -47,10 +47,21 @@ def equalize(image: np.ndarray) -> np.ndarray:
     return cv2.LUT(as_u8, _equalize_levels(cv2.calcHist([as_u8], [0], None, [256], [0, 256]).ravel()))
 
 
+def equalized_table(values: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """:func:`equalize` as a table: what each of ``values`` (float32 in [0, 1]) becomes in an image where
+    ``values[i]`` occurs ``counts[i]`` times; the equalised image is then one lookup, bit for bit the same
+    (below :data:`EQUALIZE_TABLE_LIMIT` pixels, where :func:`equalize` uses :func:`_equalize_levels` too)."""
+    as_u8 = to_u8(values.reshape(1, -1)).ravel()  # the same rounding as the image's, value by value
+    hist = np.bincount(as_u8, weights=counts, minlength=256)  # float64 sums of integers: exact
+    return _equalize_levels(hist)[0, as_u8]
+
+
 #: Level k of an 8-bit image as float32 k / 255 (what ``astype(np.float32) / 255.0`` gives).
 _UNIT_LEVELS = (np.arange(256, dtype=np.float32) / 255.0).reshape(1, 256)
 #: cv2.calcHist counts in float32: exact below 2**24 pixels.
 _FLOAT_EXACT = 2**24
+#: Images at least this large are equalised by OpenCV's own equalizeHist, not by a table.
+EQUALIZE_TABLE_LIMIT = _FLOAT_EXACT
 #: Rows per block of :func:`to_u8`: its float32 scratch stays in the cache.
 _BLOCK_ROWS = 64
 

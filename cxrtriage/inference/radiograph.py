@@ -14,7 +14,7 @@ DICOM node can map it to a status and a log line; nothing else escapes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -22,6 +22,7 @@ import cv2
 import numpy as np
 
 from ..dicom_header import truncated_element
+from .preprocess import EQUALIZE_TABLE_LIMIT, equalize, equalized_table
 
 #: SOP classes accepted as chest radiographs (PS3.4 B.5).
 ACCEPTED_SOP_CLASSES: dict[str, str] = {
@@ -96,22 +97,76 @@ class UnreadableImageError(RadiographError):
     reason = "unreadable"
 
 
-@dataclass
-class Radiograph:
-    """A decoded radiograph and the header facts the pipeline uses."""
+@dataclass(frozen=True)
+class StoredValues:
+    """A grey image as its stored values and one presentation value per stored value.
 
-    pixels: np.ndarray  # float32 (rows, columns) in [0, 1], MONOCHROME2
-    source: str
-    pixel_spacing_mm: tuple[float, float] | None = None
-    patient_orientation: list[str] | None = None
-    image_laterality: str | None = None
-    sop_instance_uid: str | None = None
-    study_instance_uid: str | None = None
-    dataset: Any = field(default=None, repr=False)  # the pydicom Dataset, for DICOM inputs
+    Every step from stored value to presentation (rescale, LUTs, windows, inversion,
+    stretch) maps a stored value to one value, so the chain runs once per stored value
+    (``table``) and an image is one lookup; ``counts`` (pixels per stored value) gives
+    any histogram of a per-value table without reading the pixels again.
+    """
+
+    codes: np.ndarray  # (rows, columns) non-negative integers, indices into table
+    table: np.ndarray  # float32 in [0, 1], one per code
+    counts: np.ndarray  # int64, pixels per code
+
+    def pixels(self) -> np.ndarray:
+        return lookup(self.table, self.codes)
+
+
+class Radiograph:
+    """A decoded radiograph and the header facts the pipeline uses.
+
+    ``pixels`` are float32 (rows, columns) in [0, 1], MONOCHROME2. Built from
+    :class:`StoredValues` (grey DICOM of at most 16 bits), the pixel array is made
+    when something first reads it: scoring reads only :meth:`equalized`, which is
+    one lookup from the stored values too.
+    """
+
+    def __init__(
+        self,
+        pixels: np.ndarray | StoredValues,
+        source: str,
+        pixel_spacing_mm: tuple[float, float] | None = None,
+        patient_orientation: list[str] | None = None,
+        image_laterality: str | None = None,
+        sop_instance_uid: str | None = None,
+        study_instance_uid: str | None = None,
+        dataset: Any = None,  # the pydicom Dataset, for DICOM inputs
+    ) -> None:
+        self.stored: StoredValues | None = pixels if isinstance(pixels, StoredValues) else None
+        self._pixels: np.ndarray | None = None if isinstance(pixels, StoredValues) else pixels
+        self.source = source
+        self.pixel_spacing_mm = pixel_spacing_mm
+        self.patient_orientation = patient_orientation
+        self.image_laterality = image_laterality
+        self.sop_instance_uid = sop_instance_uid
+        self.study_instance_uid = study_instance_uid
+        self.dataset = dataset
+
+    @property
+    def pixels(self) -> np.ndarray:
+        if self._pixels is None:
+            assert self.stored is not None
+            self._pixels = self.stored.pixels()
+        return self._pixels
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.pixels.shape
+        if self._pixels is not None:
+            return self._pixels.shape
+        assert self.stored is not None
+        return self.stored.codes.shape
+
+    def equalized(self) -> np.ndarray:
+        """:func:`~.preprocess.equalize` of :attr:`pixels`, without making them where the stored values are kept."""
+        if self.stored is None or self._pixels is not None or self.stored.codes.size >= EQUALIZE_TABLE_LIMIT:
+            return equalize(self.pixels)
+        return lookup(equalized_table(self.stored.table, self.stored.counts), self.stored.codes)
+
+    def __repr__(self) -> str:
+        return f"Radiograph(source={self.source!r}, shape={self.shape})"
 
 
 def stretch(values: np.ndarray, low_pct: float = 0.5, high_pct: float = 99.5) -> np.ndarray:
@@ -173,6 +228,12 @@ def check_header(ds: Any) -> None:
 
 def dicom_pixels(ds: Any) -> np.ndarray:
     """Presentation pixels of a checked dataset, float32 in [0, 1] (MONOCHROME2)."""
+    image = dicom_image(ds)
+    return image.pixels() if isinstance(image, StoredValues) else image
+
+
+def dicom_image(ds: Any) -> np.ndarray | StoredValues:
+    """:func:`dicom_pixels`, kept as :class:`StoredValues` for grey images of at most 16-bit integers."""
     try:
         raw = ds.pixel_array
     except Exception as exc:  # pydicom raises many types for codec problems
@@ -210,7 +271,7 @@ def _presentation(values: np.ndarray, ds: Any, photometric: str, present: np.nda
     return values
 
 
-def _stored_value_lut(raw: np.ndarray, ds: Any, photometric: str) -> np.ndarray:
+def _stored_value_lut(raw: np.ndarray, ds: Any, photometric: str) -> StoredValues:
     """:func:`stretch` of :func:`_presentation`, computed once per stored value instead of once per pixel.
 
     Every step maps a stored value to one output value (rescale, LUTs, windows, inversion), so
@@ -229,8 +290,8 @@ def _stored_value_lut(raw: np.ndarray, ds: Any, photometric: str) -> np.ndarray:
     if hi <= lo:
         lo, hi = float(table[present].min()), float(table[present].max())
     if hi <= lo:
-        return np.zeros(raw.shape, np.float32)
-    return lookup(np.clip((table - lo) / (hi - lo), 0.0, 1.0).astype(np.float32), codes)
+        return StoredValues(codes, np.zeros(table.shape, np.float32), counts)
+    return StoredValues(codes, np.clip((table - lo) / (hi - lo), 0.0, 1.0).astype(np.float32), counts)
 
 
 #: Rows per block of :func:`lookup`: its int64 index copy stays in the cache.
@@ -294,7 +355,7 @@ def _spacing(ds: Any) -> tuple[float, float] | None:
 def radiograph_from_dataset(ds: Any, source: str = "<dataset>") -> Radiograph:
     """Check and decode an in-memory pydicom Dataset."""
     check_header(ds)
-    pixels = dicom_pixels(ds)
+    pixels = dicom_image(ds)
     orientation = ds.get("PatientOrientation")
     laterality = ds.get("ImageLaterality") or ds.get("Laterality")
     return Radiograph(
