@@ -96,7 +96,7 @@ def test_device_ops_give_the_cpu_pipelines_masks_box_and_stage2_input(crs: list[
     settings = pipeline.settings
     for path in crs[:1]:
         r = load_dicom(path)
-        stage1, stage2 = stage_sources(r.pixels, lung_spec, disease_spec)
+        stage1, stage2 = stage_sources(r, lung_spec, disease_spec)
         prob = pipeline.lungs_model(model_inputs([stage1], lung_spec))[0][0]
         expected = lung_crop(stage2, prob, lung_spec.pixel_threshold, settings.min_lung_blob_fraction,
                              settings.crop_margin)
@@ -228,3 +228,14 @@ def test_a_node_scores_through_the_engine(crs: list[Path], tmp_path: Path) -> No
     finally:
         node.stop()
         db.dispose()
+
+
+def test_results_of_a_batch_go_back_to_their_images_around_the_failed_ones() -> None:
+    """Stage II's batch holds only the images whose Stage I post-processing worked; each result goes back
+    to its own image and each failure stays in its place."""
+    from cxrtriage.inference.engine import in_batch_order
+
+    failed = [ValueError("first"), ValueError("third")]
+    crops: list[object] = [failed[0], "b", failed[1], "d", "e"]
+    assert in_batch_order(crops, lambda crop, i: (crop, i)) == [failed[0], ("b", 0), failed[1], ("d", 1), ("e", 2)]
+    assert in_batch_order([], lambda crop, i: i) == []

@@ -26,6 +26,7 @@ import threading
 import time
 import traceback
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
@@ -102,21 +103,31 @@ class HostStages:
         seg, p = self.disease(model_inputs([c.crop for c in good], disease_spec)) if good else (None, None)
         if p is None and seg is not None:  # a segmentation-only Stage II model: gate on the mask itself
             p = np.array([float(s.max()) for s in seg])
-        out: list[Any] = []
-        done = iter(range(len(good)))
-        for crop in crops:
-            if isinstance(crop, Exception):
-                out.append(crop)
-                continue
-            i = next(done)
+
+        def output(crop: Any, i: int) -> tuple[dict[str, np.ndarray], tuple[int, ...], int, float]:
             labels = np.zeros(crop.lungs.shape, dtype=np.uint8)
             for k in range(len(crop.blobs) - 1, -1, -1):
                 labels[crop.blobs[k]] = k + 1
             box = crop.box
             assert seg is not None and p is not None
-            out.append(({"labels": labels, "seg": seg[i]}, (box.top, box.bottom, box.left, box.right),
-                        len(crop.blobs), float(p[i])))
-        return out
+            return ({"labels": labels, "seg": seg[i]}, (box.top, box.bottom, box.left, box.right),
+                    len(crop.blobs), float(p[i]))
+
+        return in_batch_order(crops, output)
+
+
+def in_batch_order(crops: list[Any], output: Callable[[Any, int], Any]) -> list[Any]:
+    """Each image's outcome in batch order: the exception it failed with, or ``output(crop, i)``, ``i`` its
+    index in Stage II's batch (which held the images that did not fail)."""
+    out: list[Any] = []
+    good = 0
+    for crop in crops:
+        if isinstance(crop, Exception):
+            out.append(crop)
+        else:
+            out.append(output(crop, good))
+            good += 1
+    return out
 
 
 class DeviceStages:
@@ -207,17 +218,14 @@ class DeviceStages:
         if good:
             seg, p = self._run(self.models[1], torch.stack([c[3] for c in good]))
             seg, p = seg.cpu().numpy(), p.cpu().numpy()
-        out: list[Any] = []
-        done = iter(range(len(good)))
-        for crop in crops:
-            if isinstance(crop, Exception):
-                out.append(crop)
-                continue
-            i = next(done)
+
+        def output(crop: Any, i: int) -> tuple[dict[str, np.ndarray], tuple[int, ...], int, float]:
             labels, box, blobs, _ = crop
             assert seg is not None and p is not None
-            out.append(({"labels": labels.cpu().numpy(), "seg": seg[i]}, (box.top, box.bottom, box.left, box.right),
-                        blobs, float(p[i])))
+            return ({"labels": labels.cpu().numpy(), "seg": seg[i]}, (box.top, box.bottom, box.left, box.right),
+                    blobs, float(p[i]))
+
+        out = in_batch_order(crops, output)
         self.copy_stream.synchronize()  # the pinned buffers are free for the next batch
         return out
 
