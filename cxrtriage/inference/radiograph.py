@@ -300,10 +300,14 @@ _LOOKUP_ROWS = 64
 
 def lookup(table: np.ndarray, codes: np.ndarray) -> np.ndarray:
     """``table[codes]`` for a 2-D integer image, a block of rows at a time (a quarter less CPU time than
-    one ``np.take``, which first copies the whole image into int64 indices)."""
+    one ``np.take``, which first copies the whole image into int64 indices).
+
+    Every code indexes the table (callers build it for codes 0..max), so ``mode="wrap"`` never wraps:
+    it only skips the bounds check of the default mode, about a third of the lookup's CPU time.
+    """
     out = np.empty(codes.shape, table.dtype)
     for top in range(0, codes.shape[0], _LOOKUP_ROWS):
-        np.take(table, codes[top:top + _LOOKUP_ROWS], out=out[top:top + _LOOKUP_ROWS])
+        np.take(table, codes[top:top + _LOOKUP_ROWS], out=out[top:top + _LOOKUP_ROWS], mode="wrap")
     return out
 
 
