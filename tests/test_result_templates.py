@@ -132,3 +132,47 @@ def test_a_source_highdicom_refuses_is_refused_alike(cases, change: str) -> None
             encode_result_objects(bad, result, reference=reference)
         refused.append(type(info.value))
     assert refused[0] is refused[1]
+
+
+def test_frames_packed_inside_their_boxes_equal_whole_plane_packing() -> None:
+    """A plane packed only inside a box holding its pixels is ``np.packbits`` of the whole plane, bit for bit
+    (rows of whole bytes, or the whole-plane fallback where rows do not end on a byte)."""
+    from cxrtriage.inference.result_templates import packed_frame
+    from cxrtriage.inference.scoring import EMPTY_BOX, bounds
+
+    rng = np.random.default_rng(15)
+    for columns in (64, 2048, 250, 13):
+        for _ in range(5):
+            rows = int(rng.integers(1, 90))
+            plane = np.zeros((rows, columns), bool)
+            top, left = int(rng.integers(0, rows)), int(rng.integers(0, columns))
+            plane[top:top + int(rng.integers(1, 30)), left:left + int(rng.integers(1, 40))] = rng.random() < 0.9
+            box = bounds(plane)
+            wider = (max(box[0] - 3, 0), box[1] + 2, max(box[2] - 5, 0), min(box[3] + 9, columns))
+            whole = np.packbits(plane, axis=None, bitorder="little")
+            for b in (box, wider, None) if plane.any() else (EMPTY_BOX, None):
+                np.testing.assert_array_equal(packed_frame(plane, b), whole)
+
+
+@pytest.mark.parametrize("orientation", [None, ["L", "F"], ["R", "F"], ["R", "H"], ["F", "L"], ["H", "R"]])
+def test_each_segment_lies_inside_its_box(orientation: list[str] | None) -> None:
+    """The boxes the SEG packs within hold every pixel of their segment, in every display orientation."""
+    from types import SimpleNamespace
+
+    from cxrtriage.inference.dicom_results import segmentation_plane_boxes, segmentation_planes
+
+    rng = np.random.default_rng(16)
+    lungs = np.zeros((120, 96), bool)
+    lungs[10:100, 8:40] = True
+    lungs[15:110, 55:90] = rng.random((95, 35)) < 0.95
+    disease = lungs & (rng.random(lungs.shape) < 0.2)
+    scores, zones = score(lungs, disease, ScoringConfig(0.3), orientation, None, None)
+    result = SimpleNamespace(zones=zones, disease=disease)
+    boxes = segmentation_plane_boxes(result)  # type: ignore[arg-type]
+    planes = segmentation_planes(result)  # type: ignore[arg-type]
+    assert boxes[2] is None and sum(b is not None for b in boxes) == 8
+    for plane, box in zip(planes, boxes):
+        if box is not None:
+            outside = plane.copy()
+            outside[box[0]:box[1], box[2]:box[3]] = False
+            assert plane.any() and not outside.any()

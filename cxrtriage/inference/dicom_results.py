@@ -45,7 +45,7 @@ from pydicom.valuerep import DA, DT, TM
 
 from ..dicom_header import EncodedObject, derived_uid
 from .pipeline import Result
-from .scoring import BRIXIA_LETTERS
+from .scoring import BRIXIA_LETTERS, Box, hull
 
 MANUFACTURER = "cxrtriage"
 MODEL_NAME = "cxrtriage zone severity"
@@ -190,6 +190,17 @@ def segmentation_planes(result: Result) -> list[np.ndarray]:
     """The SEG's segments 1-9 as full-resolution masks, in segment order."""
     zones = result.zones
     return [zones.right, zones.left, result.disease, *zones.zones]
+
+
+def segmentation_plane_boxes(result: Result) -> list[Box | None]:
+    """For each of :func:`segmentation_planes`, a box holding all its pixels, or None (unknown: the whole plane).
+
+    The zones carry their boxes; each lung is the union of its three zones. The disease mask has none.
+    """
+    boxes = result.zones.boxes
+    if boxes is None:
+        return [None] * (3 + len(result.zones.zones))
+    return [hull(boxes[:3]), hull(boxes[3:]), None, *boxes]
 
 
 def zone_values(result: Result, k: int) -> tuple[float, int, int]:

@@ -65,6 +65,7 @@ from .dataset_template import (
     short_element,
 )
 from .pipeline import Result
+from .scoring import Box
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +124,7 @@ class Values:
     codes: dict[str, hd.sr.CodedConcept]
     options: dict[str, bool]
     planes: list[np.ndarray]
+    boxes: list[Box | None]  # per plane, a box holding all its pixels (None: not known)
     present: list[bool]
     jpeg2000: bool
     acquisition: bytes | None = None  # the source's acquisition equipment item, once made
@@ -131,7 +133,7 @@ class Values:
     def packed_plane(self, index: int) -> np.ndarray:
         """Segment plane ``index`` bit-packed as DICOM packs 1-bit pixels (little bit order), made once."""
         if index not in self.packed:
-            self.packed[index] = np.packbits(self.planes[index], axis=None, bitorder="little")
+            self.packed[index] = packed_frame(self.planes[index], self.boxes[index])
         return self.packed[index]
 
     def overlap(self) -> bool:
@@ -148,6 +150,27 @@ class Values:
             else:
                 seen |= plane
         return False
+
+
+def packed_frame(plane: np.ndarray, box: Box | None) -> np.ndarray:
+    """``np.packbits(plane, axis=None, bitorder="little")``, reading only ``box`` (which holds all the plane's pixels).
+
+    With a whole number of bytes per row, packed rows start on byte boundaries: the box's rows are
+    packed over its columns widened to whole bytes, into a zeroed frame (a zone is a few percent of a film).
+    """
+    rows, columns = plane.shape
+    if box is None or columns % 8:
+        return np.packbits(plane, axis=None, bitorder="little")
+    frame = np.zeros((rows, columns // 8), np.uint8)
+    top, bottom, left, right = box
+    first, end = left // 8, -(-right // 8)
+    if bottom > top and end > first:
+        frame[top:bottom, first:end] = np.packbits(plane[top:bottom, 8 * first:8 * end], axis=1, bitorder="little")
+    return frame.ravel()
+
+
+def _inside(plane: np.ndarray, box: Box | None) -> np.ndarray:
+    return plane if box is None else plane[box[0]:box[1], box[2]:box[3]]
 
 
 def _values(source: Dataset, result: Result, now: datetime, jpeg2000: bool) -> Values:
@@ -168,14 +191,14 @@ def _values(source: Dataset, result: Result, now: datetime, jpeg2000: bool) -> V
         chosen[f"evaluation-{k}"] = codes.SCT.Present if s.binary[k] else codes.SCT.Absent
         chosen[f"severity-{k}"] = ref.SEVERITY.get(s.brixia[k], codes.SCT.Mild)
     scored = s.scored
-    planes = ref.segmentation_planes(result)
-    present = [bool(p.any()) for p in planes]
+    planes, boxes = ref.segmentation_planes(result), ref.segmentation_plane_boxes(result)
+    present = [bool(_inside(p, b).any()) for p, b in zip(planes, boxes)]
     omit = any(present)  # highdicom omits empty frames unless all are empty
     options = {f"zone-{k}": scored[k] for k in range(_ZONES)}
     options.update({f"severity-{k}": bool(s.brixia[k]) for k in range(_ZONES)})
     options["area"] = s.lesion_area_mm2 is not None
     options.update({f"frame-{i}": present[i] or not omit for i in range(len(planes))})
-    return Values(source, now, uids, numbers, chosen, options, planes, present, jpeg2000)
+    return Values(source, now, uids, numbers, chosen, options, planes, boxes, present, jpeg2000)
 
 
 _has_pixels: dict[str, bool] = {}
@@ -238,7 +261,7 @@ def _full(result: Result) -> Result:
     scores = replace(s, brixia=[b or 1 for b in s.brixia], zone_area_px=[1] * _ZONES,
                      lesion_area_mm2=s.lesion_area_mm2 if s.lesion_area_mm2 is not None else 1.0)
     ones = np.ones(result.lungs.shape, dtype=bool)
-    zones = replace(result.zones, right=ones, left=ones, zones=(ones,) * _ZONES)
+    zones = replace(result.zones, right=ones, left=ones, zones=(ones,) * _ZONES, boxes=None)  # whole planes now
     return replace(result, disease=ones, zones=zones, scores=scores)
 
 

@@ -63,6 +63,14 @@ def bounds(mask: np.ndarray) -> Box:
     return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
 
 
+def hull(boxes: Sequence[Box]) -> Box:
+    """The smallest box holding each of ``boxes`` (an empty one holds nothing); :data:`EMPTY_BOX` if all are empty."""
+    held = [b for b in boxes if b[1] > b[0] and b[3] > b[2]]
+    if not held:
+        return EMPTY_BOX
+    return min(b[0] for b in held), max(b[1] for b in held), min(b[2] for b in held), max(b[3] for b in held)
+
+
 def _take(array: np.ndarray, box: Box) -> np.ndarray:
     return array[box[0]:box[1], box[2]:box[3]]
 
