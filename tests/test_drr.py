@@ -342,3 +342,19 @@ def test_train_command_on_the_shipped_ct(tmp_path: Path) -> None:
                 "--batch-size", "2", "--train-images", "2", "--val-images", "2", "--workers", "1",
                 "--drr-cache", str(tmp_path / "cache"), "--out", str(tmp_path / "out")])
     assert read_spec(tmp_path / "out/lungs/lungs.safetensors").training_data == ("ct-derived",)
+
+
+def test_a_cached_drr_is_the_drr_first_rendered(synthetic_ct: tuple[Path, Path], tmp_path: Path) -> None:
+    """The first render and every later read from the cache give the same pixels (the cache keeps float16),
+    so a training or evaluation run does not depend on whether the cache was warm."""
+    from cxrtriage.inference.training.datasets import CTSource, cached_drr, prepare_volume
+
+    source = CTSource(str(synthetic_ct[0]), str(synthetic_ct[1]), lung_labels=(RIGHT_LABEL, LEFT_LABEL),
+                      spacing_mm=4.0)
+    volume_path = prepare_volume(source, tmp_path)
+    first = cached_drr(volume_path, 3)
+    again = cached_drr(volume_path, 3)
+    assert (volume_path.parent / "3.npz").exists()
+    assert first.image.dtype == again.image.dtype == np.float32
+    np.testing.assert_array_equal(first.image, again.image)
+    np.testing.assert_array_equal(first.disease, again.disease)

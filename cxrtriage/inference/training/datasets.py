@@ -311,6 +311,8 @@ def cached_drr(volume_path: str | Path, seed: int):  # -> DRR
                    view=meta["view"], lesion=meta["lesion"], params=meta["params"])
     volume, sides = _volume(str(volume_path))
     drr = render(volume, seed, sides=sides)  # type: ignore[arg-type]
+    # The cache keeps float16: hand back exactly what a later read gives, so cold and warm runs agree
+    drr.image = drr.image.astype(np.float16).astype(np.float32)
     meta = {"view": drr.view, "lesion": drr.lesion, "pixel_spacing_mm": drr.pixel_spacing_mm, "params": drr.params}
     tmp = cached.with_name(f"{seed}.{os.getpid()}.tmp.npz")
     np.savez(tmp, image=drr.image.astype(np.float16), shape=np.array(drr.image.shape),

@@ -222,7 +222,8 @@ def _score(metrics: dict[str, float]) -> float:
 def train(cfg: TrainConfig, on_step: Callable[[int, dict[str, float]], None] | None = None) -> TrainResult:
     """Train one stage; returns where the weights and the log were written."""
     torch.manual_seed(cfg.seed)
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    if "OMP_NUM_THREADS" not in os.environ:  # an explicit thread limit (a shared CPU) wins over all cores
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
     device = resolve_device(cfg.device)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
