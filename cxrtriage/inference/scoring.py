@@ -158,6 +158,8 @@ class LungPair:
     right: np.ndarray
     left: np.ndarray
     lungs_found: int
+    #: :func:`bounds` of right and left where already known (None: not yet computed)
+    boxes: tuple[Box | None, Box | None] = (None, None)
 
 
 def centroid_column(blob: np.ndarray, box: Box | None = None) -> float:
@@ -248,7 +250,7 @@ def split_lungs(mask: np.ndarray, image_laterality: str | None = None,
     boxes = [box for box in boxes if box != EMPTY_BOX][:2]
     found = len(blobs)
     if found == 0:
-        return LungPair(empty, empty.copy(), 0)
+        return LungPair(empty, empty.copy(), 0, (EMPTY_BOX, EMPTY_BOX))
     if found == 1:
         blob = blobs[0]
         split = _split_single_blob(blob)
@@ -257,11 +259,13 @@ def split_lungs(mask: np.ndarray, image_laterality: str | None = None,
         side = (image_laterality or "").upper()
         if side not in ("R", "L"):
             side = "R" if centroid_column(blob, boxes[0]) < mask.shape[1] / 2 else "L"
-        return LungPair(blob, empty, 1) if side == "R" else LungPair(empty, blob, 1)
+        if side == "R":
+            return LungPair(blob, empty, 1, (boxes[0], EMPTY_BOX))
+        return LungPair(empty, blob, 1, (EMPTY_BOX, boxes[0]))
     a, b = blobs
     if centroid_column(a, boxes[0]) <= centroid_column(b, boxes[1]):
-        return LungPair(a, b, found)
-    return LungPair(b, a, found)
+        return LungPair(a, b, found, (boxes[0], boxes[1]))
+    return LungPair(b, a, found, (boxes[1], boxes[0]))
 
 
 def lung_zones(lung: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -276,7 +280,7 @@ def lung_zones(lung: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return zones[0], zones[1], zones[2]
 
 
-def _lung_zones(lung: np.ndarray) -> tuple[list[np.ndarray], list[Box]]:
+def _lung_zones(lung: np.ndarray, box: Box | None = None) -> tuple[list[np.ndarray], list[Box]]:
     """:func:`lung_zones` and each zone's box (:func:`bounds` or larger).
 
     The cut rows come from the lung's pixel count per row; only the two
@@ -284,7 +288,7 @@ def _lung_zones(lung: np.ndarray) -> tuple[list[np.ndarray], list[Box]]:
     inside its band: the lung's pixels are read about twice, not once per
     zone and pixel index.
     """
-    box = bounds(lung)
+    box = bounds(lung) if box is None else box  # split_lungs has usually found it already
     zones = [np.zeros(lung.shape, dtype=bool) for _ in range(3)]
     if box == EMPTY_BOX:
         return zones, [EMPTY_BOX] * 3
@@ -437,8 +441,8 @@ def zone_masks(
     canonical_blobs = None if blobs is None else [transform.apply(b) for b in blobs]
     canonical = transform.apply(lung_mask)
     pair = split_lungs(canonical, image_laterality, canonical_blobs)
-    right, right_boxes = _lung_zones(pair.right)
-    left, left_boxes = _lung_zones(pair.left)
+    right, right_boxes = _lung_zones(pair.right, pair.boxes[0])
+    left, left_boxes = _lung_zones(pair.left, pair.boxes[1])
     back = tuple(np.ascontiguousarray(transform.invert(z)) for z in right + left)
     shape = (canonical.shape[0], canonical.shape[1])
     return ZoneMasks(
