@@ -1,10 +1,11 @@
 """The scoring engine on the CPU against today's pool: images/s and CPU seconds per image, alternating.
 
-    nice -n 10 python bench/engine_cpu.py [--images 8] [--rounds 2] [--processes 2] [--threads 4]
+    nice -n 10 python bench/engine_cpu.py [--images 24] [--rounds 3] [--processes 2] [--threads 0]
+                                          [--engine-threads 0] [--json bench/results/engine-cpu.json]
 
 Both contenders score the same phantom CRs (2048 x 1664 by default) as the
-node does (one blocking call per job from ``--threads`` scoring threads, no
-overlay): the :class:`~cxrtriage.inference.parallel.ScoringPool` with
+node does (one blocking call per job from as many scoring threads as the node
+gives that contender, no overlay): the :class:`~cxrtriage.inference.parallel.ScoringPool` with
 ``--processes`` workers each running the whole chain, and the
 :class:`~cxrtriage.inference.engine_jobs.EnginePool` with ``--processes`` CPU
 workers around one engine process (``device: cpu``). Each contender starts
@@ -57,12 +58,16 @@ def run_round(score: Callable[[Path, str], Any], files: list[Path], threads: int
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--images", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--images", type=int, default=24)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--processes", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=4, help="scoring threads submitting jobs, as the node's")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="scoring threads submitting jobs (0: as the node gives each contender: one per worker "
+                             "process for the pool, 2 x workers + max_batch for the engine, stages/scorers.py)")
     parser.add_argument("--rows", type=int, default=2048)
     parser.add_argument("--cols", type=int, default=1664)
+    parser.add_argument("--engine-threads", type=int, default=0,
+                        help="the engine's torch threads (0: the node's choice)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
@@ -74,18 +79,20 @@ def main() -> None:
                     for i in range(min(4, args.images))]
         files = [distinct[i % len(distinct)] for i in range(args.images)]
         pool = ScoringPool(settings, workers=args.processes)
-        engine = EnginePool(settings, args.processes)
+        engine = EnginePool(settings, args.processes, engine_threads=args.engine_threads)
         contenders: dict[str, Callable[[Path, str], Any]] = {
             "pool": lambda path, uid: pool.submit_instance(path, uid).result(),
             "engine": lambda path, uid: engine.score(path, uid),
         }
+        threads = {"pool": args.threads or args.processes,
+                   "engine": args.threads or 2 * args.processes + settings.max_batch}
         pool.warm_up(files[0])
         engine.warm_up(files[0])
         rounds: list[dict[str, Any]] = []
         try:
             for n in range(args.rounds):
                 for name in (("pool", "engine") if n % 2 == 0 else ("engine", "pool")):
-                    row = {"round": n, "contender": name, **run_round(contenders[name], files, args.threads)}
+                    row = {"round": n, "contender": name, **run_round(contenders[name], files, threads[name])}
                     print(json.dumps(row), flush=True)
                     rounds.append(row)
             print("engine batch sizes (size: batches):", dict(sorted(engine.engine.batch_sizes.items())))
