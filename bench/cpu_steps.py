@@ -2,6 +2,7 @@
 
     python bench/cpu_steps.py [--images 6] [--rounds 3] [--seg-sr templates|highdicom]
                               [--overlay lazy|per-image] [--phantoms DIR] [--json FILE]
+                              [--preset bundled|paper] [--precision fp32|bf16]
 
 Each step is timed with the process's CPU clock (``time.process_time``: the
 helper threads OpenCV starts are counted too) at one torch thread, on phantom CRs of a chest film's size scored by the
@@ -57,7 +58,7 @@ import pydicom  # noqa: E402
 import torch  # noqa: E402
 from netutil import free_port  # noqa: E402
 
-from cxrtriage.config import DicomSettings, InferenceSettings  # noqa: E402
+from cxrtriage.config import DicomSettings  # noqa: E402
 from cxrtriage.inference.dicom_results import build_result_objects  # noqa: E402
 from cxrtriage.inference.overlay import write_overlay  # noqa: E402
 from cxrtriage.inference.phantom import PhantomGenerator, write_cr  # noqa: E402
@@ -171,10 +172,16 @@ def main() -> None:
     parser.add_argument("--seg-sr", choices=("templates", "highdicom"), default="templates")
     parser.add_argument("--overlay", choices=("lazy", "per-image"), default="lazy")
     parser.add_argument("--phantoms", type=Path, default=None, help="keep and reuse the phantom CRs here")
+    parser.add_argument("--preset", choices=("bundled", "paper"), default="bundled",
+                        help="paper: the danilov2022 architectures with bench/paper_weights.py's weights")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     args = parser.parse_args()
     torch.set_num_threads(1)
     cv2.setNumThreads(1)  # one thread, as torch: the CPU time is the same, without the pool's spinning
-    pipeline = Pipeline(InferenceSettings(device="cpu", threads=1))
+    from pipeline import bench_settings  # bench/pipeline.py: the paper preset's cached weights
+
+    settings = bench_settings(args.preset, "cpu", 1).model_copy(update={"threads": 1, "precision": args.precision})
+    pipeline = Pipeline(settings)
     rounds: list[dict[str, float]] = []
     with tempfile.TemporaryDirectory() as tmp:
         scratch = Path(tmp)
@@ -200,7 +207,7 @@ def main() -> None:
     median = {k: statistics.median(r[k] for r in rounds) for k in steps}
     outside = sum(v for k, v in median.items() if k not in NETWORKS and k != ON_VIEW)
     print(f"{args.images} phantom CRs of {ROWS}x{COLS}, {args.rounds} rounds, 1 thread, SEG + SR by {args.seg_sr}, "
-          "CPU ms per image (median)")
+          f"{args.preset} models in {args.precision}, CPU ms per image (median)")
     print(f"lung pixels {min(m[0] for m in masks)}-{max(m[0] for m in masks)}, "
           f"opacity pixels {min(m[1] for m in masks)}-{max(m[1] for m in masks)} (non-empty masks)")
     for k in steps:
@@ -213,6 +220,7 @@ def main() -> None:
         args.json.write_text(json.dumps({
             "command": " ".join(["python", *sys.argv]), "clock": "process_time",
             "machine": {"cpus": os.cpu_count(), "torch_threads": 1, "cv2_threads": 1}, "seg_sr": args.seg_sr,
+            "preset": args.preset, "precision": args.precision,
             "overlay": args.overlay, "images": args.images,
             "rows": ROWS,
             "columns": COLS, "rounds": rounds, "median_ms": median, "outside_networks_ms": outside,
