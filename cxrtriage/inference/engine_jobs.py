@@ -16,16 +16,16 @@ from __future__ import annotations
 import multiprocessing
 import os
 import time
-from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ..config import InferenceSettings
 from .engine import EngineError, EngineOutput, ScoringEngine
 from .instance import InstanceRefused, InstanceScored
-from .parallel import threads_per_worker
+from .parallel import RestartingPool, threads_per_worker
 from .shm import Block, open_block, unlink, write_block
 
 if TYPE_CHECKING:
@@ -137,7 +137,7 @@ def _warm(_: int) -> int:
     return os.getpid()
 
 
-class EnginePool:
+class EnginePool(RestartingPool):
     """CPU worker processes around one :class:`~.engine.ScoringEngine`; :meth:`score` is one node job.
 
     ``workers`` 0 means one per core. Blocks are unlinked here, whatever
@@ -162,14 +162,6 @@ class EnginePool:
             max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"),
             initializer=_start_worker, initargs=(self._settings_json,),
         )
-
-    def _submit(self, fn: Any, *args: Any) -> Future[Any]:
-        try:
-            return self.executor.submit(fn, *args)
-        except BrokenProcessPool:
-            self.executor.shutdown(wait=False, cancel_futures=True)
-            self.executor = self._start()
-            return self.executor.submit(fn, *args)
 
     def warm_up(self, sample: Path | None = None, timeout: float = 300.0) -> None:
         """Start the engine (models loaded) and every worker; with ``sample``, also run the networks once per

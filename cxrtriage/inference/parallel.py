@@ -19,6 +19,7 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
+from typing import Any
 
 from ..config import InferenceSettings
 from .instance import InstanceRefused, InstanceScored, score_instance
@@ -53,7 +54,29 @@ def threads_per_worker(workers: int, cores: int | None = None) -> int:
     return max(1, (cores or os.cpu_count() or 1) // workers)
 
 
-class ScoringPool:
+class RestartingPool:
+    """Worker processes (``executor``, made by :meth:`_start`) that start again when one has died.
+
+    A dead worker (killed for memory, say) breaks a ``ProcessPoolExecutor``: the
+    jobs in flight fail and are retried by the queue; the next submission starts
+    a new pool rather than failing too.
+    """
+
+    executor: ProcessPoolExecutor
+
+    def _start(self) -> ProcessPoolExecutor:
+        raise NotImplementedError
+
+    def _submit(self, fn: Any, *args: Any) -> Future[Any]:
+        try:
+            return self.executor.submit(fn, *args)
+        except BrokenProcessPool:
+            self.executor.shutdown(wait=False, cancel_futures=True)
+            self.executor = self._start()
+            return self.executor.submit(fn, *args)
+
+
+class ScoringPool(RestartingPool):
     """``workers`` processes scoring files; results come back in input order.
 
     Use as a context manager. :meth:`warm_up` waits until every worker has
@@ -122,13 +145,7 @@ class ScoringPool:
         A worker that died (killed for memory, say) breaks the pool: the jobs
         in flight fail and are retried by the queue, and a new pool starts.
         """
-        args = (path, sop_instance_uid, overlay, jpeg2000, secondary_capture)
-        try:
-            return self.executor.submit(_score_instance_in_worker, *args)
-        except BrokenProcessPool:
-            self.executor.shutdown(wait=False, cancel_futures=True)
-            self.executor = self._start()
-            return self.executor.submit(_score_instance_in_worker, *args)
+        return self._submit(_score_instance_in_worker, path, sop_instance_uid, overlay, jpeg2000, secondary_capture)
 
     def close(self) -> None:
         self.executor.shutdown(wait=True, cancel_futures=True)
