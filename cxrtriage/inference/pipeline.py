@@ -108,21 +108,16 @@ def model_blobs(prob: np.ndarray, threshold: float, min_fraction: float) -> list
     return [cleaned * blob for blob in largest_components(cleaned > threshold, 2)]
 
 
-def lung_blobs(prob: np.ndarray, threshold: float, min_fraction: float, shape: tuple[int, int]) -> list[np.ndarray]:
-    """The (at most) two lungs as full-resolution masks, largest first, separated at the model's resolution.
+def lung_masks(
+    prob: np.ndarray, threshold: float, min_fraction: float, shape: tuple[int, int]
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The lungs' union and the (at most) two lungs as full-resolution masks, largest first, separated at the
+    model's resolution.
 
     Each kept component's probability (:func:`model_blobs`) is brought to the
     image's size and thresholded, once. Two components are at least one model
     pixel apart, so their full-resolution masks never overlap, and no
     5-megapixel mask is labelled (that cost about 35 CPU-ms per labelling).
-    """
-    return [resize(blob, shape) > threshold for blob in model_blobs(prob, threshold, min_fraction)]
-
-
-def lung_masks(
-    prob: np.ndarray, threshold: float, min_fraction: float, shape: tuple[int, int]
-) -> tuple[np.ndarray, list[np.ndarray]]:
-    """The union of :func:`lung_blobs` and the blobs themselves (the same masks), with one upsample, not two.
 
     Where the two blobs lie on either side of at least :data:`SPLIT_GAP` empty
     model rows or columns, their sum is upsampled once and cut along the gap:
