@@ -16,7 +16,9 @@ Phases, in this order (the JSON is rewritten after each, so a run cut short keep
 5. ``end_to_end``: DICOM files in, SEG + SR files out, with as many CPU worker processes as the box
    has cores: through the scoring engine where cxrtriage.stages.engine_scorer exists (``max_batch``
    = ``--batch``), else through ``ScoringPool`` (every worker on the GPU, ``--pool-batch`` per call).
-   Reported as images/s, CPU s/image and the fraction of the models-alone ceiling.
+   Reported as images/s, CPU s/image and the fraction of the models-alone ceiling. Then, on the same started
+   engine, ``steady_latency``: images offered at a steady ``--latency-rate`` (50/s) for ``--latency-seconds``,
+   open loop, p50/p95/p99 from hand-over to SEG + SR bytes (the first quarter left out as warm-up).
 6. ``ceiling_compiled``: phase 3 with ``torch.compile(mode="reduce-overhead")`` (CUDA graphs); skipped
    on the dry run and with ``--no-compile``.
 
@@ -177,6 +179,49 @@ def models_alone(specs: tuple[ModelSpec, ModelSpec], device_name: str, batch: in
             "images_per_s": batch / (both / 1000)}
 
 
+def steady_latency(scorer: Callable[[Path, str, Path | None], Any], files: list[Path], rate: float,
+                   seconds: float, settle: float) -> dict[str, Any]:
+    """Offer ``files`` (cycled) at ``rate`` images/s for ``seconds``, open loop: each image is handed over at its
+    time whether or not earlier ones are done. Latency is from that time to its SEG + SR bytes (no network, no
+    disk); images offered in the first ``settle`` seconds warm the queues and are left out of the percentiles."""
+    import pydicom
+
+    uids = [str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files]
+    count = max(1, int(rate * seconds))
+    latencies: list[tuple[float, float]] = []  # (offered at, seconds to result)
+    failures: list[str] = []
+    lock = threading.Lock()
+
+    def one(i: int, due: float) -> None:
+        outcome = scorer(files[i % len(files)], uids[i % len(files)], None)  # scoring keeps no state per UID
+        done = time.perf_counter()
+        with lock:
+            if hasattr(outcome, "objects"):
+                latencies.append((due - start, done - due))
+            else:
+                failures.append(f"{outcome.reason}")
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max(8, int(rate * 4))) as threads:
+        start = time.perf_counter()
+        for i in range(count):
+            due = start + i / rate
+            time.sleep(max(0.0, due - time.perf_counter()))
+            threads.submit(one, i, due)
+    finished = time.perf_counter() - start
+    kept = sorted(lat for at, lat in latencies if at >= settle) or sorted(lat for _, lat in latencies)
+
+    def pct(q: float) -> float:
+        return round(1000 * kept[min(len(kept) - 1, int(q * len(kept)))], 1) if kept else float("nan")
+
+    return {"offered_per_s": rate, "offered": count, "seconds": seconds, "settle_s": settle,
+            "completed": len(latencies), "failed": len(failures), "failures": failures[:5],
+            "achieved_per_s": len(latencies) / finished, "measured": len(kept),
+            "latency_ms": {"p50": pct(0.50), "p95": pct(0.95), "p99": pct(0.99), "max": pct(1.0)},
+            "note": "engine scorer called directly: decode, both networks, SEG + SR bytes; no C-STORE, no disk"}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=None, help=f"output folder (${OUT_ENV}, else bench/results)")
@@ -193,6 +238,8 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, nargs=2, default=[800, 600], metavar=("LUNGS", "DISEASE"))
     parser.add_argument("--weights-dir", type=Path, default=None)
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--latency-rate", type=float, default=None, help="images/s offered for the latency (50)")
+    parser.add_argument("--latency-seconds", type=float, default=None, help="how long they are offered (20)")
     args = parser.parse_args()
     dry = args.dry_run
     args.device = args.device or ("cpu" if dry else "cuda")
@@ -204,6 +251,8 @@ def main() -> None:
     if dry:  # one thread each: the shared test machine has 2 cores for everything
         torch.set_num_threads(1)
     iterations = args.iterations or (1 if dry else 20)
+    rate = args.latency_rate or (4.0 if dry else 50.0)
+    offer_s = args.latency_seconds or (1.0 if dry else 20.0)
     rows, cols = (int(v) for v in (args.size or ("256x256" if dry else "2500x2048")).split("x"))
     out = args.out or Path(os.environ.get(OUT_ENV, "bench/results"))
     out.mkdir(parents=True, exist_ok=True)
@@ -277,13 +326,17 @@ def main() -> None:
             else:
                 e2e_settings = settings.model_copy(update={"precision": "bf16", "batch_size": pool_batch, "threads": 1})
                 contender = Cxrtriage("cxrtriage bf16 pool", e2e_settings, workers)
-            run = measure(contender, files, root, 0)
+            # the steady-rate latency on the same started engine (a pool has no per-image call to offer to)
+            latency = (lambda c: steady_latency(c.scorer, files, rate, offer_s, offer_s / 4)) if engine else None
+            run = measure(contender, files, root, 0, after=latency)
             result = {"scorer": "engine" if engine else "ScoringPool", "workers": workers, "images": images,
                       "distinct_images": len(distinct), "size": [rows, cols],
                       "batch": batch if engine else pool_batch, "precision": "bf16",
                       "images_per_s": run["images_per_s"], "cpu_s_per_image": run["cpu_s_per_image"],
                       "outputs": run["outputs"], "lung_px_median": sorted(run["lung_px"])[images // 2],
                       "opacity_px_median": sorted(run["opacity_px"])[images // 2]}
+            if "after" in run:
+                result["steady_latency"] = run["after"]
             if ceiling and "images_per_s" in ceiling:
                 result["fraction_of_ceiling"] = run["images_per_s"] / ceiling["images_per_s"]
             return result
@@ -302,7 +355,9 @@ def main() -> None:
     print(f"\n{p['environment'].get('gpu', args.device)}: models-alone ceiling {number('ceiling')} images/s "
           f"(compiled {number('ceiling_compiled')}), end to end {number('end_to_end')} images/s "
           f"({number('end_to_end', 'fraction_of_ceiling')} of the ceiling), published baseline "
-          f"{number('baseline')} images/s; JSON: {report_path}")
+          f"{number('baseline')} images/s; p95 latency at {rate:g} images/s offered: "
+          f"{((p.get('end_to_end') or {}).get('steady_latency') or {}).get('latency_ms', {}).get('p95', 'not run')} ms"
+          f"; JSON: {report_path}")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-WHEELS=(pydicom==3.0.2 highdicom==0.28.2 pyjpegls==1.5.1 pylibjpeg==2.1.0 pylibjpeg-libjpeg==2.5.0
+WHEELS=(pydicom==3.0.2 highdicom==0.28.2 pyjpegls==1.5.1 pylibjpeg==2.1.0 pylibjpeg-libjpeg==2.4.0
         pylibjpeg-openjpeg==2.6.0 pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0
         typing-inspection==0.4.5 segmentation_models_pytorch==0.6.0)
 

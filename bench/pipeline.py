@@ -362,8 +362,10 @@ def outputs(folder: Path) -> dict[str, int]:
             "png": len(list(folder.rglob("*.png")))}
 
 
-def measure(contender: Contender, files: list[Path], root: Path, round_: int) -> dict[str, Any]:
-    """Start the contender's processes (untimed), time one run over ``files``, stop them."""
+def measure(contender: Contender, files: list[Path], root: Path, round_: int,
+            after: Callable[[Contender], dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Start the contender's processes (untimed), time one run over ``files``, stop them; ``after`` runs on the
+    started contender once the timed run is over (its result under ``"after"``)."""
     out = root / f"out-{round_}-{contender.name.replace(' ', '-')}"
     scratch = root / "warm"
     contender.start(files[0], scratch)
@@ -372,6 +374,7 @@ def measure(contender: Contender, files: list[Path], root: Path, round_: int) ->
         scored = contender.run(files, out)
         seconds = time.perf_counter() - t0
         own1, kids1 = cpu_seconds()
+        extra = after(contender) if after is not None else None
     finally:
         contender.close()
     written = outputs(out)
@@ -382,7 +385,8 @@ def measure(contender: Contender, files: list[Path], root: Path, round_: int) ->
     return {"round": round_, "seconds": seconds, "images_per_s": len(files) / seconds,
             "cpu_s_per_image": (own1 - own0 + kids1 - kids0) / len(files),
             "parent_cpu_s_per_image": (own1 - own0) / len(files), "outputs": written,
-            "zones": [s[0] for s in scored], "lung_px": [s[1] for s in scored], "opacity_px": [s[2] for s in scored]}
+            "zones": [s[0] for s in scored], "lung_px": [s[1] for s in scored], "opacity_px": [s[2] for s in scored],
+            **({"after": extra} if extra is not None else {})}
 
 
 def agreement(a: list[list[int]], b: list[list[int]]) -> dict[str, float]:
