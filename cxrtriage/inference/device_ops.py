@@ -19,6 +19,32 @@ import torch.nn.functional as F
 from .preprocess import CropBox
 
 
+def batch_buckets(max_batch: int) -> tuple[int, ...]:
+    """The batch sizes the device runs: powers of two below ``max_batch``, and ``max_batch``.
+
+    ``cudnn.benchmark`` searches kernels once per input shape, several seconds
+    per shape for these networks on an H100; 32 sizes made the engine's
+    warm-up take minutes. Padding each batch up to its bucket keeps that to
+    log2(max_batch) + 1 shapes (and CUDA graphs, one per shape, as few) for
+    at most twice the work on a half-full batch.
+    """
+    sizes = []
+    n = 1
+    while n < max_batch:
+        sizes.append(n)
+        n *= 2
+    return (*sizes, max_batch)
+
+
+def pad_to_bucket(x: torch.Tensor, buckets: Sequence[int]) -> torch.Tensor:
+    """``x`` (N, ...) with zero rows appended up to the smallest bucket >= N (the caller keeps the first N)."""
+    n = x.shape[0]
+    size = next((b for b in buckets if b >= n), n)
+    if size == n:
+        return x
+    return torch.cat([x, x.new_zeros((size - n, *x.shape[1:]))])
+
+
 def area_weights(source: int, target: int, device: torch.device) -> torch.Tensor:
     """(target, source) matrix averaging ``source`` samples into ``target`` (OpenCV's INTER_AREA when shrinking)."""
     scale = source / target
@@ -52,27 +78,20 @@ def box_of(mask: torch.Tensor, margin: float) -> CropBox:
     return CropBox(max(0, top - my), min(h, bottom + 1 + my), max(0, left - mx), min(w, right + 1 + mx))
 
 
-def lung_labels(blobs: torch.Tensor, shape: tuple[int, int], threshold: float) -> torch.Tensor:
-    """(K, s, s) kept blob probabilities -> (H, W) uint8: 0 outside the lungs, k + 1 inside blob k.
-
-    Kept blobs are separate 8-connected components, so no bilinear sample
-    mixes two of them and the full-resolution masks never overlap.
-    """
-    labels = torch.zeros(shape, dtype=torch.uint8, device=blobs.device)
+def lung_mask(blobs: torch.Tensor, shape: tuple[int, int], threshold: float) -> torch.Tensor:
+    """(K, s, s) kept blob probabilities -> (H, W) bool: the lungs at full resolution, as
+    :func:`~.pipeline.lung_masks` makes their union (each blob brought to ``shape`` bilinearly, thresholded)."""
     if blobs.shape[0] == 0:
-        return labels
+        return torch.zeros(shape, dtype=torch.bool, device=blobs.device)
     full = F.interpolate(blobs[None].float(), size=shape, mode="bilinear", align_corners=False)[0] > threshold
-    for k in range(blobs.shape[0] - 1, -1, -1):  # the largest blob written last wins, were they ever to touch
-        labels[full[k]] = k + 1
-    return labels
+    return full.any(dim=0)
 
 
 def crop_input(
-    image: torch.Tensor, labels: torch.Tensor, margin: float, size: int, mean: Sequence[float], std: Sequence[float]
+    image: torch.Tensor, lungs: torch.Tensor, margin: float, size: int, mean: Sequence[float], std: Sequence[float]
 ) -> tuple[CropBox, torch.Tensor]:
-    """The lung box, and Stage II's (C, size, size) input: the image masked by the lungs, cropped, resized and
-    normalised."""
-    lungs = labels > 0
+    """The lung box, and Stage II's (C, size, size) input: the image masked by ``lungs`` (bool), cropped,
+    resized and normalised."""
     box = box_of(lungs, margin)
     crop = torch.where(lungs, image, torch.zeros((), dtype=image.dtype, device=image.device))
     crop = crop[box.top : box.bottom, box.left : box.right]

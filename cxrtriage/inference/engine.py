@@ -4,9 +4,10 @@ CPU worker processes decode images and prepare Stage I's input
 (:mod:`.engine_jobs`); the engine takes them from any number of jobs, waits
 at most ``inference.max_wait_ms`` for a batch of up to
 ``inference.max_batch``, and runs Stage I, the lung post-processing at model
-resolution, the masked crop into Stage II, and Stage II. It returns the lung
-labels at full resolution and Stage II's output at model resolution; the
-workers do the rest (disease mask, zones, SEG/SR). Images and masks travel
+resolution, the masked crop into Stage II, and Stage II. It returns both
+stages' outputs at model resolution and the crop's box; the workers do the
+rest (full-resolution lung and disease masks, zones, SEG/SR): what leaves
+the engine is a few hundred kilobytes an image, not 5-megapixel masks. Images and masks travel
 in shared memory (:mod:`.shm`): the pipes carry only block names, shapes,
 boxes and a few numbers.
 
@@ -46,11 +47,11 @@ class EngineError(RuntimeError):
 
 @dataclass(frozen=True)
 class EngineOutput:
-    """One image's engine result. The block holds ``labels`` (H, W) uint8 and ``seg`` (S, S) float32."""
+    """One image's engine result. The block holds ``prob`` (s, s), Stage I's lung probabilities, and ``seg``
+    (S, S), Stage II's opacity probabilities in the crop, both float32 at their model's resolution."""
 
     block: Block
     box: tuple[int, int, int, int]  # top, bottom, left, right of the lung crop in the source image
-    blobs: int  # kept lung components, labelled 1..blobs
     p_disease: float
     batch_size: int
     batch: int  # the engine's batch counter: images of one batch share it
@@ -87,7 +88,7 @@ class HostStages:
                 model(np.zeros((n, spec.in_channels, spec.input_size, spec.input_size), dtype=np.float32))
 
     def __call__(self, images: list[dict[str, np.ndarray]]) -> list[tuple[dict[str, np.ndarray], tuple[int, ...],
-                                                                           int, float] | Exception]:
+                                                                           float] | Exception]:
         from .pipeline import lung_crop, model_inputs
 
         lung_spec, disease_spec = self.lungs.spec, self.disease.spec
@@ -95,23 +96,19 @@ class HostStages:
         crops: list[Any] = []
         for im, prob in zip(images, probs):
             try:
-                crops.append(lung_crop(im["stage2"], prob, lung_spec.pixel_threshold,
-                                       self.settings.min_lung_blob_fraction, self.settings.crop_margin))
+                crops.append((lung_crop(im["stage2"], prob, lung_spec.pixel_threshold,
+                                        self.settings.min_lung_blob_fraction, self.settings.crop_margin), prob))
             except Exception as exc:  # this image only; the others of the batch go on
                 crops.append(exc)
-        good = [c for c in crops if not isinstance(c, Exception)]
+        good = [c[0] for c in crops if not isinstance(c, Exception)]
         seg, p = self.disease(model_inputs([c.crop for c in good], disease_spec)) if good else (None, None)
         if p is None and seg is not None:  # a segmentation-only Stage II model: gate on the mask itself
             p = np.array([float(s.max()) for s in seg])
 
-        def output(crop: Any, i: int) -> tuple[dict[str, np.ndarray], tuple[int, ...], int, float]:
-            labels = np.zeros(crop.lungs.shape, dtype=np.uint8)
-            for k in range(len(crop.blobs) - 1, -1, -1):
-                labels[crop.blobs[k]] = k + 1
-            box = crop.box
+        def output(crop: Any, i: int) -> tuple[dict[str, np.ndarray], tuple[int, ...], float]:
+            box = crop[0].box
             assert seg is not None and p is not None
-            return ({"labels": labels, "seg": seg[i]}, (box.top, box.bottom, box.left, box.right),
-                    len(crop.blobs), float(p[i]))
+            return {"prob": crop[1], "seg": seg[i]}, (box.top, box.bottom, box.left, box.right), float(p[i])
 
         return in_batch_order(crops, output)
 
@@ -140,10 +137,12 @@ class DeviceStages:
     def __init__(self, settings: InferenceSettings, device: Any, compile_models: bool = False) -> None:
         import torch
 
+        from .device_ops import batch_buckets
         from .models import load_model
         from .presets import model_specs
 
-        torch.backends.cudnn.benchmark = True  # one kernel search per batch shape
+        torch.backends.cudnn.benchmark = True  # one kernel search per batch shape: few shapes (batch_buckets)
+        self.buckets = batch_buckets(settings.max_batch)
         self.torch = torch
         self.settings = settings
         self.device = device
@@ -170,26 +169,30 @@ class DeviceStages:
             return host.to(self.device, non_blocking=True)
 
     def _run(self, model: Any, x: Any) -> tuple[Any, Any]:
+        from .device_ops import pad_to_bucket
+
         torch = self.torch
-        x = x.to(self.dtype).contiguous(memory_format=torch.channels_last)
+        n = x.shape[0]
+        x = pad_to_bucket(x.to(self.dtype), self.buckets).contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
             out = model(x)
         seg, cls = out if isinstance(out, tuple) else (out, None)
+        seg, cls = seg[:n], (cls[:n] if cls is not None else None)
         probs = torch.sigmoid(seg.float())[:, 0]
         return probs, (torch.sigmoid(cls.float())[:, 0] if cls is not None else probs.amax(dim=(1, 2)))
 
     def warm(self, max_batch: int) -> None:
-        """One pass per batch size: cudnn's kernel search (and compilation, when on) before the first job."""
+        """One pass per batch bucket: cudnn's kernel search (and compilation, when on) before the first job."""
         torch = self.torch
         for model, spec in zip(self.models, (self.lung_spec, self.disease_spec)):
-            for n in range(1, max_batch + 1):
+            for n in self.buckets:
                 self._run(model, torch.zeros(n, spec.in_channels, spec.input_size, spec.input_size,
                                              device=self.device))
         torch.cuda.synchronize(self.device)
 
     def __call__(self, images: list[dict[str, np.ndarray]]) -> list[tuple[dict[str, np.ndarray], tuple[int, ...],
-                                                                           int, float] | Exception]:
-        from .device_ops import crop_input, lung_labels
+                                                                           float] | Exception]:
+        from .device_ops import crop_input, lung_mask
         from .pipeline import model_blobs
 
         torch = self.torch
@@ -207,23 +210,23 @@ class DeviceStages:
             try:
                 blobs = model_blobs(prob, self.lung_spec.pixel_threshold, self.settings.min_lung_blob_fraction)
                 kept = torch.from_numpy(np.stack(blobs) if blobs else np.zeros((0, *prob.shape), np.float32))
-                labels = lung_labels(kept.to(self.device), tuple(source.shape), self.lung_spec.pixel_threshold)
-                box, x = crop_input(source, labels, self.settings.crop_margin, self.disease_spec.input_size,
+                # full resolution stays here, for the crop only: the workers make the masks from ``prob``
+                lungs = lung_mask(kept.to(self.device), tuple(source.shape), self.lung_spec.pixel_threshold)
+                box, x = crop_input(source, lungs, self.settings.crop_margin, self.disease_spec.input_size,
                                     mean, std)
-                crops.append((labels, box, len(blobs), x))
+                crops.append((prob, box, x))
             except Exception as exc:  # this image only
                 crops.append(exc)
         good = [c for c in crops if not isinstance(c, Exception)]
         seg = p = None
         if good:
-            seg, p = self._run(self.models[1], torch.stack([c[3] for c in good]))
+            seg, p = self._run(self.models[1], torch.stack([c[2] for c in good]))
             seg, p = seg.cpu().numpy(), p.cpu().numpy()
 
-        def output(crop: Any, i: int) -> tuple[dict[str, np.ndarray], tuple[int, ...], int, float]:
-            labels, box, blobs, _ = crop
+        def output(crop: Any, i: int) -> tuple[dict[str, np.ndarray], tuple[int, ...], float]:
+            prob, box, _ = crop
             assert seg is not None and p is not None
-            return ({"labels": labels.cpu().numpy(), "seg": seg[i]}, (box.top, box.bottom, box.left, box.right),
-                    blobs, float(p[i]))
+            return {"prob": prob, "seg": seg[i]}, (box.top, box.bottom, box.left, box.right), float(p[i])
 
         out = in_batch_order(crops, output)
         self.copy_stream.synchronize()  # the pinned buffers are free for the next batch
@@ -279,9 +282,8 @@ def _run_batch(stages: HostStages | DeviceStages, batch: list[tuple[int, Block]]
         if isinstance(result, Exception):
             replies[job] = EngineReply(job, error=f"{type(result).__name__}: {result}")
             continue
-        arrays, box, blobs, p = result
-        output = EngineOutput(write_block(arrays), (box[0], box[1], box[2], box[3]), blobs, p, len(batch), number,
-                              share)
+        arrays, box, p = result
+        output = EngineOutput(write_block(arrays), (box[0], box[1], box[2], box[3]), p, len(batch), number, share)
         replies[job] = EngineReply(job, output=output)
     return [replies[job] for job, _ in batch]
 

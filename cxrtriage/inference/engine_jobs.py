@@ -108,6 +108,7 @@ def finish(
     import pydicom
 
     from .instance import encode_result
+    from .pipeline import lung_masks
     from .preprocess import CropBox
     from .radiograph import Radiograph
 
@@ -115,19 +116,20 @@ def finish(
     worker = _context()
     ds = pydicom.dcmread(prepared.path, defer_size="1 MB")  # the header; pixel data only if something reads it
     with open_block(prepared.block) as source, open_block(output.block) as engine:
-        labels = engine["labels"]
-        kept = [labels == k + 1 for k in range(output.blobs)]
+        # the pipeline's own full-resolution masks (the engine used its device copy for the crop alone)
+        lungs, kept = lung_masks(engine["prob"], worker.lung_spec.pixel_threshold,
+                                 worker.settings.min_lung_blob_fraction, source["stage2"].shape)
         # the Radiograph's pixels give the shape; the overlay and SC (the only readers of the pixels) get the
         # real ones, which the block holds whenever they are asked for
         r = Radiograph(source["stage2"], prepared.source, prepared.pixel_spacing_mm, prepared.patient_orientation,
                        prepared.image_laterality, prepared.sop_instance_uid, prepared.study_instance_uid)
         timings = {"engine": output.seconds * 1000}
-        result = worker.build_result(r, labels > 0, kept, CropBox(*output.box), engine["seg"].copy(),
+        result = worker.build_result(r, lungs, kept, CropBox(*output.box), engine["seg"].copy(),
                                      output.p_disease, timings)
         t1 = time.perf_counter()
         outcome = encode_result(ds, source.get("pixels", source["stage2"]), result, overlay, jpeg2000=jpeg2000,
                                 secondary_capture=secondary_capture)
-        del r, labels, kept
+        del r, lungs, kept
     outcome.seconds = {"inference": t1 - t0, "dicom_results": time.perf_counter() - t1}
     return outcome
 
