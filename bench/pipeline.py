@@ -285,8 +285,10 @@ class Engine:
     dicom: bool = True
 
     def start(self, sample: Path, scratch: Path) -> None:
+        t0 = time.monotonic()
         self.scorer = make_engine_scorer(self.settings, self.workers)
         self.scorer.warm_up(sample)
+        print(f"  {self.name}: engine and {self.workers} workers warm in {time.monotonic() - t0:.0f} s", flush=True)
 
     def run(self, files: list[Path], out: Path) -> list[Scored]:
         (out / "dicom").mkdir(parents=True, exist_ok=True)
