@@ -7,6 +7,7 @@ reason instead of hanging, and that the next job starts a new engine.
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import signal
@@ -111,6 +112,54 @@ def test_device_ops_give_the_cpu_pipelines_masks_box_and_stage2_input(crs: list[
         np.testing.assert_allclose(x.numpy(), want, atol=2e-3)
 
 
+class _NoStream:
+    """What DeviceStages asks of a CUDA stream, doing nothing: on CPU tensors every step is already in order."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None: ...
+    def record_event(self) -> None: ...
+    def synchronize(self) -> None: ...
+    def wait_event(self, event: object) -> None: ...
+    def wait_stream(self, stream: object) -> None: ...
+
+
+def test_the_device_stages_give_the_host_stages_outputs_from_either_hand_off(
+    crs: list[Path], worker_here: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DeviceStages, the engine's GPU path, run here on CPU tensors (CUDA's streams and pinned memory
+    stubbed: the machine has no GPU): a batch of 3 padded to the bucket of 4, Stage II's image uploaded as
+    float32 or looked up from stored values, gives HostStages' box, P(disease) and model outputs."""
+    import contextlib
+
+    from cxrtriage.inference.engine import DeviceStages, HostStages, _run_batch
+
+    empty = torch.empty
+    monkeypatch.setattr(torch.cuda, "Stream", _NoStream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _NoStream())
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch, "empty", lambda *a, pin_memory=False, **k: empty(*a, **k))
+    settings = SETTINGS.model_copy(update={"precision": "fp32"})
+    host, device = HostStages(settings), DeviceStages(settings, torch.device("cpu"))
+    assert device.buckets == (1, 2, 4, 8)
+    for stored_values in (False, True):
+        prepared = [engine_jobs.prepare(path, f"uid-{i}", False, stored_values) for i, path in enumerate(crs)]
+        blocks = [(i, p.block) for i, p in enumerate(prepared) if isinstance(p, Prepared)]
+        try:
+            want, got = _run_batch(host, blocks, 1), _run_batch(device, blocks, 1)
+            for w, g in zip(want, got):
+                assert w.output is not None and g.output is not None, (w.error, g.error)
+                assert g.output.box == w.output.box
+                assert g.output.p_disease == pytest.approx(w.output.p_disease, abs=1e-4)
+                with open_block(w.output.block) as a, open_block(g.output.block) as b:
+                    np.testing.assert_array_equal(b["prob"], a["prob"])
+                    np.testing.assert_allclose(b["seg"], a["seg"], atol=2e-3)
+                unlink(w.output.block)
+                unlink(g.output.block)
+        finally:
+            for _, block in blocks:
+                unlink(block)
+
+
 def test_a_block_travels_by_name_and_is_freed() -> None:
     arrays: dict[str, np.ndarray] = {"pixels": np.random.default_rng(1).random((300, 200), dtype=np.float32),
               "labels": np.arange(12, dtype=np.uint8).reshape(3, 4)}
@@ -149,6 +198,29 @@ def test_jobs_submitted_together_share_a_batch_and_score_like_the_pipeline(
         assert got.seconds["inference"] > 0 and got.seconds["dicom_results"] > 0
     assert [o.total for o in outcomes[:-1]] == [2, 0, 4]  # type: ignore[union-attr]
     assert _segments() <= before_segments  # every block of these jobs was unlinked
+
+
+def test_stored_values_handed_to_the_engine_give_the_pipelines_result_overlay_and_secondary_capture(
+    pool: EnginePool, crs: list[Path], pipeline: Pipeline, worker_here: None, tmp_path: Path
+) -> None:
+    """The hand-off an engine on a GPU gets: Stage II's image as stored values + table (half the bytes of
+    its float32 copy), the pixels for the overlay and SC beside them; same scores and pictures."""
+    prepared = engine_jobs.prepare(crs[2], "uid-2", keep_pixels=True, stored_values=True)
+    assert isinstance(prepared, Prepared)
+    assert {(slot.key, slot.dtype) for slot in prepared.block.slots} == {
+        ("stage1", "<f4"), ("codes", "<u2"), ("table", "<f4"), ("pixels", "<f4")}
+    output = pool.engine.submit(prepared.block).result(timeout=120)
+    try:
+        got = engine_jobs.finish(prepared, output, tmp_path / "engine.png", False, True)
+    finally:
+        unlink(prepared.block)
+        unlink(output.block)
+    want = score_instance(pipeline, crs[2], "uid-2", tmp_path / "pipeline.png", secondary_capture=True)
+    assert isinstance(want, InstanceScored) and got.details["zones"] == want.details["zones"]
+    assert got.sc is not None and want.sc is not None
+    got_sc, want_sc = (pydicom.dcmread(io.BytesIO(x.data)) for x in (got.sc, want.sc))  # UIDs and times differ
+    assert got_sc.PixelData == want_sc.PixelData
+    assert (tmp_path / "engine.png").read_bytes() == (tmp_path / "pipeline.png").read_bytes()
 
 
 def test_the_hand_off_messages_carry_names_not_pixels(

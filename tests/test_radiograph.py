@@ -144,4 +144,9 @@ def test_the_stored_value_table_gives_the_per_pixel_presentation(rg1: Path, vari
     equalized = radiograph.equalized()
     assert radiograph.stored is not None and radiograph._pixels is None
     np.testing.assert_array_equal(equalized, equalize(table))
+    # ... and handed to another process as (codes, table), the same values once looked up
+    for as_equalized, want in ((True, equalized), (False, table)):
+        parts = radiograph.as_lookup(as_equalized)
+        assert parts is not None
+        np.testing.assert_array_equal(parts[1][parts[0]], want)
     np.testing.assert_array_equal(radiograph.pixels, table)

@@ -89,14 +89,14 @@ class HostStages:
 
     def __call__(self, images: list[dict[str, np.ndarray]]) -> list[tuple[dict[str, np.ndarray], tuple[int, ...],
                                                                            float] | Exception]:
-        from .pipeline import lung_crop, model_inputs
+        from .pipeline import lung_crop, model_inputs, stage2_image
 
         lung_spec, disease_spec = self.lungs.spec, self.disease.spec
         probs, _ = self.lungs(np.stack([im["stage1"] for im in images]))
         crops: list[Any] = []
         for im, prob in zip(images, probs):
             try:
-                crops.append((lung_crop(im["stage2"], prob, lung_spec.pixel_threshold,
+                crops.append((lung_crop(stage2_image(im), prob, lung_spec.pixel_threshold,
                                         self.settings.min_lung_blob_fraction, self.settings.crop_margin), prob))
             except Exception as exc:  # this image only; the others of the batch go on
                 crops.append(exc)
@@ -158,15 +158,27 @@ class DeviceStages:
         self.pinned: dict[str, Any] = {}
 
     def _upload(self, key: str, array: np.ndarray) -> Any:
-        """Stage ``array`` in a reused pinned buffer and copy it on the copy stream (asynchronously)."""
+        """Stage ``array`` (any dtype) in a reused pinned buffer and copy it on the copy stream (asynchronously)."""
         torch = self.torch
+        source = torch.from_numpy(np.ascontiguousarray(array))
+        nbytes = source.numel() * source.element_size()
         buffer = self.pinned.get(key)
-        if buffer is None or buffer.numel() < array.size:
-            buffer = self.pinned[key] = torch.empty(array.size, dtype=torch.float32, pin_memory=True)
-        host = buffer[: array.size].view(array.shape)
-        host.copy_(torch.from_numpy(np.asarray(array, dtype=np.float32)))
+        if buffer is None or buffer.numel() < nbytes:
+            buffer = self.pinned[key] = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        host = buffer[:nbytes].view(source.dtype).view(source.shape)
+        host.copy_(source)
         with torch.cuda.stream(self.copy_stream):
             return host.to(self.device, non_blocking=True)
+
+    def _upload_source(self, i: int, im: dict[str, np.ndarray]) -> Any:
+        """Stage II's source image on the device, float32: uploaded, or looked up there from its stored values
+        (half the bytes of a 16-bit image; :func:`~.pipeline.stage2_parts`)."""
+        if "stage2" in im:
+            return self._upload(f"source{i}", np.asarray(im["stage2"], dtype=np.float32))
+        codes = self._upload(f"codes{i}", im["codes"])
+        table = self._upload(f"table{i}", im["table"])
+        with self.torch.cuda.stream(self.copy_stream):
+            return table[codes.to(self.torch.int32)]
 
     def _run(self, model: Any, x: Any) -> tuple[Any, Any]:
         from .device_ops import pad_to_bucket
@@ -199,7 +211,7 @@ class DeviceStages:
         compute = torch.cuda.current_stream(self.device)
         x1 = self._upload("stage1", np.stack([im["stage1"] for im in images]))
         x1_ready = self.copy_stream.record_event()
-        sources = [self._upload(f"source{i}", im["stage2"]) for i, im in enumerate(images)]
+        sources = [self._upload_source(i, im) for i, im in enumerate(images)]
         compute.wait_event(x1_ready)  # the full-resolution copies go on while Stage I runs
         probs, _ = self._run(self.models[0], x1)
         host_probs = probs.cpu().numpy()  # 256 x 256 each: blob cleaning and labelling on the host, sub-ms
@@ -233,12 +245,18 @@ class DeviceStages:
         return out
 
 
-def make_stages(settings: InferenceSettings, compile_models: bool = False) -> HostStages | DeviceStages:
+def on_device(settings: InferenceSettings) -> bool:
+    """Whether the engine runs :class:`DeviceStages` (CUDA, torch backend) rather than :class:`HostStages`."""
     from .predictors import resolve_device
 
-    device = resolve_device(settings.device)
-    if device.type == "cuda" and settings.backend == "torch":
-        return DeviceStages(settings, device, compile_models)
+    return resolve_device(settings.device).type == "cuda" and settings.backend == "torch"
+
+
+def make_stages(settings: InferenceSettings, compile_models: bool = False) -> HostStages | DeviceStages:
+    if on_device(settings):
+        from .predictors import resolve_device
+
+        return DeviceStages(settings, resolve_device(settings.device), compile_models)
     return HostStages(settings)
 
 

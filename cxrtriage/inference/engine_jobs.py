@@ -22,8 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from ..config import InferenceSettings
-from .engine import EngineError, EngineOutput, ScoringEngine
+from .engine import EngineError, EngineOutput, ScoringEngine, on_device
 from .instance import InstanceRefused, InstanceScored
 from .parallel import RestartingPool, threads_per_worker
 from .shm import Block, open_block, unlink, write_block
@@ -74,15 +76,20 @@ def _context() -> _Worker:
     return _worker
 
 
-def prepare(path: Path, sop_instance_uid: str, keep_pixels: bool = True) -> Prepared | InstanceRefused:
+def prepare(path: Path, sop_instance_uid: str, keep_pixels: bool = True, stored_values: bool = False
+            ) -> Prepared | InstanceRefused:
     """Read and decode ``path`` and prepare Stage I's input, into shared memory; or why it cannot be scored.
 
-    The block holds ``stage1`` (Stage I's input), ``stage2`` (the image Stage II crops) and, with
-    ``keep_pixels`` or when it differs from ``stage2``, ``pixels`` (for the overlay and Secondary Capture).
+    The block holds ``stage1`` (Stage I's input), the image Stage II crops and, with ``keep_pixels``,
+    ``pixels`` unless they are that image (for the overlay and Secondary Capture). The image Stage II crops
+    is ``stage2``, float32, or with ``stored_values`` (an engine on a device, which looks it up there) its
+    stored values and table where the radiograph keeps them (:func:`~.pipeline.stage2_parts`): half the
+    bytes to copy and upload. An engine on the CPU would make the lookup in its one process, which the
+    CPU workers around it do better.
     """
     import pydicom
 
-    from .pipeline import model_inputs, stage_sources
+    from .pipeline import model_inputs, stage2_parts, stage_sources
     from .radiograph import RadiographError, radiograph_from_dataset
 
     t0 = time.perf_counter()
@@ -93,8 +100,9 @@ def prepare(path: Path, sop_instance_uid: str, keep_pixels: bool = True) -> Prep
     except RadiographError as exc:
         return InstanceRefused(exc.reason, exc.detail)
     stage1, stage2 = stage_sources(r, worker.lung_spec, worker.disease_spec)
-    arrays = {"stage1": model_inputs([stage1], worker.lung_spec)[0], "stage2": stage2}
-    if keep_pixels and stage2 is not (pixels := r.pixels):  # made here only when asked for
+    parts = stage2_parts(r, worker.disease_spec, stage2) if stored_values else {"stage2": stage2}
+    arrays = {"stage1": model_inputs([stage1], worker.lung_spec)[0], **parts}
+    if keep_pixels and arrays.get("stage2") is not (pixels := r.pixels):  # made here only when asked for
         arrays["pixels"] = pixels
     block = write_block(arrays)
     return Prepared(block, path, r.source, r.pixel_spacing_mm, r.patient_orientation, r.image_laterality,
@@ -108,9 +116,9 @@ def finish(
     import pydicom
 
     from .instance import encode_result
-    from .pipeline import lung_masks
+    from .pipeline import lung_masks, stage2_image, stage2_shape
     from .preprocess import CropBox
-    from .radiograph import Radiograph
+    from .radiograph import Radiograph, StoredValues
 
     t0 = time.perf_counter()
     worker = _context()
@@ -118,17 +126,19 @@ def finish(
     with open_block(prepared.block) as source, open_block(output.block) as engine:
         # the pipeline's own full-resolution masks (the engine used its device copy for the crop alone)
         lungs, kept = lung_masks(engine["prob"], worker.lung_spec.pixel_threshold,
-                                 worker.settings.min_lung_blob_fraction, source["stage2"].shape)
-        # the Radiograph's pixels give the shape; the overlay and SC (the only readers of the pixels) get the
-        # real ones, which the block holds whenever they are asked for
-        r = Radiograph(source["stage2"], prepared.source, prepared.pixel_spacing_mm, prepared.patient_orientation,
+                                 worker.settings.min_lung_blob_fraction, stage2_shape(source))
+        # the Radiograph gives the shape; the overlay and SC (the only readers of the pixels) get the real
+        # ones, which the block holds whenever they are asked for
+        stand_in = source["stage2"] if "stage2" in source else StoredValues(source["codes"], source["table"],
+                                                                               np.zeros(0, np.int64))
+        r = Radiograph(stand_in, prepared.source, prepared.pixel_spacing_mm, prepared.patient_orientation,
                        prepared.image_laterality, prepared.sop_instance_uid, prepared.study_instance_uid)
         timings = {"engine": output.seconds * 1000}
         result = worker.build_result(r, lungs, kept, CropBox(*output.box), engine["seg"].copy(),
                                      output.p_disease, timings)
         t1 = time.perf_counter()
-        outcome = encode_result(ds, source.get("pixels", source["stage2"]), result, overlay, jpeg2000=jpeg2000,
-                                secondary_capture=secondary_capture)
+        pixels = (lambda: source["pixels"]) if "pixels" in source else (lambda: stage2_image(source))
+        outcome = encode_result(ds, pixels, result, overlay, jpeg2000=jpeg2000, secondary_capture=secondary_capture)
         del r, lungs, kept
     outcome.seconds = {"inference": t1 - t0, "dicom_results": time.perf_counter() - t1}
     return outcome
@@ -157,6 +167,7 @@ class EnginePool(RestartingPool):
         threads = engine_threads or settings.threads or threads_per_worker(self.workers + 1)
         compile_models = settings.compile if compile_models is None else compile_models  # inference.compile
         self.engine = ScoringEngine(settings, threads=threads, compile_models=compile_models)
+        self.stored_values = on_device(settings)  # hand Stage II's image over as stored values (prepare)
         self.executor = self._start()
 
     def _start(self) -> ProcessPoolExecutor:
@@ -188,7 +199,7 @@ class EnginePool(RestartingPool):
         t0 = time.perf_counter()
         try:
             keep_pixels = overlay is not None or secondary_capture
-            prepared = self._submit(prepare, path, sop_instance_uid, keep_pixels).result()
+            prepared = self._submit(prepare, path, sop_instance_uid, keep_pixels, self.stored_values).result()
         except BrokenProcessPool as exc:
             raise EngineError(f"a scoring worker process died: {exc}") from exc
         if isinstance(prepared, InstanceRefused):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +29,7 @@ from .models import ModelSpec
 from .predictors import Predictor, make_predictor
 from .preprocess import CropBox, lung_box, masked_lung_crop, normalise, resize
 from .presets import model_specs, scoring_config
-from .radiograph import Radiograph
+from .radiograph import Radiograph, lookup
 from .result_model import ImageResult
 from .scoring import ZoneMasks, ZoneScores, largest_components, remove_small_components, score
 
@@ -183,6 +183,23 @@ def stage_sources(
     equalized = radiograph.equalized()
     return (equalized if lung_spec.equalize else radiograph.pixels), (
         equalized if disease_spec.equalize else radiograph.pixels)
+
+
+def stage2_parts(radiograph: Radiograph, disease_spec: ModelSpec, image: np.ndarray) -> dict[str, np.ndarray]:
+    """Stage II's source image for a hand-off between processes: ``{"codes", "table"}`` where the radiograph
+    keeps its stored values (:meth:`~.radiograph.Radiograph.as_lookup`), else ``{"stage2": image}``."""
+    parts = radiograph.as_lookup(disease_spec.equalize)
+    return {"stage2": image} if parts is None else {"codes": parts[0], "table": parts[1]}
+
+
+def stage2_image(arrays: Mapping[str, np.ndarray]) -> np.ndarray:
+    """The image :func:`stage2_parts` handed over."""
+    return arrays["stage2"] if "stage2" in arrays else lookup(arrays["table"], arrays["codes"])
+
+
+def stage2_shape(arrays: Mapping[str, np.ndarray]) -> tuple[int, int]:
+    image = arrays["stage2"] if "stage2" in arrays else arrays["codes"]
+    return image.shape[0], image.shape[1]
 
 
 def model_inputs(images: Sequence[np.ndarray], spec: ModelSpec) -> np.ndarray:

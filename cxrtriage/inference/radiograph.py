@@ -165,6 +165,18 @@ class Radiograph:
             return equalize(self.pixels)
         return lookup(equalized_table(self.stored.table, self.stored.counts), self.stored.codes)
 
+    def as_lookup(self, equalized: bool) -> tuple[np.ndarray, np.ndarray] | None:
+        """``(codes, table)`` with ``table[codes]`` equal to :meth:`equalized` (or :attr:`pixels`), value for
+        value, where the stored values are kept; else None. A 16-bit image so travels in half the bytes of
+        its float32 copy, and the lookup can run where the image goes (the scoring engine's device)."""
+        if self.stored is None:
+            return None
+        if not equalized:
+            return self.stored.codes, self.stored.table
+        if self._pixels is not None or self.stored.codes.size >= EQUALIZE_TABLE_LIMIT:  # equalized()'s own choice
+            return None
+        return self.stored.codes, equalized_table(self.stored.table, self.stored.counts)
+
     def __repr__(self) -> str:
         return f"Radiograph(source={self.source!r}, shape={self.shape})"
 
