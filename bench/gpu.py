@@ -33,6 +33,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -345,6 +346,10 @@ def main() -> None:
                       "opacity_px_median": sorted(run["opacity_px"])[images // 2]}
             if "after" in run:
                 result["steady_latency"] = run["after"]
+            if getattr(contender, "timings", None):  # where each image's time went: the engine's steps, the waits
+                keys = sorted({k for t in contender.timings for k in t})
+                result["timings_ms_median"] = {k: round(statistics.median(t[k] for t in contender.timings if k in t), 2)
+                                               for k in keys}
             if ceiling and "images_per_s" in ceiling:
                 result["fraction_of_ceiling"] = run["images_per_s"] / ceiling["images_per_s"]
             return result

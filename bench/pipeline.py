@@ -283,6 +283,7 @@ class Engine:
     workers: int
     scorer: Any = None
     dicom: bool = True
+    timings: list[dict[str, float]] = dataclasses.field(default_factory=list)  # each image's, in ms
 
     def start(self, sample: Path, scratch: Path) -> None:
         t0 = time.monotonic()
@@ -301,6 +302,7 @@ class Engine:
             for obj in outcome.objects:
                 (out / "dicom" / f"{obj.sop_instance_uid}.{obj.kind}.dcm").write_bytes(obj.data)
             zones = outcome.details["zones"].values()
+            self.timings.append(outcome.details.get("timings_ms", {}))
             return ([z["binary_score"] for z in zones], outcome.details["lung_area_px"],
                     outcome.details["lesion_area_px"])
 

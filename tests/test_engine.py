@@ -196,6 +196,9 @@ def test_jobs_submitted_together_share_a_batch_and_score_like_the_pipeline(
         assert got.p_disease == pytest.approx(want.p_disease, abs=1e-3)
         assert got.seg.sop_instance_uid == want.seg.sop_instance_uid  # same source, same models: same UIDs
         assert got.seconds["inference"] > 0 and got.seconds["dicom_results"] > 0
+        steps = {"prepare", "engine", "engine_open", "engine_stage1", "engine_crop", "engine_stage2",
+                 "engine_outputs", "engine_wait"}  # where its time went, for bench/gpu.py
+        assert steps <= set(got.details["timings_ms"]) and got.details["timings_ms"]["engine_stage1"] > 0
     assert [o.total for o in outcomes[:-1]] == [2, 0, 4]  # type: ignore[union-attr]
     assert _segments() <= before_segments  # every block of these jobs was unlinked
 

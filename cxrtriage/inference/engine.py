@@ -29,7 +29,7 @@ import traceback
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
@@ -56,6 +56,7 @@ class EngineOutput:
     batch_size: int
     batch: int  # the engine's batch counter: images of one batch share it
     seconds: float  # this image's share of its batch's engine time
+    steps_ms: dict[str, float] = field(default_factory=dict)  # its share of each step (StepClock), for benchmarks
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,20 @@ class EngineReply:
 
 
 # --------------------------------------------------------------------------- engine process
+
+
+class StepClock:
+    """Wall time of a batch's steps in the engine's one thread (on a device: up to the host's next sync)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def mark(self, step: str) -> None:
+        now = time.perf_counter()
+        self.seconds[step] = self.seconds.get(step, 0.0) + now - self._last
+        self._last = now
+
 
 
 class HostStages:
@@ -79,6 +94,7 @@ class HostStages:
         self.settings = settings
         self.lungs = make_predictor(lung_spec, settings.backend, "cpu", settings.precision)
         self.disease = make_predictor(disease_spec, settings.backend, "cpu", settings.precision)
+        self.clock = StepClock()  # the last batch's steps
 
     def warm(self, max_batch: int) -> None:
         """Run both networks once per batch size, so that no job pays a kernel choice for a new shape."""
@@ -92,7 +108,9 @@ class HostStages:
         from .pipeline import lung_crop, model_inputs, stage2_image
 
         lung_spec, disease_spec = self.lungs.spec, self.disease.spec
+        clock = self.clock = StepClock()
         probs, _ = self.lungs(np.stack([im["stage1"] for im in images]))
+        clock.mark("stage1")
         crops: list[Any] = []
         for im, prob in zip(images, probs):
             try:
@@ -101,7 +119,9 @@ class HostStages:
             except Exception as exc:  # this image only; the others of the batch go on
                 crops.append(exc)
         good = [c[0] for c in crops if not isinstance(c, Exception)]
+        clock.mark("crop")
         seg, p = self.disease(model_inputs([c.crop for c in good], disease_spec)) if good else (None, None)
+        clock.mark("stage2")
         if p is None and seg is not None:  # a segmentation-only Stage II model: gate on the mask itself
             p = np.array([float(s.max()) for s in seg])
 
@@ -156,6 +176,7 @@ class DeviceStages:
             self.models.append(model)
         self.copy_stream = torch.cuda.Stream(device)
         self.pinned: dict[str, Any] = {}
+        self.clock = StepClock()  # the last batch's steps
 
     def _upload(self, key: str, array: np.ndarray) -> Any:
         """Stage ``array`` (any dtype) in a reused pinned buffer and copy it on the copy stream (asynchronously)."""
@@ -208,13 +229,16 @@ class DeviceStages:
         from .pipeline import model_blobs
 
         torch = self.torch
+        clock = self.clock = StepClock()
         compute = torch.cuda.current_stream(self.device)
         x1 = self._upload("stage1", np.stack([im["stage1"] for im in images]))
         x1_ready = self.copy_stream.record_event()
         sources = [self._upload_source(i, im) for i, im in enumerate(images)]
+        clock.mark("upload")  # the host's part: staging into pinned memory
         compute.wait_event(x1_ready)  # the full-resolution copies go on while Stage I runs
         probs, _ = self._run(self.models[0], x1)
         host_probs = probs.cpu().numpy()  # 256 x 256 each: blob cleaning and labelling on the host, sub-ms
+        clock.mark("stage1")
         compute.wait_stream(self.copy_stream)
         mean, std = self.disease_spec.channel_stats()
         crops: list[Any] = []
@@ -230,10 +254,12 @@ class DeviceStages:
             except Exception as exc:  # this image only
                 crops.append(exc)
         good = [c for c in crops if not isinstance(c, Exception)]
+        clock.mark("crop")
         seg = p = None
         if good:
             seg, p = self._run(self.models[1], torch.stack([c[2] for c in good]))
             seg, p = seg.cpu().numpy(), p.cpu().numpy()
+        clock.mark("stage2")
 
         def output(crop: Any, i: int) -> tuple[dict[str, np.ndarray], tuple[int, ...], float]:
             prob, box, _ = crop
@@ -291,17 +317,25 @@ def _run_batch(stages: HostStages | DeviceStages, batch: list[tuple[int, Block]]
                 jobs.append(job)
             except Exception as exc:  # e.g. the block is gone: this job fails, the batch goes on
                 replies[job] = EngineReply(job, error=f"input not readable: {type(exc).__name__}: {exc}")
+        t1 = time.perf_counter()
         results = stages(images) if images else []
     finally:
         for context in opened:
             context.__exit__(None, None, None)
-    share = (time.perf_counter() - t0) / max(1, len(batch))
+    n = max(1, len(batch))
+    steps = {"open": (t1 - t0) * 1000 / n}
+    if images:
+        steps |= {step: seconds * 1000 / n for step, seconds in stages.clock.seconds.items()}
+    t2 = time.perf_counter()
+    blocks = {job: write_block(r[0]) for job, r in zip(jobs, results) if not isinstance(r, Exception)}
+    steps["outputs"] = (time.perf_counter() - t2) * 1000 / n
+    share = (time.perf_counter() - t0) / n
     for job, result in zip(jobs, results):
         if isinstance(result, Exception):
             replies[job] = EngineReply(job, error=f"{type(result).__name__}: {result}")
             continue
-        arrays, box, p = result
-        output = EngineOutput(write_block(arrays), (box[0], box[1], box[2], box[3]), p, len(batch), number, share)
+        _, box, p = result
+        output = EngineOutput(blocks[job], (box[0], box[1], box[2], box[3]), p, len(batch), number, share, steps)
         replies[job] = EngineReply(job, output=output)
     return [replies[job] for job, _ in batch]
 

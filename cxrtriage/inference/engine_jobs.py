@@ -133,7 +133,8 @@ def finish(
                                                                                np.zeros(0, np.int64))
         r = Radiograph(stand_in, prepared.source, prepared.pixel_spacing_mm, prepared.patient_orientation,
                        prepared.image_laterality, prepared.sop_instance_uid, prepared.study_instance_uid)
-        timings = {"engine": output.seconds * 1000}
+        timings = {"prepare": prepared.seconds * 1000, "engine": output.seconds * 1000,
+                   **{f"engine_{step}": ms for step, ms in output.steps_ms.items()}}
         result = worker.build_result(r, lungs, kept, CropBox(*output.box), engine["seg"].copy(),
                                      output.p_disease, timings)
         t1 = time.perf_counter()
@@ -206,6 +207,7 @@ class EnginePool(RestartingPool):
             return prepared
         output: EngineOutput | None = None
         try:
+            t_submit = time.perf_counter()
             output = self.engine.submit(prepared.block).result()
             t1 = time.perf_counter()
             outcome: InstanceScored = self._submit(
@@ -217,6 +219,7 @@ class EnginePool(RestartingPool):
             unlink(output.block if output is not None else None)
         # the wait for the engine (batching, both networks) counts as inference, as in score_instance
         outcome.seconds["inference"] = outcome.seconds.get("inference", 0.0) + (t1 - t0)
+        outcome.details["timings_ms"]["engine_wait"] = round((t1 - t_submit) * 1000, 1)  # queue + batch + engine
         return outcome
 
     def close(self) -> None:
