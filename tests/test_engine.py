@@ -30,7 +30,7 @@ from cxrtriage.inference.instance import InstanceRefused, InstanceScored, score_
 from cxrtriage.inference.phantom import PhantomGenerator, write_cr
 from cxrtriage.inference.pipeline import Pipeline, lung_crop, model_blobs, model_inputs, stage_sources
 from cxrtriage.inference.radiograph import load_dicom
-from cxrtriage.inference.shm import Block, open_block, unlink, write_block
+from cxrtriage.inference.shm import Block, create_ring, open_block, unlink, write_block, write_slot
 from cxrtriage.stages.engine_scorer import EngineScorer
 
 SEED = 2_300_000
@@ -63,7 +63,8 @@ def reference(crs: list[Path], pipeline: Pipeline) -> list[InstanceScored | Inst
 
 @pytest.fixture(scope="module")
 def pool() -> Iterator[EnginePool]:
-    with EnginePool(SETTINGS, workers=2) as engine_pool:
+    # a ring of 2 slots: some jobs' images go through the ring, the others (no free slot) through segments
+    with EnginePool(SETTINGS, workers=2, ring_slots=2) as engine_pool:
         engine_pool.warm_up()
         yield engine_pool
 
@@ -133,6 +134,15 @@ def test_the_device_stages_give_the_host_stages_outputs_from_either_hand_off(
     from cxrtriage.inference.engine import DeviceStages, HostStages, _run_batch
 
     empty = torch.empty
+    registered: list[tuple[int, int]] = []
+
+    class _Cudart:
+        @staticmethod
+        def cudaHostRegister(address: int, size: int, flags: int) -> int:  # noqa: N802 (CUDA's name)
+            registered.append((address, size))
+            return 0
+
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: _Cudart)
     monkeypatch.setattr(torch.cuda, "Stream", _NoStream)
     monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _NoStream())
@@ -141,9 +151,12 @@ def test_the_device_stages_give_the_host_stages_outputs_from_either_hand_off(
     settings = SETTINGS.model_copy(update={"precision": "fp32"})
     host, device = HostStages(settings), DeviceStages(settings, torch.device("cpu"))
     assert device.buckets == (1, 2, 4, 8)
-    for stored_values in (False, True):
-        prepared = [engine_jobs.prepare(path, f"uid-{i}", False, stored_values) for i, path in enumerate(crs)]
+    ring, segment = create_ring(len(crs), 8 << 20)
+    for stored_values, in_ring in ((False, False), (True, False), (True, True)):
+        prepared = [engine_jobs.prepare(path, f"uid-{i}", False, stored_values, (ring, i) if in_ring else None)
+                    for i, path in enumerate(crs)]
         blocks = [(i, p.block) for i, p in enumerate(prepared) if isinstance(p, Prepared)]
+        assert all(block.in_ring == in_ring for _, block in blocks)
         try:
             want, got = _run_batch(host, blocks, 1), _run_batch(device, blocks, 1)
             for w, g in zip(want, got):
@@ -158,6 +171,30 @@ def test_the_device_stages_give_the_host_stages_outputs_from_either_hand_off(
         finally:
             for _, block in blocks:
                 unlink(block)
+    assert device.rings == {ring.name: registered[0]} and registered[0][1] == segment.size  # page-locked once
+    segment.close()
+    segment.unlink()
+
+
+def test_a_ring_slot_holds_a_block_and_stays_mapped() -> None:
+    ring, segment = create_ring(2, 1 << 16)
+    try:
+        arrays = {"codes": np.arange(6000, dtype=np.uint16).reshape(60, 100), "table": np.ones(7, np.float32)}
+        block = write_slot(ring, 1, arrays)
+        assert block is not None and block.in_ring and block.name == ring.name
+        assert all(ring.slot_bytes <= slot.offset < 2 * ring.slot_bytes for slot in block.slots)  # slot 1
+        assert len(pickle.dumps(block)) < 500
+        for _ in range(2):
+            with open_block(block) as views:
+                for key, array in arrays.items():
+                    np.testing.assert_array_equal(views[key], array)
+        unlink(block)  # the slot's owner takes it back; the segment stays
+        assert ring.name.lstrip("/") in _segments()
+        assert write_slot(ring, 0, {"big": np.zeros(1 << 15, np.float32)}) is None  # 128 KiB: not in a slot
+        assert write_slot(ring, 2, arrays) is None  # no such slot
+    finally:
+        segment.close()
+        segment.unlink()
 
 
 def test_a_block_travels_by_name_and_is_freed() -> None:

@@ -176,12 +176,39 @@ class DeviceStages:
             self.models.append(model)
         self.copy_stream = torch.cuda.Stream(device)
         self.pinned: dict[str, Any] = {}
+        self.rings: dict[str, tuple[int, int] | None] = {}  # ring name -> registered (address, size), or None
         self.clock = StepClock()  # the last batch's steps
 
+    def _pin_rings(self) -> None:
+        """Register every ring this process has mapped with CUDA, once (page-locked: the GPU copies from it)."""
+        import ctypes
+
+        from .shm import ring_mappings
+
+        for name, segment in ring_mappings().items():
+            if name in self.rings:
+                continue
+            buffer = segment.buf
+            assert buffer is not None
+            address = ctypes.addressof(ctypes.c_char.from_buffer(buffer))  # the mapping lives as long
+            error = int(self.torch.cuda.cudart().cudaHostRegister(address, segment.size, 0))
+            self.rings[name] = (address, segment.size) if error == 0 else None
+            if error:
+                log.warning("ring %s not page-locked (cudaError %d): its images are staged by copying", name, error)
+
+    def _in_pinned_ring(self, array: np.ndarray) -> bool:
+        start = array.__array_interface__["data"][0]
+        return array.flags.c_contiguous and any(
+            r is not None and r[0] <= start and start + array.nbytes <= r[0] + r[1] for r in self.rings.values())
+
     def _upload(self, key: str, array: np.ndarray) -> Any:
-        """Stage ``array`` (any dtype) in a reused pinned buffer and copy it on the copy stream (asynchronously)."""
+        """``array`` (any dtype) to the device on the copy stream, asynchronously: straight from a page-locked
+        ring slot, else staged in a reused pinned buffer."""
         torch = self.torch
         source = torch.from_numpy(np.ascontiguousarray(array))
+        if self._in_pinned_ring(array):
+            with torch.cuda.stream(self.copy_stream):
+                return source.to(self.device, non_blocking=True)
         nbytes = source.numel() * source.element_size()
         buffer = self.pinned.get(key)
         if buffer is None or buffer.numel() < nbytes:
@@ -230,6 +257,7 @@ class DeviceStages:
 
         torch = self.torch
         clock = self.clock = StepClock()
+        self._pin_rings()  # a ring first seen in this batch (its blocks were opened by _run_batch)
         compute = torch.cuda.current_stream(self.device)
         x1 = self._upload("stage1", np.stack([im["stage1"] for im in images]))
         x1_ready = self.copy_stream.record_event()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import queue
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -28,11 +29,18 @@ from ..config import InferenceSettings
 from .engine import EngineError, EngineOutput, ScoringEngine, on_device
 from .instance import InstanceRefused, InstanceScored
 from .parallel import RestartingPool, threads_per_worker
-from .shm import Block, open_block, unlink, write_block
+from .shm import Block, Ring, create_ring, open_block, unlink, write_block, write_slot
 
 if TYPE_CHECKING:
     from .models import ModelSpec
     from .pipeline import ResultBuilder
+
+
+#: torch threads of an engine on a device (not measured yet: the next GPU run's ``engine_upload`` says).
+DEVICE_ENGINE_THREADS = 4
+#: Bytes of a ring slot: a 3000 x 3000 16-bit image's stored values (18 MB), Stage I's input and the table.
+#: Larger inputs, or ones that also carry the pixels for an overlay, go into a segment of their own.
+RING_SLOT_BYTES = 24 << 20
 
 
 @dataclass(frozen=True)
@@ -76,8 +84,8 @@ def _context() -> _Worker:
     return _worker
 
 
-def prepare(path: Path, sop_instance_uid: str, keep_pixels: bool = True, stored_values: bool = False
-            ) -> Prepared | InstanceRefused:
+def prepare(path: Path, sop_instance_uid: str, keep_pixels: bool = True, stored_values: bool = False,
+            ring_slot: tuple[Ring, int] | None = None) -> Prepared | InstanceRefused:
     """Read and decode ``path`` and prepare Stage I's input, into shared memory; or why it cannot be scored.
 
     The block holds ``stage1`` (Stage I's input), the image Stage II crops and, with ``keep_pixels``,
@@ -85,7 +93,8 @@ def prepare(path: Path, sop_instance_uid: str, keep_pixels: bool = True, stored_
     is ``stage2``, float32, or with ``stored_values`` (an engine on a device, which looks it up there) its
     stored values and table where the radiograph keeps them (:func:`~.pipeline.stage2_parts`): half the
     bytes to copy and upload. An engine on the CPU would make the lookup in its one process, which the
-    CPU workers around it do better.
+    CPU workers around it do better. With ``ring_slot`` the block goes into that slot of the ring where
+    it fits (:func:`~.shm.write_slot`), else into a new segment.
     """
     import pydicom
 
@@ -104,7 +113,7 @@ def prepare(path: Path, sop_instance_uid: str, keep_pixels: bool = True, stored_
     arrays = {"stage1": model_inputs([stage1], worker.lung_spec)[0], **parts}
     if keep_pixels and arrays.get("stage2") is not (pixels := r.pixels):  # made here only when asked for
         arrays["pixels"] = pixels
-    block = write_block(arrays)
+    block = (write_slot(*ring_slot, arrays) if ring_slot is not None else None) or write_block(arrays)
     return Prepared(block, path, r.source, r.pixel_spacing_mm, r.patient_orientation, r.image_laterality,
                     r.sop_instance_uid, r.study_instance_uid, time.perf_counter() - t0)
 
@@ -159,16 +168,31 @@ class EnginePool(RestartingPool):
     """
 
     def __init__(self, settings: InferenceSettings, workers: int = 0, *, engine_threads: int = 0,
-                 compile_models: bool | None = None) -> None:
+                 compile_models: bool | None = None, ring_slots: int | None = None) -> None:
         self.workers = workers or os.cpu_count() or 1
         self._settings_json = settings.model_dump_json()
-        # The engine is one process among workers + 1: more torch threads than its share of the cores
-        # oversubscribes them, and OpenMP threads that wait at every barrier for a descheduled peer cost
-        # 10x the CPU time (measured: 1.25 vs 0.14 CPU-s an image on 2 busy cores).
-        threads = engine_threads or settings.threads or threads_per_worker(self.workers + 1)
+        # On the CPU the engine is one process among workers + 1: more torch threads than its share of the
+        # cores oversubscribes them, and OpenMP threads that wait at every barrier for a descheduled peer
+        # cost 10x the CPU time (measured: 1.25 vs 0.14 CPU-s an image on 2 busy cores). On a device its
+        # CPU work is copying each image into pinned memory (page faults included), in its one Python
+        # thread: the H100 run found that thread the limit, and torch spreads a large copy over its threads.
+        self.stored_values = on_device(settings)  # hand Stage II's image over as stored values (prepare)
+        share = threads_per_worker(self.workers + 1)
+        threads = engine_threads or settings.threads or (max(share, DEVICE_ENGINE_THREADS) if self.stored_values
+                                                         else share)
         compile_models = settings.compile if compile_models is None else compile_models  # inference.compile
         self.engine = ScoringEngine(settings, threads=threads, compile_models=compile_models)
-        self.stored_values = on_device(settings)  # hand Stage II's image over as stored values (prepare)
+        # A device engine reads the images from a ring of slots, one per job in flight (queued for the engine,
+        # in it, or in a worker), so that the GPU copies them straight from page-locked shared memory.
+        if ring_slots is None:
+            ring_slots = 2 * (settings.max_batch + self.workers) if self.stored_values else 0
+        self.ring: Ring | None = None
+        self._ring_segment = None
+        self._free_slots: queue.SimpleQueue[int] = queue.SimpleQueue()
+        if ring_slots:
+            self.ring, self._ring_segment = create_ring(ring_slots, RING_SLOT_BYTES)
+            for slot in range(ring_slots):
+                self._free_slots.put(slot)
         self.executor = self._start()
 
     def _start(self) -> ProcessPoolExecutor:
@@ -197,10 +221,24 @@ class EnginePool(RestartingPool):
         secondary_capture: bool = False,
     ) -> InstanceScored | InstanceRefused:
         """Decode in a worker, both networks in the engine, scores and SEG/SR in a worker; blocks the caller."""
+        try:  # a free ring slot, if any: without one the image goes into a segment of its own
+            slot = self._free_slots.get_nowait() if self.ring is not None else None
+        except queue.Empty:
+            slot = None
+        try:
+            return self._score(path, sop_instance_uid, overlay, jpeg2000, secondary_capture, slot)
+        finally:
+            if slot is not None:  # the job is over: nothing reads the slot any more
+                self._free_slots.put(slot)
+
+    def _score(self, path: Path, sop_instance_uid: str, overlay: Path | None, jpeg2000: bool,
+               secondary_capture: bool, slot: int | None) -> InstanceScored | InstanceRefused:
         t0 = time.perf_counter()
+        ring_slot = (self.ring, slot) if self.ring is not None and slot is not None else None
         try:
             keep_pixels = overlay is not None or secondary_capture
-            prepared = self._submit(prepare, path, sop_instance_uid, keep_pixels, self.stored_values).result()
+            prepared = self._submit(prepare, path, sop_instance_uid, keep_pixels, self.stored_values,
+                                    ring_slot).result()
         except BrokenProcessPool as exc:
             raise EngineError(f"a scoring worker process died: {exc}") from exc
         if isinstance(prepared, InstanceRefused):
@@ -225,6 +263,10 @@ class EnginePool(RestartingPool):
     def close(self) -> None:
         self.engine.close()
         self.executor.shutdown(wait=True, cancel_futures=True)
+        if self._ring_segment is not None:  # the engine and the workers are gone: nobody maps it any more
+            self._ring_segment.close()
+            self._ring_segment.unlink()
+            self._ring_segment = None
 
     def __enter__(self) -> EnginePool:
         return self

@@ -30,25 +30,85 @@ class ArraySlot:
 
 @dataclass(frozen=True)
 class Block:
-    """Where a set of arrays lies: a segment name, and each array's dtype, shape and offset (a few hundred bytes)."""
+    """Where a set of arrays lies: a segment name, and each array's dtype, shape and offset (a few hundred bytes).
+
+    ``in_ring``: the arrays lie in a slot of a :class:`Ring`, a segment that outlives the block; it stays
+    mapped in every process that reads or writes it, and its slot goes back to the ring's owner instead of
+    the segment being unlinked.
+    """
 
     name: str
     slots: tuple[ArraySlot, ...]
+    in_ring: bool = False
+
+
+@dataclass(frozen=True)
+class Ring:
+    """``count`` slots of ``slot_bytes`` in one long-lived segment, for the images a device engine reads.
+
+    A new segment per image costs its reader a page fault per 4 KiB page and, on a GPU, a copy into
+    pinned memory; a ring is mapped once per process, and the engine registers it with CUDA once
+    (``cudaHostRegister``), so the GPU copies a slot straight from it. Its owner hands out and takes
+    back the slots (:class:`~.engine_jobs.EnginePool`) and unlinks the segment at the end.
+    """
+
+    name: str
+    count: int
+    slot_bytes: int
+
+
+def _layout(arrays: Mapping[str, np.ndarray], start: int = 0) -> tuple[list[ArraySlot], int]:
+    slots, offset = [], start
+    for key, array in arrays.items():
+        slots.append(ArraySlot(key, array.dtype.str, tuple(array.shape), offset))
+        offset += -(-array.nbytes // _ALIGN) * _ALIGN
+    return slots, offset - start
 
 
 def write_block(arrays: Mapping[str, np.ndarray]) -> Block:
     """Copy ``arrays`` into a new segment; the caller (or whoever it hands the block to) must :func:`unlink` it."""
-    slots, offset = [], 0
-    for key, array in arrays.items():
-        slots.append(ArraySlot(key, array.dtype.str, tuple(array.shape), offset))
-        offset += -(-array.nbytes // _ALIGN) * _ALIGN
-    segment = shared_memory.SharedMemory(create=True, size=max(offset, 1))
+    slots, size = _layout(arrays)
+    segment = shared_memory.SharedMemory(create=True, size=max(size, 1))
     try:
         for slot, array in zip(slots, arrays.values()):
             _view(segment, slot)[...] = array
     finally:
         segment.close()
     return Block(segment.name, tuple(slots))
+
+
+def create_ring(count: int, slot_bytes: int) -> tuple[Ring, shared_memory.SharedMemory]:
+    """A new ring; the caller keeps the handle and closes and unlinks it when no process uses the ring."""
+    slot_bytes = -(-slot_bytes // _ALIGN) * _ALIGN
+    segment = shared_memory.SharedMemory(create=True, size=count * slot_bytes)
+    return Ring(segment.name, count, slot_bytes), segment
+
+
+def write_slot(ring: Ring, slot: int, arrays: Mapping[str, np.ndarray]) -> Block | None:
+    """Copy ``arrays`` into ``slot`` of ``ring``; None (nothing written) where they do not fit in a slot."""
+    slots, size = _layout(arrays, slot * ring.slot_bytes)
+    if size > ring.slot_bytes or not 0 <= slot < ring.count:
+        return None
+    segment = mapped(ring.name)
+    for place, array in zip(slots, arrays.values()):
+        _view(segment, place)[...] = array
+    return Block(ring.name, tuple(slots), in_ring=True)
+
+
+_mapped: dict[str, shared_memory.SharedMemory] = {}  # this process's mappings of rings, kept for its life
+
+
+def ring_mappings() -> dict[str, shared_memory.SharedMemory]:
+    """The rings this process has mapped, by name."""
+    return dict(_mapped)
+
+
+def mapped(name: str) -> shared_memory.SharedMemory:
+    """This process's mapping of the ring segment ``name`` (made once; its pages then fault in once)."""
+    segment = _mapped.get(name)
+    if segment is None:
+        segment = _mapped[name] = shared_memory.SharedMemory(name=name)
+    return segment
 
 
 def _view(segment: shared_memory.SharedMemory, slot: ArraySlot) -> np.ndarray:
@@ -58,6 +118,9 @@ def _view(segment: shared_memory.SharedMemory, slot: ArraySlot) -> np.ndarray:
 @contextmanager
 def open_block(block: Block) -> Iterator[dict[str, np.ndarray]]:
     """Views of the block's arrays, valid inside the ``with``; copy what must outlive it."""
+    if block.in_ring:  # the ring stays mapped; its slot is the owner's to reuse once the job is over
+        yield {slot.key: _view(mapped(block.name), slot) for slot in block.slots}
+        return
     segment = shared_memory.SharedMemory(name=block.name)
     views = {slot.key: _view(segment, slot) for slot in block.slots}
     try:
@@ -71,8 +134,8 @@ def open_block(block: Block) -> Iterator[dict[str, np.ndarray]]:
 
 
 def unlink(block: Block | None) -> None:
-    """Free the segment (idempotent: a block already gone is fine)."""
-    if block is None:
+    """Free the segment (idempotent: a block already gone is fine); a ring's block frees nothing."""
+    if block is None or block.in_ring:
         return
     try:
         segment = shared_memory.SharedMemory(name=block.name)
