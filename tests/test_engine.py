@@ -176,6 +176,18 @@ def test_the_device_stages_give_the_host_stages_outputs_from_either_hand_off(
     segment.unlink()
 
 
+def test_a_ring_takes_at_most_half_of_dev_shm_and_says_so(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(engine_jobs, "_shm_free_bytes", lambda: 5 * engine_jobs.RING_SLOT_BYTES)
+    with EnginePool(SETTINGS, workers=1, ring_slots=10) as small:  # nothing started: no engine, no worker
+        assert small.ring is not None and small.ring.count == 2
+    assert "ring cut from 10 to 2 slots" in caplog.text
+    monkeypatch.setattr(engine_jobs, "_shm_free_bytes", lambda: 0)
+    with EnginePool(SETTINGS, workers=1, ring_slots=10) as none:
+        assert none.ring is None  # every image then goes through a segment of its own
+
+
 def test_a_ring_slot_holds_a_block_and_stays_mapped() -> None:
     ring, segment = create_ring(2, 1 << 16)
     try:

@@ -13,9 +13,11 @@ an image scores the same as through :func:`~.instance.score_instance`.
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import queue
+import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -34,6 +36,16 @@ from .shm import Block, Ring, create_ring, open_block, unlink, write_block, writ
 if TYPE_CHECKING:
     from .models import ModelSpec
     from .pipeline import ResultBuilder
+
+
+log = logging.getLogger(__name__)
+
+
+def _shm_free_bytes() -> int:
+    try:
+        return shutil.disk_usage("/dev/shm").free
+    except OSError:  # no /dev/shm: POSIX shared memory lives elsewhere; do not size a ring by a guess
+        return 0
 
 
 #: torch threads of an engine on a device (not measured yet: the next GPU run's ``engine_upload`` says).
@@ -186,6 +198,11 @@ class EnginePool(RestartingPool):
         # in it, or in a worker), so that the GPU copies them straight from page-locked shared memory.
         if ring_slots is None:
             ring_slots = 2 * (settings.max_batch + self.workers) if self.stored_values else 0
+        room = _shm_free_bytes() // (2 * RING_SLOT_BYTES)  # at most half of /dev/shm: the segments need room too
+        if ring_slots > room:  # a container's 64 MB default, say: a write past tmpfs's size kills the writer
+            log.warning("ring cut from %d to %d slots: /dev/shm has room for no more (raise it, e.g. docker "
+                        "--shm-size)", ring_slots, room)
+            ring_slots = room
         self.ring: Ring | None = None
         self._ring_segment = None
         self._free_slots: queue.SimpleQueue[int] = queue.SimpleQueue()
