@@ -23,12 +23,13 @@ import torch
 
 from cxrtriage.config import InferenceSettings
 from cxrtriage.inference import engine_jobs
-from cxrtriage.inference.device_ops import crop_input, lung_mask
+from cxrtriage.inference.device_ops import boxes_of, crop_input, lung_mask
 from cxrtriage.inference.engine import EngineError, EngineOutput
 from cxrtriage.inference.engine_jobs import EnginePool, Prepared
 from cxrtriage.inference.instance import InstanceRefused, InstanceScored, score_instance
 from cxrtriage.inference.phantom import PhantomGenerator, write_cr
 from cxrtriage.inference.pipeline import Pipeline, lung_crop, model_blobs, model_inputs, stage_sources
+from cxrtriage.inference.preprocess import CropBox
 from cxrtriage.inference.radiograph import load_dicom
 from cxrtriage.inference.shm import Block, create_ring, open_block, unlink, write_block, write_slot
 from cxrtriage.stages.engine_scorer import EngineScorer
@@ -105,6 +106,9 @@ def test_device_ops_give_the_cpu_pipelines_masks_box_and_stage2_input(crs: list[
         blobs = model_blobs(prob, lung_spec.pixel_threshold, settings.min_lung_blob_fraction)
         lungs = lung_mask(torch.from_numpy(np.stack(blobs)), r.shape, lung_spec.pixel_threshold)
         assert np.count_nonzero(lungs.numpy() != expected.lungs) <= 1e-4 * expected.lungs.size
+        # a batch of that mask and an empty one: its box, and the whole image where no lung was found
+        assert boxes_of(torch.stack([lungs, torch.zeros_like(lungs)]), settings.crop_margin) == [
+            expected.box, CropBox(0, r.shape[0], 0, r.shape[1])]
         box, x = crop_input(torch.from_numpy(stage2), lungs, settings.crop_margin, disease_spec.input_size,
                             *disease_spec.channel_stats())
         assert box == expected.box

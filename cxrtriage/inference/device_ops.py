@@ -66,25 +66,56 @@ def resize_like_cv2(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(image[None, None].float(), size=(h, w), mode="bilinear", align_corners=False)[0, 0]
 
 
-def box_of(mask: torch.Tensor, margin: float) -> CropBox:
-    """:func:`~.preprocess.lung_box` of a bool (H, W) tensor (one host sync for four integers)."""
-    h, w = mask.shape
-    rows = torch.nonzero(mask.any(dim=1)).flatten()
-    cols = torch.nonzero(mask.any(dim=0)).flatten()
-    if rows.numel() == 0 or cols.numel() == 0:
-        return CropBox(0, h, 0, w)
-    top, bottom, left, right = (int(v) for v in torch.stack([rows[0], rows[-1], cols[0], cols[-1]]).tolist())
+def boxes_of(masks: torch.Tensor, margin: float) -> list[CropBox]:
+    """:func:`~.preprocess.lung_box` of each bool (H, W) mask of ``masks`` (N, H, W): one host sync for all."""
+    _, h, w = masks.shape
+    rows, cols = masks.any(dim=2), masks.any(dim=1)
+
+    def span(lines: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # first and last True of each row
+        as_u8 = lines.to(torch.uint8)
+        return as_u8.argmax(dim=1), lines.shape[1] - 1 - as_u8.flip(1).argmax(dim=1)
+
+    (top, bottom), (left, right) = span(rows), span(cols)
+    found = rows.any(dim=1).to(top.dtype)
     my, mx = int(round(margin * h)), int(round(margin * w))
-    return CropBox(max(0, top - my), min(h, bottom + 1 + my), max(0, left - mx), min(w, right + 1 + mx))
+    boxes = []
+    for t, b, lt, rt, ok in torch.stack([top, bottom, left, right, found], dim=1).tolist():
+        boxes.append(CropBox(max(0, t - my), min(h, b + 1 + my), max(0, lt - mx), min(w, rt + 1 + mx))
+                     if ok else CropBox(0, h, 0, w))
+    return boxes
+
+
+def box_of(mask: torch.Tensor, margin: float) -> CropBox:
+    """:func:`~.preprocess.lung_box` of a bool (H, W) tensor."""
+    return boxes_of(mask[None], margin)[0]
+
+
+def lung_masks_batch(blobs: torch.Tensor, shape: tuple[int, int], threshold: float) -> torch.Tensor:
+    """(N, K, s, s) kept blob probabilities of N images of one ``shape`` (all-zero planes where an image has
+    fewer than K) -> (N, H, W) bool: each image's lungs at full resolution, as :func:`~.pipeline.lung_masks`
+    makes their union (each blob brought to ``shape`` bilinearly, thresholded)."""
+    if blobs.shape[1] == 0:
+        return torch.zeros((blobs.shape[0], *shape), dtype=torch.bool, device=blobs.device)
+    return (F.interpolate(blobs.float(), size=shape, mode="bilinear", align_corners=False) > threshold).any(dim=1)
 
 
 def lung_mask(blobs: torch.Tensor, shape: tuple[int, int], threshold: float) -> torch.Tensor:
-    """(K, s, s) kept blob probabilities -> (H, W) bool: the lungs at full resolution, as
-    :func:`~.pipeline.lung_masks` makes their union (each blob brought to ``shape`` bilinearly, thresholded)."""
-    if blobs.shape[0] == 0:
-        return torch.zeros(shape, dtype=torch.bool, device=blobs.device)
-    full = F.interpolate(blobs[None].float(), size=shape, mode="bilinear", align_corners=False)[0] > threshold
-    return full.any(dim=0)
+    """(K, s, s) kept blob probabilities of one image -> (H, W) bool (:func:`lung_masks_batch`)."""
+    return lung_masks_batch(blobs[None], shape, threshold)[0]
+
+
+def crop_to_input(
+    image: torch.Tensor, lungs: torch.Tensor, box: CropBox, size: int, mean: Sequence[float], std: Sequence[float]
+) -> torch.Tensor:
+    """Stage II's (C, size, size) input: ``image`` inside ``box``, masked by ``lungs`` (bool), resized and
+    normalised."""
+    rows, columns = slice(box.top, box.bottom), slice(box.left, box.right)
+    crop = torch.where(lungs[rows, columns], image[rows, columns], torch.zeros((), dtype=image.dtype,
+                                                                              device=image.device))
+    resized = resize_like_cv2(crop, (size, size))
+    m = torch.tensor(mean, dtype=torch.float32, device=image.device)[:, None, None]
+    s = torch.tensor(std, dtype=torch.float32, device=image.device)[:, None, None]
+    return (resized[None] - m) / s
 
 
 def crop_input(
@@ -93,9 +124,4 @@ def crop_input(
     """The lung box, and Stage II's (C, size, size) input: the image masked by ``lungs`` (bool), cropped,
     resized and normalised."""
     box = box_of(lungs, margin)
-    crop = torch.where(lungs, image, torch.zeros((), dtype=image.dtype, device=image.device))
-    crop = crop[box.top : box.bottom, box.left : box.right]
-    resized = resize_like_cv2(crop, (size, size))
-    m = torch.tensor(mean, dtype=torch.float32, device=image.device)[:, None, None]
-    s = torch.tensor(std, dtype=torch.float32, device=image.device)[:, None, None]
-    return box, (resized[None] - m) / s
+    return box, crop_to_input(image, lungs, box, size, mean, std)

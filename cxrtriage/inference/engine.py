@@ -252,14 +252,17 @@ class DeviceStages:
 
     def __call__(self, images: list[dict[str, np.ndarray]]) -> list[tuple[dict[str, np.ndarray], tuple[int, ...],
                                                                            float] | Exception]:
-        from .device_ops import crop_input, lung_mask
+        from .device_ops import boxes_of, crop_to_input, lung_masks_batch
         from .pipeline import model_blobs
 
         torch = self.torch
         clock = self.clock = StepClock()
         self._pin_rings()  # a ring first seen in this batch (its blocks were opened by _run_batch)
         compute = torch.cuda.current_stream(self.device)
-        x1 = self._upload("stage1", np.stack([im["stage1"] for im in images]))
+        # each image's Stage I input from its own block (a ring slot: straight to the GPU), stacked there
+        uploads = [self._upload(f"stage1_{i}", im["stage1"]) for i, im in enumerate(images)]
+        with torch.cuda.stream(self.copy_stream):
+            x1 = torch.stack(uploads)
         x1_ready = self.copy_stream.record_event()
         sources = [self._upload_source(i, im) for i, im in enumerate(images)]
         clock.mark("upload")  # the host's part: staging into pinned memory
@@ -269,18 +272,32 @@ class DeviceStages:
         clock.mark("stage1")
         compute.wait_stream(self.copy_stream)
         mean, std = self.disease_spec.channel_stats()
-        crops: list[Any] = []
-        for source, prob in zip(sources, host_probs):
+        crops: list[Any] = [None] * len(images)
+        kept: dict[int, list[np.ndarray]] = {}
+        by_shape: dict[tuple[int, ...], list[int]] = {}  # one batched mask + box pass per image size
+        for i, prob in enumerate(host_probs):
             try:
-                blobs = model_blobs(prob, self.lung_spec.pixel_threshold, self.settings.min_lung_blob_fraction)
-                kept = torch.from_numpy(np.stack(blobs) if blobs else np.zeros((0, *prob.shape), np.float32))
-                # full resolution stays here, for the crop only: the workers make the masks from ``prob``
-                lungs = lung_mask(kept.to(self.device), tuple(source.shape), self.lung_spec.pixel_threshold)
-                box, x = crop_input(source, lungs, self.settings.crop_margin, self.disease_spec.input_size,
-                                    mean, std)
-                crops.append((prob, box, x))
+                kept[i] = model_blobs(prob, self.lung_spec.pixel_threshold, self.settings.min_lung_blob_fraction)
+                by_shape.setdefault(tuple(sources[i].shape), []).append(i)
             except Exception as exc:  # this image only
-                crops.append(exc)
+                crops[i] = exc
+        for shape, members in by_shape.items():
+            try:
+                planes = np.zeros((len(members), max(len(kept[i]) for i in members), *host_probs.shape[1:]),
+                                  np.float32)
+                for j, i in enumerate(members):
+                    for k, blob in enumerate(kept[i]):
+                        planes[j, k] = blob
+                # full resolution stays here, for the crop only: the workers make the masks from ``prob``
+                masks = lung_masks_batch(torch.from_numpy(planes).to(self.device), (shape[0], shape[1]),
+                                         self.lung_spec.pixel_threshold)
+                boxes = boxes_of(masks, self.settings.crop_margin)
+                for j, i in enumerate(members):
+                    x = crop_to_input(sources[i], masks[j], boxes[j], self.disease_spec.input_size, mean, std)
+                    crops[i] = (host_probs[i], boxes[j], x)
+            except Exception as exc:  # the images of this size
+                for i in members:
+                    crops[i] = exc
         good = [c for c in crops if not isinstance(c, Exception)]
         clock.mark("crop")
         seg = p = None
