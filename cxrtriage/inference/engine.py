@@ -7,16 +7,18 @@ at most ``inference.max_wait_ms`` for a batch of up to
 resolution, the masked crop into Stage II, and Stage II. It returns both
 stages' outputs at model resolution and the crop's box; the workers do the
 rest (full-resolution lung and disease masks, zones, SEG/SR): what leaves
-the engine is a few hundred kilobytes an image, not 5-megapixel masks. Images and masks travel
-in shared memory (:mod:`.shm`): the pipes carry only block names, shapes,
-boxes and a few numbers.
+the engine is a few hundred kilobytes an image, not 5-megapixel masks.
+Images and outputs travel in shared memory (:mod:`.shm`): the pipes carry
+only block names, shapes, boxes and a few numbers.
 
 With ``inference.device: cpu`` the engine runs the very functions of
 :class:`~.pipeline.Pipeline` (same predictors, same OpenCV steps), so its
 outputs equal the in-process pipeline's. On CUDA it keeps the work on the
-device (:mod:`.device_ops`): pinned staging buffers, copies on their own
-stream overlapping Stage I, ``cudnn.benchmark``, bf16 weights, and
-optionally ``torch.compile``.
+device (:mod:`.device_ops`): images read from a ring of page-locked
+shared-memory slots (or staged in pinned buffers), copies on their own
+stream overlapping Stage I, the lung masks and boxes of a batch in one
+pass, batches padded to a few sizes for ``cudnn.benchmark``, bf16 weights,
+and optionally ``torch.compile``.
 """
 
 from __future__ import annotations
