@@ -1,6 +1,6 @@
 """The scoring engine on the CPU against today's pool: images/s and CPU seconds per image, alternating.
 
-    nice -n 10 python bench/engine_cpu.py [--images 24] [--rounds 3] [--processes 2] [--threads 0]
+    nice -n 10 python bench/engine_cpu.py [--images 24] [--rounds 3] [--processes 2] [--threads 0] [--ring-slots N]
                                           [--engine-threads 0] [--json bench/results/engine-cpu.json]
 
 Both contenders score the same phantom CRs (2048 x 1664 by default) as the
@@ -68,6 +68,8 @@ def main() -> None:
     parser.add_argument("--cols", type=int, default=1664)
     parser.add_argument("--engine-threads", type=int, default=0,
                         help="the engine's torch threads (0: the node's choice)")
+    parser.add_argument("--ring-slots", type=int, default=None,
+                        help="a ring of this many shared-memory slots (default: the node's; none on a CPU)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
@@ -79,7 +81,8 @@ def main() -> None:
                     for i in range(min(4, args.images))]
         files = [distinct[i % len(distinct)] for i in range(args.images)]
         pool = ScoringPool(settings, workers=args.processes)
-        engine = EnginePool(settings, args.processes, engine_threads=args.engine_threads)
+        engine = EnginePool(settings, args.processes, engine_threads=args.engine_threads,
+                            ring_slots=args.ring_slots)
         contenders: dict[str, Callable[[Path, str], Any]] = {
             "pool": lambda path, uid: pool.submit_instance(path, uid).result(),
             "engine": lambda path, uid: engine.score(path, uid),
