@@ -23,7 +23,7 @@ import torch
 
 from cxrtriage.config import InferenceSettings
 from cxrtriage.inference import engine_jobs
-from cxrtriage.inference.device_ops import boxes_of, crop_input, lung_mask
+from cxrtriage.inference.device_ops import boxes_of, crop_to_input, lung_masks_batch
 from cxrtriage.inference.engine import EngineError, EngineOutput
 from cxrtriage.inference.engine_jobs import EnginePool, Prepared
 from cxrtriage.inference.instance import InstanceRefused, InstanceScored, score_instance
@@ -104,14 +104,17 @@ def test_device_ops_give_the_cpu_pipelines_masks_box_and_stage2_input(crs: list[
         expected = lung_crop(stage2, prob, lung_spec.pixel_threshold, settings.min_lung_blob_fraction,
                              settings.crop_margin)
         blobs = model_blobs(prob, lung_spec.pixel_threshold, settings.min_lung_blob_fraction)
-        lungs = lung_mask(torch.from_numpy(np.stack(blobs)), r.shape, lung_spec.pixel_threshold)
+        # a batch of that image's blobs and of none: its lungs, and no lung at all
+        planes = torch.from_numpy(np.stack([np.stack(blobs), np.zeros_like(np.stack(blobs))]))
+        masks = lung_masks_batch(planes, r.shape, lung_spec.pixel_threshold)
+        lungs = masks[0]
         assert np.count_nonzero(lungs.numpy() != expected.lungs) <= 1e-4 * expected.lungs.size
-        # a batch of that mask and an empty one: its box, and the whole image where no lung was found
-        assert boxes_of(torch.stack([lungs, torch.zeros_like(lungs)]), settings.crop_margin) == [
-            expected.box, CropBox(0, r.shape[0], 0, r.shape[1])]
-        box, x = crop_input(torch.from_numpy(stage2), lungs, settings.crop_margin, disease_spec.input_size,
-                            *disease_spec.channel_stats())
-        assert box == expected.box
+        assert not masks[1].any()
+        # their boxes: the pipeline's, and the whole image where no lung was found
+        boxes = boxes_of(masks, settings.crop_margin)
+        assert boxes == [expected.box, CropBox(0, r.shape[0], 0, r.shape[1])]
+        x = crop_to_input(torch.from_numpy(stage2), lungs, boxes[0], disease_spec.input_size,
+                          *disease_spec.channel_stats())
         want = model_inputs([expected.crop], disease_spec)[0]
         assert x.shape == want.shape
         np.testing.assert_allclose(x.numpy(), want, atol=2e-3)

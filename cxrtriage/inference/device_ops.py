@@ -85,11 +85,6 @@ def boxes_of(masks: torch.Tensor, margin: float) -> list[CropBox]:
     return boxes
 
 
-def box_of(mask: torch.Tensor, margin: float) -> CropBox:
-    """:func:`~.preprocess.lung_box` of a bool (H, W) tensor."""
-    return boxes_of(mask[None], margin)[0]
-
-
 def lung_masks_batch(blobs: torch.Tensor, shape: tuple[int, int], threshold: float) -> torch.Tensor:
     """(N, K, s, s) kept blob probabilities of N images of one ``shape`` (all-zero planes where an image has
     fewer than K) -> (N, H, W) bool: each image's lungs at full resolution, as :func:`~.pipeline.lung_masks`
@@ -97,11 +92,6 @@ def lung_masks_batch(blobs: torch.Tensor, shape: tuple[int, int], threshold: flo
     if blobs.shape[1] == 0:
         return torch.zeros((blobs.shape[0], *shape), dtype=torch.bool, device=blobs.device)
     return (F.interpolate(blobs.float(), size=shape, mode="bilinear", align_corners=False) > threshold).any(dim=1)
-
-
-def lung_mask(blobs: torch.Tensor, shape: tuple[int, int], threshold: float) -> torch.Tensor:
-    """(K, s, s) kept blob probabilities of one image -> (H, W) bool (:func:`lung_masks_batch`)."""
-    return lung_masks_batch(blobs[None], shape, threshold)[0]
 
 
 def crop_to_input(
@@ -116,12 +106,3 @@ def crop_to_input(
     m = torch.tensor(mean, dtype=torch.float32, device=image.device)[:, None, None]
     s = torch.tensor(std, dtype=torch.float32, device=image.device)[:, None, None]
     return (resized[None] - m) / s
-
-
-def crop_input(
-    image: torch.Tensor, lungs: torch.Tensor, margin: float, size: int, mean: Sequence[float], std: Sequence[float]
-) -> tuple[CropBox, torch.Tensor]:
-    """The lung box, and Stage II's (C, size, size) input: the image masked by ``lungs`` (bool), cropped,
-    resized and normalised."""
-    box = box_of(lungs, margin)
-    return box, crop_to_input(image, lungs, box, size, mean, std)

@@ -137,7 +137,7 @@ def finish(
     import pydicom
 
     from .instance import encode_result
-    from .pipeline import lung_masks, stage2_image, stage2_shape
+    from .pipeline import lung_masks, stage2_image
     from .preprocess import CropBox
     from .radiograph import Radiograph, StoredValues
 
@@ -145,15 +145,15 @@ def finish(
     worker = _context()
     ds = pydicom.dcmread(prepared.path, defer_size="1 MB")  # the header; pixel data only if something reads it
     with open_block(prepared.block) as source, open_block(output.block) as engine:
-        # the pipeline's own full-resolution masks (the engine used its device copy for the crop alone)
-        lungs, kept = lung_masks(engine["prob"], worker.lung_spec.pixel_threshold,
-                                 worker.settings.min_lung_blob_fraction, stage2_shape(source))
         # the Radiograph gives the shape; the overlay and SC (the only readers of the pixels) get the real
         # ones, which the block holds whenever they are asked for
         stand_in = source["stage2"] if "stage2" in source else StoredValues(source["codes"], source["table"],
                                                                                np.zeros(0, np.int64))
         r = Radiograph(stand_in, prepared.source, prepared.pixel_spacing_mm, prepared.patient_orientation,
                        prepared.image_laterality, prepared.sop_instance_uid, prepared.study_instance_uid)
+        # the pipeline's own full-resolution masks (the engine used its device copy for the crop alone)
+        lungs, kept = lung_masks(engine["prob"], worker.lung_spec.pixel_threshold,
+                                 worker.settings.min_lung_blob_fraction, r.shape)
         timings = {"prepare": prepared.seconds * 1000, "engine": output.seconds * 1000,
                    **{f"engine_{step}": ms for step, ms in output.steps_ms.items()}}
         result = worker.build_result(r, lungs, kept, CropBox(*output.box), engine["seg"].copy(),

@@ -197,11 +197,6 @@ def stage2_image(arrays: Mapping[str, np.ndarray]) -> np.ndarray:
     return arrays["stage2"] if "stage2" in arrays else lookup(arrays["table"], arrays["codes"])
 
 
-def stage2_shape(arrays: Mapping[str, np.ndarray]) -> tuple[int, int]:
-    image = arrays["stage2"] if "stage2" in arrays else arrays["codes"]
-    return image.shape[0], image.shape[1]
-
-
 def model_inputs(images: Sequence[np.ndarray], spec: ModelSpec) -> np.ndarray:
     """(N, C, S, S) float32: each image resized to the model's input and normalised."""
     mean, std = spec.channel_stats()
