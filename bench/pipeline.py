@@ -13,6 +13,8 @@ The same synthetic 2500x2048 16-bit CRs (DICOM files) go through each contender:
   same SEG + SR as cxrtriage; bf16 converts its weights and inputs as cxrtriage's bf16 does;
 * ``cxrtriage fp32`` / ``cxrtriage bf16``: ``cxrtriage.inference.parallel.ScoringPool``
   (same N x M, ``--batch`` images per model call), writing SEG + SR;
+* ``cxrtriage fp32 compiled`` / ``cxrtriage bf16 compiled``: the same with ``inference.compile``
+  (inductor's C++ kernels, weights frozen in; each worker compiles while warming up, untimed);
 * ``engine fp32`` / ``engine bf16``: the device-owning scoring engine
   (``cxrtriage.stages.engine_scorer``), when that module exists, fed by enough threads
   to fill its batches, writing SEG + SR.
@@ -329,6 +331,11 @@ def contenders_for(settings: InferenceSettings, workers: int, threads: int, name
                                             "bf16"),
         "cxrtriage fp32": lambda: Cxrtriage("cxrtriage fp32", pool_settings, workers),
         "cxrtriage bf16": lambda: Cxrtriage("cxrtriage bf16", bf16.model_copy(update={"threads": threads}), workers),
+        "cxrtriage fp32 compiled": lambda: Cxrtriage("cxrtriage fp32 compiled",
+                                                     pool_settings.model_copy(update={"compile": True}), workers),
+        "cxrtriage bf16 compiled": lambda: Cxrtriage("cxrtriage bf16 compiled",
+                                                     bf16.model_copy(update={"threads": threads, "compile": True}),
+                                                     workers),
         "engine fp32": lambda: Engine("engine fp32", settings, workers),
         "engine bf16": lambda: Engine("engine bf16", bf16, workers),
     }
@@ -342,7 +349,7 @@ def contenders_for(settings: InferenceSettings, workers: int, threads: int, name
 
 
 ALL = ("published as run", "published fp32", "published bf16", "cxrtriage fp32", "cxrtriage bf16",
-       "engine fp32", "engine bf16")
+       "cxrtriage fp32 compiled", "cxrtriage bf16 compiled", "engine fp32", "engine bf16")
 
 
 # -- measuring ----------------------------------------------------------------------------------

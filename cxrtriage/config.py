@@ -64,8 +64,9 @@ class InferenceSettings(BaseModel):
         10.0, ge=0, description="scoring engine: how long a batch waits for more images once it has one"
     )
     compile: bool = Field(
-        False, description="scoring engine on CUDA: torch.compile the networks (CUDA graphs per batch size; the "
-        "first batch of each size compiles, minutes)",
+        False, description="torch.compile the networks (torch backend): on CUDA CUDA graphs per batch size, on the "
+        "CPU C++ kernels with frozen weights (needs a C++ compiler); the first batch of each size compiles, a minute "
+        "or more; if compiling fails the node logs why and runs the models uncompiled",
     )
     min_lung_blob_fraction: float = Field(0.01, ge=0.0, lt=0.5, description="smaller lung blobs are dropped")
     crop_margin: float = Field(0.02, ge=0.0, lt=0.5, description="margin around the lung box, fraction of image")

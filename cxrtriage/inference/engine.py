@@ -88,14 +88,14 @@ class StepClock:
 class HostStages:
     """Both stages on the CPU with the pipeline's own functions: outputs equal :class:`~.pipeline.Pipeline`'s."""
 
-    def __init__(self, settings: InferenceSettings) -> None:
+    def __init__(self, settings: InferenceSettings, compile_models: bool = False) -> None:
         from .predictors import make_predictor
         from .presets import model_specs
 
         lung_spec, disease_spec = model_specs(settings)
         self.settings = settings
-        self.lungs = make_predictor(lung_spec, settings.backend, "cpu", settings.precision)
-        self.disease = make_predictor(disease_spec, settings.backend, "cpu", settings.precision)
+        self.lungs = make_predictor(lung_spec, settings.backend, "cpu", settings.precision, compile_models)
+        self.disease = make_predictor(disease_spec, settings.backend, "cpu", settings.precision, compile_models)
         self.clock = StepClock()  # the last batch's steps
 
     def warm(self, max_batch: int) -> None:
@@ -161,6 +161,7 @@ class DeviceStages:
 
         from .device_ops import batch_buckets
         from .models import load_model
+        from .predictors import compile_for_inference
         from .presets import model_specs
 
         torch.backends.cudnn.benchmark = True  # one kernel search per batch shape: few shapes (batch_buckets)
@@ -174,7 +175,7 @@ class DeviceStages:
         for spec in (self.lung_spec, self.disease_spec):
             model: Any = load_model(spec, device).to(memory_format=torch.channels_last).to(self.dtype).eval()
             if compile_models:  # CUDA graphs per batch shape; the first batch of each size compiles
-                model = torch.compile(model, mode="max-autotune")
+                model = compile_for_inference(model, device)
             self.models.append(model)
         self.copy_stream = torch.cuda.Stream(device)
         self.pinned: dict[str, Any] = {}
@@ -330,7 +331,7 @@ def make_stages(settings: InferenceSettings, compile_models: bool = False) -> Ho
         from .predictors import resolve_device
 
         return DeviceStages(settings, resolve_device(settings.device), compile_models)
-    return HostStages(settings)
+    return HostStages(settings, compile_models)
 
 
 def _collect(requests: Connection, max_batch: int, max_wait: float) -> tuple[list[tuple[int, Block]], bool]:

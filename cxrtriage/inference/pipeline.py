@@ -289,8 +289,9 @@ class Pipeline:
         if lungs is None or disease is None:
             lung_spec, disease_spec = model_specs(self.settings)
             backend, device, precision = self.settings.backend, self.settings.device, self.settings.precision
-            lungs = lungs or make_predictor(lung_spec, backend, device, precision)
-            disease = disease or make_predictor(disease_spec, backend, device, precision)
+            compile = self.settings.compile
+            lungs = lungs or make_predictor(lung_spec, backend, device, precision, compile)
+            disease = disease or make_predictor(disease_spec, backend, device, precision, compile)
         self.lungs_model = lungs
         self.disease_model = disease
         self.build_result = ResultBuilder(self.settings, lungs.spec, disease.spec)
