@@ -125,7 +125,9 @@ class _NoStream:
 
     def __init__(self, *args: object, **kwargs: object) -> None: ...
     def record_event(self) -> None: ...
-    def synchronize(self) -> None: ...
+    def synchronize(self) -> None:
+        raise AssertionError("a stream sync spins a CPU core: the engine waits on blocking events")
+
     def wait_event(self, event: object) -> None: ...
     def wait_stream(self, stream: object) -> None: ...
 
@@ -155,6 +157,18 @@ def test_the_device_stages_give_the_host_stages_outputs_from_either_hand_off(
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _NoStream())
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
     monkeypatch.setattr(torch, "empty", lambda *a, pin_memory=False, **k: empty(*a, **k))
+    waits: list[bool] = []
+
+    class _Event:  # the engine waits on blocking events (asleep), never by spinning in a stream sync
+        def __init__(self, blocking: bool = False) -> None:
+            self.blocking = blocking
+
+        def record(self, stream: object = None) -> None: ...
+
+        def synchronize(self) -> None:
+            waits.append(self.blocking)
+
+    monkeypatch.setattr(torch.cuda, "Event", _Event)
     settings = SETTINGS.model_copy(update={"precision": "fp32"})
     host, device = HostStages(settings), DeviceStages(settings, torch.device("cpu"))
     assert device.buckets == (1, 2, 4, 8)
@@ -165,7 +179,9 @@ def test_the_device_stages_give_the_host_stages_outputs_from_either_hand_off(
         blocks = [(i, p.block) for i, p in enumerate(prepared) if isinstance(p, Prepared)]
         assert all(block.in_ring == in_ring for _, block in blocks)
         try:
+            waits.clear()
             want, got = _run_batch(host, blocks, 1), _run_batch(device, blocks, 1)
+            assert waits == [True, True, True]  # after Stage I, after Stage II, the copy stream
             for w, g in zip(want, got):
                 assert w.output is not None and g.output is not None, (w.error, g.error)
                 assert g.output.box == w.output.box

@@ -231,6 +231,14 @@ class DeviceStages:
         with self.torch.cuda.stream(self.copy_stream):
             return table[codes.to(self.torch.int32)]
 
+    def _wait_for(self, stream: Any) -> None:
+        """Block this thread until the work queued on ``stream`` so far is done, asleep: a blocking event
+        (cudaEventBlockingSync), where a tensor copy or stream sync would spin a CPU core for the whole wait,
+        the tens of milliseconds of a network's batch."""
+        event = self.torch.cuda.Event(blocking=True)
+        event.record(stream)
+        event.synchronize()
+
     def _run(self, model: Any, x: Any) -> tuple[Any, Any]:
         from .device_ops import pad_to_bucket
 
@@ -271,6 +279,7 @@ class DeviceStages:
         clock.mark("upload")  # the host's part: staging into pinned memory
         compute.wait_event(x1_ready)  # the full-resolution copies go on while Stage I runs
         probs, _ = self._run(self.models[0], x1)
+        self._wait_for(compute)
         host_probs = probs.cpu().numpy()  # 256 x 256 each: blob cleaning and labelling on the host, sub-ms
         clock.mark("stage1")
         compute.wait_stream(self.copy_stream)
@@ -306,6 +315,7 @@ class DeviceStages:
         seg = p = None
         if good:
             seg, p = self._run(self.models[1], torch.stack([c[2] for c in good]))
+            self._wait_for(compute)
             seg, p = seg.cpu().numpy(), p.cpu().numpy()
         clock.mark("stage2")
 
@@ -315,7 +325,7 @@ class DeviceStages:
             return {"prob": prob, "seg": seg[i]}, (box.top, box.bottom, box.left, box.right), float(p[i])
 
         out = in_batch_order(crops, output)
-        self.copy_stream.synchronize()  # the pinned buffers are free for the next batch
+        self._wait_for(self.copy_stream)  # the pinned buffers are free for the next batch
         return out
 
 
