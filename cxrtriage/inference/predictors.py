@@ -73,22 +73,17 @@ class TorchPredictor:
         model = load_model(spec, self.device).to(memory_format=torch.channels_last)
         self.model = model.to(self.dtype)
         self.compiled: Any = compile_for_inference(self.model, self.device) if compile else None
-        self._compiled_once = False  # a compiled call has succeeded: its errors are no longer compile failures
 
     def _forward(self, x: torch.Tensor) -> Any:
         if self.compiled is None:
             return self.model(x)
         try:
-            out = self.compiled(x)
-        except Exception as exc:
-            if self._compiled_once:
-                raise
+            return self.compiled(x)
+        except torch._dynamo.exc.TorchDynamoException as exc:  # compiling failed (at any new batch size)
             log.warning("%s: torch.compile failed (%s: %s); running the model uncompiled", self.spec.version,
                         type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
             self.compiled = None
             return self.model(x)
-        self._compiled_once = True
-        return out
 
     def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device, self.dtype, non_blocking=True)
