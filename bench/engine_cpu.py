@@ -2,6 +2,12 @@
 
     nice -n 10 python bench/engine_cpu.py [--images 24] [--rounds 3] [--processes 2] [--threads 0] [--ring-slots N]
                                           [--engine-threads 0] [--json bench/results/engine-cpu.json]
+    nice -n 10 python bench/engine_cpu.py --networks [--rounds 3]
+
+With ``--networks`` it times the bundled networks alone instead, at one torch
+thread, per image at batches of 1, 2, 4 and 8 (process CPU time, sizes in
+alternating order each round): the measurement behind the CPU engine's
+batch cap (``engine.CPU_MAX_BATCH``).
 
 Both contenders score the same phantom CRs (2048 x 1664 by default) as the
 node does (one blocking call per job from as many scoring threads as the node
@@ -11,7 +17,8 @@ gives that contender, no overlay): the :class:`~cxrtriage.inference.parallel.Sco
 workers around one engine process (``device: cpu``). Each contender starts
 and warms up once; rounds alternate between them. CPU seconds are the
 process tree's (this process and its children), which survive a noisy
-machine better than wall time. Scores are checked equal.
+machine better than wall time, also split by process (the caller, the engine
+process, the worker processes). Scores are checked equal.
 """
 
 from __future__ import annotations
@@ -36,24 +43,58 @@ from cxrtriage.inference.parallel import ScoringPool  # noqa: E402
 from cxrtriage.inference.phantom import PhantomGenerator, write_cr  # noqa: E402
 
 
-def tree_cpu() -> float:
+def tree_cpu(engine_pid: int | None) -> dict[str, float]:
+    """CPU seconds so far of this process ("caller"), the engine process, and every other child ("workers")."""
     me = psutil.Process()
-    total = sum(me.cpu_times()[:2])
+    roles = {"caller": sum(me.cpu_times()[:2]), "engine": 0.0, "workers": 0.0}
     for child in me.children(recursive=True):
         try:
-            total += sum(child.cpu_times()[:2])
+            roles["engine" if child.pid == engine_pid else "workers"] += sum(child.cpu_times()[:2])
         except psutil.NoSuchProcess:
             pass
-    return total
+    return roles
 
 
-def run_round(score: Callable[[Path, str], Any], files: list[Path], threads: int) -> dict[str, Any]:
-    c0, t0 = tree_cpu(), time.perf_counter()
+def run_round(score: Callable[[Path, str], Any], files: list[Path], threads: int,
+              engine_pid: int | None = None) -> dict[str, Any]:
+    c0, t0 = tree_cpu(engine_pid), time.perf_counter()
     with ThreadPoolExecutor(threads) as pool:
         outcomes = list(pool.map(lambda i: score(files[i], f"uid-{i}"), range(len(files))))
-    wall, cpu = time.perf_counter() - t0, tree_cpu() - c0
+    wall, c1 = time.perf_counter() - t0, tree_cpu(engine_pid)
+    ms = {role: round((c1[role] - c0[role]) * 1000 / len(files), 1) for role in c0}
     return {"wall_s": round(wall, 2), "images_per_s": round(len(files) / wall, 3),
-            "cpu_s_per_image": round(cpu / len(files), 3), "totals": [o.total for o in outcomes]}
+            "cpu_s_per_image": round(sum(ms.values()) / 1000, 3), "cpu_ms_per_image_by_process": ms,
+            "totals": [o.total for o in outcomes]}
+
+
+def networks(rounds: int, repeats: int = 4) -> dict[str, Any]:
+    """CPU-ms per image of each bundled network at batches of 1, 2, 4 and 8, one torch thread."""
+    import numpy as np
+    import torch
+
+    from cxrtriage.inference.engine import HostStages
+
+    torch.set_num_threads(1)
+    stages = HostStages(InferenceSettings(device="cpu"))
+    sizes = (1, 2, 4, 8)
+    rows: list[dict[str, Any]] = []
+    for n in range(rounds):
+        for size in (sizes if n % 2 == 0 else sizes[::-1]):
+            for name, model in (("lungs", stages.lungs), ("disease", stages.disease)):
+                spec = model.spec
+                x = np.random.default_rng(n).random((size, spec.in_channels, spec.input_size, spec.input_size),
+                                                    dtype=np.float32)
+                model(x)  # a first call per shape
+                c0 = time.process_time()
+                for _ in range(repeats):
+                    model(x)
+                ms = (time.process_time() - c0) * 1000 / (repeats * size)
+                rows.append({"round": n, "network": name, "batch": size, "cpu_ms_per_image": round(ms, 1)})
+                print(json.dumps(rows[-1]), flush=True)
+    for name in ("lungs", "disease"):
+        print(name, {size: [r["cpu_ms_per_image"] for r in rows if r["network"] == name and r["batch"] == size]
+                     for size in sizes})
+    return {"rows": rows}
 
 
 def main() -> None:
@@ -70,8 +111,15 @@ def main() -> None:
                         help="the engine's torch threads (0: the node's choice)")
     parser.add_argument("--ring-slots", type=int, default=None,
                         help="a ring of this many shared-memory slots (default: the node's; none on a CPU)")
+    parser.add_argument("--networks", action="store_true", help="time the networks alone by batch size")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    if args.networks:
+        result = networks(args.rounds)
+        if args.json:
+            args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, **result},
+                                            indent=1))
+        return
 
     settings = InferenceSettings(device="cpu")
     with tempfile.TemporaryDirectory(prefix="cxrtriage-engine-bench-") as scratch:
@@ -95,7 +143,9 @@ def main() -> None:
         try:
             for n in range(args.rounds):
                 for name in (("pool", "engine") if n % 2 == 0 else ("engine", "pool")):
-                    row = {"round": n, "contender": name, **run_round(contenders[name], files, threads[name])}
+                    engine_pid = engine.engine.pid if name == "engine" else None  # processes alive: pids stay
+                    row = {"round": n, "contender": name,
+                           **run_round(contenders[name], files, threads[name], engine_pid)}
                     print(json.dumps(row), flush=True)
                     rounds.append(row)
             print("engine batch sizes (size: batches):", dict(sorted(engine.engine.batch_sizes.items())))
@@ -105,7 +155,8 @@ def main() -> None:
     for name in ("pool", "engine"):
         rows = [r for r in rounds if r["contender"] == name]
         print(f"{name:7s} images/s {[r['images_per_s'] for r in rows]}  "
-              f"CPU-s/image {[r['cpu_s_per_image'] for r in rows]}")
+              f"CPU-s/image {[r['cpu_s_per_image'] for r in rows]}  "
+              f"CPU-ms/image by process {[r['cpu_ms_per_image_by_process'] for r in rows]}")
     assert len({tuple(r["totals"]) for r in rounds}) == 1, "the contenders' scores differ"
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rounds": rounds},

@@ -96,7 +96,13 @@ class HostStages:
         self.settings = settings
         self.lungs = make_predictor(lung_spec, settings.backend, "cpu", settings.precision, compile_models)
         self.disease = make_predictor(disease_spec, settings.backend, "cpu", settings.precision, compile_models)
-        self.clock = StepClock()  # the last batch's steps
+        self._local = threading.local()  # each lane's last batch's steps (lanes run batches at once)
+
+    @property
+    def clock(self) -> StepClock:
+        """This thread's last batch's steps."""
+        clock: StepClock | None = getattr(self._local, "clock", None)
+        return clock if clock is not None else StepClock()
 
     def warm(self, max_batch: int) -> None:
         """Run both networks once per batch size, so that no job pays a kernel choice for a new shape."""
@@ -110,7 +116,7 @@ class HostStages:
         from .pipeline import lung_crop, model_inputs, stage2_image
 
         lung_spec, disease_spec = self.lungs.spec, self.disease.spec
-        clock = self.clock = StepClock()
+        clock = self._local.clock = StepClock()
         probs, _ = self.lungs(np.stack([im["stage1"] for im in images]))
         clock.mark("stage1")
         crops: list[Any] = []
@@ -398,11 +404,32 @@ def _run_batch(stages: HostStages | DeviceStages, batch: list[tuple[int, Block]]
     return [replies[job] for job, _ in batch]
 
 
+def _answer(stages: HostStages | DeviceStages, batch: list[tuple[int, Block]], number: int) -> list[EngineReply]:
+    try:
+        return _run_batch(stages, batch, number)
+    except Exception as exc:  # a failure of the whole batch (a network error): each job says why
+        text = f"{type(exc).__name__}: {exc}"
+        log.error("engine batch failed: %s", traceback.format_exc())
+        return [EngineReply(job, error=text) for job, _ in batch]
+
+
+#: The most images in one batch of an engine on the CPU. At one thread the bundled networks cost the least per
+#: image at batches of 2-4, about 10 % more at 1 or 8 (``bench/engine_cpu.py --networks``); small batches leave
+#: images for the other lanes (:func:`serve`): the engine reached 0.83x the pool's images/s with 2, 0.75x with 4.
+CPU_MAX_BATCH = 2
+
+
 def serve(
-    settings_json: str, requests: Connection, replies: Connection, threads: int, compile_models: bool, warm: bool
+    settings_json: str, requests: Connection, replies: Connection, threads: int, compile_models: bool, warm: bool,
+    lanes: int = 1,
 ) -> None:
     """The engine process: load the models (with ``warm``, run each batch size once), say ready, then batch
-    until told to stop or the client goes."""
+    until told to stop or the client goes.
+
+    ``lanes`` threads take batches in turn and run them at the same time, each with ``threads`` torch
+    threads. On the CPU the node gives one lane per core at one thread each: as many images' networks at
+    once as the pool's processes run, where one batch over all cores would have OpenMP threads waiting at
+    every barrier for a peer that the CPU workers have descheduled. On a device one lane owns it."""
     import torch
 
     if threads:
@@ -410,30 +437,48 @@ def serve(
     settings = InferenceSettings.model_validate_json(settings_json)
     try:
         stages = make_stages(settings, compile_models)
-        if warm:
-            stages.warm(settings.max_batch)
+        on_cpu = isinstance(stages, HostStages)
+        max_batch = min(settings.max_batch, CPU_MAX_BATCH) if on_cpu else settings.max_batch
+        if warm or (compile_models and lanes > 1 and on_cpu):  # lanes must not compile one graph at once
+            stages.warm(max_batch)
     except Exception as exc:
         replies.send(("failed", f"{type(exc).__name__}: {exc}"))
         return
     replies.send(("ready", type(stages).__name__))
     max_wait = settings.max_wait_ms / 1000.0
-    stop, number = False, 0
-    while not stop:
-        try:
-            batch, stop = _collect(requests, settings.max_batch, max_wait)
-        except (EOFError, OSError):
-            return  # the client is gone
-        if not batch:
-            continue
-        number += 1
-        try:
-            out = _run_batch(stages, batch, number)
-        except Exception as exc:  # a failure of the whole batch (a network error): each job says why
-            text = f"{type(exc).__name__}: {exc}"
-            log.error("engine batch failed: %s", traceback.format_exc())
-            out = [EngineReply(job, error=text) for job, _ in batch]
-        for reply in out:
-            replies.send(reply)
+    taking, sending = threading.Lock(), threading.Lock()  # one lane forms a batch at a time; replies whole
+    state = {"stop": False, "number": 0}
+
+    def lane() -> None:
+        while True:
+            with taking:
+                if state["stop"]:
+                    return
+                try:
+                    batch, state["stop"] = _collect(requests, max_batch, max_wait)
+                except (EOFError, OSError):  # the client is gone
+                    state["stop"] = True
+                    return
+                state["number"] += 1
+                number = state["number"]
+            if not batch:
+                continue
+            out = _answer(stages, batch, number)
+            try:
+                with sending:
+                    for reply in out:
+                        replies.send(reply)
+            except OSError:  # the client is gone
+                state["stop"] = True
+                return
+
+    others = [threading.Thread(target=lane, name=f"engine-lane-{n}", daemon=True)
+              for n in range(1, lanes if on_cpu else 1)]
+    for thread in others:
+        thread.start()
+    lane()
+    for thread in others:
+        thread.join()
 
 
 # --------------------------------------------------------------------------- client
@@ -456,10 +501,11 @@ class ScoringEngine:
     starts a new one. :attr:`batch_sizes` counts the batches by size.
     """
 
-    def __init__(self, settings: InferenceSettings, *, threads: int = 0, compile_models: bool = False,
-                 start_timeout: float = 300.0) -> None:
+    def __init__(self, settings: InferenceSettings, *, threads: int = 0, lanes: int = 1,
+                 compile_models: bool = False, start_timeout: float = 300.0) -> None:
         self.settings = settings
         self.threads = threads
+        self.lanes = lanes  # batches run at once (:func:`serve`)
         self.compile_models = compile_models
         self.start_timeout = start_timeout
         self.warm_batches = False  # run every batch size once at start (a few seconds; the node's warm-up asks)
@@ -488,7 +534,7 @@ class ScoringEngine:
         process = context.Process(
             target=serve, name="cxrtriage-engine", daemon=True,
             args=(self.settings.model_dump_json(), requests_read, replies_write, self.threads, self.compile_models,
-                  self.warm_batches),
+                  self.warm_batches, self.lanes),
         )
         process.start()
         requests_read.close()

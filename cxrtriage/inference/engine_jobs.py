@@ -183,17 +183,22 @@ class EnginePool(RestartingPool):
                  compile_models: bool | None = None, ring_slots: int | None = None) -> None:
         self.workers = workers or os.cpu_count() or 1
         self._settings_json = settings.model_dump_json()
-        # On the CPU the engine is one process among workers + 1: more torch threads than its share of the
-        # cores oversubscribes them, and OpenMP threads that wait at every barrier for a descheduled peer
-        # cost 10x the CPU time (measured: 1.25 vs 0.14 CPU-s an image on 2 busy cores). On a device its
-        # CPU work is copying each image into pinned memory (page faults included), in its one Python
-        # thread: the H100 run found that thread the limit, and torch spreads a large copy over its threads.
+        # On the CPU the networks are most of the work: the engine runs one lane per core (engine.serve), each
+        # a batch at one torch thread, beside the CPU workers. One batch over many OpenMP threads would have
+        # them wait at every barrier for a peer the workers descheduled, at 10x the CPU time (measured: 1.25
+        # vs 0.14 CPU-s an image on 2 busy cores). On a device its CPU work is copying each image into pinned
+        # memory (page faults included), in its one Python thread: the H100 run found that thread the limit,
+        # and torch spreads a large copy over its threads.
         self.stored_values = on_device(settings)  # hand Stage II's image over as stored values (prepare)
-        share = threads_per_worker(self.workers + 1)
-        threads = engine_threads or settings.threads or (max(share, DEVICE_ENGINE_THREADS) if self.stored_values
-                                                         else share)
+        if self.stored_values:
+            threads = engine_threads or settings.threads or max(threads_per_worker(self.workers + 1),
+                                                                DEVICE_ENGINE_THREADS)
+            lanes = 1
+        else:
+            threads = engine_threads or settings.threads or 1
+            lanes = max(1, (os.cpu_count() or 1) // threads)
         compile_models = settings.compile if compile_models is None else compile_models  # inference.compile
-        self.engine = ScoringEngine(settings, threads=threads, compile_models=compile_models)
+        self.engine = ScoringEngine(settings, threads=threads, lanes=lanes, compile_models=compile_models)
         # A device engine reads the images from a ring of slots, one per job in flight (queued for the engine,
         # in it, or in a worker), so that the GPU copies them straight from page-locked shared memory.
         if ring_slots is None:
