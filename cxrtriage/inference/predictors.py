@@ -118,6 +118,9 @@ class OnnxPredictor:
             wanted = [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in available] + wanted
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # as many threads as torch has in this process (inference.threads, a pool worker's share of the cores,
+        # an engine lane's one): ORT's own default, every core with spinning threads, oversubscribes them
+        options.intra_op_num_threads = torch.get_num_threads()
         self.session = ort.InferenceSession(str(path), options, providers=wanted)
         self.outputs = [o.name for o in self.session.get_outputs()]
 
