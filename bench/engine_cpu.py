@@ -2,12 +2,14 @@
 
     nice -n 10 python bench/engine_cpu.py [--images 24] [--rounds 3] [--processes 2] [--threads 0] [--ring-slots N]
                                           [--engine-threads 0] [--json bench/results/engine-cpu.json]
-    nice -n 10 python bench/engine_cpu.py --networks [--rounds 3]
+    nice -n 10 python bench/engine_cpu.py --networks [--preset bundled|paper] [--rounds 3]
 
-With ``--networks`` it times the bundled networks alone instead, at one torch
-thread, per image at batches of 1, 2, 4 and 8 (process CPU time, sizes in
-alternating order each round): the measurement behind the CPU engine's
-batch cap (``engine.CPU_MAX_BATCH``).
+With ``--networks`` it times the networks alone instead, at one torch thread,
+per image at batches of 1, 2, 4 and 8 (paper: 1 and 2), each with BatchNorm
+folded into the convolutions (the node's default, ``bn_fold``) and without
+(process CPU time; sizes and variants in alternating order each round): the
+measurements behind the CPU engine's batch cap (``engine.CPU_MAX_BATCH``)
+and the folding.
 
 Both contenders score the same phantom CRs (2048 x 1664 by default) as the
 node does (one blocking call per job from as many scoring threads as the node
@@ -67,20 +69,29 @@ def run_round(score: Callable[[Path, str], Any], files: list[Path], threads: int
             "totals": [o.total for o in outcomes]}
 
 
-def networks(rounds: int, repeats: int = 4) -> dict[str, Any]:
-    """CPU-ms per image of each bundled network at batches of 1, 2, 4 and 8, one torch thread."""
+def networks(rounds: int, preset: str, repeats: int = 4) -> dict[str, Any]:
+    """CPU-ms per image of each network, BatchNorm folded into the convolutions (the node's default) or not,
+    at each batch size, one torch thread; variants and sizes alternate in order from round to round."""
     import numpy as np
     import torch
 
-    from cxrtriage.inference.engine import HostStages
+    from cxrtriage.inference.predictors import TorchPredictor
+    from cxrtriage.inference.presets import bundled, danilov2022
 
     torch.set_num_threads(1)
-    stages = HostStages(InferenceSettings(device="cpu"))
-    sizes = (1, 2, 4, 8)
+    specs = bundled() if preset == "bundled" else danilov2022((False, False))  # paper: untrained; same cost
+    sizes = (1, 2, 4, 8) if preset == "bundled" else (1, 2)
+    models = {(name, fold): TorchPredictor(spec, "cpu", fold_bn=fold)
+              for name, spec in zip(("lungs", "disease"), specs) for fold in (False, True)}
+    for (name, fold), model in models.items():
+        print(f"{name} ({model.spec.arch}/{model.spec.encoder} @ {model.spec.input_size}): "
+              f"{'folded ' + str(model.folded) if fold else 'not folded'}")
     rows: list[dict[str, Any]] = []
     for n in range(rounds):
-        for size in (sizes if n % 2 == 0 else sizes[::-1]):
-            for name, model in (("lungs", stages.lungs), ("disease", stages.disease)):
+        order = [(size, fold) for size in sizes for fold in (False, True)]
+        for size, fold in (order if n % 2 == 0 else order[::-1]):
+            for name in ("lungs", "disease"):
+                model = models[(name, fold)]
                 spec = model.spec
                 x = np.random.default_rng(n).random((size, spec.in_channels, spec.input_size, spec.input_size),
                                                     dtype=np.float32)
@@ -89,12 +100,15 @@ def networks(rounds: int, repeats: int = 4) -> dict[str, Any]:
                 for _ in range(repeats):
                     model(x)
                 ms = (time.process_time() - c0) * 1000 / (repeats * size)
-                rows.append({"round": n, "network": name, "batch": size, "cpu_ms_per_image": round(ms, 1)})
+                rows.append({"round": n, "network": name, "batch": size, "bn_folded": fold,
+                             "cpu_ms_per_image": round(ms, 1)})
                 print(json.dumps(rows[-1]), flush=True)
     for name in ("lungs", "disease"):
-        print(name, {size: [r["cpu_ms_per_image"] for r in rows if r["network"] == name and r["batch"] == size]
-                     for size in sizes})
-    return {"rows": rows}
+        for fold in (False, True):
+            print(f"{name:8s} {'folded' if fold else 'BN    '} by batch size:",
+                  {size: [r["cpu_ms_per_image"] for r in rows
+                          if (r["network"], r["bn_folded"], r["batch"]) == (name, fold, size)] for size in sizes})
+    return {"rows": rows, "folded": {f"{name} {fold}": m.folded for (name, fold), m in models.items()}}
 
 
 def main() -> None:
@@ -112,10 +126,12 @@ def main() -> None:
     parser.add_argument("--ring-slots", type=int, default=None,
                         help="a ring of this many shared-memory slots (default: the node's; none on a CPU)")
     parser.add_argument("--networks", action="store_true", help="time the networks alone by batch size")
+    parser.add_argument("--preset", choices=("bundled", "paper"), default="bundled",
+                        help="with --networks: the bundled networks, or the paper's (untrained: the same cost)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if args.networks:
-        result = networks(args.rounds)
+        result = networks(args.rounds, args.preset)
         if args.json:
             args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, **result},
                                             indent=1))

@@ -62,15 +62,24 @@ class TorchPredictor:
     ``compile=True`` runs :func:`compile_for_inference`'s model. Compiling is
     an optimisation only: if it fails (no C++ compiler, an unsupported
     operator), the predictor logs why once and runs the eager model.
+
+    ``fold_bn`` (default) folds BatchNorm into the convolutions before any cast
+    (:func:`~.bn_fold.fold_batch_norm`); :attr:`folded` says how many.
     """
 
-    def __init__(self, spec: ModelSpec, device: str = "auto", precision: str = "fp32", compile: bool = False) -> None:
+    def __init__(self, spec: ModelSpec, device: str = "auto", precision: str = "fp32", compile: bool = False,
+                 fold_bn: bool = True) -> None:
+        from .bn_fold import example_input, fold_batch_norm
+
         if precision not in ("fp32", "bf16"):
             raise ValueError(f"unknown precision {precision!r}; use fp32 or bf16")
         self.spec = spec
         self.device = resolve_device(device)
         self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         model = load_model(spec, self.device).to(memory_format=torch.channels_last)
+        self.folded = 0
+        if fold_bn:
+            model, self.folded = fold_batch_norm(model, example_input(spec.in_channels, self.device))
         self.model = model.to(self.dtype)
         self.compiled: Any = compile_for_inference(self.model, self.device) if compile else None
 
@@ -153,10 +162,10 @@ class OnnxPredictor:
 
 
 def make_predictor(
-    spec: ModelSpec, backend: str, device: str, precision: str = "fp32", compile: bool = False
+    spec: ModelSpec, backend: str, device: str, precision: str = "fp32", compile: bool = False, fold_bn: bool = True
 ) -> Predictor:
     if backend == "torch":
-        return TorchPredictor(spec, device, precision, compile)
+        return TorchPredictor(spec, device, precision, compile, fold_bn)
     if backend == "onnx":
         if precision != "fp32":
             raise ValueError(f"precision {precision!r} needs the torch backend; ONNX Runtime runs fp32 here")
