@@ -97,3 +97,13 @@ def test_a_layer_between_conv_and_batch_norm_stops_the_pairing() -> None:
 def test_a_model_in_training_mode_is_refused() -> None:
     with pytest.raises(ValueError, match="eval mode"):
         fold_batch_norm(nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)).train(), torch.rand(1, 3, 8, 8))
+
+
+def test_inference_fold_batch_norm_false_runs_the_models_as_saved() -> None:
+    from cxrtriage.inference.pipeline import Pipeline
+
+    folded, plain = Pipeline(InferenceSettings(device="cpu")), Pipeline(InferenceSettings(device="cpu",
+                                                                                          fold_batch_norm=False))
+    assert folded.lungs_model.folded > 50 and folded.disease_model.folded > 50  # type: ignore[attr-defined]
+    assert plain.lungs_model.folded == plain.disease_model.folded == 0  # type: ignore[attr-defined]
+    assert _batch_norms(plain.lungs_model.model) > 50  # type: ignore[attr-defined]

@@ -11,8 +11,8 @@ default, on any device.
 
 The pairs are found by running the model once with hooks: a BatchNorm2d
 (torch's, or timm's BatchNormAct2d, whose activation stays) whose input is the
-very tensor the Conv2d called just before it returned, no other layer between. Whether
-that tensor also went elsewhere (a residual, say) hooks cannot see, so the
+very tensor the Conv2d called just before it returned, no other layer
+between. Whether that tensor also went elsewhere (a residual, say) hooks cannot see, so the
 folded model is checked against the original on the same input and kept only
 if their outputs agree; otherwise the original is returned unchanged.
 """
@@ -110,8 +110,9 @@ def example_input(in_channels: int, device: Any, size: int = 64) -> torch.Tensor
 
 def fold_batch_norm(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module, int]:
     """``model`` (eval mode) with its conv -> BatchNorm pairs folded, and how many; on any doubt, ``model``
-    itself and 0. ``example`` is one input of the model's shape, dtype and device (a float32 model: fold
-    before casting to bf16, so that the folded weights are rounded once)."""
+    itself and 0. ``example`` is one input on the model's device, of any size its encoder takes
+    (:func:`example_input`). Fold a float32 model before casting it to bf16, so that the folded weights are
+    rounded once. The original is copied, not changed: loading briefly holds both."""
     if model.training:
         raise ValueError("fold_batch_norm needs a model in eval mode")
     try:

@@ -94,8 +94,8 @@ class HostStages:
 
         lung_spec, disease_spec = model_specs(settings)
         self.settings = settings
-        self.lungs = make_predictor(lung_spec, settings.backend, "cpu", settings.precision, compile_models)
-        self.disease = make_predictor(disease_spec, settings.backend, "cpu", settings.precision, compile_models)
+        self.lungs, self.disease = (make_predictor(spec, settings.backend, "cpu", settings.precision, compile_models,
+                                                   settings.fold_batch_norm) for spec in (lung_spec, disease_spec))
         self._local = threading.local()  # each lane's last batch's steps (lanes run batches at once)
 
     @property
@@ -181,7 +181,9 @@ class DeviceStages:
         self.models = []
         for spec in (self.lung_spec, self.disease_spec):
             model: Any = load_model(spec, device).to(memory_format=torch.channels_last)
-            model = fold_batch_norm(model, example_input(spec.in_channels, device))[0].to(self.dtype).eval()
+            if settings.fold_batch_norm:
+                model = fold_batch_norm(model, example_input(spec.in_channels, device))[0]
+            model = model.to(self.dtype).eval()
             if compile_models:  # CUDA graphs per batch shape; the first batch of each size compiles
                 model = compile_for_inference(model, device)
             self.models.append(model)

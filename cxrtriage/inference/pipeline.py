@@ -290,8 +290,9 @@ class Pipeline:
             lung_spec, disease_spec = model_specs(self.settings)
             backend, device, precision = self.settings.backend, self.settings.device, self.settings.precision
             compile = self.settings.compile
-            lungs = lungs or make_predictor(lung_spec, backend, device, precision, compile)
-            disease = disease or make_predictor(disease_spec, backend, device, precision, compile)
+            fold = self.settings.fold_batch_norm
+            lungs = lungs or make_predictor(lung_spec, backend, device, precision, compile, fold)
+            disease = disease or make_predictor(disease_spec, backend, device, precision, compile, fold)
         self.lungs_model = lungs
         self.disease_model = disease
         self.build_result = ResultBuilder(self.settings, lungs.spec, disease.spec)
