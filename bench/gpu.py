@@ -52,6 +52,7 @@ import torch  # noqa: E402
 from pipeline import Cxrtriage, Engine, Published, engine_available, make_images, measure, replicate  # noqa: E402
 
 from cxrtriage.config import InferenceSettings  # noqa: E402
+from cxrtriage.inference.bn_fold import example_input, fold_batch_norm  # noqa: E402
 from cxrtriage.inference.models import ModelSpec, create_model, load_model  # noqa: E402
 from cxrtriage.inference.presets import danilov2022, model_specs  # noqa: E402
 
@@ -153,7 +154,10 @@ def models_alone(specs: tuple[ModelSpec, ModelSpec], device_name: str, batch: in
     dtype = torch.bfloat16
     per_stage: dict[str, dict[str, Any]] = {}
     for stage, spec in zip(("stage1", "stage2"), specs):
-        model = load_model(spec, device).to(memory_format=torch.channels_last).to(dtype).eval()
+        model = load_model(spec, device).to(memory_format=torch.channels_last)
+        # folded as the engine folds them (inference.fold_batch_norm): the ceiling of the node's own networks
+        model, folded = fold_batch_norm(model, example_input(spec.in_channels, device))
+        model = model.to(dtype).eval()
         run: Callable[[torch.Tensor], Any] = model
         t0 = time.monotonic()
         if compiled:
@@ -171,7 +175,7 @@ def models_alone(specs: tuple[ModelSpec, ModelSpec], device_name: str, batch: in
             _sync(device)
         seconds = (time.perf_counter() - t0) / iterations
         per_stage[stage] = {"model": f"{spec.arch}/{spec.encoder} @ {spec.input_size}", "ms_per_batch": seconds * 1000,
-                            "images_per_s": batch / seconds, "warm_up_s": round(warm, 1)}
+                            "images_per_s": batch / seconds, "warm_up_s": round(warm, 1), "bn_folded": folded}
         del model, run
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -52,6 +52,8 @@ def test_gpu_script_dry_run_on_the_cpu(tmp_path: Path) -> None:
     assert list(phases) == ["environment", "weights", "ceiling", "baseline", "end_to_end"]
     assert not [name for name, numbers in phases.items() if "error" in numbers]
     assert phases["ceiling"]["stage1"]["images_per_s"] > 0 and phases["ceiling"]["stage2"]["images_per_s"] > 0
+    # the ceiling runs the networks as the engine does, BatchNorm folded into the convolutions
+    assert phases["ceiling"]["stage1"]["bn_folded"] > 0 and phases["ceiling"]["stage2"]["bn_folded"] > 0
     assert phases["baseline"]["outputs"]["png"] == 2 * phases["baseline"]["images"]
     e2e = phases["end_to_end"]
     assert e2e["outputs"]["seg"] == e2e["outputs"]["sr"] == e2e["images"]
