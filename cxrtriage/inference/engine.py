@@ -59,6 +59,7 @@ class EngineOutput:
     batch: int  # the engine's batch counter: images of one batch share it
     seconds: float  # this image's share of its batch's engine time
     steps_ms: dict[str, float] = field(default_factory=dict)  # its share of each step (StepClock), for benchmarks
+    lane: int = 0  # which of the engine's lanes ran its batch (:func:`serve`)
 
 
 @dataclass(frozen=True)
@@ -370,7 +371,8 @@ def _collect(requests: Connection, max_batch: int, max_wait: float) -> tuple[lis
     return batch, False
 
 
-def _run_batch(stages: HostStages | DeviceStages, batch: list[tuple[int, Block]], number: int) -> list[EngineReply]:
+def _run_batch(stages: HostStages | DeviceStages, batch: list[tuple[int, Block]], number: int,
+               lane: int = 0) -> list[EngineReply]:
     t0 = time.perf_counter()
     replies: dict[int, EngineReply] = {}
     images: list[dict[str, np.ndarray]] = []
@@ -403,14 +405,16 @@ def _run_batch(stages: HostStages | DeviceStages, batch: list[tuple[int, Block]]
             replies[job] = EngineReply(job, error=f"{type(result).__name__}: {result}")
             continue
         _, box, p = result
-        output = EngineOutput(blocks[job], (box[0], box[1], box[2], box[3]), p, len(batch), number, share, steps)
+        output = EngineOutput(blocks[job], (box[0], box[1], box[2], box[3]), p, len(batch), number, share, steps,
+                              lane)
         replies[job] = EngineReply(job, output=output)
     return [replies[job] for job, _ in batch]
 
 
-def _answer(stages: HostStages | DeviceStages, batch: list[tuple[int, Block]], number: int) -> list[EngineReply]:
+def _answer(stages: HostStages | DeviceStages, batch: list[tuple[int, Block]], number: int,
+            lane: int) -> list[EngineReply]:
     try:
-        return _run_batch(stages, batch, number)
+        return _run_batch(stages, batch, number, lane)
     except Exception as exc:  # a failure of the whole batch (a network error): each job says why
         text = f"{type(exc).__name__}: {exc}"
         log.error("engine batch failed: %s", traceback.format_exc())
@@ -453,7 +457,7 @@ def serve(
     taking, sending = threading.Lock(), threading.Lock()  # one lane forms a batch at a time; replies whole
     state = {"stop": False, "number": 0}
 
-    def lane() -> None:
+    def lane(index: int) -> None:
         while True:
             with taking:
                 if state["stop"]:
@@ -467,7 +471,7 @@ def serve(
                 number = state["number"]
             if not batch:
                 continue
-            out = _answer(stages, batch, number)
+            out = _answer(stages, batch, number, index)
             try:
                 with sending:
                     for reply in out:
@@ -476,11 +480,11 @@ def serve(
                 state["stop"] = True
                 return
 
-    others = [threading.Thread(target=lane, name=f"engine-lane-{n}", daemon=True)
+    others = [threading.Thread(target=lane, args=(n,), name=f"engine-lane-{n}", daemon=True)
               for n in range(1, lanes if on_cpu else 1)]
     for thread in others:
         thread.start()
-    lane()
+    lane(0)
     for thread in others:
         thread.join()
 
