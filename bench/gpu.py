@@ -52,8 +52,8 @@ import torch  # noqa: E402
 from pipeline import Cxrtriage, Engine, Published, engine_available, make_images, measure, replicate  # noqa: E402
 
 from cxrtriage.config import InferenceSettings  # noqa: E402
-from cxrtriage.inference.bn_fold import example_input, fold_batch_norm  # noqa: E402
-from cxrtriage.inference.models import ModelSpec, create_model, load_model  # noqa: E402
+from cxrtriage.inference.models import ModelSpec, create_model  # noqa: E402
+from cxrtriage.inference.predictors import inference_model  # noqa: E402
 from cxrtriage.inference.presets import danilov2022, model_specs  # noqa: E402
 
 OUT_ENV = "CXRTRIAGE_GPU_BENCH_OUT"
@@ -154,10 +154,8 @@ def models_alone(specs: tuple[ModelSpec, ModelSpec], device_name: str, batch: in
     dtype = torch.bfloat16
     per_stage: dict[str, dict[str, Any]] = {}
     for stage, spec in zip(("stage1", "stage2"), specs):
-        model = load_model(spec, device).to(memory_format=torch.channels_last)
-        # folded as the engine folds them (inference.fold_batch_norm): the ceiling of the node's own networks
-        model, folded = fold_batch_norm(model, example_input(spec.in_channels, device))
-        model = model.to(dtype).eval()
+        # made as the engine makes them (BatchNorm folded): the ceiling of the node's own networks
+        model, folded = inference_model(spec, device, dtype)
         run: Callable[[torch.Tensor], Any] = model
         t0 = time.monotonic()
         if compiled:

@@ -166,10 +166,8 @@ class DeviceStages:
     def __init__(self, settings: InferenceSettings, device: Any, compile_models: bool = False) -> None:
         import torch
 
-        from .bn_fold import example_input, fold_batch_norm
         from .device_ops import batch_buckets
-        from .models import load_model
-        from .predictors import compile_for_inference
+        from .predictors import compile_for_inference, inference_model
         from .presets import model_specs
 
         torch.backends.cudnn.benchmark = True  # one kernel search per batch shape: few shapes (batch_buckets)
@@ -181,10 +179,7 @@ class DeviceStages:
         self.lung_spec, self.disease_spec = model_specs(settings)
         self.models = []
         for spec in (self.lung_spec, self.disease_spec):
-            model: Any = load_model(spec, device).to(memory_format=torch.channels_last)
-            if settings.fold_batch_norm:
-                model = fold_batch_norm(model, example_input(spec.in_channels, device))[0]
-            model = model.to(self.dtype).eval()
+            model, _ = inference_model(spec, device, self.dtype, settings.fold_batch_norm)
             if compile_models:  # CUDA graphs per batch shape; the first batch of each size compiles
                 model = compile_for_inference(model, device)
             self.models.append(model)

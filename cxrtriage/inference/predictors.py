@@ -37,6 +37,19 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def inference_model(spec: ModelSpec, device: Any, dtype: torch.dtype, fold_bn: bool = True) -> tuple[Any, int]:
+    """``spec``'s model ready to run: loaded on ``device`` in eval mode, channels_last, each BatchNorm folded
+    into its convolution when ``fold_bn`` (in float32, :func:`~.bn_fold.fold_batch_norm`), then cast to
+    ``dtype``; and how many BatchNorms were folded."""
+    from .bn_fold import example_input, fold_batch_norm
+
+    model = load_model(spec, device).to(memory_format=torch.channels_last)
+    folded = 0
+    if fold_bn:
+        model, folded = fold_batch_norm(model, example_input(spec.in_channels, device))
+    return model.to(dtype).eval(), folded
+
+
 def compile_for_inference(model: torch.nn.Module, device: torch.device) -> Any:
     """``torch.compile`` for inference; the first call with each input shape compiles.
 
@@ -69,18 +82,12 @@ class TorchPredictor:
 
     def __init__(self, spec: ModelSpec, device: str = "auto", precision: str = "fp32", compile: bool = False,
                  fold_bn: bool = True) -> None:
-        from .bn_fold import example_input, fold_batch_norm
-
         if precision not in ("fp32", "bf16"):
             raise ValueError(f"unknown precision {precision!r}; use fp32 or bf16")
         self.spec = spec
         self.device = resolve_device(device)
         self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-        model = load_model(spec, self.device).to(memory_format=torch.channels_last)
-        self.folded = 0
-        if fold_bn:
-            model, self.folded = fold_batch_norm(model, example_input(spec.in_channels, self.device))
-        self.model = model.to(self.dtype)
+        self.model, self.folded = inference_model(spec, self.device, self.dtype, fold_bn)
         self.compiled: Any = compile_for_inference(self.model, self.device) if compile else None
 
     def _forward(self, x: torch.Tensor) -> Any:
