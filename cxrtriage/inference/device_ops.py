@@ -95,14 +95,16 @@ def lung_masks_batch(blobs: torch.Tensor, shape: tuple[int, int], threshold: flo
 
 
 def crop_to_input(
-    image: torch.Tensor, lungs: torch.Tensor, box: CropBox, size: int, mean: Sequence[float], std: Sequence[float]
+    image: torch.Tensor, lungs: torch.Tensor, box: CropBox, size: int, mean: Sequence[float] | torch.Tensor,
+    std: Sequence[float] | torch.Tensor,
 ) -> torch.Tensor:
     """Stage II's (C, size, size) input: ``image`` inside ``box``, masked by ``lungs`` (bool), resized and
-    normalised."""
+    normalised. Pass ``mean`` and ``std`` as tensors on the image's device: a list is copied there from the
+    host, and that copy waits for everything queued before it."""
     rows, columns = slice(box.top, box.bottom), slice(box.left, box.right)
     crop = torch.where(lungs[rows, columns], image[rows, columns], torch.zeros((), dtype=image.dtype,
                                                                               device=image.device))
     resized = resize_like_cv2(crop, (size, size))
-    m = torch.tensor(mean, dtype=torch.float32, device=image.device)[:, None, None]
-    s = torch.tensor(std, dtype=torch.float32, device=image.device)[:, None, None]
+    m = torch.as_tensor(mean, dtype=torch.float32, device=image.device)[:, None, None]
+    s = torch.as_tensor(std, dtype=torch.float32, device=image.device)[:, None, None]
     return (resized[None] - m) / s
