@@ -36,25 +36,14 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import psutil  # noqa: E402
+from pipeline import tree_cpu  # noqa: E402
 
 from cxrtriage.config import InferenceSettings  # noqa: E402
 from cxrtriage.inference.engine_jobs import EnginePool  # noqa: E402
 from cxrtriage.inference.parallel import ScoringPool  # noqa: E402
 from cxrtriage.inference.phantom import PhantomGenerator, write_cr  # noqa: E402
-
-
-def tree_cpu(engine_pid: int | None) -> dict[str, float]:
-    """CPU seconds so far of this process ("caller"), the engine process, and every other child ("workers")."""
-    me = psutil.Process()
-    roles = {"caller": sum(me.cpu_times()[:2]), "engine": 0.0, "workers": 0.0}
-    for child in me.children(recursive=True):
-        try:
-            roles["engine" if child.pid == engine_pid else "workers"] += sum(child.cpu_times()[:2])
-        except psutil.NoSuchProcess:
-            pass
-    return roles
 
 
 def run_round(score: Callable[[Path, str], Any], files: list[Path], threads: int,

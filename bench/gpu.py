@@ -344,6 +344,7 @@ def main() -> None:
                       "distinct_images": len(distinct), "size": [rows, cols],
                       "batch": batch if engine else pool_batch, "precision": "bf16",
                       "images_per_s": run["images_per_s"], "cpu_s_per_image": run["cpu_s_per_image"],
+                      "cpu_ms_per_image_by_process": run["cpu_ms_per_image_by_process"],
                       "outputs": run["outputs"], "lung_px_median": sorted(run["lung_px"])[images // 2],
                       "opacity_px_median": sorted(run["opacity_px"])[images // 2]}
             if "after" in run:

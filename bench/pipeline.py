@@ -295,6 +295,11 @@ class Engine:
         self.scorer.warm_up(sample)
         print(f"  {self.name}: engine and {self.workers} workers warm in {time.monotonic() - t0:.0f} s", flush=True)
 
+    @property
+    def engine_pid(self) -> int | None:
+        """The engine process, so that its CPU is told apart from the workers' (:func:`tree_cpu`)."""
+        return self.scorer.pool.engine.pid if self.scorer is not None else None
+
     def run(self, files: list[Path], out: Path) -> list[Scored]:
         (out / "dicom").mkdir(parents=True, exist_ok=True)
 
@@ -360,17 +365,17 @@ ALL = ("published as run", "published fp32", "published bf16", "cxrtriage fp32",
 # -- measuring ----------------------------------------------------------------------------------
 
 
-def cpu_seconds() -> tuple[float, float]:
-    """(this process, all its descendants) CPU seconds, user + system."""
+def tree_cpu(engine_pid: int | None = None) -> dict[str, float]:
+    """CPU seconds so far (user + system) of this process ("caller"), the engine process (``engine_pid``), and
+    every other descendant ("workers")."""
     me = psutil.Process()
-    own = sum(me.cpu_times()[:2])
-    children = 0.0
+    roles = {"caller": sum(me.cpu_times()[:2]), "engine": 0.0, "workers": 0.0}
     for child in me.children(recursive=True):
         try:
-            children += sum(child.cpu_times()[:2])
+            roles["engine" if child.pid == engine_pid else "workers"] += sum(child.cpu_times()[:2])
         except psutil.NoSuchProcess:
             pass
-    return own, children
+    return roles
 
 
 def outputs(folder: Path) -> dict[str, int]:
@@ -386,10 +391,11 @@ def measure(contender: Contender, files: list[Path], root: Path, round_: int,
     scratch = root / "warm"
     contender.start(files[0], scratch)
     try:
-        (own0, kids0), t0 = cpu_seconds(), time.perf_counter()
+        engine_pid = getattr(contender, "engine_pid", None)  # processes stay alive through the run: pids hold
+        c0, t0 = tree_cpu(engine_pid), time.perf_counter()
         scored = contender.run(files, out)
         seconds = time.perf_counter() - t0
-        own1, kids1 = cpu_seconds()
+        c1 = tree_cpu(engine_pid)
         extra = after(contender) if after is not None else None
     finally:
         contender.close()
@@ -399,8 +405,10 @@ def measure(contender: Contender, files: list[Path], root: Path, round_: int,
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(scratch, ignore_errors=True)
     return {"round": round_, "seconds": seconds, "images_per_s": len(files) / seconds,
-            "cpu_s_per_image": (own1 - own0 + kids1 - kids0) / len(files),
-            "parent_cpu_s_per_image": (own1 - own0) / len(files), "outputs": written,
+            "cpu_s_per_image": sum(c1[r] - c0[r] for r in c0) / len(files),
+            "parent_cpu_s_per_image": (c1["caller"] - c0["caller"]) / len(files),
+            "cpu_ms_per_image_by_process": {r: round((c1[r] - c0[r]) * 1000 / len(files), 1) for r in c0},
+            "outputs": written,
             "zones": [s[0] for s in scored], "lung_px": [s[1] for s in scored], "opacity_px": [s[2] for s in scored],
             **({"after": extra} if extra is not None else {})}
 
