@@ -73,7 +73,7 @@ def pool() -> Iterator[EnginePool]:
 @pytest.fixture(scope="module")
 def worker_here() -> None:
     """This process as an engine CPU worker (specs loaded, no models), to call prepare() directly."""
-    engine_jobs._start_worker(SETTINGS.model_dump_json())
+    engine_jobs._start_worker(SETTINGS.model_dump_json(), 0)
 
 
 def _segments() -> set[str]:
@@ -275,6 +275,15 @@ def test_jobs_submitted_together_share_a_batch_and_score_like_the_pipeline(
         assert steps <= set(got.details["timings_ms"]) and got.details["timings_ms"]["engine_stage1"] > 0
     assert [o.total for o in outcomes[:-1]] == [2, 0, 4]  # type: ignore[union-attr]
     assert _segments() <= before_segments  # every block of these jobs was unlinked
+
+
+def test_each_cpu_worker_runs_torch_and_opencv_at_its_share_of_the_cores(pool: EnginePool) -> None:
+    """One worker process per core wants one thread in each library, not a pool per core in every worker."""
+    import cv2
+
+    share = max(1, (os.cpu_count() or 1) // pool.workers)
+    assert pool.executor.submit(cv2.getNumThreads).result(timeout=60) == share
+    assert pool.executor.submit(torch.get_num_threads).result(timeout=60) == share
 
 
 def test_stored_values_handed_to_the_engine_give_the_pipelines_result_overlay_and_secondary_capture(

@@ -238,7 +238,7 @@ class DeviceStages:
             with torch.cuda.stream(self.copy_stream):
                 return source.to(self.device, non_blocking=True)
         host = self._staging(key, array.shape, array.dtype)
-        np.copyto(host, array)
+        torch.from_numpy(host).copy_(source)  # torch spreads a large copy over the engine's threads
         with torch.cuda.stream(self.copy_stream):
             return torch.from_numpy(host).to(self.device, non_blocking=True)
 

@@ -81,11 +81,12 @@ class _Worker:
 _worker: _Worker | None = None  # one per worker process: the specs, no models
 
 
-def _start_worker(settings_json: str) -> None:
+def _start_worker(settings_json: str, threads: int) -> None:
     global _worker
-    from .pipeline import ResultBuilder
+    from .pipeline import ResultBuilder, use_threads
     from .presets import model_specs
 
+    use_threads(threads)
     settings = InferenceSettings.model_validate_json(settings_json)
     lung_spec, disease_spec = model_specs(settings)
     _worker = _Worker(settings, lung_spec, disease_spec, ResultBuilder(settings, lung_spec, disease_spec))
@@ -220,7 +221,7 @@ class EnginePool(RestartingPool):
     def _start(self) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(
             max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"),
-            initializer=_start_worker, initargs=(self._settings_json,),
+            initializer=_start_worker, initargs=(self._settings_json, threads_per_worker(self.workers)),
         )
 
     def warm_up(self, sample: Path | None = None, timeout: float = 300.0) -> None:

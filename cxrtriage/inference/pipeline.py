@@ -98,6 +98,17 @@ def clean_lung_probabilities(prob: np.ndarray, threshold: float, min_fraction: f
     return prob * remove_small_components(mask, min_fraction)
 
 
+def use_threads(threads: int) -> None:
+    """Give torch and OpenCV ``threads`` CPU threads each in this process; 0 leaves their defaults (all cores).
+
+    A worker process per core wants one each: OpenCV's own pool otherwise starts a thread per core in every
+    worker for each resize, 16 x 16 threads on a 16-core GPU box, waiting on one another's stragglers.
+    """
+    if threads > 0:  # cv2.setNumThreads(0) would mean "no threads", not "the default"
+        torch.set_num_threads(threads)
+        cv2.setNumThreads(threads)
+
+
 def model_blobs(prob: np.ndarray, threshold: float, min_fraction: float) -> list[np.ndarray]:
     """The (at most) two lungs' cleaned probabilities at the model's resolution, largest first.
 
@@ -284,8 +295,7 @@ class Pipeline:
         disease: Predictor | None = None,
     ) -> None:
         self.settings = settings or InferenceSettings()
-        if self.settings.threads:
-            torch.set_num_threads(self.settings.threads)
+        use_threads(self.settings.threads)
         if lungs is None or disease is None:
             lung_spec, disease_spec = model_specs(self.settings)
             backend, device, precision = self.settings.backend, self.settings.device, self.settings.precision
