@@ -63,6 +63,10 @@ class InferenceSettings(BaseModel):
     max_wait_ms: float = Field(
         10.0, ge=0, description="scoring engine: how long a batch waits for more images once it has one"
     )
+    device_lanes: int = Field(
+        1, ge=1, le=4, description="scoring engine on a GPU: batches in flight at once, each on its own CUDA "
+        "streams, so that one batch's host work overlaps another's networks"
+    )
     compile: bool = Field(
         False, description="torch.compile the networks (torch backend): on CUDA CUDA graphs per batch size, on the "
         "CPU C++ kernels with frozen weights (needs a C++ compiler); the first batch of each size compiles, a minute "

@@ -11,9 +11,10 @@ import io
 import os
 import pickle
 import signal
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import fields, is_dataclass
+from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,14 +25,14 @@ import torch
 from cxrtriage.config import InferenceSettings
 from cxrtriage.inference import engine_jobs
 from cxrtriage.inference.device_ops import boxes_of, crop_to_input, lung_masks_batch
-from cxrtriage.inference.engine import CPU_MAX_BATCH, EngineError, EngineOutput
+from cxrtriage.inference.engine import CPU_MAX_BATCH, EngineError, EngineOutput, EngineReply
 from cxrtriage.inference.engine_jobs import EnginePool, Prepared
 from cxrtriage.inference.instance import InstanceRefused, InstanceScored, score_instance
 from cxrtriage.inference.phantom import PhantomGenerator, write_cr
 from cxrtriage.inference.pipeline import Pipeline, lung_crop, model_blobs, model_inputs, stage_sources
 from cxrtriage.inference.preprocess import CropBox
 from cxrtriage.inference.radiograph import load_dicom
-from cxrtriage.inference.shm import Block, create_ring, open_block, unlink, write_block, write_slot
+from cxrtriage.inference.shm import SEGMENT_PREFIX, Block, create_ring, open_block, unlink, write_block, write_slot
 from cxrtriage.stages.engine_scorer import EngineScorer
 
 SEED = 2_300_000
@@ -76,8 +77,17 @@ def worker_here() -> None:
     engine_jobs._start_worker(SETTINGS.model_dump_json(), 0)
 
 
-def _segments() -> set[str]:
-    return {name for name in os.listdir("/dev/shm") if name.startswith("psm_")}
+def _segments(pids: Iterable[int] | None = None) -> set[str]:
+    """Our shared-memory segments in /dev/shm; with ``pids``, only those these processes made (tests in the
+    other xdist worker make theirs at the same time)."""
+    prefixes = tuple(f"{SEGMENT_PREFIX}{pid}_" for pid in pids) if pids is not None else (SEGMENT_PREFIX,)
+    return {name for name in os.listdir("/dev/shm") if name.startswith(prefixes)}
+
+
+def _pool_pids(pool: EnginePool) -> set[int]:
+    """The engine's and the CPU workers' process ids (and this process's, which makes the ring)."""
+    workers = set(getattr(pool.executor, "_processes", {}) or {})
+    return {os.getpid(), *workers, *([pool.engine.pid] if pool.engine.pid else [])}
 
 
 def _arrays_inside(value: object) -> list[str]:
@@ -132,23 +142,25 @@ class _NoStream:
     def wait_stream(self, stream: object) -> None: ...
 
 
-def test_the_device_stages_give_the_host_stages_outputs_from_either_hand_off(
-    crs: list[Path], worker_here: None, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """DeviceStages, the engine's GPU path, run here on CPU tensors (CUDA's streams and pinned memory
-    stubbed: the machine has no GPU): a batch of 3 padded to the bucket of 4, Stage II's image uploaded as
-    float32 or looked up from stored values, gives HostStages' box, P(disease) and model outputs."""
+@dataclass
+class _FakeCuda:
+    registered: list[tuple[int, int]]  # (address, size) of each cudaHostRegister
+    waits: list[bool]  # each event wait: blocking (asleep) or not
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch: pytest.MonkeyPatch) -> _FakeCuda:
+    """CUDA's streams, events and pinned memory stubbed, so that DeviceStages runs here on CPU tensors (the
+    machine has no GPU)."""
     import contextlib
 
-    from cxrtriage.inference.engine import DeviceStages, HostStages, _run_batch
-
     empty = torch.empty
-    registered: list[tuple[int, int]] = []
+    fake = _FakeCuda([], [])
 
     class _Cudart:
         @staticmethod
         def cudaHostRegister(address: int, size: int, flags: int) -> int:  # noqa: N802 (CUDA's name)
-            registered.append((address, size))
+            fake.registered.append((address, size))
             return 0
 
     monkeypatch.setattr(torch.cuda, "cudart", lambda: _Cudart)
@@ -157,7 +169,6 @@ def test_the_device_stages_give_the_host_stages_outputs_from_either_hand_off(
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _NoStream())
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
     monkeypatch.setattr(torch, "empty", lambda *a, pin_memory=False, **k: empty(*a, **k))
-    waits: list[bool] = []
 
     class _Event:  # the engine waits on blocking events (asleep), never by spinning in a stream sync
         def __init__(self, blocking: bool = False) -> None:
@@ -166,9 +177,21 @@ def test_the_device_stages_give_the_host_stages_outputs_from_either_hand_off(
         def record(self, stream: object = None) -> None: ...
 
         def synchronize(self) -> None:
-            waits.append(self.blocking)
+            fake.waits.append(self.blocking)
 
     monkeypatch.setattr(torch.cuda, "Event", _Event)
+    return fake
+
+
+def test_the_device_stages_give_the_host_stages_outputs_from_either_hand_off(
+    crs: list[Path], worker_here: None, fake_cuda: _FakeCuda
+) -> None:
+    """DeviceStages, the engine's GPU path, run here on CPU tensors (CUDA's streams and pinned memory
+    stubbed): a batch of 3 padded to the bucket of 4, Stage II's image uploaded as float32 or looked up from
+    stored values, gives HostStages' box, P(disease) and model outputs."""
+    from cxrtriage.inference.engine import DeviceStages, HostStages, _run_batch
+
+    registered, waits = fake_cuda.registered, fake_cuda.waits
     settings = SETTINGS.model_copy(update={"precision": "fp32"})
     host, device = HostStages(settings), DeviceStages(settings, torch.device("cpu"))
     assert device.buckets == (1, 2, 4, 8)
@@ -247,11 +270,52 @@ def test_a_block_travels_by_name_and_is_freed() -> None:
     unlink(block)  # a second unlink is harmless
 
 
+def test_device_lanes_run_batches_at_once_on_their_own_streams_with_the_same_outputs(
+    crs: list[Path], worker_here: None, fake_cuda: _FakeCuda
+) -> None:
+    """inference.device_lanes: two threads through one DeviceStages at the same time (as two engine lanes)
+    each get their own streams and staging buffers, and the outputs of one lane's batch alone."""
+    from cxrtriage.inference.engine import DeviceStages, _run_batch
+
+    settings = SETTINGS.model_copy(update={"precision": "fp32"})
+    device = DeviceStages(settings, torch.device("cpu"))
+    prepared = [engine_jobs.prepare(path, f"uid-{i}", False, True) for i, path in enumerate(crs)]
+    blocks = [(i, p.block) for i, p in enumerate(prepared) if isinstance(p, Prepared)]
+    try:
+        alone = _run_batch(device, blocks, 1)
+        barrier = threading.Barrier(2)
+        lanes: list[object] = []
+
+        def one_lane(number: int) -> list[EngineReply]:
+            barrier.wait()
+            replies = _run_batch(device, blocks, number, lane=number)
+            lanes.append(device.lane)
+            return replies
+
+        with ThreadPoolExecutor(2) as threads:
+            together = list(threads.map(one_lane, (2, 3)))
+        assert len({id(lane) for lane in lanes}) == 2  # a lane each: own streams, buffers and clock
+        for replies in together:
+            for want, got in zip(alone, replies):
+                assert want.output is not None and got.output is not None, (want.error, got.error)
+                assert got.output.box == want.output.box and got.output.p_disease == want.output.p_disease
+                with open_block(want.output.block) as a, open_block(got.output.block) as b:
+                    np.testing.assert_array_equal(b["prob"], a["prob"])
+                    np.testing.assert_array_equal(b["seg"], a["seg"])
+                unlink(got.output.block)
+    finally:
+        for reply in alone:
+            if reply.output is not None:
+                unlink(reply.output.block)
+        for _, block in blocks:
+            unlink(block)
+
+
 def test_jobs_submitted_together_share_a_batch_and_score_like_the_pipeline(
     pool: EnginePool, crs: list[Path], lateral: Path, reference: list[InstanceScored | InstanceRefused]
 ) -> None:
     scorer = EngineScorer(SETTINGS, pool=pool)
-    before_batches, before_segments = pool.engine.batch_sizes.copy(), _segments()
+    before_batches, before_segments = pool.engine.batch_sizes.copy(), _segments(_pool_pids(pool))
     jobs = [*crs, lateral]
     with ThreadPoolExecutor(len(jobs)) as threads:
         outcomes = list(threads.map(lambda i: scorer(jobs[i], f"uid-{i}", None), range(len(jobs))))
@@ -274,7 +338,7 @@ def test_jobs_submitted_together_share_a_batch_and_score_like_the_pipeline(
                  "engine_outputs", "engine_wait"}  # where its time went, for bench/gpu.py
         assert steps <= set(got.details["timings_ms"]) and got.details["timings_ms"]["engine_stage1"] > 0
     assert [o.total for o in outcomes[:-1]] == [2, 0, 4]  # type: ignore[union-attr]
-    assert _segments() <= before_segments  # every block of these jobs was unlinked
+    assert _segments(_pool_pids(pool)) <= before_segments  # every block of these jobs was unlinked
 
 
 def test_each_cpu_worker_runs_torch_and_opencv_at_its_share_of_the_cores(pool: EnginePool) -> None:

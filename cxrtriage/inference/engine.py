@@ -161,11 +161,23 @@ def in_batch_order(crops: list[Any], output: Callable[[Any, int], Any]) -> list[
     return out
 
 
+class _Lane:
+    """What one engine lane of :class:`DeviceStages` keeps to itself: its streams, staging buffers, step clock."""
+
+    def __init__(self, torch: Any, device: Any) -> None:
+        self.compute = torch.cuda.Stream(device)  # its own: a wait for this lane's batch never waits for another's
+        self.copy = torch.cuda.Stream(device)
+        self.pinned: dict[str, Any] = {}  # reused page-locked staging buffers, free again when a batch ends
+        self.clock = StepClock()  # its last batch's steps
+
+
 class DeviceStages:
     """Both stages on a CUDA device; Stage I post-processing and the crop stay on the device.
 
     Cannot run on the CPU-only machines the tests use; its torch steps are
-    :mod:`.device_ops`, which the tests check against the CPU path.
+    :mod:`.device_ops`, which the tests check against the CPU path. Thread-safe for the engine's lanes
+    (``inference.device_lanes``): each calling thread gets its own streams and buffers (:class:`_Lane`), so
+    one lane's host work (blobs, outputs, the next batch's hand-off) runs while the GPU runs another's batch.
     """
 
     def __init__(self, settings: InferenceSettings, device: Any, compile_models: bool = False) -> None:
@@ -188,15 +200,27 @@ class DeviceStages:
             if compile_models:  # CUDA graphs per batch shape; the first batch of each size compiles
                 model = compile_for_inference(model, device)
             self.models.append(model)
-        self.copy_stream = torch.cuda.Stream(device)
-        self.pinned: dict[str, Any] = {}
+        self._lanes = threading.local()
+        self._rings_lock = threading.Lock()
         mean, std = self.disease_spec.channel_stats()  # on the device once: a copy from the host syncs the stream
         self.mean, self.std = (torch.tensor(v, dtype=torch.float32, device=device) for v in (mean, std))
         # each image's lung blobs at model resolution (OpenCV and numpy let go of the GIL): 3.5 CPU-ms an image
         # at the paper's 512 px, a third of the engine's time per image on an H200 when run one after another
         self.blob_threads = ThreadPoolExecutor(max_workers=BLOB_THREADS, thread_name_prefix="engine-blobs")
         self.rings: dict[str, tuple[int, int] | None] = {}  # ring name -> registered (address, size), or None
-        self.clock = StepClock()  # the last batch's steps
+
+    @property
+    def lane(self) -> _Lane:
+        """The calling thread's lane, made on its first batch."""
+        lane: _Lane | None = getattr(self._lanes, "lane", None)
+        if lane is None:
+            lane = self._lanes.lane = _Lane(self.torch, self.device)
+        return lane
+
+    @property
+    def clock(self) -> StepClock:
+        """This thread's last batch's steps."""
+        return self.lane.clock
 
     def _pin_rings(self) -> None:
         """Register every ring this process has mapped with CUDA, once (page-locked: the GPU copies from it)."""
@@ -204,7 +228,11 @@ class DeviceStages:
 
         from .shm import ring_mappings
 
-        for name, segment in ring_mappings().items():
+        with self._rings_lock:  # two lanes meeting a new ring register it once
+            self._pin_new_rings(ring_mappings(), ctypes)
+
+    def _pin_new_rings(self, mappings: dict[str, Any], ctypes: Any) -> None:
+        for name, segment in mappings.items():
             if name in self.rings:
                 continue
             buffer = segment.buf
@@ -224,9 +252,10 @@ class DeviceStages:
         """A reused page-locked host array of ``shape``: written in place and copied without staging, it
         costs no fresh pages (a new 64 MB array costs about 100 ms of page faults) and no second copy."""
         nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-        buffer = self.pinned.get(key)
+        pinned = self.lane.pinned
+        buffer = pinned.get(key)
         if buffer is None or buffer.numel() < nbytes:
-            buffer = self.pinned[key] = self.torch.empty(nbytes, dtype=self.torch.uint8, pin_memory=True)
+            buffer = pinned[key] = self.torch.empty(nbytes, dtype=self.torch.uint8, pin_memory=True)
         return np.asarray(buffer[:nbytes].numpy()).view(dtype).reshape(shape)
 
     def _upload(self, key: str, array: np.ndarray) -> Any:
@@ -235,11 +264,11 @@ class DeviceStages:
         torch = self.torch
         source = torch.from_numpy(np.ascontiguousarray(array))
         if self._in_pinned_ring(array):
-            with torch.cuda.stream(self.copy_stream):
+            with torch.cuda.stream(self.lane.copy):
                 return source.to(self.device, non_blocking=True)
         host = self._staging(key, array.shape, array.dtype)
         torch.from_numpy(host).copy_(source)  # torch spreads a large copy over the engine's threads
-        with torch.cuda.stream(self.copy_stream):
+        with torch.cuda.stream(self.lane.copy):
             return torch.from_numpy(host).to(self.device, non_blocking=True)
 
     def _upload_source(self, i: int, im: dict[str, np.ndarray]) -> Any:
@@ -249,7 +278,7 @@ class DeviceStages:
             return self._upload(f"source{i}", np.asarray(im["stage2"], dtype=np.float32))
         codes = self._upload(f"codes{i}", im["codes"])
         table = self._upload(f"table{i}", im["table"])
-        with self.torch.cuda.stream(self.copy_stream):
+        with self.torch.cuda.stream(self.lane.copy):
             return table[codes.to(self.torch.int32)]
 
     def _wait_for(self, stream: Any) -> None:
@@ -284,18 +313,25 @@ class DeviceStages:
 
     def __call__(self, images: list[dict[str, np.ndarray]]) -> list[tuple[dict[str, np.ndarray], tuple[int, ...],
                                                                            float] | Exception]:
+        lane = self.lane
+        lane.clock = StepClock()
+        with self.torch.cuda.stream(lane.compute):  # every kernel of this batch on this lane's stream
+            return self._batch(images, lane)
+
+    def _batch(self, images: list[dict[str, np.ndarray]], lane: _Lane) -> list[
+            tuple[dict[str, np.ndarray], tuple[int, ...], float] | Exception]:
         from .device_ops import boxes_of, crop_to_input, lung_masks_batch
         from .pipeline import model_blobs
 
         torch = self.torch
-        clock = self.clock = StepClock()
+        clock = lane.clock
         self._pin_rings()  # a ring first seen in this batch (its blocks were opened by _run_batch)
-        compute = torch.cuda.current_stream(self.device)
+        compute = lane.compute
         # each image's Stage I input from its own block (a ring slot: straight to the GPU), stacked there
         uploads = [self._upload(f"stage1_{i}", im["stage1"]) for i, im in enumerate(images)]
-        with torch.cuda.stream(self.copy_stream):
+        with torch.cuda.stream(lane.copy):
             x1 = torch.stack(uploads)
-        x1_ready = self.copy_stream.record_event()
+        x1_ready = lane.copy.record_event()
         sources = [self._upload_source(i, im) for i, im in enumerate(images)]
         clock.mark("upload")  # the host's part: staging into pinned memory
         compute.wait_event(x1_ready)  # the full-resolution copies go on while Stage I runs
@@ -323,9 +359,9 @@ class DeviceStages:
                 for j, i in enumerate(members):
                     for k in range(planes.shape[1]):
                         planes[j, k] = kept[i][k] if k < len(kept[i]) else 0.0
-                with torch.cuda.stream(self.copy_stream):
+                with torch.cuda.stream(lane.copy):
                     uploaded = torch.from_numpy(planes).to(self.device, non_blocking=True)
-                compute.wait_stream(self.copy_stream)  # the planes, and the full-resolution images before them
+                compute.wait_stream(lane.copy)  # the planes, and the full-resolution images before them
                 # full resolution stays here, for the crop only: the workers make the masks from ``prob``
                 masks = lung_masks_batch(uploaded, (shape[0], shape[1]), threshold)
                 masks_of[shape] = masks, boxes_of(masks, self.settings.crop_margin)
@@ -356,7 +392,7 @@ class DeviceStages:
             return {"prob": prob, "seg": seg[i]}, (box.top, box.bottom, box.left, box.right), float(p[i])
 
         out = in_batch_order(crops, output)
-        self._wait_for(self.copy_stream)  # the pinned buffers are free for the next batch
+        self._wait_for(lane.copy)  # the pinned buffers are free for the next batch
         return out
 
 
@@ -457,7 +493,8 @@ def serve(
     ``lanes`` threads take batches in turn and run them at the same time, each with ``threads`` torch
     threads. On the CPU the node gives one lane per core at one thread each: as many images' networks at
     once as the pool's processes run, where one batch over all cores would have OpenMP threads waiting at
-    every barrier for a peer that the CPU workers have descheduled. On a device one lane owns it."""
+    every barrier for a peer that the CPU workers have descheduled. On a device ``inference.device_lanes``
+    lanes share it, each on its own streams: one lane's host work runs while the GPU runs another's batch."""
     import torch
 
     if threads:
@@ -467,7 +504,7 @@ def serve(
         stages = make_stages(settings, compile_models)
         on_cpu = isinstance(stages, HostStages)
         max_batch = min(settings.max_batch, CPU_MAX_BATCH) if on_cpu else settings.max_batch
-        if warm or (compile_models and lanes > 1 and on_cpu):  # lanes must not compile one graph at once
+        if warm or (compile_models and lanes > 1):  # lanes must not compile one graph at once
             stages.warm(max_batch)
     except Exception as exc:
         replies.send(("failed", f"{type(exc).__name__}: {exc}"))
@@ -501,7 +538,7 @@ def serve(
                 return
 
     others = [threading.Thread(target=lane, args=(n,), name=f"engine-lane-{n}", daemon=True)
-              for n in range(1, lanes if on_cpu else 1)]
+              for n in range(1, lanes)]
     for thread in others:
         thread.start()
     lane(0)

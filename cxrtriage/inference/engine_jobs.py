@@ -194,7 +194,7 @@ class EnginePool(RestartingPool):
         if self.stored_values:
             threads = engine_threads or settings.threads or max(threads_per_worker(self.workers + 1),
                                                                 DEVICE_ENGINE_THREADS)
-            lanes = 1
+            lanes = settings.device_lanes
         else:
             threads = engine_threads or settings.threads or 1
             lanes = max(1, (os.cpu_count() or 1) // threads)

@@ -10,6 +10,8 @@ the parent dies.
 
 from __future__ import annotations
 
+import os
+import secrets
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -17,6 +19,7 @@ from multiprocessing import shared_memory
 
 import numpy as np
 
+SEGMENT_PREFIX = "cxrtriage_"
 _ALIGN = 64  # each array starts on a cache line, so views are aligned for SIMD code
 
 
@@ -65,10 +68,16 @@ def _layout(arrays: Mapping[str, np.ndarray], start: int = 0) -> tuple[list[Arra
     return slots, offset - start
 
 
+def segment_name(pid: int | None = None) -> str:
+    """A new segment's name: ``cxrtriage_<pid of its maker>_<random>``, so that a segment left in /dev/shm
+    says which process made it."""
+    return f"{SEGMENT_PREFIX}{os.getpid() if pid is None else pid}_{secrets.token_hex(6)}"
+
+
 def write_block(arrays: Mapping[str, np.ndarray]) -> Block:
     """Copy ``arrays`` into a new segment; the caller (or whoever it hands the block to) must :func:`unlink` it."""
     slots, size = _layout(arrays)
-    segment = shared_memory.SharedMemory(create=True, size=max(size, 1))
+    segment = shared_memory.SharedMemory(name=segment_name(), create=True, size=max(size, 1))
     try:
         for slot, array in zip(slots, arrays.values()):
             _view(segment, slot)[...] = array
@@ -80,7 +89,7 @@ def write_block(arrays: Mapping[str, np.ndarray]) -> Block:
 def create_ring(count: int, slot_bytes: int) -> tuple[Ring, shared_memory.SharedMemory]:
     """A new ring; the caller keeps the handle and closes and unlinks it when no process uses the ring."""
     slot_bytes = -(-slot_bytes // _ALIGN) * _ALIGN
-    segment = shared_memory.SharedMemory(create=True, size=count * slot_bytes)
+    segment = shared_memory.SharedMemory(name=segment_name(), create=True, size=count * slot_bytes)
     return Ring(segment.name, count, slot_bytes), segment
 
 
