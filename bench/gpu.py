@@ -19,6 +19,8 @@ Phases, in this order (the JSON is rewritten after each, so a run cut short keep
    Reported as images/s, CPU s/image and the fraction of the models-alone ceiling. Then, on the same started
    engine, ``steady_latency``: images offered at a steady ``--latency-rate`` (50/s) for ``--latency-seconds``,
    open loop, p50/p95/p99 from hand-over to SEG + SR bytes (the first quarter left out as warm-up).
+   Run once per ``--device-lanes`` value (1, then 2: batches in flight at once on the device, each on its
+   own streams); the first is ``end_to_end``, the others ``end_to_end_lanes<N>``, each on a new engine.
 6. ``ceiling_compiled``: phase 3 with ``torch.compile(mode="reduce-overhead")`` (CUDA graphs); skipped
    on the dry run and with ``--no-compile``.
 
@@ -247,6 +249,8 @@ def main() -> None:
                         help="phases not to run (e.g. measured already on this card)")
     parser.add_argument("--latency-rate", type=float, default=None, help="images/s offered for the latency (50)")
     parser.add_argument("--latency-seconds", type=float, default=None, help="how long they are offered (20)")
+    parser.add_argument("--device-lanes", type=int, nargs="+", default=None,
+                        help="end to end once per value of inference.device_lanes, in this order (1 2; dry run: 1)")
     args = parser.parse_args()
     dry = args.dry_run
     args.device = args.device or ("cpu" if dry else "cuda")
@@ -258,6 +262,7 @@ def main() -> None:
     if dry:  # one thread each: the shared test machine has 2 cores for everything
         torch.set_num_threads(1)
     iterations = args.iterations or (1 if dry else 20)
+    device_lanes = args.device_lanes or ([1] if dry else [1, 2])  # on the CPU the engine's lanes are per core
     rate = args.latency_rate or (4.0 if dry else 50.0)
     offer_s = args.latency_seconds or (1.0 if dry else 20.0)
     rows, cols = (int(v) for v in (args.size or ("256x256" if dry else "2500x2048")).split("x"))
@@ -277,7 +282,7 @@ def main() -> None:
 
     def phase(name: str, fn: Callable[[], dict[str, Any] | None], sample_gpu: bool = True) -> dict[str, Any] | None:
         """Run one phase; a failure is recorded and the next phase still runs."""
-        if name in args.skip:
+        if name in args.skip or name.split("_lanes")[0] in args.skip:
             return None
         print(f"== {name} ({time.monotonic() - started:.0f} s into the run)", flush=True)
         sampler = GpuSampler()
@@ -329,18 +334,20 @@ def main() -> None:
 
         phase("baseline", baseline)
 
-        def end_to_end() -> dict[str, Any]:
+        def end_to_end(lanes: int) -> dict[str, Any]:
             engine = engine_available()
             if engine:
-                e2e_settings = settings.model_copy(update={"precision": "bf16", "max_batch": batch})
-                contender: Any = Engine("engine bf16", e2e_settings, workers)
+                e2e_settings = settings.model_copy(update={"precision": "bf16", "max_batch": batch,
+                                                           "device_lanes": lanes})
+                contender: Any = Engine(f"engine bf16, {lanes} lane(s)", e2e_settings, workers)
             else:
                 e2e_settings = settings.model_copy(update={"precision": "bf16", "batch_size": pool_batch, "threads": 1})
                 contender = Cxrtriage("cxrtriage bf16 pool", e2e_settings, workers)
             # the steady-rate latency on the same started engine (a pool has no per-image call to offer to)
             latency = (lambda c: steady_latency(c.scorer, files, rate, offer_s, offer_s / 4)) if engine else None
             run = measure(contender, files, root, 0, after=latency)
-            result = {"scorer": "engine" if engine else "ScoringPool", "workers": workers, "images": images,
+            result = {"scorer": "engine" if engine else "ScoringPool", "device_lanes": lanes if engine else None,
+                      "workers": workers, "images": images,
                       "distinct_images": len(distinct), "size": [rows, cols],
                       "batch": batch if engine else pool_batch, "precision": "bf16",
                       "images_per_s": run["images_per_s"], "cpu_s_per_image": run["cpu_s_per_image"],
@@ -357,7 +364,8 @@ def main() -> None:
                 result["fraction_of_ceiling"] = run["images_per_s"] / ceiling["images_per_s"]
             return result
 
-        phase("end_to_end", end_to_end)
+        for n, lanes in enumerate(device_lanes):  # "end_to_end" the first, as before; then one per value
+            phase("end_to_end" if n == 0 else f"end_to_end_lanes{lanes}", lambda lanes=lanes: end_to_end(lanes))
         if not dry and not args.no_compile:
             phase("ceiling_compiled", lambda: models_alone(specs, args.device, batch, iterations, compiled=True))
     report["finished"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
@@ -370,7 +378,9 @@ def main() -> None:
 
     print(f"\n{p['environment'].get('gpu', args.device)}: models-alone ceiling {number('ceiling')} images/s "
           f"(compiled {number('ceiling_compiled')}), end to end {number('end_to_end')} images/s "
-          f"({number('end_to_end', 'fraction_of_ceiling')} of the ceiling), published baseline "
+          f"({number('end_to_end', 'fraction_of_ceiling')} of the ceiling"
+          + "".join(f"; {lanes} lanes {number(f'end_to_end_lanes{lanes}')} images/s" for lanes in device_lanes[1:])
+          + "), published baseline "
           f"{number('baseline')} images/s; p95 latency at {rate:g} images/s offered: "
           f"{((p.get('end_to_end') or {}).get('steady_latency') or {}).get('latency_ms', {}).get('p95', 'not run')} ms"
           f"; JSON: {report_path}")

@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
@@ -57,5 +59,9 @@ def test_gpu_script_dry_run_on_the_cpu(tmp_path: Path) -> None:
     assert phases["baseline"]["outputs"]["png"] == 2 * phases["baseline"]["images"]
     e2e = phases["end_to_end"]
     assert e2e["outputs"]["seg"] == e2e["outputs"]["sr"] == e2e["images"]
-    assert e2e["fraction_of_ceiling"] > 0
+    assert e2e["fraction_of_ceiling"] > 0 and e2e["device_lanes"] == 1
+    # the CPU per image split by process: the engine runs the networks, the workers decode and write
+    by_process = e2e["cpu_ms_per_image_by_process"]
+    assert by_process["engine"] > 0 and by_process["workers"] > 0
+    assert sum(by_process.values()) / 1000 == pytest.approx(e2e["cpu_s_per_image"], rel=0.01, abs=1e-3)
     assert "models-alone ceiling" in proc.stdout and (tmp_path / "gpu.log").exists()
