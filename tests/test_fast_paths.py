@@ -30,6 +30,7 @@ from cxrtriage.inference.scoring import (
     bounds,
     canonical_transform,
     lung_zones,
+    remove_small_components,
     score,
     score_zones,
     zone_masks,
@@ -241,3 +242,21 @@ def test_equalized_table_equals_equalizing_the_looked_up_image(top: int) -> None
         counts = np.bincount(codes.ravel(), minlength=top + 1)
         got = lookup(equalized_table(table, counts), codes)
         np.testing.assert_array_equal(got, equalize(lookup(table, codes)))
+
+
+@pytest.mark.parametrize("min_fraction", [0.0, 0.001, 0.01, 0.2, 1.0])
+def test_remove_small_components_equals_the_lookup_of_kept_labels(min_fraction: float) -> None:
+    """With nothing to drop the mask comes back as it was, without the per-pixel lookup; either way the result
+    is the kept components' pixels."""
+    from scipy import ndimage
+
+    for shape, density in (((64, 64), 0.5), ((97, 131), 0.2), ((256, 256), 0.05), ((8, 8), 0.0), ((40, 40), 1.0)):
+        mask = RNG.random(shape) < density
+        mask[shape[0] // 4: shape[0] // 2, shape[1] // 4: shape[1] // 2] = density > 0  # one large blob
+        labels, n = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+        areas = np.bincount(labels.ravel(), minlength=n + 1)
+        keep = areas >= min_fraction * mask.size
+        keep[0] = False
+        got = remove_small_components(mask.astype(np.uint8), min_fraction)
+        assert got.dtype == bool
+        np.testing.assert_array_equal(got, keep[labels])

@@ -187,6 +187,8 @@ def remove_small_components(mask: np.ndarray, min_fraction: float) -> np.ndarray
         return mask.astype(bool)
     areas = np.bincount(labels.ravel())
     keep = areas >= min_fraction * mask.size
+    if keep[1:].all():  # nothing to drop (the usual case after an opening): skip the lookup over every pixel
+        return mask.astype(bool)
     keep[0] = False
     return keep[labels]
 
