@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# The GPU run of issue #15: models-alone ceiling, end to end DICOM -> SEG + SR, the published
-# baseline as the paper ran it, GPU utilisation. Under 8 minutes on one H100 (the python step is
-# stopped at 460 s; every phase's numbers are in the JSON as soon as it ends).
+# The GPU run of issue #15: models-alone ceiling, end to end DICOM -> SEG + SR (once per
+# --device-lanes value, 1 then 2), the published baseline as the paper ran it, GPU utilisation. The
+# python step is stopped at 460 s; every phase's numbers are in the JSON as soon as it ends. All
+# phases took about 400 s on an H200 with one end to end. With two, the compiled ceiling (last) may
+# be cut. Phases already measured can be left out:
+#   bash bench/gpu.sh $OUT --skip baseline --no-compile --latency-seconds 12   # about 6.5 minutes
 #
 #   bash bench/gpu.sh [OUT_DIR] [gpu.py options]    # OUT_DIR default: $CXRTRIAGE_GPU_BENCH_OUT, else
 #                                                   # bench/results; writes OUT_DIR/gpu.json + gpu.log
