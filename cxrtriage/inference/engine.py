@@ -204,8 +204,9 @@ class DeviceStages:
         self._rings_lock = threading.Lock()
         mean, std = self.disease_spec.channel_stats()  # on the device once: a copy from the host syncs the stream
         self.mean, self.std = (torch.tensor(v, dtype=torch.float32, device=device) for v in (mean, std))
-        # each image's lung blobs at model resolution (OpenCV and numpy let go of the GIL): 3.5 CPU-ms an image
-        # at the paper's 512 px, a third of the engine's time per image on an H200 when run one after another
+        # each image's lung blobs at model resolution on threads (OpenCV and scipy's labelling let go of the
+        # GIL): about 4 CPU-ms an image at the paper's 512 px (bench/lung_blobs.py), one after another a large
+        # part of the engine's 11.3 ms "crop" step an image on an H200 (docs/benchmarks.md, GPU)
         self.blob_threads = ThreadPoolExecutor(max_workers=BLOB_THREADS, thread_name_prefix="engine-blobs")
         self.rings: dict[str, tuple[int, int] | None] = {}  # ring name -> registered (address, size), or None
 
@@ -250,7 +251,8 @@ class DeviceStages:
 
     def _staging(self, key: str, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
         """A reused page-locked host array of ``shape``: written in place and copied without staging, it
-        costs no fresh pages (a new 64 MB array costs about 100 ms of page faults) and no second copy."""
+        costs no fresh pages (a batch's 64 MB of blob planes: 5.4 instead of 9.9 ms, bench/lung_blobs.py) and
+        the copy to the device needs no pageable staging."""
         nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
         pinned = self.lane.pinned
         buffer = pinned.get(key)
@@ -337,7 +339,7 @@ class DeviceStages:
         compute.wait_event(x1_ready)  # the full-resolution copies go on while Stage I runs
         probs, _ = self._run(self.models[0], x1)
         self._wait_for(compute)
-        host_probs = probs.cpu().numpy()  # 256 x 256 each: blob cleaning and labelling on the host, sub-ms
+        host_probs = probs.cpu().numpy()  # model resolution: blob cleaning and labelling on the host
         clock.mark("stage1")
         crops: list[Any] = [None] * len(images)
         kept: dict[int, list[np.ndarray]] = {}
