@@ -35,6 +35,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -184,6 +185,32 @@ def models_alone(specs: tuple[ModelSpec, ModelSpec], device_name: str, batch: in
             "images_per_s": batch / (both / 1000)}
 
 
+@contextmanager
+def py_spy(output: Path | None) -> Iterator[dict[str, Any]]:
+    """Sample this process and every descendant (the engine, the CPU workers) with py-spy while the block runs,
+    into ``output`` (collapsed stacks, one line per stack with its count; each stack starts with its process):
+    where the CPU time goes, per process. Nothing where ``output`` is None or py-spy is not installed."""
+    facts: dict[str, Any] = {}
+    spy = shutil.which("py-spy") if output is not None else None
+    if spy is None or output is None:
+        yield facts
+        return
+    command = [spy, "record", "--pid", str(os.getpid()), "--subprocesses", "--nonblocking", "--rate", "50",
+               "--format", "raw", "--output", str(output)]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    time.sleep(2.0)  # it attaches to every process first
+    try:
+        yield facts
+    finally:
+        proc.send_signal(signal.SIGINT)  # py-spy writes its file when interrupted
+        try:
+            _, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, err = proc.communicate()
+        facts["profile"] = output.name if output.exists() else f"none (py-spy: {err.strip()[-300:]})"
+
+
 def steady_latency(scorer: Callable[[Path, str, Path | None], Any], files: list[Path], rate: float,
                    seconds: float, settle: float) -> dict[str, Any]:
     """Offer ``files`` (cycled) at ``rate`` images/s for ``seconds``, open loop: each image is handed over at its
@@ -249,6 +276,9 @@ def main() -> None:
                         help="phases not to run (e.g. measured already on this card)")
     parser.add_argument("--latency-rate", type=float, default=None, help="images/s offered for the latency (50)")
     parser.add_argument("--latency-seconds", type=float, default=None, help="how long they are offered (20)")
+    parser.add_argument("--profile", action=argparse.BooleanOptionalAction, default=None,
+                        help="py-spy over the engine and workers during each steady-rate latency run (default: on, "
+                        "where py-spy is installed, except on the dry run)")
     parser.add_argument("--device-lanes", type=int, nargs="+", default=None,
                         help="end to end once per value of inference.device_lanes, in this order (1 2; dry run: 1)")
     args = parser.parse_args()
@@ -262,7 +292,8 @@ def main() -> None:
     if dry:  # one thread each: the shared test machine has 2 cores for everything
         torch.set_num_threads(1)
     iterations = args.iterations or (1 if dry else 20)
-    device_lanes = args.device_lanes or ([1] if dry else [1, 2])  # on the CPU the engine's lanes are per core
+    device_lanes = args.device_lanes or ([1] if dry else [1, 2])
+    args.profile = (not dry) if args.profile is None else args.profile  # on the CPU the engine's lanes are per core
     rate = args.latency_rate or (4.0 if dry else 50.0)
     offer_s = args.latency_seconds or (1.0 if dry else 20.0)
     rows, cols = (int(v) for v in (args.size or ("256x256" if dry else "2500x2048")).split("x"))
@@ -344,8 +375,11 @@ def main() -> None:
                 e2e_settings = settings.model_copy(update={"precision": "bf16", "batch_size": pool_batch, "threads": 1})
                 contender = Cxrtriage("cxrtriage bf16 pool", e2e_settings, workers)
             # the steady-rate latency on the same started engine (a pool has no per-image call to offer to)
-            latency = (lambda c: steady_latency(c.scorer, files, rate, offer_s, offer_s / 4)) if engine else None
-            run = measure(contender, files, root, 0, after=latency)
+            def latency(c: Any) -> dict[str, Any]:  # profiled: at a steady rate below capacity, where the CPU goes
+                with py_spy(out / f"profile-lanes{lanes}.txt" if args.profile else None) as facts:
+                    result = steady_latency(c.scorer, files, rate, offer_s, offer_s / 4)
+                return result | facts
+            run = measure(contender, files, root, 0, after=latency if engine else None)
             result = {"scorer": "engine" if engine else "ScoringPool", "device_lanes": lanes if engine else None,
                       "workers": workers, "images": images,
                       "distinct_images": len(distinct), "size": [rows, cols],

@@ -21,7 +21,7 @@ cd "$(dirname "$0")/.."
 
 WHEELS=(pydicom==3.0.2 highdicom==0.28.2 pyjpegls==1.5.1 pylibjpeg==2.1.0 pylibjpeg-libjpeg==2.4.0
         pylibjpeg-openjpeg==2.6.0 pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0
-        typing-inspection==0.4.5 segmentation_models_pytorch==0.6.0)
+        typing-inspection==0.4.5 segmentation_models_pytorch==0.6.0 py-spy==0.4.3)
 
 if [ "${1:-}" = "--fetch-wheels" ]; then
     pip_python=python3
@@ -44,7 +44,7 @@ else
     if ! "$PY" -c "import pydicom, highdicom, pydantic, segmentation_models_pytorch" 2>/dev/null; then
         [ -d .whl ] || { echo "missing packages and no .whl/ (bash bench/gpu.sh --fetch-wheels, carry .whl)"; exit 2; }
         "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-        export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+        export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}" PATH="/tmp/site/bin:$PATH"  # py-spy's binary
     fi
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1

@@ -65,3 +65,29 @@ def test_gpu_script_dry_run_on_the_cpu(tmp_path: Path) -> None:
     assert by_process["engine"] > 0 and by_process["workers"] > 0
     assert sum(by_process.values()) / 1000 == pytest.approx(e2e["cpu_s_per_image"], rel=0.01, abs=1e-3)
     assert "models-alone ceiling" in proc.stdout and (tmp_path / "gpu.log").exists()
+
+
+def test_profile_summary_gives_each_process_its_role_and_shares() -> None:
+    """py-spy's raw stacks (a command line may hold ";") are split by process: the benchmark itself, the
+    engine (its stacks pass through engine.serve), and the CPU workers; shares are of each role's samples."""
+    sys.path.insert(0, str(BENCH))
+    from profile_summary import parse, summary
+
+    parent, spawned = 'process 10:"python bench/gpu.py"', 'process {}:"python -c from x import y; spawn_main(3)"'
+    raw = "\n".join([
+        f"{parent};main (gpu.py:1);select (selectors.py:415) 2",
+        f"{parent};{spawned.format(11)};serve (cxrtriage/inference/engine.py:546);_run (engine.py:9);conv (c.py:1) 6",
+        f"{parent};{spawned.format(11)};serve (cxrtriage/inference/engine.py:546);model_blobs (p.py:2) 2",
+        f"{parent};{spawned.format(12)};finish (engine_jobs.py:3);encode (instance.py:4) 5",
+        f"{parent};{spawned.format(13)};prepare (engine_jobs.py:5) 5",
+        "not a stack line",
+    ])
+    stacks = parse(raw)
+    assert [(pids, count) for pids, _, count in stacks] == [(["10"], 2), (["10", "11"], 6), (["10", "11"], 2),
+                                                            (["10", "12"], 5), (["10", "13"], 5)]
+    result = summary(stacks, top=3)
+    assert {role: (r["processes"], r["samples"]) for role, r in result.items()} == {
+        "worker": (2, 10), "engine": (1, 8), "caller": (1, 2)}
+    assert result["engine"]["innermost"][0] == ("conv (c.py:1)", 0.75)
+    assert ("serve (cxrtriage/inference/engine.py:546)", 1.0) in result["engine"]["inclusive"]
+    assert result["worker"]["share_of_samples"] == 0.5
