@@ -51,7 +51,9 @@ def associate(port: int, called: str = "CXRTRIAGE", calling: str = "MODALITY",
               context: ssl.SSLContext | None = None) -> Association:
     ae = AE(ae_title=calling)
     ae.add_requested_context(Verification)
-    ae.acse_timeout = 5
+    # generous: on a loaded 2-core CI machine a rejection once took longer than 5 s to reach the requestor,
+    # which then aborted and could not tell it had been rejected
+    ae.acse_timeout = 30
     return ae.associate("127.0.0.1", port, ae_title=called,
                         tls_args=(context, "127.0.0.1") if context else None)
 
