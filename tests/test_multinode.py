@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import func, select
@@ -427,9 +428,17 @@ def test_receivers_behind_haproxy_and_scorers_killed_mid_stream(tmp_path: Path, 
 
         wait_for(lambda: orthanc_counts(netns) == {"SEG": IMAGES_LB, "SR": IMAGES_LB}, 240,
                  "every SEG and SR in Orthanc")
-        with db.session() as session:
-            sends = session.execute(select(Job.state, Job.attempts, Job.worker, Instance.sop_instance_uid)
-                                    .join(Instance, Instance.id == Job.instance_id).where(Job.kind == "send")).all()
+
+        def send_jobs() -> list[Any]:
+            with db.session() as session:
+                return list(session.execute(
+                    select(Job.state, Job.attempts, Job.worker, Instance.sop_instance_uid)
+                    .join(Instance, Instance.id == Job.instance_id).where(Job.kind == "send")).all())
+
+        # A send that scorer A finished on the wire but not in the database (killed between the two) stays
+        # running until its lease expires and B sends it again: Orthanc can hold every object before then.
+        sends = wait_for(lambda: (lambda s: s if {j.state for j in s} == {"done"} else None)(send_jobs()),
+                         SCORE_LEASE + 120, "every send job done")
         assert len(sends) == 2 * IMAGES_LB and {s.state for s in sends} == {"done"}
         rerun = {s.sop_instance_uid for s in sends if s.attempts > 1}  # the at-least-once window
         sent = logged(scorers, "sent")
