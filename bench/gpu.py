@@ -292,8 +292,8 @@ def main() -> None:
     if dry:  # one thread each: the shared test machine has 2 cores for everything
         torch.set_num_threads(1)
     iterations = args.iterations or (1 if dry else 20)
-    device_lanes = args.device_lanes or ([1] if dry else [1, 2])
-    args.profile = (not dry) if args.profile is None else args.profile  # on the CPU the engine's lanes are per core
+    device_lanes = args.device_lanes or ([1] if dry else [1, 2])  # on the CPU the engine's lanes are per core
+    args.profile = (not dry) if args.profile is None else args.profile
     rate = args.latency_rate or (4.0 if dry else 50.0)
     offer_s = args.latency_seconds or (1.0 if dry else 20.0)
     rows, cols = (int(v) for v in (args.size or ("256x256" if dry else "2500x2048")).split("x"))

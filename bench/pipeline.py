@@ -406,7 +406,6 @@ def measure(contender: Contender, files: list[Path], root: Path, round_: int,
     shutil.rmtree(scratch, ignore_errors=True)
     return {"round": round_, "seconds": seconds, "images_per_s": len(files) / seconds,
             "cpu_s_per_image": sum(c1[r] - c0[r] for r in c0) / len(files),
-            "parent_cpu_s_per_image": (c1["caller"] - c0["caller"]) / len(files),
             "cpu_ms_per_image_by_process": {r: round((c1[r] - c0[r]) * 1000 / len(files), 1) for r in c0},
             "outputs": written,
             "zones": [s[0] for s in scored], "lung_px": [s[1] for s in scored], "opacity_px": [s[2] for s in scored],

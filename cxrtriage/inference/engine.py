@@ -230,19 +230,17 @@ class DeviceStages:
         from .shm import ring_mappings
 
         with self._rings_lock:  # two lanes meeting a new ring register it once
-            self._pin_new_rings(ring_mappings(), ctypes)
-
-    def _pin_new_rings(self, mappings: dict[str, Any], ctypes: Any) -> None:
-        for name, segment in mappings.items():
-            if name in self.rings:
-                continue
-            buffer = segment.buf
-            assert buffer is not None
-            address = ctypes.addressof(ctypes.c_char.from_buffer(buffer))  # the mapping lives as long
-            error = int(self.torch.cuda.cudart().cudaHostRegister(address, segment.size, 0))
-            self.rings[name] = (address, segment.size) if error == 0 else None
-            if error:
-                log.warning("ring %s not page-locked (cudaError %d): its images are staged by copying", name, error)
+            for name, segment in ring_mappings().items():
+                if name in self.rings:
+                    continue
+                buffer = segment.buf
+                assert buffer is not None
+                address = ctypes.addressof(ctypes.c_char.from_buffer(buffer))  # the mapping lives as long
+                error = int(self.torch.cuda.cudart().cudaHostRegister(address, segment.size, 0))
+                self.rings[name] = (address, segment.size) if error == 0 else None
+                if error:
+                    log.warning("ring %s not page-locked (cudaError %d): its images are staged by copying", name,
+                                error)
 
     def _in_pinned_ring(self, array: np.ndarray) -> bool:
         start = array.__array_interface__["data"][0]
