@@ -32,7 +32,16 @@ from cxrtriage.inference.phantom import PhantomGenerator, write_cr
 from cxrtriage.inference.pipeline import Pipeline, lung_crop, model_blobs, model_inputs, stage_sources
 from cxrtriage.inference.preprocess import CropBox
 from cxrtriage.inference.radiograph import load_dicom
-from cxrtriage.inference.shm import SEGMENT_PREFIX, Block, create_ring, open_block, unlink, write_block, write_slot
+from cxrtriage.inference.shm import (
+    SEGMENT_PREFIX,
+    Block,
+    create_ring,
+    open_block,
+    unlink,
+    write_beside,
+    write_block,
+    write_slot,
+)
 from cxrtriage.stages.engine_scorer import EngineScorer
 
 SEED = 2_300_000
@@ -203,16 +212,23 @@ def test_the_device_stages_give_the_host_stages_outputs_from_either_hand_off(
         assert all(block.in_ring == in_ring for _, block in blocks)
         try:
             waits.clear()
-            want, got = _run_batch(host, blocks, 1), _run_batch(device, blocks, 1)
+            want = _run_batch(host, blocks, 1)
+            wanted = []  # copied: in a ring, the second run's outputs go into the same slots
+            for w in want:
+                assert w.output is not None, w.error
+                assert w.output.block.in_ring == in_ring  # beside the input, in its slot
+                with open_block(w.output.block) as a:
+                    wanted.append({key: array.copy() for key, array in a.items()})
+                unlink(w.output.block)
+            got = _run_batch(device, blocks, 1)
             assert waits == [True, True, True]  # after Stage I, after Stage II, the copy stream
-            for w, g in zip(want, got):
-                assert w.output is not None and g.output is not None, (w.error, g.error)
+            for w, g, a in zip(want, got, wanted):
+                assert w.output is not None and g.output is not None, g.error
                 assert g.output.box == w.output.box
                 assert g.output.p_disease == pytest.approx(w.output.p_disease, abs=1e-4)
-                with open_block(w.output.block) as a, open_block(g.output.block) as b:
+                with open_block(g.output.block) as b:
                     np.testing.assert_array_equal(b["prob"], a["prob"])
                     np.testing.assert_allclose(b["seg"], a["seg"], atol=2e-3)
-                unlink(w.output.block)
                 unlink(g.output.block)
         finally:
             for _, block in blocks:
@@ -250,6 +266,41 @@ def test_a_ring_slot_holds_a_block_and_stays_mapped() -> None:
         assert ring.name.lstrip("/") in _segments()
         assert write_slot(ring, 0, {"big": np.zeros(1 << 15, np.float32)}) is None  # 128 KiB: not in a slot
         assert write_slot(ring, 2, arrays) is None  # no such slot
+    finally:
+        segment.close()
+        segment.unlink()
+
+
+def test_outputs_go_beside_the_input_in_its_ring_slot_where_they_fit() -> None:
+    ring, segment = create_ring(2, 1 << 16)
+    try:
+        inputs = {"codes": np.arange(6000, dtype=np.uint16).reshape(60, 100), "table": np.ones(7, np.float32)}
+        block = write_slot(ring, 0, inputs)
+        assert block is not None
+        outputs = {"prob": np.full((64, 64), 0.25, np.float32), "seg": np.full((32, 32), 0.75, np.float32)}
+        beside = write_beside(block, outputs)  # 12 KB + 16 KB + 4 KB in a 64 KB slot
+        assert beside.in_ring and beside.name == ring.name
+        first = min(slot.offset for slot in beside.slots)
+        assert first >= max(slot.offset + inputs[slot.key].nbytes for slot in block.slots)  # after the input
+        assert max(slot.offset for slot in beside.slots) < ring.slot_bytes  # slot 0, not slot 1
+        with open_block(block) as views:  # the input is untouched
+            for key, array in inputs.items():
+                np.testing.assert_array_equal(views[key], array)
+        with open_block(beside) as views:
+            for key, array in outputs.items():
+                np.testing.assert_array_equal(views[key], array)
+        big = write_beside(block, {"prob": np.zeros((128, 128), np.float32)})  # 64 KB: no room left in the slot
+        try:
+            assert not big.in_ring and big.name != ring.name
+        finally:
+            unlink(big)
+        alone = write_block(inputs)  # not in a ring: a new segment
+        try:
+            elsewhere = write_beside(alone, outputs)
+            assert not elsewhere.in_ring and elsewhere.name != alone.name
+            unlink(elsewhere)
+        finally:
+            unlink(alone)
     finally:
         segment.close()
         segment.unlink()

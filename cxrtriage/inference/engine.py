@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from ..config import InferenceSettings
-from .shm import Block, open_block, write_block
+from .shm import Block, open_block, write_beside
 
 log = logging.getLogger(__name__)
 
@@ -453,7 +453,8 @@ def _run_batch(stages: HostStages | DeviceStages, batch: list[tuple[int, Block]]
     if images:
         steps |= {step: seconds * 1000 / n for step, seconds in stages.clock.seconds.items()}
     t2 = time.perf_counter()
-    blocks = {job: write_block(r[0]) for job, r in zip(jobs, results) if not isinstance(r, Exception)}
+    inputs = dict(batch)
+    blocks = {job: write_beside(inputs[job], r[0]) for job, r in zip(jobs, results) if not isinstance(r, Exception)}
     steps["outputs"] = (time.perf_counter() - t2) * 1000 / n
     share = (time.perf_counter() - t0) / n
     for job, result in zip(jobs, results):

@@ -200,10 +200,12 @@ class EnginePool(RestartingPool):
             lanes = max(1, (os.cpu_count() or 1) // threads)
         compile_models = settings.compile if compile_models is None else compile_models  # inference.compile
         self.engine = ScoringEngine(settings, threads=threads, lanes=lanes, compile_models=compile_models)
-        # A device engine reads the images from a ring of slots, one per job in flight (queued for the engine,
-        # in it, or in a worker), so that the GPU copies them straight from page-locked shared memory.
+        # The images go through a ring of slots, one per job in flight (queued for the engine, in it, or in a
+        # worker), mapped once in every process: a new segment per image costs its writer and its reader a page
+        # fault per 4 KiB page (a 2048 x 1664 float32 image: 11.0 CPU-ms to write and 3.9 to read through a new
+        # segment, 0.7 and 1.6 through a slot; bench/shm_handoff.py); a GPU copies a slot from page-locked memory.
         if ring_slots is None:
-            ring_slots = 2 * (settings.max_batch + self.workers) if self.stored_values else 0
+            ring_slots = 2 * (settings.max_batch + self.workers)
         room = _shm_free_bytes() // (2 * RING_SLOT_BYTES)  # at most half of /dev/shm: the segments need room too
         if ring_slots > room:  # a container's 64 MB default, say: a write past tmpfs's size kills the writer
             log.warning("ring cut from %d to %d slots: /dev/shm has room for no more (raise it, e.g. docker "
