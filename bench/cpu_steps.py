@@ -118,7 +118,8 @@ def score_one(pipeline: Pipeline, path: Path, scratch: Path, clock: Clock, seg_s
     p = float(p_disease[0]) if p_disease is not None else float(seg_probs[0].max())
 
     def disease_post() -> Any:  # ResultBuilder.__call__, before score()
-        return disease_mask(seg_probs[0], p, pipeline.build_result.disease_threshold, box, lungs)
+        return disease_mask(seg_probs[0], p, pipeline.build_result.disease_threshold, box, lungs,
+                            pipeline.build_result.disease_gate)
 
     disease = clock("stage2 post", disease_post)
     scores, zones = clock("zones + scores", lambda: score(lungs, disease, pipeline.scoring, r.patient_orientation,

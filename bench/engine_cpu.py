@@ -1,6 +1,6 @@
 """The scoring engine on the CPU against today's pool: images/s and CPU seconds per image, alternating.
 
-    nice -n 10 python bench/engine_cpu.py [--images 24] [--rounds 3] [--processes 2] [--threads 0] [--ring-slots N]
+    nice -n 10 python bench/engine_cpu.py [--images 24] [--rounds 3] [--processes 2] [--threads 0] [--ring-slots N[,M]]
                                           [--engine-threads 0] [--json bench/results/engine-cpu.json]
     nice -n 10 python bench/engine_cpu.py --networks [--preset bundled|paper] [--rounds 3]
 
@@ -112,8 +112,10 @@ def main() -> None:
     parser.add_argument("--cols", type=int, default=1664)
     parser.add_argument("--engine-threads", type=int, default=0,
                         help="the engine's torch threads (0: the node's choice)")
-    parser.add_argument("--ring-slots", type=int, default=None,
-                        help="a ring of this many shared-memory slots (default: the node's; none on a CPU)")
+    parser.add_argument("--ring-slots", default=None,
+                        help="a ring of this many shared-memory slots (default: the node's, 2 x (max_batch + "
+                        "processes)); several, comma-separated, make one engine contender each (0: no ring, a new "
+                        "segment per image and per output)")
     parser.add_argument("--networks", action="store_true", help="time the networks alone by batch size")
     parser.add_argument("--preset", choices=("bundled", "paper"), default="bundled",
                         help="with --networks: the bundled networks, or the paper's (untrained: the same cost)")
@@ -134,30 +136,36 @@ def main() -> None:
                     for i in range(min(4, args.images))]
         files = [distinct[i % len(distinct)] for i in range(args.images)]
         pool = ScoringPool(settings, workers=args.processes)
-        engine = EnginePool(settings, args.processes, engine_threads=args.engine_threads,
-                            ring_slots=args.ring_slots)
+        rings = [int(n) for n in args.ring_slots.split(",")] if args.ring_slots else [None]
+        engines = {("engine" if len(rings) == 1 else f"engine, ring {n}"):
+                   EnginePool(settings, args.processes, engine_threads=args.engine_threads, ring_slots=n)
+                   for n in rings}
         contenders: dict[str, Callable[[Path, str], Any]] = {
             "pool": lambda path, uid: pool.submit_instance(path, uid).result(),
-            "engine": lambda path, uid: engine.score(path, uid),
+            **{name: (lambda path, uid, e=e: e.score(path, uid)) for name, e in engines.items()},
         }
         threads = {"pool": args.threads or args.processes,
-                   "engine": args.threads or 2 * args.processes + settings.max_batch}
+                   **{name: args.threads or 2 * args.processes + settings.max_batch for name in engines}}
         pool.warm_up(files[0])
-        engine.warm_up(files[0])
+        for e in engines.values():
+            e.warm_up(files[0])
         rounds: list[dict[str, Any]] = []
+        order = list(contenders)
         try:
             for n in range(args.rounds):
-                for name in (("pool", "engine") if n % 2 == 0 else ("engine", "pool")):
-                    engine_pid = engine.engine.pid if name == "engine" else None  # processes alive: pids stay
+                for name in (order if n % 2 == 0 else order[::-1]):
+                    engine_pid = engines[name].engine.pid if name in engines else None  # alive: pids stay
                     row = {"round": n, "contender": name,
                            **run_round(contenders[name], files, threads[name], engine_pid)}
                     print(json.dumps(row), flush=True)
                     rounds.append(row)
-            print("engine batch sizes (size: batches):", dict(sorted(engine.engine.batch_sizes.items())))
+            for name, e in engines.items():
+                print(f"{name} batch sizes (size: batches):", dict(sorted(e.engine.batch_sizes.items())))
         finally:
             pool.close()
-            engine.close()
-    for name in ("pool", "engine"):
+            for e in engines.values():
+                e.close()
+    for name in order:
         rows = [r for r in rounds if r["contender"] == name]
         print(f"{name:7s} images/s {[r['images_per_s'] for r in rows]}  "
               f"CPU-s/image {[r['cpu_s_per_image'] for r in rows]}  "

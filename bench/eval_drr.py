@@ -1,7 +1,8 @@
 """Held-out quality on radiographs rendered from the shipped chest CT (DRRs).
 
-    python bench/eval_drr.py [--images 120] [--config config.yaml]
+    python bench/eval_drr.py [--images 120] [--normals 8] [--config config.yaml]
                              [--lungs W --disease W] [--png reliability.png] [--json out.json]
+                             [--seed-base N --normal-seed-base N] [--gates 0.5,0.6,...]
 
 Views, deformations and lesions come from seeds HELD_OUT_SEED_BASE.. which
 training never draws (training: 0..; model selection: HELD_OUT_SEED_BASE +
@@ -10,6 +11,13 @@ compared with the truth computed from the true masks with the same zone
 definition, as bench/eval_synthetic.py does for phantoms. Also reported: the
 scores of lesion-free views of the CT (a normal chest should score low) and a
 reliability curve of P(disease) (PNG with matplotlib, else a table).
+
+With ``--gates`` every image is scored once with the P(disease) gate off, and
+the 0-6 scores are reported for each gate g: an image whose P(disease) is
+below g scores 0 in every zone, else as with the gate off (exactly what the
+pipeline gives at that gate). The main table is then the gate-off one. With
+``--seed-base`` / ``--normal-seed-base`` other seeds are scored (the gate's
+validation set, docs/model-card.md), never the held-out ones for tuning.
 
 All DRRs come from ONE patient's CT: these numbers measure how well the models
 learned this rendering of this chest, not how they do on other patients.
@@ -33,6 +41,7 @@ from cxrtriage.inference.training.metrics import dice, roc_auc
 from cxrtriage.inference.training.trainer import HELD_OUT_SEED_BASE
 
 NORMAL_SEED_BASE = HELD_OUT_SEED_BASE + 80_000
+GATE_OFF = 1e-9  # the smallest gate a spec takes (> 0): every image's opacity counts
 
 
 def _radiograph(drr: DRR) -> Radiograph:
@@ -91,10 +100,11 @@ def overshoot(predicted: np.ndarray, truth: np.ndarray) -> float:
     return float(worst)
 
 
-def evaluate(pipeline: Pipeline, volume_path: Path, images: int, normals: int) -> dict:
+def evaluate(pipeline: Pipeline, volume_path: Path, images: int, normals: int, seed_base: int = HELD_OUT_SEED_BASE,
+             normal_seed_base: int = NORMAL_SEED_BASE) -> dict:
     rows, probs, labels = [], [], []
     elapsed = 0.0
-    for seed in range(HELD_OUT_SEED_BASE, HELD_OUT_SEED_BASE + images):
+    for seed in range(seed_base, seed_base + images):
         drr = cached_drr(volume_path, seed)
         t0 = time.perf_counter()
         result = pipeline(_radiograph(drr))
@@ -107,6 +117,7 @@ def evaluate(pipeline: Pipeline, volume_path: Path, images: int, normals: int) -
             "false_opacity": float(result.disease.sum() / max(1, result.lungs.sum())) if not drr.has_disease else None,
             "score": result.scores.total, "truth": truth.total,
             "zone_hits": sum(int(a == b) for a, b in zip(result.scores.binary, truth.binary)),
+            "zones": "".join(str(z) for z in result.scores.binary), "truth_zones": "".join(str(z) for z in truth.binary),
             "p_disease": result.p_disease,
         })
         probs.append(result.p_disease)
@@ -130,14 +141,34 @@ def evaluate(pipeline: Pipeline, volume_path: Path, images: int, normals: int) -
     volume, sides = _volume(str(volume_path))
     settings = RenderSettings(p_normal=1.0)
     normal_rows = []
-    for seed in range(NORMAL_SEED_BASE, NORMAL_SEED_BASE + normals):
+    for seed in range(normal_seed_base, normal_seed_base + normals):
         drr = render(volume, seed, settings, sides=sides)  # type: ignore[arg-type]
         result = pipeline(_radiograph(drr))
         normal_rows.append({"seed": seed, "view": drr.view, "score": result.scores.total,
                             "zones": "".join(str(z) for z in result.scores.binary),
-                            "p_disease": round(result.p_disease, 3), "lung_dice": round(dice(result.lungs, drr.lungs), 3)})
+                            "p_disease": result.p_disease, "lung_dice": round(dice(result.lungs, drr.lungs), 3)})
     return {"summary": summary, "reliability": reliability(probs_a, labels_a), "normal_views": normal_rows,
             "per_image": rows}
+
+
+def gate_table(rows: list[dict], normal_rows: list[dict], gates: list[float]) -> list[dict]:
+    """0-6 scores at each P(disease) gate, from images scored with the gate off (see the module docstring)."""
+    table = []
+    for gate in gates:
+        def at(row: dict, gate: float = gate) -> str:
+            return row["zones"] if row["p_disease"] >= gate else "0" * len(row["zones"])
+
+        err = np.array([abs(at(r).count("1") - r["truth"]) for r in rows])
+        normal = np.array([at(r).count("1") for r in normal_rows], dtype=int)
+        hits = sum(a == b for r in rows for a, b in zip(at(r), r["truth_zones"]))
+        pooled = np.concatenate([err, normal]) if normal.size else err
+        table.append({
+            "gate": gate, "mae": float(err.mean()), "exact": float((err == 0).mean()),
+            "zone_accuracy": float(hits / (6 * len(rows))), "normal_mean_score": float(normal.mean()) if normal.size else 0.0,
+            "normals_2_or_more": int((normal >= 2).sum()), "normal_max": int(normal.max()) if normal.size else 0,
+            "pooled_mae": float(pooled.mean()), "pooled_images": int(pooled.size),
+        })
+    return table
 
 
 def main() -> None:
@@ -150,20 +181,31 @@ def main() -> None:
     parser.add_argument("--drr-cache", default=None, help="rendered DRRs are cached here (shared with training)")
     parser.add_argument("--png", default=None, help="write the reliability curve here")
     parser.add_argument("--json", default=None, help="write all numbers here")
+    parser.add_argument("--seed-base", type=int, default=HELD_OUT_SEED_BASE, help="first DRR seed scored")
+    parser.add_argument("--normal-seed-base", type=int, default=NORMAL_SEED_BASE, help="first lesion-free view's seed")
+    parser.add_argument("--gates", default=None, help="comma-separated P(disease) gates: score with the gate off and "
+                        "report the 0-6 scores at each")
     args = parser.parse_args()
 
     settings: InferenceSettings = load_settings(args.config).inference
-    if args.lungs or args.disease:
-        update = {}
+    gates = [float(g) for g in args.gates.split(",")] if args.gates else []
+    if args.lungs or args.disease or gates:
+        update: dict = {"lungs": dict(settings.lungs), "disease": dict(settings.disease)}
         if args.lungs:
-            update["lungs"] = {"weights": args.lungs}
+            update["lungs"]["weights"] = args.lungs
         if args.disease:
-            update["disease"] = {"weights": args.disease}
+            update["disease"]["weights"] = args.disease
+        if gates:
+            update["disease"]["disease_gate"] = GATE_OFF
         settings = InferenceSettings(**{**settings.model_dump(exclude_unset=True), **update})
     pipeline = Pipeline(settings)
     volume_path = prepare_volume(CTSource(), args.drr_cache or default_drr_cache())
-    out = evaluate(pipeline, volume_path, args.images, args.normals)
+    out = evaluate(pipeline, volume_path, args.images, args.normals, args.seed_base, args.normal_seed_base)
     out["models"] = pipeline.model_versions
+    out["seeds"] = {"images": [args.seed_base, args.seed_base + args.images - 1],
+                    "normals": [args.normal_seed_base, args.normal_seed_base + args.normals - 1]}
+    if gates:
+        out["gates"] = gate_table(out["per_image"], out["normal_views"], gates)
     s = out["summary"]
 
     print(f"models: {pipeline.model_versions}")
@@ -182,6 +224,14 @@ def main() -> None:
     print("\nlesion-free views of the CT:\n| seed | view | score | zones | P(disease) | lung Dice |\n|---|---|---|---|---|---|")
     for r in out["normal_views"]:
         print(f"| {r['seed']} | {r['view']} | {r['score']} | {r['zones']} | {r['p_disease']:.2f} | {r['lung_dice']:.3f} |")
+    if gates:
+        print(f"\n0-6 scores by P(disease) gate ({args.images} images + {args.normals} lesion-free views; the tables "
+              "above are with the gate off):")
+        print("| gate | MAE | exact | zone accuracy | lesion-free: mean score | scoring >= 2 | max | MAE, all |")
+        print("|---|---|---|---|---|---|---|---|")
+        for g in out["gates"]:
+            print(f"| {g['gate']:.2f} | {g['mae']:.3f} | {g['exact']:.2f} | {g['zone_accuracy']:.3f} | "
+                  f"{g['normal_mean_score']:.2f} | {g['normals_2_or_more']} | {g['normal_max']} | {g['pooled_mae']:.3f} |")
     if args.png and plot_reliability(out["reliability"], Path(args.png), "P(disease) on held-out DRRs"):
         print(f"\nreliability curve: {args.png}")
     if args.json:

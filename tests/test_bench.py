@@ -91,3 +91,24 @@ def test_profile_summary_gives_each_process_its_role_and_shares() -> None:
     assert result["engine"]["innermost"][0] == ("conv (c.py:1)", 0.75)
     assert ("serve (cxrtriage/inference/engine.py:546)", 1.0) in result["engine"]["inclusive"]
     assert result["worker"]["share_of_samples"] == 0.5
+
+
+def test_gate_table_scores_each_gate_from_one_gate_off_run() -> None:
+    """bench/eval_drr.py --gates: an image whose P(disease) is below the gate scores 0 in every zone, else its
+    gate-off zones; MAE against the truth, lesion-free views (truth 0) counted apart and pooled."""
+    sys.path.insert(0, str(BENCH))
+    from eval_drr import gate_table
+
+    rows = [  # zones as scored with the gate off, the truth's zones and total
+        {"p_disease": 0.9, "zones": "110000", "truth_zones": "110000", "truth": 2},
+        {"p_disease": 0.6, "zones": "111000", "truth_zones": "110000", "truth": 2},
+        {"p_disease": 0.4, "zones": "000000", "truth_zones": "000001", "truth": 1},
+    ]
+    normals = [{"p_disease": 0.55, "zones": "111111"}, {"p_disease": 0.3, "zones": "100000"}]
+    low, mid, high = gate_table(rows, normals, [0.3, 0.5, 0.7])
+    assert (low["mae"], low["normals_2_or_more"], low["normal_max"]) == (pytest.approx(2 / 3), 1, 6)
+    assert low["zone_accuracy"] == pytest.approx(16 / 18) and low["exact"] == pytest.approx(1 / 3)
+    assert low["pooled_mae"] == pytest.approx((0 + 1 + 1 + 6 + 1) / 5) and low["pooled_images"] == 5
+    assert (mid["mae"], mid["normal_mean_score"], mid["normal_max"]) == (pytest.approx(2 / 3), 3.0, 6)
+    assert (high["mae"], high["normals_2_or_more"], high["normal_max"]) == (pytest.approx(1.0), 0, 0)
+    assert high["zone_accuracy"] == pytest.approx(15 / 18)  # the 0.6 image: 111000 -> 000000

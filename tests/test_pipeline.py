@@ -88,3 +88,45 @@ def test_result_json_names_everything(pipeline, phantom_cr: Path) -> None:
     assert 0 <= record["total_score"] <= 6 and 0 <= record["brixia_total"] <= 18
     assert record["models"]["lungs"] and record["models"]["disease"]
     assert {"stage1", "stage2", "scoring"} <= set(record["timings_ms"])
+
+
+
+class _Gated:
+    """The bundled disease model with its P(disease) scaled by ``scale`` (so that it lands between two gates)
+    and its spec's ``disease_gate`` set: the network and its opacity map are the real ones."""
+
+    def __init__(self, model, scale: float, gate: float) -> None:
+        self.model, self.scale = model, scale
+        self.spec = model.spec.model_copy(update={"disease_gate": gate})
+
+    def __call__(self, x):
+        seg, p = self.model(x)
+        return seg, p * self.scale
+
+
+def test_the_disease_models_gate_decides_whether_its_opacity_counts(pipeline, phantom_cr: Path) -> None:
+    """ModelSpec.disease_gate: an image whose P(disease) is below the gate scores 0 in every zone; at or above
+    it, the same as at the paper's 0.5. The gate travels with the result (record, SR parameters, version)."""
+    from cxrtriage.config import InferenceSettings
+    from cxrtriage.inference.dicom_results import algorithm_parameters
+    from cxrtriage.inference.pipeline import Pipeline
+    from cxrtriage.inference.presets import model_specs
+
+    radiograph = load_radiograph(phantom_cr)
+    paper = pipeline(radiograph)
+    assert paper.disease_gate == 0.5 and paper.scores.total > 0 and paper.p_disease > 0.9
+
+    def scored(gate: float):
+        disease = _Gated(pipeline.disease_model, 0.6 / paper.p_disease, gate)  # P(disease) 0.6
+        return Pipeline(pipeline.settings, lungs=pipeline.lungs_model, disease=disease)(radiograph)
+
+    passed, stopped = scored(0.55), scored(0.65)
+    assert passed.p_disease == stopped.p_disease == pytest.approx(0.6)
+    assert passed.scores.binary == paper.scores.binary and np.array_equal(passed.disease, paper.disease)
+    assert stopped.scores.total == 0 and not stopped.disease.any() and np.array_equal(stopped.lungs, paper.lungs)
+    assert stopped.as_dict()["disease_gate"] == 0.65
+    assert "P(disease) gate 0.65" in algorithm_parameters(stopped)
+    assert "P(disease) gate 0.5" in algorithm_parameters(paper)
+    assert len({paper.algorithm_version, passed.algorithm_version, stopped.algorithm_version}) == 3
+    # a config sets it as any other field of the disease model
+    assert model_specs(InferenceSettings(disease={"disease_gate": 0.7}))[1].disease_gate == 0.7

@@ -169,8 +169,9 @@ def algorithm_name(result: Result) -> str:
 
 
 def algorithm_parameters(result: Result) -> list[str]:
-    """TID 4019 Algorithm Parameters: each model, its origin and training data; T; the notice."""
-    return [*result.identity.lines(), f"zone threshold T={result.scores.zone_threshold:g}"]
+    """TID 4019 Algorithm Parameters: each model, its origin and training data; T; the P(disease) gate; the notice."""
+    return [*result.identity.lines(), f"zone threshold T={result.scores.zone_threshold:g}",
+            f"P(disease) gate {result.disease_gate:g}"]
 
 
 #: Manufacturer of the Contributing Equipment item highdicom adds for itself (it stamps it with the time).

@@ -74,6 +74,10 @@ class ModelSpec(BaseModel):
     )
     pixel_threshold: float = Field(0.5, gt=0.0, lt=1.0)
     zone_threshold: float | None = Field(None, ge=0.0, le=1.0, description="T: zone fraction > T scores 1")
+    disease_gate: float = Field(
+        0.5, gt=0.0, lt=1.0, description="disease models: Stage II's opacity counts only where P(disease) >= this "
+        "(the paper: 0.5); an image below it scores 0 in every zone"
+    )
     weights: str | None = Field(None, description="path, or a file name in the bundled weights folder")
     version: str = "unversioned"
     name: str | None = Field(None, description="human-readable model name shown to clinicians; default: version")

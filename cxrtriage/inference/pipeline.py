@@ -4,9 +4,10 @@ Stage I segments the lungs on the whole image. The lung mask is applied to
 the image (everything else set to 0) and the image cropped to the lungs'
 bounding box; Stage II, a multi-task model, segments opacity in that crop and
 gives P(disease). The refined disease mask is the opacity probability gated
-by P(disease) >= 0.5. Unlike the published code, which scores a 512x512 crop,
-all masks are brought back to the source image's full resolution and scored
-there, so they can be written as a DICOM Segmentation of the source.
+by P(disease) >= 0.5 (or the disease model's own ``disease_gate``). Unlike
+the published code, which scores a 512x512 crop, all masks are brought back
+to the source image's full resolution and scored there, so they can be
+written as a DICOM Segmentation of the source.
 """
 
 from __future__ import annotations
@@ -51,11 +52,14 @@ class Result:
     identity: ModelIdentity
     sop_instance_uid: str | None = None
     study_instance_uid: str | None = None
+    disease_gate: float = 0.5  # the P(disease) at or above which the opacity counted (ModelSpec.disease_gate)
 
     @property
     def algorithm_version(self) -> str:
-        """Short (fits a DICOM LO): package and pipeline versions plus a hash of the models."""
-        digest = hashlib.sha1(f"{self.models['lungs']}|{self.models['disease']}".encode()).hexdigest()[:10]
+        """Short (fits a DICOM LO): package and pipeline versions plus a hash of the models (and of a P(disease)
+        gate other than the paper's 0.5: the same models then give other results)."""
+        gate = f"|gate={self.disease_gate:g}" if self.disease_gate != 0.5 else ""
+        digest = hashlib.sha1(f"{self.models['lungs']}|{self.models['disease']}{gate}".encode()).hexdigest()[:10]
         return f"{__version__}-p{PIPELINE_VERSION}-{digest}"
 
     @property
@@ -75,6 +79,7 @@ class Result:
             "rows": int(self.lungs.shape[0]),
             "columns": int(self.lungs.shape[1]),
             "p_disease": round(self.p_disease, 4),
+            "disease_gate": self.disease_gate,
             **self.scores.as_dict(),
             "models": self.models,
             "model_identity": self.identity.as_dict(),
@@ -234,14 +239,15 @@ def lung_crop(
     return LungCrop(full, kept, box, masked_lung_crop(image, full, box))
 
 
-def disease_mask(seg: np.ndarray, p: float, threshold: float, box: CropBox, lungs: np.ndarray) -> np.ndarray:
-    """Full-resolution disease mask: Stage II's opacity gated by P(disease) >= 0.5, upsampled into ``box``,
-    inside the lungs.
+def disease_mask(seg: np.ndarray, p: float, threshold: float, box: CropBox, lungs: np.ndarray,
+                 gate: float = 0.5) -> np.ndarray:
+    """Full-resolution disease mask: Stage II's opacity gated by P(disease) >= ``gate`` (the paper's 0.5, or the
+    disease model's own ``disease_gate``), upsampled into ``box``, inside the lungs.
 
     Only the box is thresholded and ANDed with the lungs (outside it the mask is 0 whatever the lungs);
     ``box.paste(resize(seg * gate, box.shape) > threshold, lungs.shape) & lungs``, without a full-size AND.
     """
-    refined = seg * float(p >= 0.5)
+    refined = seg * float(p >= gate)
     disease = np.zeros(lungs.shape, dtype=bool)
     np.logical_and(resize(refined, box.shape) > threshold, box.take(lungs), out=box.take(disease))
     return disease
@@ -257,6 +263,7 @@ class ResultBuilder:
     def __init__(self, settings: InferenceSettings, lung_spec: ModelSpec, disease_spec: ModelSpec) -> None:
         self.settings = settings
         self.disease_threshold = disease_spec.pixel_threshold
+        self.disease_gate = disease_spec.disease_gate
         self.identity = ModelIdentity.from_specs(lung_spec, disease_spec)  # fixed for the pipeline's life
         self.scoring = scoring_config(settings, disease_spec)
         self.model_versions = {"lungs": lung_spec.version, "disease": disease_spec.version}
@@ -266,7 +273,7 @@ class ResultBuilder:
         timings_ms: dict[str, float],
     ) -> Result:
         t_post = time.perf_counter()
-        disease = disease_mask(seg, p, self.disease_threshold, box, lungs)
+        disease = disease_mask(seg, p, self.disease_threshold, box, lungs, self.disease_gate)
         scores, zones = score(
             lungs, disease, self.scoring, r.patient_orientation, r.image_laterality, r.pixel_spacing_mm, kept
         )
@@ -282,6 +289,7 @@ class ResultBuilder:
             identity=self.identity,
             sop_instance_uid=r.sop_instance_uid,
             study_instance_uid=r.study_instance_uid,
+            disease_gate=self.disease_gate,
         )
 
 

@@ -67,6 +67,7 @@ class ImageResult(_Record):
     rows: int = 0
     columns: int = 0
     p_disease: float = 0.0
+    disease_gate: float = Field(0.5, description="opacity counted only where P(disease) >= this")
     total_score: int = Field(0, description="0-6 over the scored zones")
     zones_scored: int = Field(6, description="6, or 3 when one lung was found")
     missing_lungs: list[str] = Field(default_factory=list, description='"right" / "left": lung not found')
