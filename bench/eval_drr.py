@@ -2,7 +2,7 @@
 
     python bench/eval_drr.py [--images 120] [--normals 8] [--config config.yaml]
                              [--lungs W --disease W] [--png reliability.png] [--json out.json]
-                             [--seed-base N --normal-seed-base N] [--gates 0.5,0.6,...]
+                             [--seed-base N --normal-seed-base N] [--gates 0.5,0.6,...] [--processed]
 
 Views, deformations and lesions come from seeds HELD_OUT_SEED_BASE.. which
 training never draws (training: 0..; model selection: HELD_OUT_SEED_BASE +
@@ -18,6 +18,9 @@ below g scores 0 in every zone, else as with the gate off (exactly what the
 pipeline gives at that gate). The main table is then the gate-off one. With
 ``--seed-base`` / ``--normal-seed-base`` other seeds are scored (the gate's
 validation set, docs/model-card.md), never the held-out ones for tuning.
+With ``--processed`` each DRR first gets a CR/DR console's multi-scale
+processing (``training.augment.console_processing``, drawn from the DRR's own
+seed, so every model sees the same images).
 
 All DRRs come from ONE patient's CT: these numbers measure how well the models
 learned this rendering of this chest, not how they do on other patients.
@@ -35,6 +38,7 @@ import numpy as np
 from cxrtriage.config import InferenceSettings, load_settings
 from cxrtriage.inference.pipeline import Pipeline
 from cxrtriage.inference.radiograph import Radiograph
+from cxrtriage.inference.training.augment import console_processing
 from cxrtriage.inference.training.datasets import CTSource, _volume, cached_drr, default_drr_cache, prepare_volume
 from cxrtriage.inference.training.drr import DRR, RenderSettings, render
 from cxrtriage.inference.training.metrics import dice, roc_auc
@@ -44,9 +48,11 @@ NORMAL_SEED_BASE = HELD_OUT_SEED_BASE + 80_000
 GATE_OFF = 1e-9  # the smallest gate a spec takes (> 0): every image's opacity counts
 
 
-def _radiograph(drr: DRR) -> Radiograph:
+def _radiograph(drr: DRR, processed: bool = False) -> Radiograph:
     spacing = (drr.pixel_spacing_mm, drr.pixel_spacing_mm)
-    return Radiograph(pixels=drr.image, source=f"drr-{drr.seed}", pixel_spacing_mm=spacing,
+    image = console_processing(np.random.default_rng(drr.seed), drr.image.astype(np.float32)) if processed \
+        else drr.image
+    return Radiograph(pixels=image, source=f"drr-{drr.seed}", pixel_spacing_mm=spacing,
                       patient_orientation=["L", "F"])
 
 
@@ -101,13 +107,13 @@ def overshoot(predicted: np.ndarray, truth: np.ndarray) -> float:
 
 
 def evaluate(pipeline: Pipeline, volume_path: Path, images: int, normals: int, seed_base: int = HELD_OUT_SEED_BASE,
-             normal_seed_base: int = NORMAL_SEED_BASE) -> dict:
+             normal_seed_base: int = NORMAL_SEED_BASE, processed: bool = False) -> dict:
     rows, probs, labels = [], [], []
     elapsed = 0.0
     for seed in range(seed_base, seed_base + images):
         drr = cached_drr(volume_path, seed)
         t0 = time.perf_counter()
-        result = pipeline(_radiograph(drr))
+        result = pipeline(_radiograph(drr, processed))
         elapsed += time.perf_counter() - t0
         truth = drr.truth(pipeline.scoring)
         rows.append({
@@ -143,7 +149,7 @@ def evaluate(pipeline: Pipeline, volume_path: Path, images: int, normals: int, s
     normal_rows = []
     for seed in range(normal_seed_base, normal_seed_base + normals):
         drr = render(volume, seed, settings, sides=sides)  # type: ignore[arg-type]
-        result = pipeline(_radiograph(drr))
+        result = pipeline(_radiograph(drr, processed))
         normal_rows.append({"seed": seed, "view": drr.view, "score": result.scores.total,
                             "zones": "".join(str(z) for z in result.scores.binary),
                             "p_disease": result.p_disease, "lung_dice": round(dice(result.lungs, drr.lungs), 3)})
@@ -183,6 +189,7 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="write all numbers here")
     parser.add_argument("--seed-base", type=int, default=HELD_OUT_SEED_BASE, help="first DRR seed scored")
     parser.add_argument("--normal-seed-base", type=int, default=NORMAL_SEED_BASE, help="first lesion-free view's seed")
+    parser.add_argument("--processed", action="store_true", help="give each DRR a console's multi-scale processing")
     parser.add_argument("--gates", default=None, help="comma-separated P(disease) gates: score with the gate off and "
                         "report the 0-6 scores at each")
     args = parser.parse_args()
@@ -200,7 +207,9 @@ def main() -> None:
         settings = InferenceSettings(**{**settings.model_dump(exclude_unset=True), **update})
     pipeline = Pipeline(settings)
     volume_path = prepare_volume(CTSource(), args.drr_cache or default_drr_cache())
-    out = evaluate(pipeline, volume_path, args.images, args.normals, args.seed_base, args.normal_seed_base)
+    out = evaluate(pipeline, volume_path, args.images, args.normals, args.seed_base, args.normal_seed_base,
+                   args.processed)
+    out["processed"] = args.processed
     out["models"] = pipeline.model_versions
     out["seeds"] = {"images": [args.seed_base, args.seed_base + args.images - 1],
                     "normals": [args.normal_seed_base, args.normal_seed_base + args.normals - 1]}

@@ -152,6 +152,9 @@ def train(
     ),
     drr_cache: Path | None = typer.Option(None, help="drr: folder caching rendered DRRs (~/.cache/cxrtriage/drr)"),
     init: Path | None = typer.Option(None, help="start from these weights (.safetensors of the same architecture)"),
+    console_processing: float = typer.Option(
+        0.0, min=0.0, max=1.0, help="share of training images given a CR/DR console's multi-scale processing"
+    ),
     version: str | None = typer.Option(None, help="version suffix of the model (default from the data)"),
     arch: str = typer.Option("Unet", help="smp architecture"),
     encoder: str = typer.Option("mobilenet_v2", help="smp encoder"),
@@ -185,7 +188,7 @@ def train(
         task=cast("Task", task), data=data, data_root=str(data_root) if data_root else None, arch=arch, encoder=encoder,
         ct=str(ct) if ct else None, labels=str(labels) if labels else None, lung_labels=lung_ids,
         mix_synthetic=mix_synthetic, drr_cache=str(drr_cache) if drr_cache else None,
-        init=str(init) if init else None, version=version, **optional,
+        init=str(init) if init else None, console_processing=console_processing, version=version, **optional,
         input_size=input_size, in_channels=in_channels, steps=steps, batch_size=batch_size, lr=lr,
         train_images=train_images, val_images=val_images, eval_every=eval_every, device=device, seed=seed,
         out=str(out / task),

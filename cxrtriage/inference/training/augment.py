@@ -1,8 +1,11 @@
-"""Augmentations of Danilov et al. 2022, written with OpenCV.
+"""Augmentations of Danilov et al. 2022, written with OpenCV, and a radiograph console's processing.
 
 CLAHE, random-sized crop, rotation within +-15 degrees, horizontal flip and
 brightness/contrast, applied identically to the image and its mask. Images
-are float32 in [0, 1], masks boolean, all the same (H, W).
+are float32 in [0, 1], masks boolean, all the same (H, W). Optionally
+(``console``), the multi-scale processing a CR/DR console applies before a
+film is shown (:func:`console_processing`), which neither the phantoms nor the
+DRRs have.
 """
 
 from __future__ import annotations
@@ -49,10 +52,37 @@ def rotate(
     return warp(image, cv2.INTER_LINEAR), [warp(m, cv2.INTER_NEAREST) for m in masks]
 
 
+def console_processing(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
+    """What a CR/DR console does to a raw radiograph before it is displayed, drawn at random: large-scale
+    contrast compressed (dynamic range compression: the lungs, mediastinum and upper abdomen brought
+    closer in grey level) and fine detail enhanced (unsharp masking: sharper rib, vessel and diaphragm
+    edges), then stretched to [0, 1] between the 0.5th and 99.5th percentiles.
+
+    Multi-scale processing of this kind is standard on clinical consoles; the strengths here span mild
+    to strong settings, scaled to the image size. Phantoms and DRRs come without it.
+    """
+    side = float(max(image.shape))
+    low = cv2.GaussianBlur(image, (0, 0), sigmaX=rng.uniform(0.06, 0.2) * side)
+    out = image - rng.uniform(0.2, 0.7) * (low - float(low.mean()))
+    detail = out - cv2.GaussianBlur(out, (0, 0), sigmaX=rng.uniform(0.004, 0.02) * side)
+    out = out + rng.uniform(0.3, 1.5) * detail
+    lo, hi = np.percentile(out, (0.5, 99.5))
+    return np.clip((out - lo) / max(float(hi - lo), 1e-6), 0.0, 1.0).astype(np.float32)
+
+
 def augment(
-    rng: np.random.Generator, image: np.ndarray, masks: list[np.ndarray]
+    rng: np.random.Generator, image: np.ndarray, masks: list[np.ndarray], console: float = 0.0,
+    equalized: bool = True,
 ) -> tuple[np.ndarray, list[np.ndarray]]:
-    """One random draw of the training augmentations."""
+    """One random draw of the training augmentations; with probability ``console`` the image first gets
+    :func:`console_processing` (and, for a model fed equalised images, is equalised again, as the pipeline
+    equalises what the console produced)."""
+    if console and rng.random() < console:
+        image = console_processing(rng, image)
+        if equalized:
+            from ..preprocess import equalize
+
+            image = equalize(image)
     if rng.random() < 0.2:
         image = clahe(image)
     if rng.random() < 0.5:

@@ -57,6 +57,10 @@ class TrainConfig(BaseModel):
     )
     drr_cache: str | None = Field(None, description="folder caching rendered DRRs (default ~/.cache/cxrtriage/drr)")
     init: str | None = Field(None, description="weights (.safetensors) to start from, e.g. the bundled ones")
+    console_processing: float = Field(
+        0.0, ge=0.0, le=1.0, description="share of training images given a console's multi-scale processing "
+        "(augment.console_processing)"
+    )
     name: str | None = None
     train_images: int = Field(1600, ge=1, description="images drawn for training (synthetic / drr data)")
     val_images: int = Field(96, ge=2)
@@ -174,12 +178,14 @@ def _drr_and_synthetic(cfg: TrainConfig) -> tuple[list[Sample], list[Sample]]:
 
 
 def _batch(
-    samples: list[Sample], idx: np.ndarray, rng: np.random.Generator | None, mean: float, std: float, channels: int
+    samples: list[Sample], idx: np.ndarray, rng: np.random.Generator | None, mean: float, std: float, channels: int,
+    console: float = 0.0, equalized: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     images, masks, labels = [], [], []
     for i in idx:
         s = samples[int(i)]
-        image, (mask,) = augment(rng, s.image, [s.mask]) if rng is not None else (s.image, [s.mask])
+        image, (mask,) = (augment(rng, s.image, [s.mask], console, equalized) if rng is not None
+                          else (s.image, [s.mask]))
         images.append(image)
         masks.append(mask)
         labels.append(s.label)
@@ -263,7 +269,8 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict[str, float]], None] | N
         for group in optimiser.param_groups:
             group["lr"] = lr_at(step)
         idx = rng.integers(0, len(train_set), cfg.batch_size)
-        x, y, lab = _batch(train_set, idx, rng, spec.mean[0], spec.std[0], cfg.in_channels)
+        x, y, lab = _batch(train_set, idx, rng, spec.mean[0], spec.std[0], cfg.in_channels, cfg.console_processing,
+                           cfg.equalize)
         x, y, lab = x.to(device, non_blocking=True), y.to(device), lab.to(device)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
             out_t = model(x)
