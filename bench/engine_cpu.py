@@ -2,6 +2,7 @@
 
     nice -n 10 python bench/engine_cpu.py [--images 24] [--rounds 3] [--processes 2] [--threads 0] [--ring-slots N[,M]]
                                           [--engine-threads 0] [--json bench/results/engine-cpu.json]
+                                          [--profile DIR]
     nice -n 10 python bench/engine_cpu.py --networks [--preset bundled|paper] [--rounds 3]
 
 With ``--networks`` it times the networks alone instead, at one torch thread,
@@ -38,6 +39,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from gpu import py_spy  # noqa: E402
 from pipeline import tree_cpu  # noqa: E402
 
 from cxrtriage.config import InferenceSettings  # noqa: E402
@@ -120,6 +122,9 @@ def main() -> None:
     parser.add_argument("--preset", choices=("bundled", "paper"), default="bundled",
                         help="with --networks: the bundled networks, or the paper's (untrained: the same cost)")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="py-spy over every process during each contender's last round, into "
+                        "DIR/profile-<contender>.txt (summarise with bench/profile_summary.py)")
     args = parser.parse_args()
     if args.networks:
         result = networks(args.rounds, args.preset)
@@ -129,6 +134,8 @@ def main() -> None:
         return
 
     settings = InferenceSettings(device="cpu")
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="cxrtriage-engine-bench-") as scratch:
         folder = Path(scratch)
         generate = PhantomGenerator(args.rows, args.cols)  # phantoms cost seconds each: four, repeated
@@ -155,8 +162,11 @@ def main() -> None:
             for n in range(args.rounds):
                 for name in (order if n % 2 == 0 else order[::-1]):
                     engine_pid = engines[name].engine.pid if name in engines else None  # alive: pids stay
-                    row = {"round": n, "contender": name,
-                           **run_round(contenders[name], files, threads[name], engine_pid)}
+                    spy = (args.profile / f"profile-{name.replace(', ', '-').replace(' ', '')}.txt"
+                           if args.profile and n == args.rounds - 1 else None)
+                    with py_spy(spy):  # nothing without --profile
+                        row = {"round": n, "contender": name,
+                               **run_round(contenders[name], files, threads[name], engine_pid)}
                     print(json.dumps(row), flush=True)
                     rounds.append(row)
             for name, e in engines.items():

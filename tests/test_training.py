@@ -119,6 +119,30 @@ def test_augmentations_keep_mask_aligned() -> None:
             assert out[m].mean() > out[~m].mean() + 0.2
 
 
+def test_console_processing_flattens_large_scale_contrast_and_sharpens_edges() -> None:
+    """A radiograph console's processing (train --console-processing): the difference between a dark and a
+    bright half shrinks, an edge gets over- and undershoot, the output stays in [0, 1], and a seed gives the
+    same image; with ``console`` 1.0 augment applies it (equalising again) while the mask stays as it was."""
+    from cxrtriage.inference.training.augment import console_processing
+
+    image = np.full((128, 128), 0.25, dtype=np.float32)
+    image[:, 64:] = 0.75
+    out = console_processing(np.random.default_rng(3), image)
+    assert out.dtype == np.float32 and out.shape == image.shape and 0.0 <= out.min() and out.max() <= 1.0
+    far_left, far_right = float(out[:, :8].mean()), float(out[:, -8:].mean())
+    # the halves keep their order but no longer span the range: the edge's overshoots do (unprocessed, the
+    # same stretch would put the halves at 0 and 1)
+    assert 0.0 < far_right - far_left < 0.8 * float(out.max() - out.min())
+    step = float(out[64, 64] - out[64, 63])  # at the edge: unsharp masking steepens it ...
+    assert step > (far_right - far_left) / 2
+    assert out[64, 66] > far_right or out[64, 61] < far_left  # ... with an overshoot beside it
+    np.testing.assert_array_equal(out, console_processing(np.random.default_rng(3), image))
+    mask = image > 0.5
+    for seed in range(5):
+        augmented, (m,) = augment(np.random.default_rng(seed), image, [mask], console=1.0)
+        assert augmented.shape == m.shape == (128, 128) and m.sum() > 0
+
+
 def test_dynamic_weighting_balances_losses() -> None:
     weighting = DynamicWeighting(alpha=0.5)
     for _ in range(10):
