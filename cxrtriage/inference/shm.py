@@ -99,9 +99,7 @@ def write_slot(ring: Ring, slot: int, arrays: Mapping[str, np.ndarray]) -> Block
     slots, size = _layout(arrays, slot * ring.slot_bytes)
     if size > ring.slot_bytes or not 0 <= slot < ring.count:
         return None
-    segment = mapped(ring.name)
-    for place, array in zip(slots, arrays.values()):
-        _view(segment, place)[...] = array
+    _fill(ring.name, slots, arrays)
     return Block(ring.name, tuple(slots), in_ring=True, end=(slot + 1) * ring.slot_bytes)
 
 
@@ -117,11 +115,16 @@ def write_beside(block: Block, arrays: Mapping[str, np.ndarray]) -> Block:
                     default=0)
         slots, size = _layout(arrays, -(-start // _ALIGN) * _ALIGN)
         if slots and slots[0].offset + size <= block.end:
-            segment = mapped(block.name)
-            for place, array in zip(slots, arrays.values()):
-                _view(segment, place)[...] = array
+            _fill(block.name, slots, arrays)
             return Block(block.name, tuple(slots), in_ring=True, end=block.end)
     return write_block(arrays)
+
+
+def _fill(ring: str, slots: list[ArraySlot], arrays: Mapping[str, np.ndarray]) -> None:
+    """Copy ``arrays`` to their places in this process's mapping of the ring segment ``ring``."""
+    segment = mapped(ring)
+    for place, array in zip(slots, arrays.values()):
+        _view(segment, place)[...] = array
 
 
 _mapped: dict[str, shared_memory.SharedMemory] = {}  # this process's mappings of rings, kept for its life
