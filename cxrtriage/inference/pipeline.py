@@ -245,7 +245,7 @@ def disease_mask(seg: np.ndarray, p: float, threshold: float, box: CropBox, lung
     disease model's own ``disease_gate``), upsampled into ``box``, inside the lungs.
 
     Only the box is thresholded and ANDed with the lungs (outside it the mask is 0 whatever the lungs);
-    ``box.paste(resize(seg * gate, box.shape) > threshold, lungs.shape) & lungs``, without a full-size AND.
+    ``box.paste(resize(seg * (p >= gate), box.shape) > threshold, lungs.shape) & lungs``, without a full-size AND.
     """
     refined = seg * float(p >= gate)
     disease = np.zeros(lungs.shape, dtype=bool)
