@@ -124,7 +124,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--profile", type=Path, default=None,
                         help="py-spy over every process during each contender's last round, into "
-                        "DIR/profile-<contender>.txt (summarise with bench/profile_summary.py)")
+                        "DIR/profile-<contender>.txt (summarise with bench/profile_summary.py); py-spy's own CPU "
+                        "then counts with the workers, so CPU-ms are not comparable with a run without it")
     args = parser.parse_args()
     if args.networks:
         result = networks(args.rounds, args.preset)
