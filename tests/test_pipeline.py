@@ -90,7 +90,6 @@ def test_result_json_names_everything(pipeline, phantom_cr: Path) -> None:
     assert {"stage1", "stage2", "scoring"} <= set(record["timings_ms"])
 
 
-
 class _Gated:
     """The bundled disease model with its P(disease) scaled by ``scale`` (so that it lands between two gates)
     and its spec's ``disease_gate`` set: the network and its opacity map are the real ones."""
