@@ -5,12 +5,12 @@
                                           [--profile DIR]
     nice -n 10 python bench/engine_cpu.py --networks [--preset bundled|paper] [--rounds 3]
 
-With ``--networks`` it times the networks alone instead, at one torch thread,
-per image at batches of 1, 2, 4 and 8 (paper: 1 and 2), each with BatchNorm
-folded into the convolutions (the node's default, ``bn_fold``) and without
-(process CPU time; sizes and variants in alternating order each round): the
-measurements behind the CPU engine's batch cap (``engine.CPU_MAX_BATCH``)
-and the folding.
+With ``--networks`` it times the networks alone instead, at one thread, per
+image at batches of 1, 2, 4 and 8 (paper: 1 and 2), in three variants: torch
+with BatchNorm folded into the convolutions (the node's default, ``bn_fold``),
+torch without, and ONNX Runtime (process CPU time; sizes and variants in
+alternating order each round): the measurements behind the CPU engine's batch
+cap (``engine.CPU_MAX_BATCH``), the folding and the choice of backend.
 
 Both contenders score the same phantom CRs (2048 x 1664 by default) as the
 node does (one blocking call per job from as many scoring threads as the node
@@ -60,29 +60,36 @@ def run_round(score: Callable[[Path, str], Any], files: list[Path], threads: int
             "totals": [o.total for o in outcomes]}
 
 
+#: The network variants ``--networks`` times: torch with each BatchNorm a pass of its own, torch with BatchNorm
+#: folded into the convolutions (the node's default, ``bn_fold``), and ONNX Runtime's CPU provider
+#: (``inference.backend: onnx``, which fuses the graph its own way).
+VARIANTS = ("unfolded", "folded", "onnx")
+
+
 def networks(rounds: int, preset: str, repeats: int = 4) -> dict[str, Any]:
-    """CPU-ms per image of each network, BatchNorm folded into the convolutions (the node's default) or not,
-    at each batch size, one torch thread; variants and sizes alternate in order from round to round."""
+    """CPU-ms per image of each network in each of :data:`VARIANTS` at each batch size, one thread; variants and
+    sizes alternate in order from round to round."""
     import numpy as np
     import torch
 
-    from cxrtriage.inference.predictors import TorchPredictor
+    from cxrtriage.inference.predictors import OnnxPredictor, TorchPredictor
     from cxrtriage.inference.presets import bundled, danilov2022
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # ONNX Runtime takes as many intra-op threads as torch has
     specs = bundled() if preset == "bundled" else danilov2022((False, False))  # paper: untrained; same cost
     sizes = (1, 2, 4, 8) if preset == "bundled" else (1, 2)
-    models = {(name, fold): TorchPredictor(spec, "cpu", fold_bn=fold)
-              for name, spec in zip(("lungs", "disease"), specs) for fold in (False, True)}
-    for (name, fold), model in models.items():
-        print(f"{name} ({model.spec.arch}/{model.spec.encoder} @ {model.spec.input_size}): "
-              f"{'folded ' + str(model.folded) if fold else 'not folded'}")
+    models: dict[tuple[str, str], Any] = {}
+    for name, spec in zip(("lungs", "disease"), specs):
+        models[(name, "unfolded")] = TorchPredictor(spec, "cpu", fold_bn=False)
+        models[(name, "folded")] = TorchPredictor(spec, "cpu", fold_bn=True)
+        models[(name, "onnx")] = OnnxPredictor(spec, "cpu")
+        print(f"{name} ({spec.arch}/{spec.encoder} @ {spec.input_size}): folded {models[(name, 'folded')].folded}")
     rows: list[dict[str, Any]] = []
     for n in range(rounds):
-        order = [(size, fold) for size in sizes for fold in (False, True)]
-        for size, fold in (order if n % 2 == 0 else order[::-1]):
+        order = [(size, variant) for size in sizes for variant in VARIANTS]
+        for size, variant in (order if n % 2 == 0 else order[::-1]):
             for name in ("lungs", "disease"):
-                model = models[(name, fold)]
+                model = models[(name, variant)]
                 spec = model.spec
                 x = np.random.default_rng(n).random((size, spec.in_channels, spec.input_size, spec.input_size),
                                                     dtype=np.float32)
@@ -91,15 +98,15 @@ def networks(rounds: int, preset: str, repeats: int = 4) -> dict[str, Any]:
                 for _ in range(repeats):
                     model(x)
                 ms = (time.process_time() - c0) * 1000 / (repeats * size)
-                rows.append({"round": n, "network": name, "batch": size, "bn_folded": fold,
-                             "cpu_ms_per_image": round(ms, 1)})
+                rows.append({"round": n, "network": name, "batch": size, "variant": variant,
+                             "bn_folded": variant == "folded", "cpu_ms_per_image": round(ms, 1)})
                 print(json.dumps(rows[-1]), flush=True)
     for name in ("lungs", "disease"):
-        for fold in (False, True):
-            print(f"{name:8s} {'folded' if fold else 'BN    '} by batch size:",
+        for variant in VARIANTS:
+            print(f"{name:8s} {variant:8s} by batch size:",
                   {size: [r["cpu_ms_per_image"] for r in rows
-                          if (r["network"], r["bn_folded"], r["batch"]) == (name, fold, size)] for size in sizes})
-    return {"rows": rows, "folded": {f"{name} {fold}": m.folded for (name, fold), m in models.items()}}
+                          if (r["network"], r["variant"], r["batch"]) == (name, variant, size)] for size in sizes})
+    return {"rows": rows, "folded": {name: models[(name, "folded")].folded for name in ("lungs", "disease")}}
 
 
 def main() -> None:

@@ -15,6 +15,8 @@ The same synthetic 2500x2048 16-bit CRs (DICOM files) go through each contender:
   (same N x M, ``--batch`` images per model call), writing SEG + SR;
 * ``cxrtriage fp32 unfolded``: the same with ``inference.fold_batch_norm: false`` (each BatchNorm a pass of
   its own, as before folding), to credit the folding within one run;
+* ``cxrtriage fp32 onnx``: the same with ``inference.backend: onnx`` (ONNX Runtime's CPU provider, its
+  graph optimisations on, as many intra-op threads as torch has in the worker);
 * ``cxrtriage fp32 compiled`` / ``cxrtriage bf16 compiled``: the same with ``inference.compile``
   (inductor's C++ kernels, weights frozen in; each worker compiles while warming up, untimed);
 * ``engine fp32`` / ``engine bf16``: the device-owning scoring engine
@@ -341,6 +343,8 @@ def contenders_for(settings: InferenceSettings, workers: int, threads: int, name
         "cxrtriage fp32 unfolded": lambda: Cxrtriage("cxrtriage fp32 unfolded",
                                                      pool_settings.model_copy(update={"fold_batch_norm": False}),
                                                      workers),
+        "cxrtriage fp32 onnx": lambda: Cxrtriage("cxrtriage fp32 onnx",
+                                                 pool_settings.model_copy(update={"backend": "onnx"}), workers),
         "cxrtriage fp32 compiled": lambda: Cxrtriage("cxrtriage fp32 compiled",
                                                      pool_settings.model_copy(update={"compile": True}), workers),
         "cxrtriage bf16 compiled": lambda: Cxrtriage("cxrtriage bf16 compiled",
@@ -359,7 +363,8 @@ def contenders_for(settings: InferenceSettings, workers: int, threads: int, name
 
 
 ALL = ("published as run", "published fp32", "published bf16", "cxrtriage fp32", "cxrtriage bf16",
-       "cxrtriage fp32 unfolded", "cxrtriage fp32 compiled", "cxrtriage bf16 compiled", "engine fp32", "engine bf16")
+       "cxrtriage fp32 unfolded", "cxrtriage fp32 onnx", "cxrtriage fp32 compiled", "cxrtriage bf16 compiled",
+       "engine fp32", "engine bf16")
 
 
 # -- measuring ----------------------------------------------------------------------------------
