@@ -12,11 +12,12 @@ The same synthetic 2500x2048 16-bit CRs (DICOM files) go through each contender:
   (``--workers`` processes x ``--threads`` torch threads, same N and M), batch 1, writing the
   same SEG + SR as cxrtriage; bf16 converts its weights and inputs as cxrtriage's bf16 does;
 * ``cxrtriage fp32`` / ``cxrtriage bf16``: ``cxrtriage.inference.parallel.ScoringPool``
-  (same N x M, ``--batch`` images per model call), writing SEG + SR;
+  (same N x M, ``--batch`` images per model call), writing SEG + SR; eager torch (``inference.backend:
+  torch``), as in every earlier run;
 * ``cxrtriage fp32 unfolded``: the same with ``inference.fold_batch_norm: false`` (each BatchNorm a pass of
   its own, as before folding), to credit the folding within one run;
-* ``cxrtriage fp32 onnx``: the same with ``inference.backend: onnx`` (ONNX Runtime's CPU provider, its
-  graph optimisations on, as many intra-op threads as torch has in the worker);
+* ``cxrtriage fp32 onnx``: the same with ONNX Runtime (its CPU provider, graph optimisations on, as many
+  intra-op threads as torch has in the worker): what ``inference.backend: auto``, the default, runs on a CPU;
 * ``cxrtriage fp32 compiled`` / ``cxrtriage bf16 compiled``: the same with ``inference.compile``
   (inductor's C++ kernels, weights frozen in; each worker compiles while warming up, untimed);
 * ``engine fp32`` / ``engine bf16``: the device-owning scoring engine
@@ -331,7 +332,9 @@ def contenders_for(settings: InferenceSettings, workers: int, threads: int, name
     lungs, disease = model_specs(settings)
     cores = workers * threads
     bf16 = settings.model_copy(update={"precision": "bf16"})
-    pool_settings = settings.model_copy(update={"threads": threads})
+    # "cxrtriage fp32" stays eager torch, as in every earlier run; the node's default on a CPU (inference.backend
+    # auto) is "cxrtriage fp32 onnx"
+    pool_settings = settings.model_copy(update={"threads": threads, "backend": "torch"})
     makers: dict[str, Callable[[], Contender]] = {
         "published as run": lambda: Published("published as run", lungs, disease, settings.device, 1, cores,
                                               as_run=True),

@@ -51,7 +51,10 @@ class InferenceSettings(BaseModel):
         default_factory=dict, description="ModelSpec fields overriding the preset (inference.presets.model_specs)"
     )
     disease: dict[str, Any] = Field(default_factory=dict)
-    backend: str = Field("torch", pattern="^(torch|onnx)$", description="torch, or onnx (ONNX Runtime)")
+    backend: str = Field(
+        "auto", pattern="^(auto|torch|onnx)$",
+        description="auto (ONNX Runtime for fp32 on the CPU, else torch), torch, or onnx (ONNX Runtime)",
+    )
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$", description="auto, cpu, cuda, cuda:N or mps")
     precision: str = Field(
         "fp32", pattern="^(fp32|bf16)$",

@@ -102,8 +102,8 @@ def test_a_model_in_training_mode_is_refused() -> None:
 def test_inference_fold_batch_norm_false_runs_the_models_as_saved() -> None:
     from cxrtriage.inference.pipeline import Pipeline
 
-    folded, plain = Pipeline(InferenceSettings(device="cpu")), Pipeline(InferenceSettings(device="cpu",
-                                                                                          fold_batch_norm=False))
+    torch_cpu = InferenceSettings(device="cpu", backend="torch")  # folding is the torch backend's
+    folded, plain = Pipeline(torch_cpu), Pipeline(torch_cpu.model_copy(update={"fold_batch_norm": False}))
     assert folded.lungs_model.folded > 50 and folded.disease_model.folded > 50  # type: ignore[attr-defined]
     assert plain.lungs_model.folded == plain.disease_model.folded == 0  # type: ignore[attr-defined]
     assert _batch_norms(plain.lungs_model.model) > 50  # type: ignore[attr-defined]

@@ -201,7 +201,7 @@ def test_the_device_stages_give_the_host_stages_outputs_from_either_hand_off(
     from cxrtriage.inference.engine import DeviceStages, HostStages, _run_batch
 
     registered, waits = fake_cuda.registered, fake_cuda.waits
-    settings = SETTINGS.model_copy(update={"precision": "fp32"})
+    settings = SETTINGS.model_copy(update={"precision": "fp32", "backend": "torch"})  # the device's networks
     host, device = HostStages(settings), DeviceStages(settings, torch.device("cpu"))
     assert device.buckets == (1, 2, 4, 8)
     ring, segment = create_ring(len(crs), 8 << 20)

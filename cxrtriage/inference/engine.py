@@ -400,7 +400,7 @@ def on_device(settings: InferenceSettings) -> bool:
     """Whether the engine runs :class:`DeviceStages` (CUDA, torch backend) rather than :class:`HostStages`."""
     from .predictors import resolve_device
 
-    return resolve_device(settings.device).type == "cuda" and settings.backend == "torch"
+    return resolve_device(settings.device).type == "cuda" and settings.backend in ("auto", "torch")
 
 
 def make_stages(settings: InferenceSettings, compile_models: bool = False) -> HostStages | DeviceStages:
