@@ -176,9 +176,9 @@ def resolve_backend(backend: str, device: str, precision: str = "fp32", compile:
     """``auto``: ONNX Runtime for fp32 on the CPU, uncompiled, and torch everywhere else; otherwise ``backend``.
 
     On the CPU ONNX Runtime fuses what eager torch runs op by op: per image at one thread, 25 against 33 CPU-ms
-    for each bundled network (BatchNorm folded), 165 against 400 for the paper's Stage I
-    (``bench/engine_cpu.py --networks``), with the same outputs to about 1e-6. bf16, ``torch.compile`` and a
-    GPU engine (:mod:`.engine`) are torch's.
+    for each bundled network (BatchNorm folded), 170 against 283 for the paper's Stage I
+    (``bench/engine_cpu.py --networks``), and the same 0-6 scores (``bench/pipeline.py``). bf16,
+    ``torch.compile`` and a GPU engine (:mod:`.engine`) are torch's.
     """
     if backend != "auto":
         return backend
