@@ -150,3 +150,34 @@ def test_the_stored_value_table_gives_the_per_pixel_presentation(rg1: Path, vari
         assert parts is not None
         np.testing.assert_array_equal(parts[1][parts[0]], want)
     np.testing.assert_array_equal(radiograph.pixels, table)
+
+
+@pytest.mark.parametrize("syntax", ["ExplicitVRLittleEndian", "ImplicitVRLittleEndian", "DeflatedExplicitVRLittleEndian"])
+@pytest.mark.parametrize("photometric", ["MONOCHROME1", "MONOCHROME2"])
+def test_unused_high_bits_are_ignored_as_pydicom_ignores_them(rg1: Path, tmp_path: Path, syntax: str,
+                                                               photometric: str) -> None:
+    """Native unsigned words are read as stored and the stored-value table masks their unused high bits
+    (PS3.5 8.1.1: they may hold anything, e.g. old overlay planes): the pixels equal those of the same image
+    with the bits cleared, and pydicom's own shifted array through the per-pixel chain."""
+    from cxrtriage.inference.radiograph import _stored_bits_mask, dicom_image, dicom_pixels
+
+    rng = np.random.default_rng(11)
+    clean = rng.integers(200, 3900, (240, 200), dtype=np.uint16)
+    noisy = clean | (rng.integers(0, 16, clean.shape, dtype=np.uint16) << 12)  # bits 12-15 set at random
+    images = {}
+    for name, words in (("clean", clean), ("noisy", noisy)):
+        ds = pydicom.dcmread(rg1)
+        ds.Rows, ds.Columns = words.shape
+        ds.BitsStored, ds.HighBit, ds.PhotometricInterpretation = 12, 11, photometric
+        ds.PixelData = words.tobytes()
+        ds.file_meta.TransferSyntaxUID = getattr(pydicom.uid, syntax)
+        path = tmp_path / f"{name}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        read = pydicom.dcmread(path)
+        assert str(read.file_meta.TransferSyntaxUID) == str(getattr(pydicom.uid, syntax))
+        assert _stored_bits_mask(read) == 0xFFF  # the words are read as stored
+        images[name] = dicom_pixels(read)
+        np.testing.assert_allclose(images[name], _per_pixel(pydicom.dcmread(path)), rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(images["noisy"], images["clean"])
+    stored = dicom_image(pydicom.dcmread(tmp_path / "noisy.dcm"))
+    assert not isinstance(stored, np.ndarray) and int(stored.codes.max()) > 4095  # the table covers every word
