@@ -1,0 +1,80 @@
+"""CPU-ms per image of the scoring engine's first worker step, ``engine_jobs.prepare``, on 2500 x 2048 CRs.
+
+    nice -n 10 python bench/prepare.py [--images 10] [--rounds 3] [--preset bundled|paper] [--json F]
+
+``prepare`` is what each CPU worker of a GPU box does before the engine:
+read the file, decode, the stored-value table, Stage I's input, and the copy
+into a ring slot (``stored_values``: Stage II's image as its stored values and
+table, as for a device engine). On the H200 (docs/benchmarks.md, GPU run 4)
+it took 46.7 ms an image, the larger part of the workers' CPU. This script
+runs it in this process at one thread (as a worker runs it), on phantom CRs
+written once (12-bit stored values in 16-bit words, as most CRs), warm: each
+round scores every image once untimed, then ``--images`` timed; the process
+CPU time per image of every round is printed and kept. Compare trees by
+running each tree's copy of this script alternately.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from cxrtriage.config import InferenceSettings  # noqa: E402
+from cxrtriage.inference import engine_jobs  # noqa: E402
+from cxrtriage.inference.phantom import PhantomGenerator, write_cr  # noqa: E402
+from cxrtriage.inference.shm import create_ring, unlink  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--images", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--preset", choices=("bundled", "paper"), default="bundled")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    if args.preset == "paper":
+        from pipeline import bench_settings
+
+        settings = bench_settings("paper", "cpu", 2)
+    else:
+        settings = InferenceSettings(device="cpu")
+    engine_jobs._start_worker(settings.model_dump_json(), 1)  # as a worker process starts: one thread
+    rounds: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="cxrtriage-prepare-") as scratch:
+        generate = PhantomGenerator(2500, 2048)
+        files = [write_cr(generate(7000 + i, affected_zones=((0, 3), (1, 4))[i]), Path(scratch) / f"cr{i}.dcm")
+                 for i in range(2)]
+        ring, segment = create_ring(4, engine_jobs.RING_SLOT_BYTES)
+        try:
+            def run(n: int) -> None:
+                for i in range(n):
+                    prepared = engine_jobs.prepare(files[i % 2], f"uid-{i}", False, True, (ring, i % 4))
+                    assert isinstance(prepared, engine_jobs.Prepared)
+                    unlink(prepared.block)
+
+            for n in range(args.rounds):
+                run(len(files))  # warm: the slots' pages and the first call
+                c0 = time.process_time()
+                run(args.images)
+                rounds.append({"round": n, "cpu_ms_per_image": round((time.process_time() - c0) * 1000
+                                                                      / args.images, 2)})
+                print(json.dumps(rounds[-1]), flush=True)
+        finally:
+            segment.close()
+            segment.unlink()
+    print(f"prepare, {args.preset}, 2500x2048: CPU-ms per image by round {[r['cpu_ms_per_image'] for r in rounds]}")
+    if args.json:
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rounds": rounds},
+                                        indent=1))
+
+
+if __name__ == "__main__":
+    main()
