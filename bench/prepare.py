@@ -27,7 +27,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cxrtriage.config import InferenceSettings  # noqa: E402
+from pipeline import bench_settings  # noqa: E402
+
 from cxrtriage.inference import engine_jobs  # noqa: E402
 from cxrtriage.inference.phantom import PhantomGenerator, write_cr  # noqa: E402
 from cxrtriage.inference.shm import create_ring, unlink  # noqa: E402
@@ -40,12 +41,7 @@ def main() -> None:
     parser.add_argument("--preset", choices=("bundled", "paper"), default="bundled")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    if args.preset == "paper":
-        from pipeline import bench_settings
-
-        settings = bench_settings("paper", "cpu", 2)
-    else:
-        settings = InferenceSettings(device="cpu")
+    settings = bench_settings(args.preset, "cpu", 2)  # paper: phantom-trained weights (bench/paper_weights.py)
     engine_jobs._start_worker(settings.model_dump_json(), 1)  # as a worker process starts: one thread
     rounds: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="cxrtriage-prepare-") as scratch:

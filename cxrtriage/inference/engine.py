@@ -398,9 +398,10 @@ class DeviceStages:
 
 def on_device(settings: InferenceSettings) -> bool:
     """Whether the engine runs :class:`DeviceStages` (CUDA, torch backend) rather than :class:`HostStages`."""
-    from .predictors import resolve_device
+    from .predictors import resolve_backend, resolve_device
 
-    return resolve_device(settings.device).type == "cuda" and settings.backend in ("auto", "torch")
+    backend = resolve_backend(settings.backend, settings.device, settings.precision, settings.compile)
+    return resolve_device(settings.device).type == "cuda" and backend == "torch"
 
 
 def make_stages(settings: InferenceSettings, compile_models: bool = False) -> HostStages | DeviceStages:
