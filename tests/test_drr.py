@@ -26,11 +26,13 @@ from cxrtriage.inference.training.ct import (  # noqa: E402
 )
 from cxrtriage.inference.training.drr import (  # noqa: E402
     DRR,
+    RenderSettings,
     add_gas,
     below_domes,
     fundus_bubble,
     render,
     split_lungs,
+    visible_opacity,
 )
 from cxrtriage.inference.training.lesions import insert_lesions  # noqa: E402
 from cxrtriage.inference.training.trainer import TrainConfig  # noqa: E402
@@ -246,6 +248,30 @@ def test_same_seed_same_radiograph(volume: CTVolume, renders: list[DRR]) -> None
     np.testing.assert_array_equal(again.image, renders[3].image)
     np.testing.assert_array_equal(again.disease, renders[3].disease)
     assert not np.array_equal(renders[3].image, renders[4].image)
+
+
+def test_opacity_truth_is_what_a_film_can_show() -> None:
+    settings = RenderSettings(lesion_threshold_mm=5.0, lesion_visible_mm=3.0)
+    # Per pixel: projected lesion thickness (mm) and the water-equivalent mm it adds.
+    thickness = np.array([[40.0, 40.0, 4.0, 12.0]])
+    added = np.array([[1.2, 14.0, 3.5, 3.0]])  # faint ground glass, consolidation, thin sliver, just visible
+    np.testing.assert_array_equal(visible_opacity(thickness, added, settings), [[False, True, False, True]])
+
+
+def test_visibility_changes_the_truth_not_the_radiograph(volume: CTVolume) -> None:
+    sides = split_lungs(volume)
+    seen = {}
+    for seed in range(12):
+        strict = render(volume, seed, sides=sides)  # default settings
+        if not strict.disease.any():
+            continue
+        loose = render(volume, seed, RenderSettings(lesion_visible_mm=0.0), sides=sides)
+        np.testing.assert_array_equal(strict.image, loose.image)
+        assert not (strict.disease & ~loose.disease).any()
+        seen[seed] = (int(strict.disease.sum()), int(loose.disease.sum()))
+    assert seen, "no render of the synthetic CT had a visible lesion"
+    # Somewhere the faint rim of a lesion is in the thickness-only mask and not in the visible one.
+    assert any(s < lo for s, lo in seen.values())
 
 
 @pytest.mark.parametrize("monochrome1", [False, True])

@@ -36,9 +36,13 @@ full projection of the 3D lungs (which runs behind the heart and, through the
 posterior recesses, below the diaphragm domes). A pixel is lung when the
 ray's path through that lung is at least ``lung_field_fraction`` of the
 lung's typical (95th percentile) path; below the domes and behind the heart
-the path through lung is short. The opacity mask is where the projected
-lesion thickness exceeds ``lesion_threshold_mm`` inside the lung field; the
-disease label is whether that mask is non-empty. No lung-field pixel lies
+the path through lung is short. The opacity mask is what a film can show:
+inside the lung field, where the projected lesion is thicker than
+``lesion_threshold_mm`` **and** adds at least ``lesion_visible_mm`` of
+water-equivalent attenuation along the ray (since ``drr-3``; a thin sheet of
+faint ground glass changes the transmitted beam by a percent or two and is
+invisible on a radiograph). The disease label is whether that mask is
+non-empty. No lung-field pixel lies
 below the domes: in each image column, rows at and below the first one whose
 ray crosses more than ``abdomen_threshold_mm`` of abdomen (the labelled
 abdominal organs and the fundus bubble) are not lung.
@@ -60,7 +64,7 @@ from .ct import ORGAN_COLON, ORGAN_STOMACH, CTVolume
 from .lesions import insert_lesions
 
 #: Bump when rendering changes: cached renders of an older version are not reused.
-RENDER_VERSION = "drr-2"
+RENDER_VERSION = "drr-3"
 
 MU_WATER_PER_MM = 0.02  # about 60 keV effective energy
 
@@ -78,6 +82,10 @@ class DRR(Phantom):
 class RenderSettings:
     lung_field_fraction: float = 0.35
     lesion_threshold_mm: float = 5.0
+    # Water-equivalent mm a lesion adds along the ray: 3 mm cut the primary beam by about 6 %
+    # at 60 keV (MU_WATER_PER_MM), a contrast a reader sees against lung; -500 HU ground glass
+    # in -870 HU lung must be about 8 mm thick to reach it, consolidation about 3.5 mm.
+    lesion_visible_mm: float = 3.0
     abdomen_threshold_mm: float = 8.0
     p_normal: float = 0.35
     p_ap: float = 0.4
@@ -417,6 +425,11 @@ def below_domes(abdomen_mm: np.ndarray, threshold_mm: float) -> np.ndarray:
     return np.maximum.accumulate(hit, axis=0)
 
 
+def visible_opacity(lesion_mm: np.ndarray, added_mm: np.ndarray, settings: RenderSettings) -> np.ndarray:
+    """Where the projected lesion is both thick enough and dense enough to show on a film."""
+    return (lesion_mm > settings.lesion_threshold_mm) & (added_mm >= settings.lesion_visible_mm)
+
+
 def _separate(right: np.ndarray, left: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Where the two lungs overlap in projection (the anterior junction), keep a gap."""
     overlap = cv2.dilate((right & left).astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
@@ -448,12 +461,13 @@ def render(
     gas_rng = np.random.default_rng(int(rng.integers(2**63)))
     hu, abdomen = add_gas(gas_rng, hu, left, organs, volume.spacing_mm, params)
     lesions = insert_lesions(rng, hu, right, left, settings.p_normal)
+    added = np.clip((lesions.hu - hu) / 1000.0, 0.0, None)  # water-equivalent density the lesion adds
     params.update(lesion=lesions.kind, lesion_sides=list(lesions.sides), lesion_fraction=round(lesions.fraction, 3))
     mu = attenuation(rng, lesions.hu, params)
     geometry, shape = sample_geometry(rng, volume, right | left, view, settings)
     params.update({k: (round(v, 2) if isinstance(v, float) else v) for k, v in geometry.items() if k != "view"})
-    stack = np.stack([mu, right, left, lesions.membership, abdomen]).astype(np.float32)
-    line, right_mm, left_mm, lesion_mm, abdomen_mm = project(stack, volume.spacing_mm, geometry, shape)
+    stack = np.stack([mu, right, left, lesions.membership, abdomen, added]).astype(np.float32)
+    line, right_mm, left_mm, lesion_mm, abdomen_mm, added_mm = project(stack, volume.spacing_mm, geometry, shape)
 
     under = below_domes(abdomen_mm, settings.abdomen_threshold_mm)
     min_pixels = max(4, int(0.0005 * shape[0] * shape[1]))
@@ -461,7 +475,7 @@ def render(
     left_field = _remove_specks(lung_field(left_mm, settings.lung_field_fraction) & ~under, min_pixels)
     right_field, left_field = _separate(right_field, left_field)
     lungs = right_field | left_field
-    disease = _remove_specks((lesion_mm > settings.lesion_threshold_mm) & lungs, min_pixels)
+    disease = _remove_specks(visible_opacity(lesion_mm, added_mm, settings) & lungs, min_pixels)
 
     image = burn_in(rng, collimate(rng, expose(rng, line, params)))
     mag = geometry["sid"] / geometry["sod"]
