@@ -142,6 +142,7 @@ def evaluate(pipeline: Pipeline, volume_path: Path, images: int, normals: int, s
         "zone_accuracy": float(sum(r["zone_hits"] for r in rows) / (6 * images)),
         "auc": roc_auc(probs_a, labels_a) if 0 < labels_a.sum() < images else float("nan"),
         "seconds_per_image": elapsed / images,
+        **by_view(rows),
     }
     # Lesion-free views of the same chest: a normal chest should score low.
     volume, sides = _volume(str(volume_path))
@@ -155,6 +156,18 @@ def evaluate(pipeline: Pipeline, volume_path: Path, images: int, normals: int, s
                             "p_disease": result.p_disease, "lung_dice": round(dice(result.lungs, drr.lungs), 3)})
     return {"summary": summary, "reliability": reliability(probs_a, labels_a), "normal_views": normal_rows,
             "per_image": rows}
+
+
+def by_view(rows: list[dict]) -> dict[str, float]:
+    """0-6 MAE and P(disease) AUC of the PA and the AP views apart: the disease stage differs by view."""
+    out: dict[str, float] = {}
+    for view in ("PA", "AP"):
+        mine = [r for r in rows if r["view"] == view]
+        labels = np.array([r["opacity_dice"] is not None for r in mine], dtype=int)
+        probs = np.array([r["p_disease"] for r in mine])
+        out[f"score_mae_{view}"] = float(np.mean([abs(r["score"] - r["truth"]) for r in mine])) if mine else float("nan")
+        out[f"auc_{view}"] = roc_auc(probs, labels) if 0 < labels.sum() < len(mine) else float("nan")
+    return out
 
 
 def gate_table(rows: list[dict], normal_rows: list[dict], gates: list[float]) -> list[dict]:
@@ -225,7 +238,9 @@ def main() -> None:
                        ("overshoot_over_5pct", "images with lung > 5 % below the true base"),
                        ("opacity_dice", "opacity Dice (diseased)"), ("score_mae", "0-6 score MAE"),
                        ("score_exact", "0-6 score exact"), ("zone_accuracy", "zone accuracy"),
-                       ("auc", "P(disease) ROC AUC"), ("seconds_per_image", "s / image")):
+                       ("auc", "P(disease) ROC AUC"), ("score_mae_PA", "0-6 score MAE, PA views"),
+                       ("score_mae_AP", "0-6 score MAE, AP views"), ("auc_PA", "P(disease) ROC AUC, PA views"),
+                       ("auc_AP", "P(disease) ROC AUC, AP views"), ("seconds_per_image", "s / image")):
         print(f"| {label} | {s[key]:.3f} |")
     print("\nreliability of P(disease):\n| bin | n | mean P | observed |\n|---|---|---|---|")
     for r in out["reliability"]:
