@@ -196,3 +196,32 @@ def test_the_papers_architectures_can_be_trained(arch: str, encoder: str) -> Non
     with torch.no_grad():
         out = create_model(spec).eval()(torch.zeros(1, 3, 64, 64))
     assert (out[0] if isinstance(out, tuple) else out).shape[-2:] == (64, 64)
+
+
+def test_training_models_update_batchnorm_statistics_fast_enough() -> None:
+    """EfficientNet encoders come with TensorFlow's BatchNorm momentum (0.01): trained from scratch, their running
+    statistics lagged so far behind that validation saw an empty mask from a model that segmented."""
+    from cxrtriage.inference.models import create_model
+    from cxrtriage.inference.training.trainer import BN_MOMENTUM, TrainConfig, training_model
+
+    spec = TrainConfig(task="lungs", arch="DeepLabV3Plus", encoder="efficientnet-b1").spec()
+
+    def norms(model: torch.nn.Module) -> list[torch.nn.modules.batchnorm._BatchNorm]:
+        return [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+
+    assert min(m.momentum for m in norms(create_model(spec))) < BN_MOMENTUM  # what smp builds
+    model = training_model(spec)
+    assert all(m.momentum >= BN_MOMENTUM for m in norms(model))
+    # Twenty training batches of the same bright image: the stem's running mean gets 1 - 0.9**20 = 88 % of the way
+    # from 0 to the mean of what the stem normalises (at 0.01 it would get 18 %).
+    stem = norms(model)[0]
+    seen: list[torch.Tensor] = []
+    stem.register_forward_hook(lambda module, args, out: seen.append(args[0].mean(dim=(0, 2, 3))))
+    model.train()
+    x = torch.full((2, 1, 64, 64), 3.0) + torch.randn(2, 1, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for _ in range(20):
+            model(x)
+    target = seen[-1]
+    share = (stem.running_mean * target).sum() / (target * target).sum()
+    assert 0.8 < float(share) < 0.95
