@@ -42,10 +42,10 @@ inside the lung field, where the projected lesion is thicker than
 water-equivalent attenuation along the ray (since ``drr-3``; a thin sheet of
 faint ground glass changes the transmitted beam by a percent or two and is
 invisible on a radiograph). The disease label is whether that mask is
-non-empty. No lung-field pixel lies
-below the domes: in each image column, rows at and below the first one whose
-ray crosses more than ``abdomen_threshold_mm`` of abdomen (the labelled
-abdominal organs and the fundus bubble) are not lung.
+non-empty. No lung-field pixel lies below the domes: in each image column,
+rows at and below the first one whose ray crosses more than
+``abdomen_threshold_mm`` of abdomen (the labelled abdominal organs and the
+fundus bubble) are not lung.
 """
 
 from __future__ import annotations
