@@ -3,6 +3,7 @@
     python bench/eval_drr.py [--images 120] [--normals 8] [--config config.yaml]
                              [--lungs W --disease W] [--png reliability.png] [--json out.json]
                              [--seed-base N --normal-seed-base N] [--gates 0.5,0.6,...] [--processed]
+                             [--zone-threshold T] [--zone-thresholds 0.1,0.15,...]
 
 Views, deformations and lesions come from seeds HELD_OUT_SEED_BASE.. which
 training never draws (training: 0..; model selection: HELD_OUT_SEED_BASE +
@@ -18,9 +19,13 @@ below g scores 0 in every zone, else as with the gate off (exactly what the
 pipeline gives at that gate). The main table is then the gate-off one. With
 ``--seed-base`` / ``--normal-seed-base`` other seeds are scored (the gate's
 validation set, docs/model-card.md), never the held-out ones for tuning.
-With ``--processed`` each DRR first gets a CR/DR console's multi-scale
-processing (``training.augment.console_processing``, drawn from the DRR's own
-seed, so every model sees the same images).
+With ``--zone-thresholds`` the 0-6 scores are also reported at each zone
+threshold T, from the same pass (for choosing a model's T on validation
+seeds); ``--zone-threshold`` scores with a given T. The truth is always
+computed at the paper's T = 0.30, whatever the model's T. With
+``--processed`` each DRR first gets a CR/DR console's multi-scale processing
+(``training.augment.console_processing``, drawn from the DRR's own seed, so
+every model sees the same images).
 
 All DRRs come from ONE patient's CT: these numbers measure how well the models
 learned this rendering of this chest, not how they do on other patients.
@@ -38,9 +43,11 @@ import numpy as np
 from cxrtriage.config import InferenceSettings, load_settings
 from cxrtriage.inference.pipeline import Pipeline
 from cxrtriage.inference.radiograph import Radiograph
+from cxrtriage.inference.scoring import ZoneScores
 from cxrtriage.inference.training.augment import console_processing
 from cxrtriage.inference.training.datasets import CTSource, _volume, cached_drr, default_drr_cache, prepare_volume
 from cxrtriage.inference.training.drr import DRR, RenderSettings, render
+from cxrtriage.inference.training.evaluation import truth_scoring
 from cxrtriage.inference.training.metrics import dice, roc_auc
 from cxrtriage.inference.training.trainer import HELD_OUT_SEED_BASE
 
@@ -115,7 +122,7 @@ def evaluate(pipeline: Pipeline, volume_path: Path, images: int, normals: int, s
         t0 = time.perf_counter()
         result = pipeline(_radiograph(drr, processed))
         elapsed += time.perf_counter() - t0
-        truth = drr.truth(pipeline.scoring)
+        truth = drr.truth(truth_scoring(pipeline))
         rows.append({
             "seed": seed, "view": drr.view, "lesion": drr.lesion,
             "lung_dice": dice(result.lungs, drr.lungs), "overshoot": overshoot(result.lungs, drr.lungs),
@@ -124,7 +131,7 @@ def evaluate(pipeline: Pipeline, volume_path: Path, images: int, normals: int, s
             "score": result.scores.total, "truth": truth.total,
             "zone_hits": sum(int(a == b) for a, b in zip(result.scores.binary, truth.binary)),
             "zones": "".join(str(z) for z in result.scores.binary), "truth_zones": "".join(str(z) for z in truth.binary),
-            "p_disease": result.p_disease,
+            "p_disease": result.p_disease, "fractions": _fractions(result.scores),
         })
         probs.append(result.p_disease)
         labels.append(int(drr.has_disease))
@@ -153,9 +160,39 @@ def evaluate(pipeline: Pipeline, volume_path: Path, images: int, normals: int, s
         result = pipeline(_radiograph(drr, processed))
         normal_rows.append({"seed": seed, "view": drr.view, "score": result.scores.total,
                             "zones": "".join(str(z) for z in result.scores.binary),
-                            "p_disease": result.p_disease, "lung_dice": round(dice(result.lungs, drr.lungs), 3)})
+                            "p_disease": result.p_disease, "lung_dice": round(dice(result.lungs, drr.lungs), 3),
+                            "fractions": _fractions(result.scores)})
     return {"summary": summary, "reliability": reliability(probs_a, labels_a), "normal_views": normal_rows,
             "per_image": rows}
+
+
+def _fractions(scores: ZoneScores) -> list[float | None]:
+    """Each zone's opacity fraction; None where the zone's lung was not found (unscored at any T)."""
+    return [round(f, 5) if ok else None for f, ok in zip(scores.fractions, scores.scored)]
+
+
+def threshold_table(rows: list[dict], normal_rows: list[dict], thresholds: list[float]) -> list[dict]:
+    """0-6 scores at each zone threshold T (a zone scores 1 when its opacity fraction > T, as in
+    :func:`~cxrtriage.inference.scoring.score_zones`), from the fractions of one scoring pass; the truth stays at
+    its fixed definition (:func:`~cxrtriage.inference.training.evaluation.truth_scoring`)."""
+    def zones_at(row: dict, t: float) -> str:
+        return "".join("1" if f is not None and f > t else "0" for f in row["fractions"])
+
+    table = []
+    for t in thresholds:
+        err = np.array([abs(zones_at(r, t).count("1") - r["truth"]) for r in rows])
+        normal = np.array([zones_at(r, t).count("1") for r in normal_rows], dtype=int)
+        hits = sum(a == b for r in rows for a, b in zip(zones_at(r, t), r["truth_zones"]))
+        pooled = np.concatenate([err, normal]) if normal.size else err
+        view_mae = {f"mae_{v}": float(np.mean([abs(zones_at(r, t).count("1") - r["truth"]) for r in rows
+                                                if r["view"] == v])) for v in ("PA", "AP")}
+        table.append({
+            "zone_threshold": t, "mae": float(err.mean()), "exact": float((err == 0).mean()),
+            "zone_accuracy": float(hits / (6 * len(rows))), **view_mae,
+            "normals_2_or_more": int((normal >= 2).sum()), "normal_max": int(normal.max()) if normal.size else 0,
+            "pooled_mae": float(pooled.mean()), "pooled_images": int(pooled.size),
+        })
+    return table
 
 
 def by_view(rows: list[dict]) -> dict[str, float]:
@@ -203,14 +240,20 @@ def main() -> None:
     parser.add_argument("--seed-base", type=int, default=HELD_OUT_SEED_BASE, help="first DRR seed scored")
     parser.add_argument("--normal-seed-base", type=int, default=NORMAL_SEED_BASE, help="first lesion-free view's seed")
     parser.add_argument("--processed", action="store_true", help="give each DRR a console's multi-scale processing")
+    parser.add_argument("--zone-threshold", type=float, default=None,
+                        help="score with this T instead of the disease model's (a candidate's T, before bundling)")
+    parser.add_argument("--zone-thresholds", default=None, help="comma-separated T: report the 0-6 scores at each, "
+                        "from one scoring pass (for choosing T on validation seeds)")
     parser.add_argument("--gates", default=None, help="comma-separated P(disease) gates: score with the gate off and "
                         "report the 0-6 scores at each")
     args = parser.parse_args()
 
     settings: InferenceSettings = load_settings(args.config).inference
     gates = [float(g) for g in args.gates.split(",")] if args.gates else []
-    if args.lungs or args.disease or gates:
+    if args.lungs or args.disease or gates or args.zone_threshold is not None:
         update: dict = {"lungs": dict(settings.lungs), "disease": dict(settings.disease)}
+        if args.zone_threshold is not None:
+            update["scoring"] = {**settings.scoring.model_dump(), "zone_threshold": args.zone_threshold}
         if args.lungs:
             update["lungs"]["weights"] = args.lungs
         if args.disease:
@@ -226,6 +269,9 @@ def main() -> None:
     out["models"] = pipeline.model_versions
     out["seeds"] = {"images": [args.seed_base, args.seed_base + args.images - 1],
                     "normals": [args.normal_seed_base, args.normal_seed_base + args.normals - 1]}
+    if args.zone_thresholds:
+        out["zone_thresholds"] = threshold_table(out["per_image"], out["normal_views"],
+                                                 [float(t) for t in args.zone_thresholds.split(",")])
     if gates:
         out["gates"] = gate_table(out["per_image"], out["normal_views"], gates)
     s = out["summary"]
@@ -256,6 +302,15 @@ def main() -> None:
         for g in out["gates"]:
             print(f"| {g['gate']:.2f} | {g['mae']:.3f} | {g['exact']:.2f} | {g['zone_accuracy']:.3f} | "
                   f"{g['normal_mean_score']:.2f} | {g['normals_2_or_more']} | {g['normal_max']} | {g['pooled_mae']:.3f} |")
+    if args.zone_thresholds:
+        print(f"\n0-6 scores by zone threshold T ({args.images} images + {args.normals} lesion-free views; the "
+              f"tables above are at T = {pipeline.scoring.zone_threshold:g}):")
+        print("| T | MAE | exact | zone accuracy | MAE, PA | MAE, AP | lesion-free scoring >= 2 | max | MAE, all |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for t in out["zone_thresholds"]:
+            print(f"| {t['zone_threshold']:.2f} | {t['mae']:.3f} | {t['exact']:.2f} | {t['zone_accuracy']:.3f} | "
+                  f"{t['mae_PA']:.3f} | {t['mae_AP']:.3f} | {t['normals_2_or_more']} | {t['normal_max']} | "
+                  f"{t['pooled_mae']:.3f} |")
     if args.png and plot_reliability(out["reliability"], Path(args.png), "P(disease) on held-out DRRs"):
         print(f"\nreliability curve: {args.png}")
     if args.json:

@@ -1,6 +1,6 @@
 """Held-out quality of the configured models on synthetic radiographs.
 
-    python bench/eval_synthetic.py [--images 200] [--config config.yaml] [--lungs W] [--disease W]
+    python bench/eval_synthetic.py [--images 200] [--config config.yaml] [--lungs W] [--disease W] [--zone-threshold T]
 
 Prints lung Dice, 0-6 score MAE, P(disease) ROC AUC and more; the numbers
 in docs/model-card.md come from this script.
@@ -22,9 +22,13 @@ def main() -> None:
     parser.add_argument("--config", default=None)
     parser.add_argument("--lungs", default=None, help="Stage I weights instead of the configured ones")
     parser.add_argument("--disease", default=None, help="Stage II weights instead of the configured ones")
+    parser.add_argument("--zone-threshold", type=float, default=None,
+                        help="score with this T instead of the disease model's (a candidate's T, before bundling)")
     args = parser.parse_args()
     settings: InferenceSettings = load_settings(args.config).inference
-    update = {k: {"weights": w} for k, w in (("lungs", args.lungs), ("disease", args.disease)) if w}
+    update: dict = {k: {"weights": w} for k, w in (("lungs", args.lungs), ("disease", args.disease)) if w}
+    if args.zone_threshold is not None:
+        update["scoring"] = {**settings.scoring.model_dump(), "zone_threshold": args.zone_threshold}
     if update:  # candidate weights, e.g. a training run's, scored before they are bundled
         settings = InferenceSettings(**{**settings.model_dump(exclude_unset=True), **update})
     pipeline = Pipeline(settings)

@@ -112,3 +112,36 @@ def test_gate_table_scores_each_gate_from_one_gate_off_run() -> None:
     assert (mid["mae"], mid["normal_mean_score"], mid["normal_max"]) == (pytest.approx(2 / 3), 3.0, 6)
     assert (high["mae"], high["normals_2_or_more"], high["normal_max"]) == (pytest.approx(1.0), 0, 0)
     assert high["zone_accuracy"] == pytest.approx(15 / 18)  # the 0.6 image: 111000 -> 000000
+
+
+def test_threshold_table_scores_each_zone_threshold_from_one_pass() -> None:
+    """bench/eval_drr.py --zone-thresholds: a zone scores 1 when its fraction is above T (never when its lung was
+    not found); the truth's zones stay as given; PA and AP views are reported apart."""
+    sys.path.insert(0, str(BENCH))
+    from eval_drr import threshold_table
+
+    rows = [
+        {"view": "PA", "fractions": [0.5, 0.2, 0.0, 0.0, 0.0, 0.0], "truth_zones": "110000", "truth": 2},
+        {"view": "AP", "fractions": [None, None, None, 0.1, 0.35, 0.0], "truth_zones": "000110", "truth": 2},
+    ]
+    normals = [{"fractions": [0.15, 0.12, 0.0, 0.0, 0.0, 0.0]}]
+    low, high = threshold_table(rows, normals, [0.1, 0.3])
+    assert (low["mae"], low["mae_PA"], low["mae_AP"]) == (pytest.approx(0.5), 0.0, 1.0)  # 0.1 is not above 0.1
+    assert (low["normals_2_or_more"], low["normal_max"], low["pooled_mae"]) == (1, 2, pytest.approx(1.0))
+    assert low["zone_accuracy"] == pytest.approx(11 / 12)
+    assert (high["mae"], high["exact"], high["normal_max"]) == (pytest.approx(1.0), 0.0, 0)
+    assert high["zone_accuracy"] == pytest.approx(10 / 12)
+
+
+def test_truth_of_an_evaluation_does_not_move_with_the_models_threshold() -> None:
+    """Two models with different T are measured against the same truth: the paper's T = 0.30."""
+    from cxrtriage.config import InferenceSettings
+    from cxrtriage.inference.pipeline import Pipeline
+    from cxrtriage.inference.training.evaluation import evaluate_synthetic
+
+    truths = []
+    for t in (0.05, 0.6):
+        pipeline = Pipeline(InferenceSettings(scoring={"zone_threshold": t}))
+        assert pipeline.scoring.zone_threshold == t
+        truths.append([r["truth"] for r in evaluate_synthetic(pipeline, images=6).per_image])
+    assert truths[0] == truths[1] and sum(truths[0]) > 0

@@ -15,8 +15,18 @@ import numpy as np
 from ..phantom import PhantomGenerator
 from ..pipeline import Pipeline
 from ..radiograph import Radiograph
+from ..scoring import DEFAULT_ZONE_THRESHOLD, ScoringConfig
 from .metrics import dice, roc_auc
 from .trainer import HELD_OUT_SEED_BASE
+
+
+def truth_scoring(pipeline: Pipeline) -> ScoringConfig:
+    """The scores' definition the truth is computed with: a zone is affected above the paper's T = 0.30.
+
+    The model's own T (``pipeline.scoring``) is a decision threshold fitted to its masks; the truth must not move
+    with it, or two models with different T would be measured against different truths.
+    """
+    return ScoringConfig(DEFAULT_ZONE_THRESHOLD, pipeline.scoring.brixia_cutoffs)
 
 
 @dataclass
@@ -53,7 +63,7 @@ def evaluate_synthetic(pipeline: Pipeline, images: int = 200, first_seed: int = 
         t0 = time.perf_counter()
         result = pipeline(radiograph)
         elapsed += time.perf_counter() - t0
-        truth = phantom.truth(pipeline.scoring)
+        truth = phantom.truth(truth_scoring(pipeline))
         zone_hits = sum(int(a == b) for a, b in zip(result.scores.binary, truth.binary))
         rows.append(
             {
