@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -175,24 +176,27 @@ def threshold_table(rows: list[dict], normal_rows: list[dict], thresholds: list[
     """0-6 scores at each zone threshold T (a zone scores 1 when its opacity fraction > T, as in
     :func:`~cxrtriage.inference.scoring.score_zones`), from the fractions of one scoring pass; the truth stays at
     its fixed definition (:func:`~cxrtriage.inference.training.evaluation.truth_scoring`)."""
-    def zones_at(row: dict, t: float) -> str:
-        return "".join("1" if f is not None and f > t else "0" for f in row["fractions"])
+    def zones_at(t: float) -> Callable[[dict], str]:
+        return lambda row: "".join("1" if f is not None and f > t else "0" for f in row["fractions"])
 
-    table = []
-    for t in thresholds:
-        err = np.array([abs(zones_at(r, t).count("1") - r["truth"]) for r in rows])
-        normal = np.array([zones_at(r, t).count("1") for r in normal_rows], dtype=int)
-        hits = sum(a == b for r in rows for a, b in zip(zones_at(r, t), r["truth_zones"]))
-        pooled = np.concatenate([err, normal]) if normal.size else err
-        view_mae = {f"mae_{v}": float(np.mean([abs(zones_at(r, t).count("1") - r["truth"]) for r in rows
-                                                if r["view"] == v])) for v in ("PA", "AP")}
-        table.append({
-            "zone_threshold": t, "mae": float(err.mean()), "exact": float((err == 0).mean()),
-            "zone_accuracy": float(hits / (6 * len(rows))), **view_mae,
-            "normals_2_or_more": int((normal >= 2).sum()), "normal_max": int(normal.max()) if normal.size else 0,
-            "pooled_mae": float(pooled.mean()), "pooled_images": int(pooled.size),
-        })
-    return table
+    return [{"zone_threshold": t, **scores_at(rows, normal_rows, zones_at(t))} for t in thresholds]
+
+
+def scores_at(rows: list[dict], normal_rows: list[dict], zones: Callable[[dict], str]) -> dict:
+    """0-6 MAE, exact share and zone accuracy of ``rows`` (PA and AP apart where views are known), and the
+    lesion-free views' scores, when ``zones`` gives each image's zones."""
+    err = np.array([abs(zones(r).count("1") - r["truth"]) for r in rows])
+    normal = np.array([zones(r).count("1") for r in normal_rows], dtype=int)
+    hits = sum(a == b for r in rows for a, b in zip(zones(r), r["truth_zones"]))
+    pooled = np.concatenate([err, normal]) if normal.size else err
+    views = {f"mae_{v}": float(err[[r.get("view") == v for r in rows]].mean())
+             for v in ("PA", "AP") if any(r.get("view") == v for r in rows)}
+    return {
+        "mae": float(err.mean()), "exact": float((err == 0).mean()), "zone_accuracy": float(hits / (6 * len(rows))),
+        **views, "normal_mean_score": float(normal.mean()) if normal.size else 0.0,
+        "normals_2_or_more": int((normal >= 2).sum()), "normal_max": int(normal.max()) if normal.size else 0,
+        "pooled_mae": float(pooled.mean()), "pooled_images": int(pooled.size),
+    }
 
 
 def by_view(rows: list[dict]) -> dict[str, float]:
@@ -209,22 +213,10 @@ def by_view(rows: list[dict]) -> dict[str, float]:
 
 def gate_table(rows: list[dict], normal_rows: list[dict], gates: list[float]) -> list[dict]:
     """0-6 scores at each P(disease) gate, from images scored with the gate off (see the module docstring)."""
-    table = []
-    for gate in gates:
-        def at(row: dict, gate: float = gate) -> str:
-            return row["zones"] if row["p_disease"] >= gate else "0" * len(row["zones"])
+    def zones_at(gate: float) -> Callable[[dict], str]:
+        return lambda row: row["zones"] if row["p_disease"] >= gate else "0" * len(row["zones"])
 
-        err = np.array([abs(at(r).count("1") - r["truth"]) for r in rows])
-        normal = np.array([at(r).count("1") for r in normal_rows], dtype=int)
-        hits = sum(a == b for r in rows for a, b in zip(at(r), r["truth_zones"]))
-        pooled = np.concatenate([err, normal]) if normal.size else err
-        table.append({
-            "gate": gate, "mae": float(err.mean()), "exact": float((err == 0).mean()),
-            "zone_accuracy": float(hits / (6 * len(rows))), "normal_mean_score": float(normal.mean()) if normal.size else 0.0,
-            "normals_2_or_more": int((normal >= 2).sum()), "normal_max": int(normal.max()) if normal.size else 0,
-            "pooled_mae": float(pooled.mean()), "pooled_images": int(pooled.size),
-        })
-    return table
+    return [{"gate": gate, **scores_at(rows, normal_rows, zones_at(gate))} for gate in gates]
 
 
 def main() -> None:
