@@ -49,7 +49,7 @@ from cxrtriage.inference.training.augment import console_processing
 from cxrtriage.inference.training.datasets import CTSource, _volume, cached_drr, default_drr_cache, prepare_volume
 from cxrtriage.inference.training.drr import DRR, RenderSettings, render
 from cxrtriage.inference.training.evaluation import truth_scoring
-from cxrtriage.inference.training.metrics import dice, roc_auc
+from cxrtriage.inference.training.metrics import auc_interval, dice, roc_auc
 from cxrtriage.inference.training.trainer import HELD_OUT_SEED_BASE
 
 NORMAL_SEED_BASE = HELD_OUT_SEED_BASE + 80_000
@@ -149,6 +149,7 @@ def evaluate(pipeline: Pipeline, volume_path: Path, images: int, normals: int, s
         "score_mae": float(err.mean()), "score_exact": float((err == 0).mean()),
         "zone_accuracy": float(sum(r["zone_hits"] for r in rows) / (6 * images)),
         "auc": roc_auc(probs_a, labels_a) if 0 < labels_a.sum() < images else float("nan"),
+        "auc_ci": auc_interval(probs_a, labels_a) if 0 < labels_a.sum() < images else (float("nan"), float("nan")),
         "seconds_per_image": elapsed / images,
         **by_view(rows),
     }
@@ -207,7 +208,9 @@ def by_view(rows: list[dict]) -> dict[str, float]:
         labels = np.array([r["opacity_dice"] is not None for r in mine], dtype=int)
         probs = np.array([r["p_disease"] for r in mine])
         out[f"score_mae_{view}"] = float(np.mean([abs(r["score"] - r["truth"]) for r in mine])) if mine else float("nan")
-        out[f"auc_{view}"] = roc_auc(probs, labels) if 0 < labels.sum() < len(mine) else float("nan")
+        both = 0 < labels.sum() < len(mine)
+        out[f"auc_{view}"] = roc_auc(probs, labels) if both else float("nan")
+        out[f"auc_{view}_ci"] = auc_interval(probs, labels) if both else (float("nan"), float("nan"))
     return out
 
 
@@ -279,7 +282,8 @@ def main() -> None:
                        ("auc", "P(disease) ROC AUC"), ("score_mae_PA", "0-6 score MAE, PA views"),
                        ("score_mae_AP", "0-6 score MAE, AP views"), ("auc_PA", "P(disease) ROC AUC, PA views"),
                        ("auc_AP", "P(disease) ROC AUC, AP views"), ("seconds_per_image", "s / image")):
-        print(f"| {label} | {s[key]:.3f} |")
+        interval = s.get(f"{key}_ci")  # AUCs: with their 95 % bootstrap interval
+        print(f"| {label} | {s[key]:.3f}" + (f" ({interval[0]:.2f}-{interval[1]:.2f}) |" if interval else " |"))
     print("\nreliability of P(disease):\n| bin | n | mean P | observed |\n|---|---|---|---|")
     for r in out["reliability"]:
         print(f"| {r['bin']} | {r['count']} | {r['mean_p']:.2f} | {r['observed']:.2f} |")

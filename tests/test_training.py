@@ -225,3 +225,20 @@ def test_training_models_update_batchnorm_statistics_fast_enough() -> None:
     target = seen[-1]
     share = (stem.running_mean * target).sum() / (target * target).sum()
     assert 0.8 < float(share) < 0.95
+
+
+def test_auc_interval_holds_the_auc_and_narrows_with_more_images() -> None:
+    from cxrtriage.inference.training.metrics import auc_interval, roc_auc
+
+    rng = np.random.default_rng(3)
+    def sample(n: int) -> tuple[np.ndarray, np.ndarray]:
+        labels = np.arange(n) % 2 == 0
+        return rng.normal(labels * 0.8, 1.0), labels  # a weak marker: AUC about 0.7
+
+    small, large = sample(40), sample(400)
+    (lo_s, hi_s), (lo_l, hi_l) = auc_interval(*small), auc_interval(*large)
+    assert lo_s < roc_auc(*small) < hi_s and lo_l < roc_auc(*large) < hi_l
+    assert hi_l - lo_l < (hi_s - lo_s) / 2  # ten times the images: about a third of the width
+    assert auc_interval(np.array([0.1, 0.2, 0.8, 0.9]), np.array([0, 0, 1, 1])) == (1.0, 1.0)
+    with pytest.raises(ValueError):
+        auc_interval(np.array([0.1, 0.2]), np.array([1, 1]))

@@ -34,3 +34,21 @@ def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
         ranks[order[start : start + count]] = start + (count + 1) / 2.0
     u = ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0
     return float(u / (n_pos * n_neg))
+
+
+def auc_interval(scores: np.ndarray, labels: np.ndarray, resamples: int = 2000, seed: int = 0,
+                 level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of :func:`roc_auc`, positives and negatives resampled apart (each resample
+    keeps the set's class counts). On 30-60 images an AUC moves by 0.1 or more between samples of the same
+    population: the interval says how much of a difference between two sets is noise."""
+    scores = np.asarray(scores, dtype=np.float64)
+    labels = np.asarray(labels).astype(bool)
+    pos, neg = scores[labels], scores[~labels]
+    if pos.size == 0 or neg.size == 0:
+        raise ValueError("ROC AUC needs both positive and negative cases")
+    rng = np.random.default_rng(seed)
+    both = np.concatenate([np.ones(pos.size, bool), np.zeros(neg.size, bool)])
+    aucs = [roc_auc(np.concatenate([rng.choice(pos, pos.size), rng.choice(neg, neg.size)]), both)
+            for _ in range(resamples)]
+    tail = (1.0 - level) / 2.0 * 100.0
+    return float(np.percentile(aucs, tail)), float(np.percentile(aucs, 100.0 - tail))
