@@ -145,3 +145,29 @@ def test_truth_of_an_evaluation_does_not_move_with_the_models_threshold() -> Non
         assert pipeline.scoring.zone_threshold == t
         truths.append([r["truth"] for r in evaluate_synthetic(pipeline, images=6).per_image])
     assert truths[0] == truths[1] and sum(truths[0]) > 0
+
+
+def test_compare_evals_tells_a_real_difference_from_noise() -> None:
+    """bench/compare_evals.py: a candidate one zone nearer the truth on every image is better beyond noise; one
+    that is 1 zone better on half the images and 1 worse on the other half is within noise; the same images are
+    required."""
+    sys.path.insert(0, str(BENCH))
+    from compare_evals import compare
+
+    truth = [1 + i % 5 for i in range(80)]
+
+    def evaluation(errors: list[int]) -> dict:
+        return {"per_image": [{"seed": i, "score": t + e, "truth": t, "lung_dice": 0.95, "overshoot": 0.0,
+                               "opacity_dice": 0.5 if t > 2 else None, "p_disease": 0.1 * t}
+                              for i, (t, e) in enumerate(zip(truth, errors))]}
+
+    reference = evaluation([1] * 80)
+    verdicts = {name: {r["metric"]: r for r in compare(reference, evaluation(errors), resamples=400)}["0-6 score MAE"]
+                for name, errors in (("better", [0] * 80), ("mixed", [0, 2] * 40))}
+    assert verdicts["better"]["difference"] == -1.0 and verdicts["better"]["verdict"] == "better"
+    lo, hi = verdicts["mixed"]["interval"]
+    assert verdicts["mixed"]["difference"] == 0.0 and lo < 0 < hi and verdicts["mixed"]["verdict"] == "within noise"
+    assert {r["verdict"] for r in compare(reference, reference, resamples=100)} == {"identical"}
+    rotated = {"per_image": reference["per_image"][1:] + reference["per_image"][:1]}
+    with pytest.raises(ValueError, match="same images"):
+        compare(reference, rotated)
