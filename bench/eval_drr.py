@@ -3,7 +3,7 @@
     python bench/eval_drr.py [--images 120] [--normals 8] [--config config.yaml]
                              [--lungs W --disease W] [--png reliability.png] [--json out.json]
                              [--seed-base N --normal-seed-base N] [--gates 0.5,0.6,...] [--processed]
-                             [--zone-threshold T] [--zone-thresholds 0.1,0.15,...]
+                             [--zone-threshold T] [--zone-thresholds 0.1,0.15,...] [--workers N]
 
 Views, deformations and lesions come from seeds HELD_OUT_SEED_BASE.. which
 training never draws (training: 0..; model selection: HELD_OUT_SEED_BASE +
@@ -27,6 +27,9 @@ computed at the paper's T = 0.30, whatever the model's T. With
 (``training.augment.console_processing``, drawn from the DRR's own seed, so
 every model sees the same images).
 
+DRRs not yet in the render cache are rendered first on ``--workers``
+processes (all cores by default); lesion-free views are rendered as scored.
+
 All DRRs come from ONE patient's CT: these numbers measure how well the models
 learned this rendering of this chest, not how they do on other patients.
 """
@@ -35,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -46,7 +50,14 @@ from cxrtriage.inference.pipeline import Pipeline
 from cxrtriage.inference.radiograph import Radiograph
 from cxrtriage.inference.scoring import ZoneScores
 from cxrtriage.inference.training.augment import console_processing
-from cxrtriage.inference.training.datasets import CTSource, _volume, cached_drr, default_drr_cache, prepare_volume
+from cxrtriage.inference.training.datasets import (
+    CTSource,
+    _volume,
+    cached_drr,
+    default_drr_cache,
+    prepare_volume,
+    render_drrs,
+)
 from cxrtriage.inference.training.drr import DRR, RenderSettings, render
 from cxrtriage.inference.training.evaluation import truth_scoring
 from cxrtriage.inference.training.metrics import auc_interval, dice, roc_auc
@@ -234,6 +245,8 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="write all numbers here")
     parser.add_argument("--seed-base", type=int, default=HELD_OUT_SEED_BASE, help="first DRR seed scored")
     parser.add_argument("--normal-seed-base", type=int, default=NORMAL_SEED_BASE, help="first lesion-free view's seed")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="processes rendering the DRRs not yet in the cache, before scoring")
     parser.add_argument("--processed", action="store_true", help="give each DRR a console's multi-scale processing")
     parser.add_argument("--zone-threshold", type=float, default=None,
                         help="score with this T instead of the disease model's (a candidate's T, before bundling)")
@@ -258,6 +271,9 @@ def main() -> None:
         settings = InferenceSettings(**{**settings.model_dump(exclude_unset=True), **update})
     pipeline = Pipeline(settings)
     volume_path = prepare_volume(CTSource(), args.drr_cache or default_drr_cache())
+    rendered = render_drrs(volume_path, range(args.seed_base, args.seed_base + args.images), args.workers)
+    if rendered:
+        print(f"rendered {rendered} DRRs into the cache on {args.workers} processes")
     out = evaluate(pipeline, volume_path, args.images, args.normals, args.seed_base, args.normal_seed_base,
                    args.processed)
     out["processed"] = args.processed

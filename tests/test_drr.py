@@ -384,3 +384,17 @@ def test_a_cached_drr_is_the_drr_first_rendered(synthetic_ct: tuple[Path, Path],
     assert first.image.dtype == again.image.dtype == np.float32
     np.testing.assert_array_equal(first.image, again.image)
     np.testing.assert_array_equal(first.disease, again.disease)
+
+
+def test_render_drrs_fills_the_cache_on_several_processes(synthetic_ct: tuple[Path, Path], tmp_path: Path) -> None:
+    """An evaluation's images rendered ahead on two processes are the images a one-by-one render gives."""
+    from cxrtriage.inference.training.datasets import CTSource, cached_drr, prepare_volume, render_drrs
+
+    source = CTSource(str(synthetic_ct[0]), str(synthetic_ct[1]), lung_labels=(RIGHT_LABEL, LEFT_LABEL),
+                      spacing_mm=4.0)
+    ahead, serial = prepare_volume(source, tmp_path / "ahead"), prepare_volume(source, tmp_path / "serial")
+    assert render_drrs(ahead, range(5, 9), workers=2) == 4
+    assert sorted(p.name for p in ahead.parent.glob("*.npz") if p.name != "volume.npz") == [f"{s}.npz" for s in range(5, 9)]
+    assert render_drrs(ahead, range(5, 10), workers=2) == 1  # only the one not cached yet
+    for seed in (5, 8):
+        np.testing.assert_array_equal(cached_drr(ahead, seed).image, cached_drr(serial, seed).image)

@@ -322,6 +322,25 @@ def cached_drr(volume_path: str | Path, seed: int):  # -> DRR
     return drr
 
 
+def _render_into_cache(args: tuple[str, int]) -> None:
+    cached_drr(*args)
+
+
+def render_drrs(volume_path: str | Path, seeds: Iterable[int], workers: int = 2) -> int:
+    """Render the seeds not yet in the cache on ``workers`` processes, so that an evaluation that then reads them
+    one by one with :func:`cached_drr` does not render them on one core. Returns how many were rendered."""
+    folder = Path(volume_path).parent
+    missing = [s for s in seeds if not (folder / f"{s}.npz").exists()]
+    jobs = [(str(volume_path), s) for s in missing]
+    if workers <= 1 or len(jobs) <= 1:
+        for job in jobs:
+            _render_into_cache(job)
+    else:
+        with get_context("spawn").Pool(min(workers, len(jobs)), initializer=_worker_init) as pool:
+            pool.map(_render_into_cache, jobs, chunksize=2)
+    return len(missing)
+
+
 def drr_example(volume_path: str | Path, seed: int) -> Example:
     """DRR ``seed`` as a training example (from the cache when rendered before)."""
     data = _read_cached(Path(volume_path).parent / f"{seed}.npz")
