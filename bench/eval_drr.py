@@ -59,7 +59,7 @@ from cxrtriage.inference.training.datasets import (
     render_drrs,
 )
 from cxrtriage.inference.training.drr import DRR, RenderSettings, render
-from cxrtriage.inference.training.evaluation import truth_scoring
+from cxrtriage.inference.training.evaluation import candidate_settings, truth_scoring
 from cxrtriage.inference.training.metrics import auc_interval, dice, roc_auc
 from cxrtriage.inference.training.trainer import HELD_OUT_SEED_BASE
 
@@ -258,17 +258,8 @@ def main() -> None:
 
     settings: InferenceSettings = load_settings(args.config).inference
     gates = [float(g) for g in args.gates.split(",")] if args.gates else []
-    if args.lungs or args.disease or gates or args.zone_threshold is not None:
-        update: dict = {"lungs": dict(settings.lungs), "disease": dict(settings.disease)}
-        if args.zone_threshold is not None:
-            update["scoring"] = {**settings.scoring.model_dump(), "zone_threshold": args.zone_threshold}
-        if args.lungs:
-            update["lungs"]["weights"] = args.lungs
-        if args.disease:
-            update["disease"]["weights"] = args.disease
-        if gates:
-            update["disease"]["disease_gate"] = GATE_OFF
-        settings = InferenceSettings(**{**settings.model_dump(exclude_unset=True), **update})
+    settings = candidate_settings(settings, args.lungs, args.disease, args.zone_threshold,
+                                  GATE_OFF if gates else None)
     pipeline = Pipeline(settings)
     volume_path = prepare_volume(CTSource(), args.drr_cache or default_drr_cache())
     rendered = render_drrs(volume_path, range(args.seed_base, args.seed_base + args.images), args.workers)

@@ -13,7 +13,7 @@ import json
 
 from cxrtriage.config import InferenceSettings, load_settings
 from cxrtriage.inference.pipeline import Pipeline
-from cxrtriage.inference.training.evaluation import evaluate_synthetic
+from cxrtriage.inference.training.evaluation import candidate_settings, evaluate_synthetic
 
 
 def main() -> None:
@@ -26,11 +26,8 @@ def main() -> None:
                         help="score with this T instead of the disease model's (a candidate's T, before bundling)")
     args = parser.parse_args()
     settings: InferenceSettings = load_settings(args.config).inference
-    update: dict = {k: {"weights": w} for k, w in (("lungs", args.lungs), ("disease", args.disease)) if w}
-    if args.zone_threshold is not None:
-        update["scoring"] = {**settings.scoring.model_dump(), "zone_threshold": args.zone_threshold}
-    if update:  # candidate weights, e.g. a training run's, scored before they are bundled
-        settings = InferenceSettings(**{**settings.model_dump(exclude_unset=True), **update})
+    # candidate weights or T, e.g. a training run's, scored before they are bundled
+    settings = candidate_settings(settings, args.lungs, args.disease, args.zone_threshold)
     pipeline = Pipeline(settings)
     result = evaluate_synthetic(pipeline, args.images)
     print(json.dumps({"models": pipeline.model_versions, **result.as_dict()}, indent=2))

@@ -171,3 +171,22 @@ def test_compare_evals_tells_a_real_difference_from_noise() -> None:
     rotated = {"per_image": reference["per_image"][1:] + reference["per_image"][:1]}
     with pytest.raises(ValueError, match="same images"):
         compare(reference, rotated)
+
+
+def test_candidate_settings_change_only_what_they_name(tmp_path: Path) -> None:
+    """The evaluation scripts score a candidate's weights and T with every other configured field kept."""
+    from cxrtriage.config import InferenceSettings
+    from cxrtriage.inference.pipeline import Pipeline
+    from cxrtriage.inference.presets import model_specs
+    from cxrtriage.inference.training.evaluation import candidate_settings
+
+    configured = InferenceSettings(disease={"disease_gate": 0.6}, scoring={"brixia_cutoffs": (0.1, 0.3, 0.6)})
+    assert candidate_settings(configured) is configured
+    weights = str(model_specs(configured)[1].weights)
+    candidate = candidate_settings(configured, disease=weights, zone_threshold=0.4)
+    lungs, disease = model_specs(candidate)
+    assert (disease.weights, disease.disease_gate) == (weights, 0.6)
+    assert lungs == model_specs(configured)[0]
+    scoring = Pipeline(candidate).scoring
+    assert (scoring.zone_threshold, scoring.brixia_cutoffs) == (0.4, (0.1, 0.3, 0.6))
+    assert model_specs(candidate_settings(configured, disease_gate=1e-9))[1].disease_gate == 1e-9

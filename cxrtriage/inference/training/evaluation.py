@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ...config import InferenceSettings
 from ..phantom import PhantomGenerator
 from ..pipeline import Pipeline
 from ..radiograph import Radiograph
@@ -27,6 +28,24 @@ def truth_scoring(pipeline: Pipeline) -> ScoringConfig:
     with it, or two models with different T would be measured against different truths.
     """
     return ScoringConfig(DEFAULT_ZONE_THRESHOLD, pipeline.scoring.brixia_cutoffs)
+
+
+def candidate_settings(settings: InferenceSettings, lungs: str | None = None, disease: str | None = None,
+                       zone_threshold: float | None = None, disease_gate: float | None = None) -> InferenceSettings:
+    """``settings`` with a candidate's weights, T or P(disease) gate, to score it before it is bundled; every other
+    configured field is kept."""
+    if not lungs and not disease and zone_threshold is None and disease_gate is None:
+        return settings
+    update: dict[str, dict[str, object]] = {"lungs": dict(settings.lungs), "disease": dict(settings.disease)}
+    if lungs:
+        update["lungs"]["weights"] = lungs
+    if disease:
+        update["disease"]["weights"] = disease
+    if disease_gate is not None:
+        update["disease"]["disease_gate"] = disease_gate
+    if zone_threshold is not None:
+        update["scoring"] = {**settings.scoring.model_dump(), "zone_threshold": zone_threshold}
+    return InferenceSettings(**{**settings.model_dump(exclude_unset=True), **update})
 
 
 @dataclass
