@@ -151,6 +151,7 @@ def evaluate(pipeline: Pipeline, volume_path: Path, images: int, normals: int, s
     err = np.array([abs(r["score"] - r["truth"]) for r in rows])
     lung = np.array([r["lung_dice"] for r in rows])
     opacity = [r["opacity_dice"] for r in rows if r["opacity_dice"] is not None]
+    auc, auc_ci = auc_with_interval(probs_a, labels_a)
     summary = {
         "images": images, "diseased": int(labels_a.sum()),
         "lung_dice": float(lung.mean()), "lung_dice_min": float(lung.min()),
@@ -159,8 +160,7 @@ def evaluate(pipeline: Pipeline, volume_path: Path, images: int, normals: int, s
         "opacity_dice": float(np.mean(opacity)) if opacity else float("nan"),
         "score_mae": float(err.mean()), "score_exact": float((err == 0).mean()),
         "zone_accuracy": float(sum(r["zone_hits"] for r in rows) / (6 * images)),
-        "auc": roc_auc(probs_a, labels_a) if 0 < labels_a.sum() < images else float("nan"),
-        "auc_ci": auc_interval(probs_a, labels_a) if 0 < labels_a.sum() < images else (float("nan"), float("nan")),
+        "auc": auc, "auc_ci": auc_ci,
         "seconds_per_image": elapsed / images,
         **by_view(rows),
     }
@@ -211,7 +211,7 @@ def scores_at(rows: list[dict], normal_rows: list[dict], zones: Callable[[dict],
     }
 
 
-def by_view(rows: list[dict]) -> dict[str, float]:
+def by_view(rows: list[dict]) -> dict:
     """0-6 MAE and P(disease) AUC of the PA and the AP views apart: the disease stage differs by view."""
     out: dict[str, float] = {}
     for view in ("PA", "AP"):
@@ -219,10 +219,15 @@ def by_view(rows: list[dict]) -> dict[str, float]:
         labels = np.array([r["opacity_dice"] is not None for r in mine], dtype=int)
         probs = np.array([r["p_disease"] for r in mine])
         out[f"score_mae_{view}"] = float(np.mean([abs(r["score"] - r["truth"]) for r in mine])) if mine else float("nan")
-        both = 0 < labels.sum() < len(mine)
-        out[f"auc_{view}"] = roc_auc(probs, labels) if both else float("nan")
-        out[f"auc_{view}_ci"] = auc_interval(probs, labels) if both else (float("nan"), float("nan"))
+        out[f"auc_{view}"], out[f"auc_{view}_ci"] = auc_with_interval(probs, labels)
     return out
+
+
+def auc_with_interval(probs: np.ndarray, labels: np.ndarray) -> tuple[float, tuple[float, float]]:
+    """P(disease) ROC AUC and its 95 % bootstrap interval; NaN where the images hold only one class."""
+    if 0 < labels.sum() < len(labels):
+        return roc_auc(probs, labels), auc_interval(probs, labels)
+    return float("nan"), (float("nan"), float("nan"))
 
 
 def gate_table(rows: list[dict], normal_rows: list[dict], gates: list[float]) -> list[dict]:
