@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 
@@ -155,6 +156,9 @@ def train(
     console_processing: float = typer.Option(
         0.0, min=0.0, max=1.0, help="share of training images given a CR/DR console's multi-scale processing"
     ),
+    lesion_free_share: float | None = typer.Option(
+        None, help="disease: share of each batch drawn from lesion-free images (default: their share of the data)"
+    ),
     version: str | None = typer.Option(None, help="version suffix of the model (default from the data)"),
     arch: str = typer.Option("Unet", help="smp architecture"),
     encoder: str = typer.Option("mobilenet_v2", help="smp encoder"),
@@ -184,15 +188,21 @@ def train(
     except ValueError:
         raise typer.BadParameter("--lung-labels takes comma-separated integers, e.g. 10,11,12,13,14") from None
     optional: dict[str, Any] = {"workers": workers} if workers else {}
-    cfg = TrainConfig(
-        task=cast("Task", task), data=data, data_root=str(data_root) if data_root else None, arch=arch, encoder=encoder,
-        ct=str(ct) if ct else None, labels=str(labels) if labels else None, lung_labels=lung_ids,
-        mix_synthetic=mix_synthetic, drr_cache=str(drr_cache) if drr_cache else None,
-        init=str(init) if init else None, console_processing=console_processing, version=version, **optional,
-        input_size=input_size, in_channels=in_channels, steps=steps, batch_size=batch_size, lr=lr,
-        train_images=train_images, val_images=val_images, eval_every=eval_every, device=device, seed=seed,
-        out=str(out / task),
-    )
+    try:
+        cfg = TrainConfig(
+            task=cast("Task", task), data=data, data_root=str(data_root) if data_root else None, arch=arch,
+            encoder=encoder,
+            ct=str(ct) if ct else None, labels=str(labels) if labels else None, lung_labels=lung_ids,
+            mix_synthetic=mix_synthetic, drr_cache=str(drr_cache) if drr_cache else None,
+            init=str(init) if init else None, console_processing=console_processing, version=version, **optional,
+            lesion_free_share=lesion_free_share,
+            input_size=input_size, in_channels=in_channels, steps=steps, batch_size=batch_size, lr=lr,
+            train_images=train_images, val_images=val_images, eval_every=eval_every, device=device, seed=seed,
+            out=str(out / task),
+        )
+    except ValidationError as exc:  # an option out of range: name it, not a traceback
+        problems = "; ".join(f"--{str(e['loc'][0]).replace('_', '-')}: {e['msg']}" for e in exc.errors())
+        raise typer.BadParameter(problems) from None
     console.print(f"preparing {cfg.data} data for [bold]{task}[/] ...")
     with Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),

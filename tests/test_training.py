@@ -242,3 +242,27 @@ def test_auc_interval_holds_the_auc_and_narrows_with_more_images() -> None:
     assert auc_interval(np.array([0.1, 0.2, 0.8, 0.9]), np.array([0, 0, 1, 1])) == (1.0, 1.0)
     with pytest.raises(ValueError):
         auc_interval(np.array([0.1, 0.2]), np.array([1, 1]))
+
+
+def test_lesion_free_share_sets_how_often_lesion_free_images_are_drawn() -> None:
+    from cxrtriage.inference.training.datasets import Sample
+    from cxrtriage.inference.training.trainer import lesion_free_weights
+
+    image, mask = np.zeros((4, 4), np.float32), np.zeros((4, 4), bool)
+    samples = [Sample(image, mask, float(i < 3)) for i in range(10)]  # 3 with opacity, 7 lesion-free
+    assert lesion_free_weights(samples, None) is None  # uniform draws, the rng stream of older runs
+    weights = lesion_free_weights(samples, 0.5)
+    assert weights is not None and weights.sum() == pytest.approx(1.0)
+    draws = np.random.default_rng(0).choice(10, 20_000, p=weights)
+    assert (draws >= 3).mean() == pytest.approx(0.5, abs=0.02)  # 70 % of the data, half of the draws
+    per_image = np.bincount(draws[draws >= 3])[3:]
+    assert per_image.max() / per_image.min() < 1.2  # alike within their class (about 1430 draws each)
+    only_lungs = [Sample(image, mask, 0.0) for _ in range(4)]  # Stage I: one class, nothing to weight
+    assert lesion_free_weights(only_lungs, 0.5) is None
+
+
+def test_train_command_names_an_option_out_of_range() -> None:
+    proc = subprocess.run([sys.executable, "-m", "cxrtriage", "train", "disease", "--lesion-free-share", "1.5"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--lesion-free-share" in proc.stderr + proc.stdout
+    assert "Traceback" not in proc.stderr + proc.stdout

@@ -61,6 +61,10 @@ class TrainConfig(BaseModel):
         0.0, ge=0.0, le=1.0, description="share of training images given a console's multi-scale processing "
         "(augment.console_processing)"
     )
+    lesion_free_share: float | None = Field(
+        None, gt=0.0, lt=1.0, description="disease: share of each batch drawn from the lesion-free training images "
+        "(default: their share of the data, about 0.35 of DRRs)"
+    )
     name: str | None = None
     train_images: int = Field(1600, ge=1, description="images drawn for training (synthetic / drr data)")
     val_images: int = Field(96, ge=2)
@@ -177,6 +181,17 @@ def _drr_and_synthetic(cfg: TrainConfig) -> tuple[list[Sample], list[Sample]]:
     return train, val
 
 
+def lesion_free_weights(samples: list[Sample], share: float | None) -> np.ndarray | None:
+    """Draw probabilities that give the lesion-free samples (label 0) ``share`` of the draws, all of one class
+    alike; None (uniform draws, as before the option) when ``share`` is None or only one class is present."""
+    if share is None:
+        return None
+    free = np.array([s.label == 0 for s in samples])
+    if free.all() or not free.any():
+        return None
+    return np.where(free, share / free.sum(), (1.0 - share) / (~free).sum())
+
+
 def _batch(
     samples: list[Sample], idx: np.ndarray, rng: np.random.Generator | None, mean: float, std: float, channels: int,
     console: float = 0.0, equalized: bool = True,
@@ -282,6 +297,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict[str, float]], None] | N
 
     weighting = DynamicWeighting(cfg.loss_alpha)
     rng = np.random.default_rng(cfg.seed + 1)
+    draw_weights = lesion_free_weights(train_set, cfg.lesion_free_share)
     autocast = device.type == "cuda"
     best: dict[str, float] = {}
     best_state: dict[str, torch.Tensor] | None = None
@@ -289,7 +305,8 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict[str, float]], None] | N
     for step in range(cfg.steps):
         for group in optimiser.param_groups:
             group["lr"] = lr_at(step)
-        idx = rng.integers(0, len(train_set), cfg.batch_size)
+        idx = (rng.integers(0, len(train_set), cfg.batch_size) if draw_weights is None
+               else rng.choice(len(train_set), cfg.batch_size, p=draw_weights))
         x, y, lab = _batch(train_set, idx, rng, spec.mean[0], spec.std[0], cfg.in_channels, cfg.console_processing,
                            cfg.equalize)
         x, y, lab = x.to(device, non_blocking=True), y.to(device), lab.to(device)
