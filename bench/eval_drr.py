@@ -48,7 +48,6 @@ import numpy as np
 from cxrtriage.config import InferenceSettings, load_settings
 from cxrtriage.inference.pipeline import Pipeline
 from cxrtriage.inference.radiograph import Radiograph
-from cxrtriage.inference.scoring import ZoneScores
 from cxrtriage.inference.training.augment import console_processing
 from cxrtriage.inference.training.datasets import (
     CTSource,
@@ -59,7 +58,7 @@ from cxrtriage.inference.training.datasets import (
     render_drrs,
 )
 from cxrtriage.inference.training.drr import DRR, RenderSettings, render
-from cxrtriage.inference.training.evaluation import candidate_settings, truth_scoring
+from cxrtriage.inference.training.evaluation import candidate_settings, truth_scoring, zone_fractions
 from cxrtriage.inference.training.metrics import auc_interval, dice, roc_auc
 from cxrtriage.inference.training.trainer import HELD_OUT_SEED_BASE
 
@@ -143,7 +142,7 @@ def evaluate(pipeline: Pipeline, volume_path: Path, images: int, normals: int, s
             "score": result.scores.total, "truth": truth.total,
             "zone_hits": sum(int(a == b) for a, b in zip(result.scores.binary, truth.binary)),
             "zones": "".join(str(z) for z in result.scores.binary), "truth_zones": "".join(str(z) for z in truth.binary),
-            "p_disease": result.p_disease, "fractions": _fractions(result.scores),
+            "p_disease": result.p_disease, "fractions": zone_fractions(result.scores),
         })
         probs.append(result.p_disease)
         labels.append(int(drr.has_disease))
@@ -174,14 +173,9 @@ def evaluate(pipeline: Pipeline, volume_path: Path, images: int, normals: int, s
         normal_rows.append({"seed": seed, "view": drr.view, "score": result.scores.total,
                             "zones": "".join(str(z) for z in result.scores.binary),
                             "p_disease": result.p_disease, "lung_dice": round(dice(result.lungs, drr.lungs), 3),
-                            "fractions": _fractions(result.scores)})
+                            "fractions": zone_fractions(result.scores)})
     return {"summary": summary, "reliability": reliability(probs_a, labels_a), "normal_views": normal_rows,
             "per_image": rows}
-
-
-def _fractions(scores: ZoneScores) -> list[float | None]:
-    """Each zone's opacity fraction; None where the zone's lung was not found (unscored at any T)."""
-    return [round(f, 5) if ok else None for f, ok in zip(scores.fractions, scores.scored)]
 
 
 def threshold_table(rows: list[dict], normal_rows: list[dict], thresholds: list[float]) -> list[dict]:

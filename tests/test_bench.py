@@ -133,6 +133,23 @@ def test_threshold_table_scores_each_zone_threshold_from_one_pass() -> None:
     assert high["zone_accuracy"] == pytest.approx(10 / 12)
 
 
+def test_phantom_scores_at_each_zone_threshold_reproduce_the_pipelines_own(tmp_path: Path) -> None:
+    """bench/eval_synthetic.py --zone-thresholds (T fitted against validation phantoms): at the model's own T the
+    table's 0-6 MAE is the pipeline's, so every other T is the same scoring rule applied to the same fractions."""
+    report = tmp_path / "phantoms.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "eval_synthetic.py"), "--images", "6", "--seed-base", "1050000",
+         "--zone-thresholds", "0.05,0.30,0.95", "--json", str(report)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(report.read_text())
+    assert out["seeds"] == [1050000, 1050005] and [r["seed"] for r in out["per_image"]] == list(range(1050000, 1050006))
+    _, own, high = out["zone_thresholds"]
+    assert own["mae"] == pytest.approx(out["score_mae"])  # the bundle's T is 0.30
+    assert high["mae"] == pytest.approx(sum(r["truth"] for r in out["per_image"]) / 6)  # no zone is 95 % opaque
+
+
 def test_truth_of_an_evaluation_does_not_move_with_the_models_threshold() -> None:
     """Two models with different T are measured against the same truth: the paper's T = 0.30."""
     from cxrtriage.config import InferenceSettings

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -16,7 +17,7 @@ from ...config import InferenceSettings
 from ..phantom import PhantomGenerator
 from ..pipeline import Pipeline
 from ..radiograph import Radiograph
-from ..scoring import DEFAULT_ZONE_THRESHOLD, ScoringConfig
+from ..scoring import DEFAULT_ZONE_THRESHOLD, ScoringConfig, ZoneScores
 from .metrics import dice, roc_auc
 from .trainer import HELD_OUT_SEED_BASE
 
@@ -48,6 +49,12 @@ def candidate_settings(settings: InferenceSettings, lungs: str | None = None, di
     return InferenceSettings(**{**settings.model_dump(exclude_unset=True), **update})
 
 
+def zone_fractions(scores: ZoneScores) -> list[float | None]:
+    """Each zone's opacity fraction; None where the zone's lung was not found (unscored at any T). With these, the
+    0-6 scores at any other T follow from one scoring pass (``bench/eval_drr.py --zone-thresholds``)."""
+    return [round(f, 5) if ok else None for f, ok in zip(scores.fractions, scores.scored)]
+
+
 @dataclass
 class Evaluation:
     images: int
@@ -60,7 +67,7 @@ class Evaluation:
     auc: float
     disease_dice: float
     seconds_per_image: float
-    per_image: list[dict[str, float]] = field(default_factory=list, repr=False)
+    per_image: list[dict[str, Any]] = field(default_factory=list, repr=False)
 
     def as_dict(self) -> dict[str, float]:
         return {k: v for k, v in self.__dict__.items() if k != "per_image"}
@@ -69,7 +76,7 @@ class Evaluation:
 def evaluate_synthetic(pipeline: Pipeline, images: int = 200, first_seed: int = HELD_OUT_SEED_BASE) -> Evaluation:
     """Score ``images`` held-out phantoms and compare with their truth."""
     generator = PhantomGenerator(height=None, width=None)
-    rows: list[dict[str, float]] = []
+    rows: list[dict[str, Any]] = []
     probs, labels = [], []
     disease_dices = []
     elapsed = 0.0
@@ -95,6 +102,8 @@ def evaluate_synthetic(pipeline: Pipeline, images: int = 200, first_seed: int = 
                 "zone_hits": zone_hits,
                 "brixia_error": abs(result.scores.brixia_total - truth.brixia_total),
                 "p_disease": result.p_disease,
+                "truth_zones": "".join(str(z) for z in truth.binary),
+                "fractions": zone_fractions(result.scores),
             }
         )
         probs.append(result.p_disease)
