@@ -388,7 +388,9 @@ def test_jobs_submitted_together_share_a_batch_and_score_like_the_pipeline(
         steps = {"prepare", "engine", "engine_open", "engine_stage1", "engine_crop", "engine_stage2",
                  "engine_outputs", "engine_wait"}  # where its time went, for bench/gpu.py
         assert steps <= set(got.details["timings_ms"]) and got.details["timings_ms"]["engine_stage1"] > 0
-    assert [o.total for o in outcomes[:-1]] == [2, 0, 4]  # type: ignore[union-attr]
+    # the bundled models' scores, non-empty masks included (the first phantom's truth is 2: the disease model at
+    # its T = 0.40 leaves one of its zones under T; docs/model-card.md, disease round 10)
+    assert [o.total for o in outcomes[:-1]] == [1, 0, 4]  # type: ignore[union-attr]
     assert _segments(_pool_pids(pool)) <= before_segments  # every block of these jobs was unlinked
 
 
