@@ -43,8 +43,8 @@ def main() -> None:
     settings = candidate_settings(settings, args.lungs, args.disease, args.zone_threshold)
     pipeline = Pipeline(settings)
     result = evaluate_synthetic(pipeline, args.images, args.seed_base)
-    out: dict = {"models": pipeline.model_versions, "seeds": [args.seed_base, args.seed_base + args.images - 1],
-                 **result.as_dict()}
+    out: dict = {"models": pipeline.model_versions, "zone_threshold": pipeline.scoring.zone_threshold,
+                 "seeds": [args.seed_base, args.seed_base + args.images - 1], **result.as_dict()}
     print(json.dumps(out, indent=2))
     print(
         f"lung Dice {result.lung_dice:.4f} (goal >= 0.95) | score MAE {result.score_mae:.3f} (goal <= 0.5) | "
