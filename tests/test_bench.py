@@ -136,17 +136,23 @@ def test_threshold_table_scores_each_zone_threshold_from_one_pass() -> None:
 def test_phantom_scores_at_each_zone_threshold_reproduce_the_pipelines_own(tmp_path: Path) -> None:
     """bench/eval_synthetic.py --zone-thresholds (T fitted against validation phantoms): at the model's own T the
     table's 0-6 MAE is the pipeline's, so every other T is the same scoring rule applied to the same fractions."""
+    from cxrtriage.config import InferenceSettings
+    from cxrtriage.inference.presets import model_specs, zone_threshold
+
+    settings = InferenceSettings()
+    bundled_t = zone_threshold(settings, model_specs(settings)[1])
     report = tmp_path / "phantoms.json"
     proc = subprocess.run(
         [sys.executable, str(BENCH / "eval_synthetic.py"), "--images", "6", "--seed-base", "1050000",
-         "--zone-thresholds", "0.05,0.30,0.40,0.95", "--json", str(report)],
+         "--zone-thresholds", f"0.05,{bundled_t},0.95", "--json", str(report)],
         capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr
     out = json.loads(report.read_text())
     assert out["seeds"] == [1050000, 1050005] and [r["seed"] for r in out["per_image"]] == list(range(1050000, 1050006))
     by_t = {t["zone_threshold"]: t for t in out["zone_thresholds"]}
-    own, high = by_t[out["zone_threshold"]], by_t[0.95]  # the bundled disease model's own T is in the table
+    assert out["zone_threshold"] == bundled_t
+    own, high = by_t[bundled_t], by_t[0.95]
     assert own["mae"] == pytest.approx(out["score_mae"])
     assert high["mae"] == pytest.approx(sum(r["truth"] for r in out["per_image"]) / 6)  # no zone is 95 % opaque
 
