@@ -227,7 +227,8 @@ def test_the_device_stages_give_the_host_stages_outputs_from_either_hand_off(
                 assert g.output.box == w.output.box
                 assert g.output.p_disease == pytest.approx(w.output.p_disease, abs=1e-4)
                 with open_block(g.output.block) as b:
-                    np.testing.assert_array_equal(b["prob"], a["prob"])
+                    # float32 rounding only: a padded batch may take other kernels (DeepLabV3+'s do)
+                    np.testing.assert_allclose(b["prob"], a["prob"], rtol=0, atol=1e-5)
                     np.testing.assert_allclose(b["seg"], a["seg"], atol=2e-3)
                 unlink(g.output.block)
         finally:
@@ -351,7 +352,8 @@ def test_device_lanes_run_batches_at_once_on_their_own_streams_with_the_same_out
                 assert want.output is not None and got.output is not None, (want.error, got.error)
                 assert got.output.box == want.output.box and got.output.p_disease == want.output.p_disease
                 with open_block(want.output.block) as a, open_block(got.output.block) as b:
-                    np.testing.assert_array_equal(b["prob"], a["prob"])
+                    # float32 rounding only: a padded batch may take other kernels (DeepLabV3+'s do)
+                    np.testing.assert_allclose(b["prob"], a["prob"], rtol=0, atol=1e-5)
                     np.testing.assert_array_equal(b["seg"], a["seg"])
                 unlink(got.output.block)
     finally:
@@ -388,9 +390,9 @@ def test_jobs_submitted_together_share_a_batch_and_score_like_the_pipeline(
         steps = {"prepare", "engine", "engine_open", "engine_stage1", "engine_crop", "engine_stage2",
                  "engine_outputs", "engine_wait"}  # where its time went, for bench/gpu.py
         assert steps <= set(got.details["timings_ms"]) and got.details["timings_ms"]["engine_stage1"] > 0
-    # the bundled models' scores, non-empty masks included (the first phantom's truth is 2: the disease model at
-    # its T = 0.40 leaves one of its zones under T; docs/model-card.md, disease round 10)
-    assert [o.total for o in outcomes[:-1]] == [1, 0, 4]  # type: ignore[union-attr]
+    # the bundled models' scores, non-empty masks included (truths 2, 0, 4: at T = 0.45 one zone of the first (0.43)
+    # and one of the third (0.44) stay under T; docs/model-card.md, disease round 11, lungs round 8)
+    assert [o.total for o in outcomes[:-1]] == [1, 0, 3]  # type: ignore[union-attr]
     assert _segments(_pool_pids(pool)) <= before_segments  # every block of these jobs was unlinked
 
 

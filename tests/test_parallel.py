@@ -38,9 +38,9 @@ def totals(outcomes: list[dict]) -> list[object]:
 
 
 def test_one_by_one_scores_the_phantoms_and_refuses_the_junk(one_by_one: list[dict]) -> None:
-    # the bundled models' scores; the truths are 2, 0, 4, 1 (at T = 0.40 the disease model leaves one of the first
-    # phantom's two zones under T; docs/model-card.md, disease round 10)
-    assert totals(one_by_one) == [1, 0, "not_dicom", 4, 1]
+    # the bundled models' scores; the truths are 2, 0, 4, 1 (at T = 0.45 one zone of the first phantom (0.43) and one
+    # of the third (0.44, with the round-8 lungs) stay under T; docs/model-card.md, disease round 11, lungs round 8)
+    assert totals(one_by_one) == [1, 0, "not_dicom", 3, 1]
 
 
 def test_a_batch_gives_the_same_outcomes_as_one_by_one(
@@ -55,14 +55,28 @@ def test_a_batch_gives_the_same_outcomes_as_one_by_one(
             assert a.result["zones"] == b["zones"]
 
 
+#: How far bf16 (8 mantissa bits) may move a zone's affected fraction from fp32's: pixels near the 0.5 cut flip.
+BF16_FRACTION_TOLERANCE = 0.06
+
+
 def test_bf16_gives_the_same_zone_scores_on_the_phantoms(crs: list[Path], one_by_one: list[dict], tmp_path: Path) -> None:
+    """Every zone's fraction within the tolerance of fp32's, and the same zone score wherever fp32's fraction is
+    further than that from T (a zone at T +- a few hundredths may fall either way: phantom 3's zone C is 0.438 in
+    fp32 and 0.487 in bf16 with the round-8 lungs, at T = 0.45)."""
     bf16 = Pipeline(InferenceSettings(precision="bf16"))
     outcomes = [o.as_dict() for o in score_files(bf16, crs, tmp_path)]
-    assert totals(outcomes) == totals(one_by_one)
+    assert [o.get("reason") for o in outcomes] == [o.get("reason") for o in one_by_one]
+    clear_zones = 0
     for a, b in zip(outcomes, one_by_one):
         if "zones" in a:
-            assert [z["binary_score"] for z in a["zones"].values()] == [z["binary_score"] for z in b["zones"].values()]
+            threshold = b["zone_threshold"]
+            for za, zb in zip(a["zones"].values(), b["zones"].values()):
+                assert za["affected_fraction"] == pytest.approx(zb["affected_fraction"], abs=BF16_FRACTION_TOLERANCE)
+                if abs(zb["affected_fraction"] - threshold) > BF16_FRACTION_TOLERANCE:
+                    assert za["binary_score"] == zb["binary_score"]
+                    clear_zones += 1
             assert a["p_disease"] == pytest.approx(b["p_disease"], abs=0.05)
+    assert clear_zones >= 20  # of 24: the comparison is not emptied by borderline zones
 
 
 def test_onnx_backend_refuses_bf16_with_the_reason() -> None:
