@@ -3,7 +3,7 @@
     python bench/models.py [--preset danilov2022] [--threads 1 2] [--repeat 5] [--json bench/results/models.json]
 
 Each stage's model (DeepLabV3+/efficientnet-b1 @ 512 and MA-Net/regnetx_064 @ 544 for the
-paper's pair; the bundled Unets with ``--preset bundled``) is called on one ready input
+paper's pair; the bundled pair with ``--preset bundled``) is called on one ready input
 through cxrtriage's own predictors (``cxrtriage.inference.predictors``: channels_last,
 inference mode; bf16 converts weights and inputs), after two warm-up calls. The median of
 ``--repeat`` calls is printed, with the process CPU time per call beside it. Weights are
