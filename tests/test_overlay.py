@@ -54,7 +54,10 @@ def test_the_written_overlay_is_a_palette_png_a_third_the_size_that_looks_the_sa
     for colour in (LUNG_COLOUR, ZONE_COLOUR, OPACITY_COLOUR, NOTICE_COLOUR):  # the drawing, exactly
         drawn = (canvas == np.array(colour, np.uint8)).all(axis=2)
         assert (shown[drawn] == np.array(colour, np.uint8)).all()
-    assert np.array_equal(amber_rows(shown), amber_rows(canvas))  # the research-use footer intact
+    # the research-use footer intact: the same band, every amber row still amber (a row of the notice's text sits
+    # near half amber, and its anti-aliased edges snap to amber in the palette, so it may tip over half)
+    footer, shown_footer = amber_rows(canvas), amber_rows(shown)
+    assert set(footer) <= set(shown_footer) and (shown_footer.min(), shown_footer.max()) == (footer.min(), footer.max())
 
 
 def test_palette_indices_are_each_pixels_nearest_entry() -> None:

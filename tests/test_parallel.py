@@ -61,8 +61,8 @@ BF16_FRACTION_TOLERANCE = 0.06
 
 def test_bf16_gives_the_same_zone_scores_on_the_phantoms(crs: list[Path], one_by_one: list[dict], tmp_path: Path) -> None:
     """Every zone's fraction within the tolerance of fp32's, and the same zone score wherever fp32's fraction is
-    further than that from T (a zone at T +- a few hundredths may fall either way: phantom 3's zone C is 0.438 in
-    fp32 and 0.487 in bf16 with the round-8 lungs, at T = 0.45)."""
+    further than that from T (a zone at T +- a few hundredths may fall either way: the third phantom's zone C is
+    0.438 in fp32 and 0.487 in bf16 with the round-8 lungs, at T = 0.45)."""
     bf16 = Pipeline(InferenceSettings(precision="bf16"))
     outcomes = [o.as_dict() for o in score_files(bf16, crs, tmp_path)]
     assert [o.get("reason") for o in outcomes] == [o.get("reason") for o in one_by_one]
