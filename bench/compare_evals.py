@@ -41,6 +41,10 @@ def _below_base(rows: Rows) -> float:
     return float(np.mean([r["overshoot"] > 0.05 for r in rows]))
 
 
+def _below_dome(rows: Rows) -> float:
+    return float(np.mean([(r["below_dome"][0] > 0.025) + (r["below_dome"][1] > 0.025) for r in rows]) / 2)
+
+
 def _auc(rows: Rows) -> float:
     labels = np.array([r["opacity_dice"] is not None for r in rows])
     if labels.all() or not labels.any():
@@ -55,7 +59,11 @@ METRICS: list[tuple[str, Callable[[Rows], float], bool]] = [
     ("opacity Dice (diseased)", _opacity_dice, False),
     ("lung Dice (mean)", _lung_dice, False),
     ("images with lung > 5 % below the true base", _below_base, True),
+    ("lungs > 2.5 % of the height below the base over a dome", _below_dome, True),
 ]
+
+#: Per-image fields a metric needs beyond those every evaluation has (older evaluations lack them).
+NEEDS = {_below_dome: "below_dome"}
 
 
 def paired_difference(reference: Rows, candidate: Rows, statistic: Callable[[Rows], float], resamples: int = 2000,
@@ -80,6 +88,9 @@ def compare(reference: dict, candidate: dict, resamples: int = 2000) -> list[dic
     ref_rows, cand_rows = reference["per_image"], candidate["per_image"]
     table = []
     for name, statistic, lower_is_better in METRICS:
+        field = NEEDS.get(statistic)
+        if field and not all(field in r for r in ref_rows + cand_rows):
+            continue
         diff, lo, hi = paired_difference(ref_rows, cand_rows, statistic, resamples)
         better = (hi < 0) if lower_is_better else (lo > 0)
         worse = (lo > 0) if lower_is_better else (hi < 0)

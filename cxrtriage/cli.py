@@ -156,6 +156,9 @@ def train(
     console_processing: float = typer.Option(
         0.0, min=0.0, max=1.0, help="share of training images given a CR/DR console's multi-scale processing"
     ),
+    base_weight: float = typer.Option(
+        1.0, min=1.0, help="lungs: weight of the loss below each column's true lung base (false lung under the domes)"
+    ),
     lesion_free_share: float | None = typer.Option(
         None, help="disease: share of each batch drawn from lesion-free images (default: their share of the data)"
     ),
@@ -195,7 +198,7 @@ def train(
             ct=str(ct) if ct else None, labels=str(labels) if labels else None, lung_labels=lung_ids,
             mix_synthetic=mix_synthetic, drr_cache=str(drr_cache) if drr_cache else None,
             init=str(init) if init else None, console_processing=console_processing, version=version, **optional,
-            lesion_free_share=lesion_free_share,
+            lesion_free_share=lesion_free_share, base_weight=base_weight,
             input_size=input_size, in_channels=in_channels, steps=steps, batch_size=batch_size, lr=lr,
             train_images=train_images, val_images=val_images, eval_every=eval_every, device=device, seed=seed,
             out=str(out / task),

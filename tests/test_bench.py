@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
@@ -195,6 +196,42 @@ def test_compare_evals_tells_a_real_difference_from_noise() -> None:
     rotated = {"per_image": reference["per_image"][1:] + reference["per_image"][:1]}
     with pytest.raises(ValueError, match="same images"):
         compare(reference, rotated)
+
+
+def test_below_dome_counts_lung_drawn_under_a_dome_not_a_shifted_heart_border() -> None:
+    """bench/eval_drr.py below_dome: a lung drawn 5 rows lower over its dome counts (5 / 100 of the height); the
+    same lung shifted one column toward the heart does not, though that column's lowest row moves far."""
+    sys.path.insert(0, str(BENCH))
+    from eval_drr import below_dome
+
+    truth = np.zeros((100, 80), dtype=bool)
+    truth[10:70, 5:30] = True  # the patient's right lung: its dome at row 69
+    truth[10:30, 30:35] = True  # its medial edge, ending high at the heart
+    truth[10:72, 45:75] = True  # the left lung
+    lower = truth.copy()
+    lower[70:75, 5:30] = True
+    assert below_dome(lower, truth) == (0.05, 0.0)
+    shifted = truth.copy()
+    shifted[10:70, 30] = True  # the lung's full height one column further in: not a dome column
+    assert below_dome(shifted, truth) == (0.0, 0.0)
+
+
+def test_compare_evals_counts_lungs_below_a_dome_when_both_evaluations_have_them() -> None:
+    sys.path.insert(0, str(BENCH))
+    from compare_evals import compare
+
+    def evaluation(below: list[tuple[float, float]] | None) -> dict:
+        rows = [{"seed": i, "score": 1, "truth": 1, "lung_dice": 0.95, "overshoot": 0.0,
+                 "opacity_dice": 0.5 if i % 2 else None, "p_disease": 0.1 + 0.8 * (i % 2)} for i in range(60)]
+        for row, b in zip(rows, below or []):
+            row["below_dome"] = b
+        return {"per_image": rows}
+
+    name = "lungs > 2.5 % of the height below the base over a dome"
+    reference, candidate = evaluation([(0.03, 0.04)] * 60), evaluation([(0.03, 0.0)] * 60)
+    row = {r["metric"]: r for r in compare(reference, candidate, resamples=200)}[name]
+    assert (row["reference"], row["candidate"], row["verdict"]) == (1.0, 0.5, "better")
+    assert name not in {r["metric"] for r in compare(evaluation(None), candidate, resamples=50)}
 
 
 def test_candidate_settings_change_only_what_they_name(tmp_path: Path) -> None:

@@ -266,3 +266,36 @@ def test_train_command_names_an_option_out_of_range() -> None:
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--lesion-free-share" in proc.stderr + proc.stdout
     assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_base_weight_costs_a_false_lung_under_the_base_more_than_one_beside_it() -> None:
+    """losses.below_base marks what lies under each column's lowest lung pixel (abdomen, heart), and
+    segmentation_loss weighs a false positive there ``base_weight`` times, one elsewhere once."""
+    from cxrtriage.inference.training.losses import below_base, segmentation_loss
+
+    target = torch.zeros(1, 1, 8, 6)
+    target[0, 0, 1:5, 1:3] = 1.0  # a lung ending at row 4 in columns 1-2
+    target[0, 0, 2:3, 4] = 1.0  # a column whose lung ends at row 2
+    marked = below_base(target)[0, 0]
+    expected = torch.zeros(8, 6)
+    expected[5:, 1:3] = 1.0
+    expected[3:, 4] = 1.0
+    assert torch.equal(marked, expected)  # nothing above a base, nothing in columns without lung
+
+    logits = torch.where(target > 0, 6.0, -6.0)
+    under, beside = logits.clone(), logits.clone()
+    under[0, 0, 6, 1] = 6.0  # a false lung pixel under the base
+    beside[0, 0, 6, 0] = 6.0  # the same mistake in a column without lung
+    def cost(mistake: torch.Tensor, weight: float) -> float:  # what the one false pixel adds to the loss
+        return (segmentation_loss(mistake, target, weight) - segmentation_loss(logits, target, weight)).item()
+
+    assert cost(under, 1.0) == pytest.approx(cost(beside, 1.0))
+    assert cost(beside, 4.0) == pytest.approx(cost(beside, 1.0))
+    assert cost(under, 4.0) > 2.5 * cost(beside, 4.0)
+
+
+def test_base_weight_is_refused_for_the_disease_task() -> None:
+    proc = subprocess.run([sys.executable, "-m", "cxrtriage", "train", "disease", "--base-weight", "3"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--base-weight" in proc.stderr + proc.stdout
+    assert "Traceback" not in proc.stderr + proc.stdout

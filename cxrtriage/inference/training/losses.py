@@ -15,9 +15,24 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> t
     return (1.0 - (2.0 * inter + eps) / (denom + eps)).mean()
 
 
-def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Dice + binary cross-entropy: Dice for overlap, BCE for calibrated probabilities."""
-    return dice_loss(logits, target) + F.binary_cross_entropy_with_logits(logits, target)
+def below_base(target: torch.Tensor) -> torch.Tensor:
+    """1 where a pixel lies below the lowest target pixel of its column (columns holding any target), else 0.
+
+    For lung masks that is the abdomen under the domes and the heart under the medial lung edges: where a
+    lung drawn too low lands (the failure on real films).
+    """
+    at_or_above_lowest = torch.flip(torch.cummax(torch.flip(target, dims=[-2]), dim=-2).values, dims=[-2])
+    return (1.0 - at_or_above_lowest) * target.amax(dim=-2, keepdim=True)
+
+
+def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, base_weight: float = 1.0) -> torch.Tensor:
+    """Dice + binary cross-entropy: Dice for overlap, BCE for calibrated probabilities.
+
+    ``base_weight`` > 1 weighs the cross-entropy of pixels :func:`below_base` that much more: a false
+    positive under the lung's base costs more than one elsewhere, so uncertain bases are drawn higher.
+    """
+    weight = None if base_weight == 1.0 else 1.0 + (base_weight - 1.0) * below_base(target)
+    return dice_loss(logits, target) + F.binary_cross_entropy_with_logits(logits, target, weight=weight)
 
 
 class DynamicWeighting:

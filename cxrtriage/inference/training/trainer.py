@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from ..models import ModelSpec, create_model, save_bundled
 from ..predictors import resolve_device
@@ -61,6 +61,10 @@ class TrainConfig(BaseModel):
         0.0, ge=0.0, le=1.0, description="share of training images given a console's multi-scale processing "
         "(augment.console_processing)"
     )
+    base_weight: float = Field(
+        1.0, ge=1.0, description="lungs: weight of the cross-entropy below each column's true lung base "
+        "(losses.below_base); 1 weighs every pixel alike"
+    )
     lesion_free_share: float | None = Field(
         None, gt=0.0, lt=1.0, description="disease: share of each batch drawn from the lesion-free training images "
         "(default: their share of the data, about 0.35 of DRRs)"
@@ -80,6 +84,13 @@ class TrainConfig(BaseModel):
     workers: int = Field(default_factory=lambda: os.cpu_count() or 1)
     version: str | None = Field(None, description="version suffix; default from the data, e.g. synthetic-1")
     out: str = "runs/train"
+
+    @field_validator("base_weight")
+    @classmethod
+    def _base_weight_is_for_lungs(cls, value: float, info: ValidationInfo) -> float:
+        if value != 1.0 and info.data.get("task") != "lungs":
+            raise ValueError("weighs the lungs' loss below the lung base; the disease task has no such base")
+        return value
 
     @property
     def synthetic_share(self) -> float:
@@ -319,7 +330,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict[str, float]], None] | N
             loss = weighting([seg_loss, cls_loss])
             parts = {"seg_loss": seg_loss.item(), "cls_loss": cls_loss.item()}
         else:
-            loss = segmentation_loss(out_t.float(), y)
+            loss = segmentation_loss(out_t.float(), y, cfg.base_weight)
             parts = {}
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
@@ -358,6 +369,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict[str, float]], None] | N
         "batch_size": cfg.batch_size,
         "lr": cfg.lr,
         "console_processing": cfg.console_processing,
+        "base_weight": cfg.base_weight,
         "lesion_free_share": cfg.lesion_free_share,
         "device": str(device),
         "seconds": round(time.time() - start, 1),
