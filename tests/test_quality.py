@@ -66,7 +66,7 @@ def test_rg1_diaphragm_fixture_is_what_the_tracer_measures() -> None:
 @pytest.mark.xfail(
     strict=True,
     reason="the bundled models (phantoms + DRRs of one CT, docs/model-card.md) still draw the patient-left lung "
-    "below the left dome on RG1: 67 rows at column 1513 (limit 50); the right lung stays within 32 rows",
+    "below the left dome on RG1: 52 rows at column 1513 (limit 50); the right lung stays within 25 rows",
 )
 def test_bundled_lungs_stop_at_the_diaphragm_on_real_rg1(pipeline, rg1) -> None:
     """Two lungs on the real CR, and no lung mask below either hemidiaphragm.
