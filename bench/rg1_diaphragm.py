@@ -5,7 +5,7 @@ usage: python bench/rg1_diaphragm.py [--json tests/rg1_diaphragm.json] [--image 
 ``tests/test_quality.py`` checks that the bundled lung masks stop at RG1's
 diaphragm. Its first fixture was two rows read by eye on a whole-film view
 (1475 and 1525 for the lowest lung points); enlarged crops show the lateral
-costophrenic sulci running about 75 and 65 rows lower than that. This script
+costophrenic sulci running about 80 and 77 rows lower than that. This script
 replaces that reading with a measurement that uses no model:
 
 * in each lung's column range (given below, read off the crops: from the
