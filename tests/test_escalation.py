@@ -47,9 +47,9 @@ def test_escalation_fires_once(tmp_path: Path, database_url: str) -> None:
         time.sleep(3)  # several more scheduler runs
         assert len(Receiver.received) == 1
         sent = Receiver.received[0]
-        # The bundled models score the six-zone phantom 5 (lungs round 10: its zone A is 43 % opaque, under
-        # T = 0.45; docs/model-card.md): critical from 5, so it escalates; the mild one does not.
-        assert sent["band"] == "critical" and sent["total_score"] == 5 and sent["event"] == "cxrtriage.escalation"
+        # The bundled models score the six-zone phantom 6, its truth (disease round 13 at T = 0.30;
+        # docs/model-card.md): critical from 5, so it escalates; the mild one does not.
+        assert sent["band"] == "critical" and sent["total_score"] == 6 and sent["event"] == "cxrtriage.escalation"
         worklist = call(f"{node.web_url()}/api/worklist")[1]
         flagged = [e for e in worklist if "escalated" in e["flags"]]
         assert [e["study_instance_uid"] for e in flagged] == [sent["study_instance_uid"]]

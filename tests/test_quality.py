@@ -13,11 +13,16 @@ from cxrtriage.inference.training.evaluation import evaluate_synthetic
 
 pytestmark = pytest.mark.slow
 
+#: The first, phantom-only bundle's 0-6 MAE on these 200 phantoms (docs/model-card.md, "Phantoms").
+PHANTOM_ONLY_MAE = 0.025
+
 
 def test_bundled_models_meet_the_goals_on_held_out_phantoms(pipeline) -> None:
     result = evaluate_synthetic(pipeline, images=200)
     assert result.lung_dice >= 0.95
     assert result.score_mae <= 0.5
+    # issue #10: no more than 0.1 above the phantom-only bundle's 0.025 (disease round 13: 0.120, docs/model-card.md)
+    assert result.score_mae <= PHANTOM_ONLY_MAE + 0.1, result.score_mae
     assert result.auc >= 0.95
     # The held-out set has both normal and diseased cases, and real errors would show.
     assert 0 < sum(r["truth"] == 0 for r in result.per_image) < 200
