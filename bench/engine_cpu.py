@@ -1,7 +1,7 @@
 """The scoring engine on the CPU against today's pool: images/s and CPU seconds per image, alternating.
 
     nice -n 10 python bench/engine_cpu.py [--images 24] [--rounds 3] [--processes 2] [--threads 0] [--ring-slots N[,M]]
-                                          [--engine-threads 0] [--json bench/results/engine-cpu.json]
+                                          [--jobs-per-core N[,M]] [--engine-threads 0] [--json bench/results/engine-cpu.json]
                                           [--profile DIR]
     nice -n 10 python bench/engine_cpu.py --networks [--preset bundled|paper] [--rounds 3]
 
@@ -16,8 +16,9 @@ Both contenders score the same phantom CRs (2048 x 1664 by default) as the
 node does (one blocking call per job from as many scoring threads as the node
 gives that contender, no overlay): the :class:`~cxrtriage.inference.parallel.ScoringPool` with
 ``--processes`` workers each running the whole chain, and the
-:class:`~cxrtriage.inference.engine_jobs.EnginePool` with ``--processes`` CPU
-workers around one engine process (``device: cpu``). Each contender starts
+:class:`~cxrtriage.inference.engine_jobs.EnginePool` around one engine process
+(``device: cpu``) with ``--processes`` x ``--jobs-per-core`` CPU worker processes,
+each scoring a whole job and sending its network calls to the engine. Each contender starts
 and warms up once; rounds alternate between them. CPU seconds are the
 process tree's (this process and its children), which survive a noisy
 machine better than wall time, also split by process (the caller, the engine
@@ -48,15 +49,29 @@ from cxrtriage.inference.parallel import ScoringPool  # noqa: E402
 from cxrtriage.inference.phantom import PhantomGenerator, write_cr  # noqa: E402
 
 
+def system_cpu() -> float:
+    """Kernel CPU seconds so far of this process and every descendant (page faults, page zeroing, syscalls)."""
+    import psutil
+
+    total = psutil.Process().cpu_times().system
+    for child in psutil.Process().children(recursive=True):
+        try:
+            total += child.cpu_times().system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
 def run_round(score: Callable[[Path, str], Any], files: list[Path], threads: int,
               engine_pid: int | None = None) -> dict[str, Any]:
-    c0, t0 = tree_cpu(engine_pid), time.perf_counter()
+    c0, s0, t0 = tree_cpu(engine_pid), system_cpu(), time.perf_counter()
     with ThreadPoolExecutor(threads) as pool:
         outcomes = list(pool.map(lambda i: score(files[i], f"uid-{i}"), range(len(files))))
-    wall, c1 = time.perf_counter() - t0, tree_cpu(engine_pid)
+    wall, c1, s1 = time.perf_counter() - t0, tree_cpu(engine_pid), system_cpu()
     ms = {role: round((c1[role] - c0[role]) * 1000 / len(files), 1) for role in c0}
     return {"wall_s": round(wall, 2), "images_per_s": round(len(files) / wall, 3),
             "cpu_s_per_image": round(sum(ms.values()) / 1000, 3), "cpu_ms_per_image_by_process": ms,
+            "system_cpu_ms_per_image": round((s1 - s0) * 1000 / len(files), 1),
             "totals": [o.total for o in outcomes]}
 
 
@@ -125,6 +140,9 @@ def main() -> None:
                         help="a ring of this many shared-memory slots (default: the node's, 2 x (max_batch + "
                         "processes)); several, comma-separated, make one engine contender each (0: no ring, a new "
                         "segment per image and per output)")
+    parser.add_argument("--jobs-per-core", default=None,
+                        help="CPU worker processes per core of the engine, each scoring one whole job (default: "
+                        "the node's, engine_jobs.JOBS_PER_CORE); several, comma-separated, make one contender each")
     parser.add_argument("--networks", action="store_true", help="time the networks alone by batch size")
     parser.add_argument("--preset", choices=("bundled", "paper"), default="bundled",
                         help="with --networks: the bundled networks, or the paper's (untrained: the same cost)")
@@ -152,9 +170,13 @@ def main() -> None:
         files = [distinct[i % len(distinct)] for i in range(args.images)]
         pool = ScoringPool(settings, workers=args.processes)
         rings = [int(n) for n in args.ring_slots.split(",")] if args.ring_slots else [None]
-        engines = {("engine" if len(rings) == 1 else f"engine, ring {n}"):
-                   EnginePool(settings, args.processes, engine_threads=args.engine_threads, ring_slots=n)
-                   for n in rings}
+        per_core = [int(n) for n in args.jobs_per_core.split(",")] if args.jobs_per_core else [0]
+        variants = [(n, j) for n in rings for j in per_core]
+        engines = {("engine" + (f", ring {n}" if len(rings) > 1 else "") + (f", {j} jobs/core" if len(per_core) > 1
+                                                                            else "")):
+                   EnginePool(settings, args.processes, engine_threads=args.engine_threads, ring_slots=n,
+                              jobs_per_core=j)
+                   for n, j in variants}
         contenders: dict[str, Callable[[Path, str], Any]] = {
             "pool": lambda path, uid: pool.submit_instance(path, uid).result(),
             **{name: (lambda path, uid, e=e: e.score(path, uid)) for name, e in engines.items()},
@@ -187,6 +209,7 @@ def main() -> None:
         rows = [r for r in rounds if r["contender"] == name]
         print(f"{name:7s} images/s {[r['images_per_s'] for r in rows]}  "
               f"CPU-s/image {[r['cpu_s_per_image'] for r in rows]}  "
+              f"of it in the kernel, ms {[r['system_cpu_ms_per_image'] for r in rows]}  "
               f"CPU-ms/image by process {[r['cpu_ms_per_image_by_process'] for r in rows]}")
     assert len({tuple(r["totals"]) for r in rounds}) == 1, "the contenders' scores differ"
     if args.json:

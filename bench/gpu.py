@@ -286,7 +286,7 @@ def main() -> None:
     args.device = args.device or ("cpu" if dry else "cuda")
     batch = args.batch or (2 if dry else 32)
     pool_batch = args.pool_batch or (2 if dry else 4)
-    images = args.images or (2 if dry else 256)
+    images = args.images or (8 if dry else 256)  # enough that the workers' CPU shows at 10 ms ticks
     baseline_images = args.baseline_images or (1 if dry else 48)
     workers = args.workers or (1 if dry else (os.cpu_count() or 1))
     if dry:  # one thread each: the shared test machine has 2 cores for everything

@@ -1,8 +1,11 @@
 """The scoring engine's CPU dry run: batches formed across jobs, a shared-memory hand-off, the pipeline's scores.
 
-One engine process (``device: cpu``) with two CPU workers serves the whole
-module; the last test kills it and checks that a job then fails with the
-reason instead of hanging, and that the next job starts a new engine.
+One engine process (``device: cpu``) with its CPU workers (two cores' worth)
+serves the whole module. On the CPU the workers score whole jobs and send
+the engine their network calls; the whole-image hand-off that an engine on
+a device takes is tested here too, through the same engine. Two tests kill
+it and check that a job then fails with the reason instead of hanging, and
+that the next job starts a new engine.
 """
 
 from __future__ import annotations
@@ -366,7 +369,10 @@ def test_device_lanes_run_batches_at_once_on_their_own_streams_with_the_same_out
 def test_jobs_submitted_together_share_a_batch_and_score_like_the_pipeline(
     pool: EnginePool, crs: list[Path], lateral: Path, reference: list[InstanceScored | InstanceRefused]
 ) -> None:
+    """On the CPU each worker scores a whole job as the pool does, its two network calls batched in the engine
+    with other jobs' calls (engine_link); the same scores and SEG UIDs as the in-process pipeline."""
     scorer = EngineScorer(SETTINGS, pool=pool)
+    assert pool.networks_only and pool.processes == engine_jobs.JOBS_PER_CORE * pool.workers
     before_batches, before_segments = pool.engine.batch_sizes.copy(), _segments(_pool_pids(pool))
     jobs = [*crs, lateral]
     with ThreadPoolExecutor(len(jobs)) as threads:
@@ -375,7 +381,8 @@ def test_jobs_submitted_together_share_a_batch_and_score_like_the_pipeline(
     assert max(sizes) > 1, f"no batch formed across jobs: {dict(sizes)}"
     # on the CPU one lane per core, each running its batches (at most CPU_MAX_BATCH) at one torch thread
     assert (pool.engine.lanes, pool.engine.threads) == (os.cpu_count(), 1) and max(sizes) <= CPU_MAX_BATCH
-    assert sum(size * count for size, count in sizes.items()) == len(crs)  # the lateral never reached the engine
+    # each scored image went through each network once; the lateral never reached the engine
+    assert sum(size * count for size, count in sizes.items()) == 2 * len(crs)
 
     refused = outcomes[-1]
     assert isinstance(refused, InstanceRefused) and refused.reason == "lateral_view"
@@ -386,13 +393,24 @@ def test_jobs_submitted_together_share_a_batch_and_score_like_the_pipeline(
         assert got.p_disease == pytest.approx(want.p_disease, abs=1e-3)
         assert got.seg.sop_instance_uid == want.seg.sop_instance_uid  # same source, same models: same UIDs
         assert got.seconds["inference"] > 0 and got.seconds["dicom_results"] > 0
-        steps = {"prepare", "engine", "engine_open", "engine_stage1", "engine_crop", "engine_stage2",
-                 "engine_outputs", "engine_wait"}  # where its time went, for bench/gpu.py
-        assert steps <= set(got.details["timings_ms"]) and got.details["timings_ms"]["engine_stage1"] > 0
+        assert {"stage1", "crop", "stage2", "scoring"} <= set(got.details["timings_ms"])
     # the bundled models' scores, non-empty masks included: the truths 2, 0, 4 (docs/model-card.md, disease round
     # 13 at T = 0.30; with round 11 at T = 0.45 they were 1, 0, 3)
     assert [o.total for o in outcomes[:-1]] == [2, 0, 4]  # type: ignore[union-attr]
     assert _segments(_pool_pids(pool)) <= before_segments  # every block of these jobs was unlinked
+
+
+def test_network_calls_reach_only_an_engine_that_knows_the_workers_key(pool: EnginePool) -> None:
+    """The engine's socket is in a directory of its own, mode 0700; a peer without the multiprocessing key is
+    refused before anything it sends is unpickled, and the engine goes on serving."""
+    from multiprocessing import AuthenticationError
+    from multiprocessing.connection import Client
+
+    address = pool.engine.worker_address()
+    assert os.stat(os.path.dirname(address)).st_mode & 0o777 == 0o700
+    with pytest.raises((AuthenticationError, EOFError, ConnectionError)):
+        Client(address, family="AF_UNIX", authkey=b"not the key").send("hello")
+    assert pool.engine.worker_address() == address  # the same engine, still up
 
 
 def test_each_cpu_worker_runs_torch_and_opencv_at_its_share_of_the_cores(pool: EnginePool) -> None:
@@ -475,6 +493,26 @@ def test_a_dead_engine_fails_its_jobs_with_the_reason_and_the_next_job_restarts_
         unlink(output.block)
     finally:
         unlink(prepared.block)
+
+
+def test_an_engine_that_dies_under_a_workers_job_fails_it_with_the_reason_and_the_next_job_restarts_it(
+    pool: EnginePool, crs: list[Path]
+) -> None:
+    pid = pool.engine.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)  # the job's network call waits on a live engine that does not answer
+    with ThreadPoolExecutor(1) as thread:
+        job = thread.submit(pool.score, crs[0], "uid-dies")
+        try:
+            job.result(timeout=3)
+        except TimeoutError:
+            pass
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(EngineError, match="scoring engine is gone"):
+            job.result(timeout=60)
+    again = pool.score(crs[0], "uid-again")
+    assert isinstance(again, InstanceScored) and again.total == 2
+    assert pool.engine.pid not in (None, pid)
 
 
 def test_a_node_scores_through_the_engine(crs: list[Path], tmp_path: Path) -> None:

@@ -13,7 +13,9 @@ only block names, shapes, boxes and a few numbers.
 
 With ``inference.device: cpu`` the engine runs the very functions of
 :class:`~.pipeline.Pipeline` (same predictors, same OpenCV steps), so its
-outputs equal the in-process pipeline's. On CUDA it keeps the work on the
+outputs equal the in-process pipeline's; there the node's CPU workers send
+it single network calls instead (:mod:`.engine_link`), since batching
+pays for no more than the networks on a CPU. On CUDA it keeps the work on the
 device (:mod:`.device_ops`): images read from a ring of page-locked
 shared-memory slots (or staged in pinned buffers), copies on their own
 stream overlapping Stage I, the lung masks and boxes of a batch in one
@@ -23,9 +25,11 @@ and optionally ``torch.compile``.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import multiprocessing
 import os
+import shutil
 import threading
 import time
 import traceback
@@ -39,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from ..config import InferenceSettings
+from .engine_link import JOBS, Inbox, accept_workers, answer_calls, listen, socket_dir
 from .shm import Block, open_block, write_beside
 
 log = logging.getLogger(__name__)
@@ -109,6 +114,10 @@ class HostStages:
         """This thread's last batch's steps."""
         clock: StepClock | None = getattr(self._local, "clock", None)
         return clock if clock is not None else StepClock()
+
+    def network(self, name: str, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """One network on a batch of its inputs, for CPU workers that do the rest (:mod:`.engine_link`)."""
+        return (self.lungs if name == "lungs" else self.disease)(x)
 
     def warm(self, max_batch: int) -> None:
         """Run both networks once per batch size, so that no job pays a kernel choice for a new shape."""
@@ -412,20 +421,17 @@ def make_stages(settings: InferenceSettings, compile_models: bool = False) -> Ho
     return HostStages(settings, compile_models)
 
 
-def _collect(requests: Connection, max_batch: int, max_wait: float) -> tuple[list[tuple[int, Block]], bool]:
-    """Block for one request, then take more until ``max_batch`` or ``max_wait`` seconds; True: stop after it."""
-    batch: list[tuple[int, Block]] = []
-    first = requests.recv()
-    if first is None:
-        return batch, True
-    batch.append(first)
-    deadline = time.monotonic() + max_wait
-    while len(batch) < max_batch and requests.poll(max(0.0, deadline - time.monotonic())):
-        item = requests.recv()
+def _read_jobs(requests: Connection, inbox: Inbox) -> None:
+    """Thread: the scoring client's whole jobs into ``inbox``; its ``None`` (or its going) closes the inbox."""
+    while True:
+        try:
+            item = requests.recv()
+        except (EOFError, OSError):  # the client is gone
+            item = None
         if item is None:
-            return batch, True
-        batch.append(item)
-    return batch, False
+            inbox.close()
+            return
+        inbox.put(JOBS, item)
 
 
 def _run_batch(stages: HostStages | DeviceStages, batch: list[tuple[int, Block]], number: int,
@@ -487,16 +493,18 @@ CPU_MAX_BATCH = 2
 
 def serve(
     settings_json: str, requests: Connection, replies: Connection, threads: int, compile_models: bool, warm: bool,
-    lanes: int = 1,
+    lanes: int = 1, address: str | None = None,
 ) -> None:
     """The engine process: load the models (with ``warm``, run each batch size once), say ready, then batch
     until told to stop or the client goes.
 
-    ``lanes`` threads take batches in turn and run them at the same time, each with ``threads`` torch
-    threads. On the CPU the node gives one lane per core at one thread each: as many images' networks at
-    once as the pool's processes run, where one batch over all cores would have OpenMP threads waiting at
-    every barrier for a peer that the CPU workers have descheduled. On a device ``inference.device_lanes``
-    lanes share it, each on its own streams: one lane's host work runs while the GPU runs another's batch."""
+    Work comes from the client's pipe (whole jobs) and, with ``address``, from CPU workers over a Unix socket
+    (single network calls, :mod:`.engine_link`); a batch holds one kind. ``lanes`` threads take batches in turn
+    and run them at the same time, each with ``threads`` torch threads. On the CPU the node gives one lane per
+    core at one thread each: as many images' networks at once as the pool's processes run, where one batch
+    over all cores would have OpenMP threads waiting at every barrier for a peer that the CPU workers have
+    descheduled. On a device ``inference.device_lanes`` lanes share it, each on its own streams: one lane's
+    host work runs while the GPU runs another's batch."""
     import torch
 
     if threads:
@@ -508,35 +516,39 @@ def serve(
         max_batch = min(settings.max_batch, CPU_MAX_BATCH) if on_cpu else settings.max_batch
         if warm or (compile_models and lanes > 1):  # lanes must not compile one graph at once
             stages.warm(max_batch)
+        listener = listen(address) if address is not None and on_cpu else None
     except Exception as exc:
         replies.send(("failed", f"{type(exc).__name__}: {exc}"))
         return
+    inbox = Inbox()
+    threading.Thread(target=_read_jobs, args=(requests, inbox), name="engine-jobs", daemon=True).start()
+    if listener is not None:
+        threading.Thread(target=accept_workers, args=(listener, inbox), name="engine-accept", daemon=True).start()
     replies.send(("ready", type(stages).__name__))
     max_wait = settings.max_wait_ms / 1000.0
     taking, sending = threading.Lock(), threading.Lock()  # one lane forms a batch at a time; replies whole
-    state = {"stop": False, "number": 0}
+    numbers = itertools.count(1)
 
     def lane(index: int) -> None:
         while True:
             with taking:
-                if state["stop"]:
-                    return
-                try:
-                    batch, state["stop"] = _collect(requests, max_batch, max_wait)
-                except (EOFError, OSError):  # the client is gone
-                    state["stop"] = True
-                    return
-                state["number"] += 1
-                number = state["number"]
-            if not batch:
-                continue
-            out = _answer(stages, batch, number, index)
+                taken = inbox.take(max_batch, max_wait)
+                number = next(numbers)
+            if taken is None:
+                return
+            kind, batch = taken
+            if kind == JOBS:
+                out: list[Any] = _answer(stages, batch, number, index)
+            else:
+                assert isinstance(stages, HostStages)  # only a CPU engine listens for network calls
+                answer_calls(stages.network, kind, batch)
+                out = [("batch", len(batch))]  # for the client's count of batch sizes
             try:
                 with sending:
                     for reply in out:
                         replies.send(reply)
             except OSError:  # the client is gone
-                state["stop"] = True
+                inbox.close()
                 return
 
     others = [threading.Thread(target=lane, args=(n,), name=f"engine-lane-{n}", daemon=True)
@@ -551,6 +563,12 @@ def serve(
 # --------------------------------------------------------------------------- client
 
 
+def _remove_socket(address: str | None) -> None:
+    """Remove an engine's socket and the directory made for it (:func:`~.engine_link.socket_dir`)."""
+    if address is not None:
+        shutil.rmtree(os.path.dirname(address), ignore_errors=True)
+
+
 @dataclass
 class _Link:
     """One engine process, its request pipe, and the jobs it owes."""
@@ -558,6 +576,7 @@ class _Link:
     process: multiprocessing.process.BaseProcess
     requests: Connection
     pending: dict[int, Future[EngineOutput]]
+    address: str | None = None  # its Unix socket for CPU workers' network calls (:mod:`.engine_link`)
 
 
 class ScoringEngine:
@@ -565,12 +584,14 @@ class ScoringEngine:
 
     Thread-safe. An engine that dies fails every job in flight with an
     :class:`EngineError` (no job waits forever); the next :meth:`submit`
-    starts a new one. :attr:`batch_sizes` counts the batches by size.
+    starts a new one. :attr:`batch_sizes` counts the batches by size. With ``for_workers`` it also listens for
+    CPU workers' network calls (:meth:`worker_address`; a CPU engine only).
     """
 
     def __init__(self, settings: InferenceSettings, *, threads: int = 0, lanes: int = 1,
-                 compile_models: bool = False, start_timeout: float = 300.0) -> None:
+                 compile_models: bool = False, start_timeout: float = 300.0, for_workers: bool = False) -> None:
         self.settings = settings
+        self.for_workers = for_workers
         self.threads = threads
         self.lanes = lanes  # batches run at once (:func:`serve`)
         self.compile_models = compile_models
@@ -592,16 +613,27 @@ class ScoringEngine:
         with self._lock:
             self._ensure_started()
 
+    def worker_address(self) -> str:
+        """The socket CPU workers send network calls to, of the engine now running (started if need be)."""
+        with self._lock:
+            if self._closing:
+                raise EngineError("scoring engine is closed")
+            address = self._ensure_started().address
+        if address is None:
+            raise EngineError("this scoring engine takes whole jobs only")
+        return address
+
     def _ensure_started(self) -> _Link:
         if self._link is not None and self._link.process.is_alive():
             return self._link
         context = multiprocessing.get_context("spawn")  # no fork of a threaded torch
         requests_read, requests_write = context.Pipe(duplex=False)
         replies_read, replies_write = context.Pipe(duplex=False)
+        address = os.path.join(socket_dir(), "engine.sock") if self.for_workers else None
         process = context.Process(
             target=serve, name="cxrtriage-engine", daemon=True,
             args=(self.settings.model_dump_json(), requests_read, replies_write, self.threads, self.compile_models,
-                  self.warm_batches, self.lanes),
+                  self.warm_batches, self.lanes, address),
         )
         process.start()
         requests_read.close()
@@ -613,10 +645,11 @@ class ScoringEngine:
             process.join(5)
             requests_write.close()
             replies_read.close()
+            _remove_socket(address)
             why = message[1] if isinstance(message, tuple) else f"exit code {process.exitcode}"
             raise EngineError(f"scoring engine did not start: {why}")
         self.stages = message[1]
-        link = self._link = _Link(process, requests_write, {})
+        link = self._link = _Link(process, requests_write, {}, address)
         threading.Thread(target=self._dispatch, args=(link, replies_read), name="engine-replies",
                          daemon=True).start()
         return link
@@ -645,6 +678,9 @@ class ScoringEngine:
                     reply = replies.recv()
                     if isinstance(reply, EngineReply):
                         self._resolve(link, reply)
+                    elif isinstance(reply, tuple) and reply[0] == "batch":  # a batch of CPU workers' calls
+                        with self._lock:
+                            self.batch_sizes[reply[1]] += 1
                     continue
             except (EOFError, OSError):
                 break  # the engine closed its end: it is exiting
@@ -652,6 +688,7 @@ class ScoringEngine:
                 break
         link.process.join(5)
         replies.close()
+        _remove_socket(link.address)
         with self._lock:
             if self._link is link:
                 self._link = None
@@ -692,3 +729,4 @@ class ScoringEngine:
         if link.process.is_alive():
             link.process.kill()
             link.process.join(5)
+        _remove_socket(link.address)

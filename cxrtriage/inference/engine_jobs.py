@@ -1,14 +1,17 @@
-"""The CPU side of the scoring engine: worker processes decode before it and build SEG/SR after it.
+"""The CPU side of the scoring engine: worker processes around the one process that runs the networks.
 
-A node's scoring job goes through three steps: :func:`prepare` in a CPU
-worker (read, decode, Stage I input; pixels into shared memory), the
-engine (:mod:`.engine`: both networks, batched across jobs), then
-:func:`finish` in a CPU worker (disease mask at full resolution, zones and
-scores, SEG + SR (+ SC), overlay). :class:`EnginePool` runs them; it is
-what a node's scoring threads call, one blocking call per job.
+:class:`EnginePool` is what a node's scoring threads call, one blocking call per job. How a job goes
+depends on where the engine runs:
 
-Both worker steps reuse the pipeline's and :mod:`.instance`'s functions, so
-an image scores the same as through :func:`~.instance.score_instance`.
+* **on a device**, three steps: :func:`prepare` in a CPU worker (read, decode, Stage I input; pixels into
+  shared memory), the engine (:mod:`.engine`: both networks, the lung masks and the crop, batched across
+  jobs), then :func:`finish` in a CPU worker (disease mask at full resolution, zones and scores, SEG + SR
+  (+ SC), overlay). Both worker steps reuse the pipeline's and :mod:`.instance`'s functions.
+* **on the CPU**, one step: :func:`score_with_engine` in a CPU worker runs the pool's own
+  :func:`~.instance.score_instance`, each network call sent to the engine, which batches the calls of
+  many jobs (:mod:`.engine_link`). The engine then does nothing that batching cannot pay for.
+
+Either way an image scores the same as through :func:`~.instance.score_instance`.
 """
 
 from __future__ import annotations
@@ -29,13 +32,14 @@ import numpy as np
 
 from ..config import InferenceSettings
 from .engine import EngineError, EngineOutput, ScoringEngine, on_device
+from .engine_link import EngineGone, EngineLink, RemotePredictor
 from .instance import InstanceRefused, InstanceScored
-from .parallel import RestartingPool, threads_per_worker
+from .parallel import RestartingPool, steady_heap, threads_per_worker
 from .shm import Block, Ring, create_ring, open_block, unlink, write_block, write_slot
 
 if TYPE_CHECKING:
     from .models import ModelSpec
-    from .pipeline import ResultBuilder
+    from .pipeline import Pipeline, ResultBuilder
 
 
 log = logging.getLogger(__name__)
@@ -50,6 +54,10 @@ def _shm_free_bytes() -> int:
 
 #: torch threads of an engine on a device (not measured yet: the next GPU run's ``engine_upload`` says).
 DEVICE_ENGINE_THREADS = 4
+#: CPU worker processes per core of an engine on the CPU, each scoring one whole job at a time: a worker waits
+#: while the engine runs its networks. On 2 cores 1, 2 and 3 a core gave 0.65x, 0.95x and 0.98x the pool's
+#: images/s (``bench/engine_cpu.py --jobs-per-core 1,2,3``, docs/benchmarks.md).
+JOBS_PER_CORE = 3
 #: Bytes of a ring slot: a 3000 x 3000 16-bit image's stored values (18 MB), Stage I's input and the table.
 #: Larger inputs, or ones that also carry the pixels for an overlay, go into a segment of their own.
 RING_SLOT_BYTES = 24 << 20
@@ -76,6 +84,8 @@ class _Worker:
     lung_spec: ModelSpec
     disease_spec: ModelSpec
     build_result: ResultBuilder
+    link: EngineLink
+    pipeline: Pipeline  # its networks run in the engine (RemotePredictor)
 
 
 _worker: _Worker | None = None  # one per worker process: the specs, no models
@@ -83,13 +93,18 @@ _worker: _Worker | None = None  # one per worker process: the specs, no models
 
 def _start_worker(settings_json: str, threads: int) -> None:
     global _worker
-    from .pipeline import ResultBuilder, use_threads
+    from .pipeline import Pipeline, ResultBuilder, use_threads
     from .presets import model_specs
 
     use_threads(threads)
+    steady_heap()
     settings = InferenceSettings.model_validate_json(settings_json)
     lung_spec, disease_spec = model_specs(settings)
-    _worker = _Worker(settings, lung_spec, disease_spec, ResultBuilder(settings, lung_spec, disease_spec))
+    link = EngineLink()
+    pipeline = Pipeline(settings, RemotePredictor(lung_spec, "lungs", link),
+                        RemotePredictor(disease_spec, "disease", link))
+    _worker = _Worker(settings, lung_spec, disease_spec, ResultBuilder(settings, lung_spec, disease_spec), link,
+                      pipeline)
 
 
 def _context() -> _Worker:
@@ -167,6 +182,23 @@ def finish(
     return outcome
 
 
+def score_with_engine(
+    path: Path, sop_instance_uid: str, overlay: Path | None, jpeg2000: bool, secondary_capture: bool, address: str,
+    ring_slot: tuple[Ring, int] | None,
+) -> InstanceScored | InstanceRefused:
+    """A whole job in this CPU worker, as a pool worker scores it, but each network call batched in the engine at
+    ``address`` (inputs and outputs through ``ring_slot`` where given)."""
+    from .instance import score_instance
+
+    worker = _context()
+    worker.link.use(address, ring_slot)
+    try:
+        return score_instance(worker.pipeline, path, sop_instance_uid, overlay, jpeg2000=jpeg2000,
+                              secondary_capture=secondary_capture)
+    except EngineGone as exc:
+        raise EngineError(str(exc)) from None
+
+
 def _warm(_: int) -> int:
     time.sleep(0.05)  # long enough that the tasks spread over the workers
     return os.getpid()
@@ -181,7 +213,8 @@ class EnginePool(RestartingPool):
     """
 
     def __init__(self, settings: InferenceSettings, workers: int = 0, *, engine_threads: int = 0,
-                 compile_models: bool | None = None, ring_slots: int | None = None) -> None:
+                 compile_models: bool | None = None, ring_slots: int | None = None,
+                 jobs_per_core: int = 0) -> None:
         self.workers = workers or os.cpu_count() or 1
         self._settings_json = settings.model_dump_json()
         # On the CPU the networks are most of the work: the engine runs one lane per core (engine.serve), each
@@ -191,6 +224,7 @@ class EnginePool(RestartingPool):
         # memory (page faults included), in its one Python thread: the H100 run found that thread the limit,
         # and torch spreads a large copy over its threads.
         self.stored_values = on_device(settings)  # hand Stage II's image over as stored values (prepare)
+        self.networks_only = not self.stored_values  # on the CPU: workers score whole jobs (score_with_engine)
         if self.stored_values:
             threads = engine_threads or settings.threads or max(threads_per_worker(self.workers + 1),
                                                                 DEVICE_ENGINE_THREADS)
@@ -198,14 +232,18 @@ class EnginePool(RestartingPool):
         else:
             threads = engine_threads or settings.threads or 1
             lanes = max(1, (os.cpu_count() or 1) // threads)
+        # A worker that scores whole jobs waits while the engine runs its networks: JOBS_PER_CORE of them per
+        # core keep the cores busy (one would leave its core idle for the networks' time).
+        self.processes = self.workers * ((jobs_per_core or JOBS_PER_CORE) if self.networks_only else 1)
         compile_models = settings.compile if compile_models is None else compile_models  # inference.compile
-        self.engine = ScoringEngine(settings, threads=threads, lanes=lanes, compile_models=compile_models)
+        self.engine = ScoringEngine(settings, threads=threads, lanes=lanes, compile_models=compile_models,
+                                    for_workers=self.networks_only)
         # The images go through a ring of slots, one per job in flight (queued for the engine, in it, or in a
         # worker), mapped once in every process: a new segment per image costs its writer and its reader a page
         # fault per 4 KiB page (a 2048 x 1664 float32 image: 11.0 CPU-ms to write and 3.9 to read through a new
         # segment, 0.7 and 1.6 through a slot; bench/shm_handoff.py); a GPU copies a slot from page-locked memory.
         if ring_slots is None:
-            ring_slots = 2 * (settings.max_batch + self.workers)
+            ring_slots = 2 * (settings.max_batch + self.processes)
         room = _shm_free_bytes() // (2 * RING_SLOT_BYTES)  # at most half of /dev/shm: the segments need room too
         if ring_slots > room:  # a container's 64 MB default, say: a write past tmpfs's size kills the writer
             log.warning("ring cut from %d to %d slots: /dev/shm has room for no more (raise it, e.g. docker "
@@ -213,16 +251,18 @@ class EnginePool(RestartingPool):
             ring_slots = room
         self.ring: Ring | None = None
         self._ring_segment = None
-        self._free_slots: queue.SimpleQueue[int] = queue.SimpleQueue()
+        # last in, first out: a job takes the slot freed last, whose pages this process and the workers have
+        # mapped and most likely still hold in cache
+        self._free_slots: queue.LifoQueue[int] = queue.LifoQueue()
         if ring_slots:
             self.ring, self._ring_segment = create_ring(ring_slots, RING_SLOT_BYTES)
-            for slot in range(ring_slots):
+            for slot in reversed(range(ring_slots)):
                 self._free_slots.put(slot)
         self.executor = self._start()
 
     def _start(self) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(
-            max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"),
+            max_workers=self.processes, mp_context=multiprocessing.get_context("spawn"),
             initializer=_start_worker, initargs=(self._settings_json, threads_per_worker(self.workers)),
         )
 
@@ -233,13 +273,13 @@ class EnginePool(RestartingPool):
         self.engine.start()
         seen: set[int] = set()
         deadline = time.monotonic() + timeout
-        while len(seen) < self.workers:
+        while len(seen) < self.processes:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"only {len(seen)} of {self.workers} engine workers started")
-            seen.update(f.result() for f in [self._submit(_warm, i) for i in range(self.workers * 2)])
+                raise TimeoutError(f"only {len(seen)} of {self.processes} engine workers started")
+            seen.update(f.result() for f in [self._submit(_warm, i) for i in range(self.processes * 2)])
         if sample is not None:  # a burst, so that every worker most likely pays its first prepare and finish
-            with ThreadPoolExecutor(2 * self.workers) as threads:
-                list(threads.map(lambda i: self.score(sample, f"warm-up-{i}", None), range(2 * self.workers)))
+            with ThreadPoolExecutor(2 * self.processes) as threads:
+                list(threads.map(lambda i: self.score(sample, f"warm-up-{i}", None), range(2 * self.processes)))
 
     def score(
         self, path: Path, sop_instance_uid: str, overlay: Path | None = None, *, jpeg2000: bool = False,
@@ -260,6 +300,12 @@ class EnginePool(RestartingPool):
                secondary_capture: bool, slot: int | None) -> InstanceScored | InstanceRefused:
         t0 = time.perf_counter()
         ring_slot = (self.ring, slot) if self.ring is not None and slot is not None else None
+        if self.networks_only:
+            try:
+                return self._submit(score_with_engine, path, sop_instance_uid, overlay, jpeg2000, secondary_capture,
+                                    self.engine.worker_address(), ring_slot).result()
+            except BrokenProcessPool as exc:
+                raise EngineError(f"a scoring worker process died: {exc}") from exc
         try:
             keep_pixels = overlay is not None or secondary_capture
             prepared = self._submit(prepare, path, sop_instance_uid, keep_pixels, self.stored_values,

@@ -10,6 +10,7 @@ batch's encoding with another's networks. Each worker loads the models once.
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
 import os
 import tempfile
@@ -28,10 +29,32 @@ from .score_files import FileOutcome, score_batch
 _pipeline = None  # one per worker process
 
 
+def steady_heap() -> None:
+    """Keep this worker's freed image buffers in its heap (glibc): a fixed mmap threshold of 64 MB and a trim
+    threshold of 256 MB.
+
+    By default glibc maps each large array (an image, a mask) on its own and gives it back when freed, or
+    trims the heap's top, so the next image faults in and zeroes its pages again: the scoring engine's CPU
+    workers, three a core and idle while the engine runs their networks, spent several times the pool's
+    kernel CPU on it; with these thresholds both spend about 3 ms an image there (``bench/engine_cpu.py``'s
+    kernel column, docs/benchmarks.md). Fixed thresholds also stop glibc's own adjustment.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: nothing to set
+        return
+    libc.mallopt(M_MMAP_THRESHOLD, 64 << 20)
+    libc.mallopt(M_TRIM_THRESHOLD, 256 << 20)
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
+
+
 def _start_worker(settings_json: str) -> None:
     global _pipeline
     from .pipeline import Pipeline
 
+    steady_heap()
     _pipeline = Pipeline(InferenceSettings.model_validate_json(settings_json))
 
 
