@@ -495,6 +495,31 @@ def test_a_dead_engine_fails_its_jobs_with_the_reason_and_the_next_job_restarts_
         unlink(prepared.block)
 
 
+def test_a_killed_nodes_engine_socket_directory_goes_when_the_next_engine_starts(tmp_path: Path) -> None:
+    """A node killed with SIGKILL leaves its engine's socket directory behind; the next one removes it, and
+    never a live process's."""
+    import subprocess
+    import tempfile
+
+    from cxrtriage.inference.engine_link import SOCKET_DIR_PREFIX, socket_dir
+
+    dead_pid = subprocess.Popen(["true"])  # a process that has ended: its pid is free
+    dead_pid.wait()
+    left = Path(tempfile.mkdtemp(prefix=f"{SOCKET_DIR_PREFIX}{dead_pid.pid}-"))
+    (left / "engine.sock").write_bytes(b"")
+    live = Path(tempfile.mkdtemp(prefix=f"{SOCKET_DIR_PREFIX}{os.getpid()}-"))
+    made = Path(socket_dir())
+    try:
+        assert not left.exists() and live.is_dir() and made.is_dir()
+        assert made.name.startswith(f"{SOCKET_DIR_PREFIX}{os.getpid()}-") and made.stat().st_mode & 0o777 == 0o700
+    finally:
+        for path in (left, live, made):
+            if path.exists():
+                for child in path.iterdir():
+                    child.unlink()
+                path.rmdir()
+
+
 def test_an_engine_that_dies_under_a_workers_job_fails_it_with_the_reason_and_the_next_job_restarts_it(
     pool: EnginePool, crs: list[Path]
 ) -> None:

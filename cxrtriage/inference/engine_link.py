@@ -243,8 +243,34 @@ class RemotePredictor:
         return self.link.run(self.network, np.ascontiguousarray(batch, dtype=np.float32))
 
 
+SOCKET_DIR_PREFIX = "cxrtriage-engine-"
+
+
 def socket_dir() -> str:
-    """A new directory for an engine's socket that only this user can enter (``tempfile.mkdtemp``: 0700)."""
+    """A new directory for an engine's socket that only this user can enter (``tempfile.mkdtemp``: 0700),
+    named after this process; first, those of this user's node processes that are gone (killed, say) go."""
+    import shutil
     import tempfile
 
-    return tempfile.mkdtemp(prefix=f"cxrtriage-engine-{os.getpid()}-")
+    root = tempfile.gettempdir()
+    for name in os.listdir(root):
+        if not name.startswith(SOCKET_DIR_PREFIX):
+            continue
+        pid = name[len(SOCKET_DIR_PREFIX):].partition("-")[0]
+        path = os.path.join(root, name)
+        try:
+            if pid.isdigit() and os.stat(path).st_uid == os.getuid() and not _alive(int(pid)):
+                shutil.rmtree(path, ignore_errors=True)
+        except OSError:
+            continue
+    return tempfile.mkdtemp(prefix=f"{SOCKET_DIR_PREFIX}{os.getpid()}-")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: a check that the process exists, nothing is sent
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process under that number
+        return True
+    return True
