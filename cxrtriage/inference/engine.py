@@ -29,7 +29,6 @@ import itertools
 import logging
 import multiprocessing
 import os
-import shutil
 import threading
 import time
 import traceback
@@ -43,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from ..config import InferenceSettings
-from .engine_link import JOBS, Inbox, accept_workers, answer_calls, listen, socket_dir
+from .engine_link import JOBS, Inbox, accept_workers, answer_calls, listen, remove_socket, socket_dir
 from .shm import Block, open_block, write_beside
 
 log = logging.getLogger(__name__)
@@ -563,12 +562,6 @@ def serve(
 # --------------------------------------------------------------------------- client
 
 
-def _remove_socket(address: str | None) -> None:
-    """Remove an engine's socket and the directory made for it (:func:`~.engine_link.socket_dir`)."""
-    if address is not None:
-        shutil.rmtree(os.path.dirname(address), ignore_errors=True)
-
-
 @dataclass
 class _Link:
     """One engine process, its request pipe, and the jobs it owes."""
@@ -645,7 +638,7 @@ class ScoringEngine:
             process.join(5)
             requests_write.close()
             replies_read.close()
-            _remove_socket(address)
+            remove_socket(address)
             why = message[1] if isinstance(message, tuple) else f"exit code {process.exitcode}"
             raise EngineError(f"scoring engine did not start: {why}")
         self.stages = message[1]
@@ -688,7 +681,7 @@ class ScoringEngine:
                 break
         link.process.join(5)
         replies.close()
-        _remove_socket(link.address)
+        remove_socket(link.address)
         with self._lock:
             if self._link is link:
                 self._link = None
@@ -729,4 +722,4 @@ class ScoringEngine:
         if link.process.is_alive():
             link.process.kill()
             link.process.join(5)
-        _remove_socket(link.address)
+        remove_socket(link.address)

@@ -24,6 +24,8 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import shutil
+import tempfile
 import threading
 import time
 from collections import deque
@@ -166,8 +168,9 @@ def answer_calls(run: Callable[[str, np.ndarray], tuple[np.ndarray, np.ndarray |
                 answers[i] = NetworkAnswer(batch[i][2].call, error=f"{type(exc).__name__}: {exc}")
             parts = []
     start = 0
-    for i, n in parts:
-        out = {"probs": probs[start:start + n]} if probs is not None else {}
+    for i, n in parts:  # parts is left only when the network ran: probs is there
+        assert probs is not None
+        out = {"probs": probs[start:start + n]}
         if p is not None:
             out["p"] = p[start:start + n]
         start += n
@@ -249,9 +252,6 @@ SOCKET_DIR_PREFIX = "cxrtriage-engine-"
 def socket_dir() -> str:
     """A new directory for an engine's socket that only this user can enter (``tempfile.mkdtemp``: 0700),
     named after this process; first, those of this user's node processes that are gone (killed, say) go."""
-    import shutil
-    import tempfile
-
     root = tempfile.gettempdir()
     for name in os.listdir(root):
         if not name.startswith(SOCKET_DIR_PREFIX):
@@ -266,7 +266,15 @@ def socket_dir() -> str:
     return tempfile.mkdtemp(prefix=f"{SOCKET_DIR_PREFIX}{os.getpid()}-")
 
 
+def remove_socket(address: str | None) -> None:
+    """Remove an engine's socket and the directory :func:`socket_dir` made for it."""
+    if address is not None:
+        shutil.rmtree(os.path.dirname(address), ignore_errors=True)
+
+
 def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists; the twin of storage.archive's check, which the import borders keep apart
+    (storage imports nothing else of the project, inference nothing of storage)."""
     try:
         os.kill(pid, 0)  # signal 0: a check that the process exists, nothing is sent
     except ProcessLookupError:
