@@ -1,6 +1,7 @@
 """CPU-ms per image of the scoring engine's first worker step, ``engine_jobs.prepare``, on 2500 x 2048 CRs.
 
-    nice -n 10 python bench/prepare.py [--images 10] [--rounds 3] [--preset bundled|paper] [--json F]
+    nice -n 10 python bench/prepare.py [--images 10] [--rounds 3] [--preset bundled|paper]
+                                       [--stage1 host device] [--json F]
 
 ``prepare`` is what each CPU worker of a GPU box does before the engine:
 read the file, decode, the stored-value table, Stage I's input, and the copy
@@ -10,8 +11,11 @@ it took 46.7 ms an image, the larger part of the workers' CPU. This script
 runs it in this process at one thread (as a worker runs it), on phantom CRs
 written once (12-bit stored values in 16-bit words, as most CRs), warm: each
 round scores every image once untimed, then ``--images`` timed; the process
-CPU time per image of every round is printed and kept. Compare trees by
-running each tree's copy of this script alternately.
+CPU time per image of every round is printed and kept. ``--stage1`` names
+where Stage I's input is made: ``host`` (here, as by default) or ``device``
+(``inference.stage1_on_device``: left to the engine); with both, every round
+runs each in turn, the order alternating. Compare trees by running each
+tree's copy of this script alternately.
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--preset", choices=("bundled", "paper"), default="bundled")
+    parser.add_argument("--stage1", nargs="+", choices=("host", "device"), default=["host", "device"],
+                        help="where Stage I's input is made (device: inference.stage1_on_device)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     settings = bench_settings(args.preset, "cpu", 2)  # paper: phantom-trained weights (bench/paper_weights.py)
@@ -50,23 +56,27 @@ def main() -> None:
                  for i in range(2)]
         ring, segment = create_ring(4, engine_jobs.RING_SLOT_BYTES)
         try:
-            def run(n: int) -> None:
+            def run(n: int, stage1: str) -> None:
                 for i in range(n):
-                    prepared = engine_jobs.prepare(files[i % 2], f"uid-{i}", False, True, (ring, i % 4))
+                    prepared = engine_jobs.prepare(files[i % 2], f"uid-{i}", False, True, (ring, i % 4),
+                                                   stage1_on_device=stage1 == "device")
                     assert isinstance(prepared, engine_jobs.Prepared)
                     unlink(prepared.block)
 
             for n in range(args.rounds):
-                run(len(files))  # warm: the slots' pages and the first call
-                c0 = time.process_time()
-                run(args.images)
-                rounds.append({"round": n, "cpu_ms_per_image": round((time.process_time() - c0) * 1000
-                                                                      / args.images, 2)})
-                print(json.dumps(rounds[-1]), flush=True)
+                for stage1 in (args.stage1 if n % 2 == 0 else args.stage1[::-1]):
+                    run(len(files), stage1)  # warm: the slots' pages and the first call
+                    c0 = time.process_time()
+                    run(args.images, stage1)
+                    rounds.append({"round": n, "stage1": stage1,
+                                   "cpu_ms_per_image": round((time.process_time() - c0) * 1000 / args.images, 2)})
+                    print(json.dumps(rounds[-1]), flush=True)
         finally:
             segment.close()
             segment.unlink()
-    print(f"prepare, {args.preset}, 2500x2048: CPU-ms per image by round {[r['cpu_ms_per_image'] for r in rounds]}")
+    for stage1 in args.stage1:
+        print(f"prepare, {args.preset}, 2500x2048, Stage I's input made on the {stage1}: CPU-ms per image by round "
+              f"{[r['cpu_ms_per_image'] for r in rounds if r['stage1'] == stage1]}")
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rounds": rounds},
                                         indent=1))

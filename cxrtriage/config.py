@@ -70,6 +70,10 @@ class InferenceSettings(BaseModel):
         1, ge=1, le=4, description="scoring engine on a GPU: batches in flight at once, each on its own CUDA "
         "streams, so that one batch's host work overlaps another's networks"
     )
+    stage1_on_device: bool = Field(
+        False, description="scoring engine on a GPU: make Stage I's input there, from Stage II's image (one upload "
+        "instead of a resize per image in the CPU workers); Stage I then waits for the full-resolution upload"
+    )
     compile: bool = Field(
         False, description="torch.compile the networks (torch backend): on CUDA CUDA graphs per batch size, on the "
         "CPU C++ kernels with frozen weights (needs a C++ compiler); the first batch of each size compiles, a minute "

@@ -65,6 +65,11 @@ def test_gpu_script_dry_run_on_the_cpu(tmp_path: Path) -> None:
     by_process = e2e["cpu_ms_per_image_by_process"]
     assert by_process["engine"] > 0 and by_process["workers"] > 0
     assert sum(by_process.values()) / 1000 == pytest.approx(e2e["cpu_s_per_image"], rel=0.01, abs=1e-3)
+    # on the same engine, runs with Stage I's input made in the workers and (a device engine only) by the engine
+    runs = e2e["stage1_comparison"]["runs"]
+    assert [r["stage1"] for r in runs] == ["host", "device"] and all(r["images_per_s"] > 0 for r in runs)
+    assert not any(r["stage1_on_device"] for r in runs)  # the dry run's engine is on the CPU: it cannot
+    assert "Stage I's input on the device" in proc.stdout
     assert "models-alone ceiling" in proc.stdout and (tmp_path / "gpu.log").exists()
 
 

@@ -27,7 +27,7 @@ import torch
 
 from cxrtriage.config import InferenceSettings
 from cxrtriage.inference import engine_jobs
-from cxrtriage.inference.device_ops import boxes_of, crop_to_input, lung_masks_batch
+from cxrtriage.inference.device_ops import boxes_of, crop_to_input, lung_masks_batch, model_input
 from cxrtriage.inference.engine import CPU_MAX_BATCH, EngineError, EngineOutput, EngineReply
 from cxrtriage.inference.engine_jobs import EnginePool, Prepared
 from cxrtriage.inference.instance import InstanceRefused, InstanceScored, score_instance
@@ -123,6 +123,9 @@ def test_device_ops_give_the_cpu_pipelines_masks_box_and_stage2_input(crs: list[
         r = load_dicom(path)
         stage1, stage2 = stage_sources(r, lung_spec, disease_spec)
         prob = pipeline.lungs_model(model_inputs([stage1], lung_spec))[0][0]
+        # Stage I's input made on the device from the image (inference.stage1_on_device): OpenCV's, to rounding
+        x1 = model_input(torch.from_numpy(stage1), lung_spec.input_size, *lung_spec.channel_stats())
+        np.testing.assert_allclose(x1.numpy(), model_inputs([stage1], lung_spec)[0], rtol=0, atol=1e-4)
         expected = lung_crop(stage2, prob, lung_spec.pixel_threshold, settings.min_lung_blob_fraction,
                              settings.crop_margin)
         blobs = model_blobs(prob, lung_spec.pixel_threshold, settings.min_lung_blob_fraction)
@@ -200,7 +203,8 @@ def test_the_device_stages_give_the_host_stages_outputs_from_either_hand_off(
 ) -> None:
     """DeviceStages, the engine's GPU path, run here on CPU tensors (CUDA's streams and pinned memory
     stubbed): a batch of 3 padded to the bucket of 4, Stage II's image uploaded as float32 or looked up from
-    stored values, gives HostStages' box, P(disease) and model outputs."""
+    stored values, and Stage I's input uploaded or made on the device from that image
+    (inference.stage1_on_device), gives HostStages' box, P(disease) and model outputs."""
     from cxrtriage.inference.engine import DeviceStages, HostStages, _run_batch
 
     registered, waits = fake_cuda.registered, fake_cuda.waits
@@ -208,11 +212,16 @@ def test_the_device_stages_give_the_host_stages_outputs_from_either_hand_off(
     host, device = HostStages(settings), DeviceStages(settings, torch.device("cpu"))
     assert device.buckets == (1, 2, 4, 8)
     ring, segment = create_ring(len(crs), 8 << 20)
-    for stored_values, in_ring in ((False, False), (True, False), (True, True)):
-        prepared = [engine_jobs.prepare(path, f"uid-{i}", False, stored_values, (ring, i) if in_ring else None)
-                    for i, path in enumerate(crs)]
+    host_outputs: list[list[dict[str, np.ndarray]]] = []
+    for stored_values, in_ring, stage1_on_device in ((False, False, False), (True, False, False),
+                                                     (True, True, False), (True, True, True)):
+        prepared = [engine_jobs.prepare(path, f"uid-{i}", False, stored_values, (ring, i) if in_ring else None,
+                                        stage1_on_device) for i, path in enumerate(crs)]
         blocks = [(i, p.block) for i, p in enumerate(prepared) if isinstance(p, Prepared)]
         assert all(block.in_ring == in_ring for _, block in blocks)
+        for _, block in blocks:
+            with open_block(block) as arrays:
+                assert ("stage1" in arrays) != stage1_on_device and ("codes" in arrays) == stored_values
         try:
             waits.clear()
             want = _run_batch(host, blocks, 1)
@@ -223,6 +232,10 @@ def test_the_device_stages_give_the_host_stages_outputs_from_either_hand_off(
                 with open_block(w.output.block) as a:
                     wanted.append({key: array.copy() for key, array in a.items()})
                 unlink(w.output.block)
+            if stage1_on_device:  # the host makes the left-out input as the worker would have: the same outputs
+                for a, b in zip(wanted, host_outputs[-1]):
+                    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+            host_outputs.append(wanted)
             got = _run_batch(device, blocks, 1)
             assert waits == [True, True, True]  # after Stage I, after Stage II, the copy stream
             for w, g, a in zip(want, got, wanted):
@@ -422,15 +435,18 @@ def test_each_cpu_worker_runs_torch_and_opencv_at_its_share_of_the_cores(pool: E
     assert pool.executor.submit(torch.get_num_threads).result(timeout=60) == share
 
 
+@pytest.mark.parametrize("stage1_on_device", [False, True])
 def test_stored_values_handed_to_the_engine_give_the_pipelines_result_overlay_and_secondary_capture(
-    pool: EnginePool, crs: list[Path], pipeline: Pipeline, worker_here: None, tmp_path: Path
+    pool: EnginePool, crs: list[Path], pipeline: Pipeline, worker_here: None, tmp_path: Path, stage1_on_device: bool
 ) -> None:
     """The hand-off an engine on a GPU gets: Stage II's image as stored values + table (half the bytes of
-    its float32 copy), the pixels for the overlay and SC beside them; same scores and pictures."""
-    prepared = engine_jobs.prepare(crs[2], "uid-2", keep_pixels=True, stored_values=True)
+    its float32 copy), the pixels for the overlay and SC beside them, and Stage I's input unless the engine
+    makes it (inference.stage1_on_device); same scores and pictures."""
+    prepared = engine_jobs.prepare(crs[2], "uid-2", keep_pixels=True, stored_values=True,
+                                   stage1_on_device=stage1_on_device)
     assert isinstance(prepared, Prepared)
     assert {(slot.key, slot.dtype) for slot in prepared.block.slots} == {
-        ("stage1", "<f4"), ("codes", "<u2"), ("table", "<f4"), ("pixels", "<f4")}
+        ("codes", "<u2"), ("table", "<f4"), ("pixels", "<f4")} | (set() if stage1_on_device else {("stage1", "<f4")})
     output = pool.engine.submit(prepared.block).result(timeout=120)
     try:
         got = engine_jobs.finish(prepared, output, tmp_path / "engine.png", False, True)

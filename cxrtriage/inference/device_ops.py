@@ -104,7 +104,14 @@ def crop_to_input(
     rows, columns = slice(box.top, box.bottom), slice(box.left, box.right)
     crop = torch.where(lungs[rows, columns], image[rows, columns], torch.zeros((), dtype=image.dtype,
                                                                               device=image.device))
-    resized = resize_like_cv2(crop, (size, size))
+    return model_input(crop, size, mean, std)
+
+
+def model_input(image: torch.Tensor, size: int, mean: Sequence[float] | torch.Tensor,
+                std: Sequence[float] | torch.Tensor) -> torch.Tensor:
+    """:func:`~.pipeline.model_inputs` of one float (H, W) image: (C, size, size), resized and normalised
+    (tensors for ``mean`` and ``std`` on the image's device, as for :func:`crop_to_input`)."""
+    resized = resize_like_cv2(image, (size, size))
     m = torch.as_tensor(mean, dtype=torch.float32, device=image.device)[:, None, None]
     s = torch.as_tensor(std, dtype=torch.float32, device=image.device)[:, None, None]
     return (resized[None] - m) / s

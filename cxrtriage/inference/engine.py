@@ -127,11 +127,11 @@ class HostStages:
 
     def __call__(self, images: list[dict[str, np.ndarray]]) -> list[tuple[dict[str, np.ndarray], tuple[int, ...],
                                                                            float] | Exception]:
-        from .pipeline import lung_crop, model_inputs, stage2_image
+        from .pipeline import lung_crop, model_inputs, stage1_input, stage2_image
 
         lung_spec, disease_spec = self.lungs.spec, self.disease.spec
         clock = self._local.clock = StepClock()
-        probs, _ = self.lungs(np.stack([im["stage1"] for im in images]))
+        probs, _ = self.lungs(np.stack([stage1_input(im, lung_spec) for im in images]))
         clock.mark("stage1")
         crops: list[Any] = []
         for im, prob in zip(images, probs):
@@ -210,8 +210,10 @@ class DeviceStages:
             self.models.append(model)
         self._lanes = threading.local()
         self._rings_lock = threading.Lock()
-        mean, std = self.disease_spec.channel_stats()  # on the device once: a copy from the host syncs the stream
-        self.mean, self.std = (torch.tensor(v, dtype=torch.float32, device=device) for v in (mean, std))
+        # on the device once: a copy from the host syncs the stream
+        self.lung_stats, self.disease_stats = (
+            tuple(torch.tensor(v, dtype=torch.float32, device=device) for v in spec.channel_stats())
+            for spec in (self.lung_spec, self.disease_spec))
         # each image's lung blobs at model resolution on threads (OpenCV and scipy's labelling let go of the
         # GIL): about 4 CPU-ms an image at the paper's 512 px (bench/lung_blobs.py), one after another a large
         # part of the engine's 11.3 ms "crop" step an image on an H200 (docs/benchmarks.md, GPU)
@@ -281,7 +283,7 @@ class DeviceStages:
 
     def _upload_source(self, i: int, im: dict[str, np.ndarray]) -> Any:
         """Stage II's source image on the device, float32: uploaded, or looked up there from its stored values
-        (half the bytes of a 16-bit image; :func:`~.pipeline.stage2_parts`)."""
+        (half the bytes of a 16-bit image; :meth:`~.radiograph.Radiograph.as_lookup`)."""
         if "stage2" in im:
             return self._upload(f"source{i}", np.asarray(im["stage2"], dtype=np.float32))
         codes = self._upload(f"codes{i}", im["codes"])
@@ -328,7 +330,7 @@ class DeviceStages:
 
     def _batch(self, images: list[dict[str, np.ndarray]], lane: _Lane) -> list[
             tuple[dict[str, np.ndarray], tuple[int, ...], float] | Exception]:
-        from .device_ops import boxes_of, crop_to_input, lung_masks_batch
+        from .device_ops import boxes_of, crop_to_input, lung_masks_batch, model_input
         from .pipeline import model_blobs
 
         torch = self.torch
@@ -336,13 +338,21 @@ class DeviceStages:
         self._pin_rings()  # a ring first seen in this batch (its blocks were opened by _run_batch)
         compute = lane.compute
         # each image's Stage I input from its own block (a ring slot: straight to the GPU), stacked there
-        uploads = [self._upload(f"stage1_{i}", im["stage1"]) for i, im in enumerate(images)]
-        with torch.cuda.stream(lane.copy):
-            x1 = torch.stack(uploads)
-        x1_ready = lane.copy.record_event()
-        sources = [self._upload_source(i, im) for i, im in enumerate(images)]
+        uploads = [self._upload(f"stage1_{i}", im["stage1"]) if "stage1" in im else None
+                   for i, im in enumerate(images)]
+        if all(x is not None for x in uploads):
+            with torch.cuda.stream(lane.copy):
+                x1 = torch.stack(uploads)
+            x1_ready = lane.copy.record_event()
+            sources = [self._upload_source(i, im) for i, im in enumerate(images)]
+            compute.wait_event(x1_ready)  # the full-resolution copies go on while Stage I runs
+        else:  # inference.stage1_on_device: Stage I's input made here, from the full-resolution images
+            sources = [self._upload_source(i, im) for i, im in enumerate(images)]
+            compute.wait_stream(lane.copy)
+            size = self.lung_spec.input_size
+            x1 = torch.stack([x if x is not None else model_input(source, size, *self.lung_stats)
+                              for x, source in zip(uploads, sources)])
         clock.mark("upload")  # the host's part: staging into pinned memory
-        compute.wait_event(x1_ready)  # the full-resolution copies go on while Stage I runs
         probs, _ = self._run(self.models[0], x1)
         self._wait_for(compute)
         host_probs = probs.cpu().numpy()  # model resolution: blob cleaning and labelling on the host
@@ -380,8 +390,8 @@ class DeviceStages:
         for shape, (masks, boxes) in masks_of.items():
             for j, i in enumerate(by_shape[shape]):
                 try:
-                    x = crop_to_input(sources[i], masks[j], boxes[j], self.disease_spec.input_size, self.mean,
-                                      self.std)
+                    x = crop_to_input(sources[i], masks[j], boxes[j], self.disease_spec.input_size,
+                                      *self.disease_stats)
                     crops[i] = (host_probs[i], boxes[j], x)
                 except Exception as exc:  # this image only
                     crops[i] = exc

@@ -113,20 +113,23 @@ def _context() -> _Worker:
 
 
 def prepare(path: Path, sop_instance_uid: str, keep_pixels: bool = True, stored_values: bool = False,
-            ring_slot: tuple[Ring, int] | None = None) -> Prepared | InstanceRefused:
+            ring_slot: tuple[Ring, int] | None = None, stage1_on_device: bool = False) -> Prepared | InstanceRefused:
     """Read and decode ``path`` and prepare Stage I's input, into shared memory; or why it cannot be scored.
 
     The block holds ``stage1`` (Stage I's input), the image Stage II crops and, with ``keep_pixels``,
     ``pixels`` unless they are that image (for the overlay and Secondary Capture). The image Stage II crops
     is ``stage2``, float32, or with ``stored_values`` (an engine on a device, which looks it up there) its
-    stored values and table where the radiograph keeps them (:func:`~.pipeline.stage2_parts`): half the
+    stored values and table where the radiograph keeps them (:meth:`~.radiograph.Radiograph.as_lookup`): half the
     bytes to copy and upload. An engine on the CPU would make the lookup in its one process, which the
-    CPU workers around it do better. With ``ring_slot`` the block goes into that slot of the ring where
-    it fits (:func:`~.shm.write_slot`), else into a new segment.
+    CPU workers around it do better. With ``stage1_on_device`` (``inference.stage1_on_device``) and stored
+    values, ``stage1`` is left out where both stages start from the same image: the device engine makes it
+    from that image (:func:`~.pipeline.stage1_input`), and this worker makes neither the float image nor its
+    resize. With ``ring_slot`` the block goes into that slot of the ring where it fits
+    (:func:`~.shm.write_slot`), else into a new segment.
     """
     import pydicom
 
-    from .pipeline import model_inputs, stage2_parts, stage_sources
+    from .pipeline import model_inputs, stage_sources
     from .radiograph import RadiographError, radiograph_from_dataset
 
     t0 = time.perf_counter()
@@ -136,9 +139,13 @@ def prepare(path: Path, sop_instance_uid: str, keep_pixels: bool = True, stored_
         r = radiograph_from_dataset(ds, sop_instance_uid)
     except RadiographError as exc:
         return InstanceRefused(exc.reason, exc.detail)
-    stage1, stage2 = stage_sources(r, worker.lung_spec, worker.disease_spec)
-    parts = stage2_parts(r, worker.disease_spec, stage2) if stored_values else {"stage2": stage2}
-    arrays = {"stage1": model_inputs([stage1], worker.lung_spec)[0], **parts}
+    lookup = r.as_lookup(worker.disease_spec.equalize) if stored_values else None
+    arrays = {"codes": lookup[0], "table": lookup[1]} if lookup is not None else {}
+    if not (stage1_on_device and lookup is not None and worker.lung_spec.equalize == worker.disease_spec.equalize):
+        stage1, stage2 = stage_sources(r, worker.lung_spec, worker.disease_spec)
+        arrays["stage1"] = model_inputs([stage1], worker.lung_spec)[0]
+        if lookup is None:
+            arrays["stage2"] = stage2
     if keep_pixels and arrays.get("stage2") is not (pixels := r.pixels):  # made here only when asked for
         arrays["pixels"] = pixels
     block = (write_slot(*ring_slot, arrays) if ring_slot is not None else None) or write_block(arrays)
@@ -225,6 +232,8 @@ class EnginePool(RestartingPool):
         # and torch spreads a large copy over its threads.
         self.stored_values = on_device(settings)  # hand Stage II's image over as stored values (prepare)
         self.networks_only = not self.stored_values  # on the CPU: workers score whole jobs (score_with_engine)
+        # inference.stage1_on_device: the device engine makes Stage I's input (the benchmarks flip it between runs)
+        self.stage1_on_device = self.stored_values and settings.stage1_on_device
         if self.stored_values:
             threads = engine_threads or settings.threads or max(threads_per_worker(self.workers + 1),
                                                                 DEVICE_ENGINE_THREADS)
@@ -309,7 +318,7 @@ class EnginePool(RestartingPool):
         try:
             keep_pixels = overlay is not None or secondary_capture
             prepared = self._submit(prepare, path, sop_instance_uid, keep_pixels, self.stored_values,
-                                    ring_slot).result()
+                                    ring_slot, self.stage1_on_device).result()
         except BrokenProcessPool as exc:
             raise EngineError(f"a scoring worker process died: {exc}") from exc
         if isinstance(prepared, InstanceRefused):

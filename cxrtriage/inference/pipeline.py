@@ -201,16 +201,16 @@ def stage_sources(
         equalized if disease_spec.equalize else radiograph.pixels)
 
 
-def stage2_parts(radiograph: Radiograph, disease_spec: ModelSpec, image: np.ndarray) -> dict[str, np.ndarray]:
-    """Stage II's source image for a hand-off between processes: ``{"codes", "table"}`` where the radiograph
-    keeps its stored values (:meth:`~.radiograph.Radiograph.as_lookup`), else ``{"stage2": image}``."""
-    parts = radiograph.as_lookup(disease_spec.equalize)
-    return {"stage2": image} if parts is None else {"codes": parts[0], "table": parts[1]}
-
-
 def stage2_image(arrays: Mapping[str, np.ndarray]) -> np.ndarray:
-    """The image :func:`stage2_parts` handed over."""
+    """Stage II's source image of a hand-off between processes (:func:`~.engine_jobs.prepare`): ``stage2``, or
+    ``table[codes]`` where it went as the radiograph's stored values (:meth:`~.radiograph.Radiograph.as_lookup`)."""
     return arrays["stage2"] if "stage2" in arrays else lookup(arrays["table"], arrays["codes"])
+
+
+def stage1_input(arrays: Mapping[str, np.ndarray], spec: ModelSpec) -> np.ndarray:
+    """Stage I's (C, S, S) input of a hand-off: ``stage1``, or made from Stage II's image where the hand-off left
+    it out (both stages start from that image; ``inference.stage1_on_device``)."""
+    return arrays["stage1"] if "stage1" in arrays else model_inputs([stage2_image(arrays)], spec)[0]
 
 
 def model_inputs(images: Sequence[np.ndarray], spec: ModelSpec) -> np.ndarray:
