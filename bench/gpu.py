@@ -21,9 +21,10 @@ Phases, in this order (the JSON is rewritten after each, so a run cut short keep
    open loop, p50/p95/p99 from hand-over to SEG + SR bytes (the first quarter left out as warm-up).
    Run once per ``--device-lanes`` value (1, then 2: batches in flight at once on the device, each on its
    own streams); the first is ``end_to_end``, the others ``end_to_end_lanes<N>``, each on a new engine.
-   Before the latency, ``stage1_comparison`` on the same engine: ``--stage1-pairs`` pairs of runs over the
-   same images, Stage I's input made in the CPU workers and on the device (``inference.stage1_on_device``),
-   the order alternating, every run kept.
+   Before the latency, ``variants`` on the same engine: ``--variant-rounds`` rounds of runs over the same
+   images with Stage I's input made in the CPU workers or on the device (``inference.stage1_on_device``) and
+   the lung blobs found on host threads or on the device (``inference.lung_blobs_on_device``), the order
+   rotating, every run kept.
 6. ``ceiling_compiled``: phase 3 with ``torch.compile(mode="reduce-overhead")`` (CUDA graphs); skipped
    on the dry run and with ``--no-compile``.
 
@@ -198,41 +199,51 @@ def models_alone(specs: tuple[ModelSpec, ModelSpec], device_name: str, batch: in
             "images_per_s": batch / (both / 1000)}
 
 
-def stage1_comparison(contender: Engine, files: list[Path], root: Path, pairs: int) -> dict[str, Any]:
-    """On ``contender``'s started engine, ``pairs`` x 2 runs over ``files``: Stage I's input made in the CPU
-    workers ("host") or by the engine from the uploaded image ("device", ``inference.stage1_on_device``),
-    alternating which goes first; images/s, CPU per image by process and the median step times of each."""
+#: Engine options compared on one started engine (``variants``): name -> (stage1_on_device, blobs_on_device).
+VARIANTS = {"default": (False, False), "stage1 on device": (True, False), "blobs on device": (False, True),
+            "both on device": (True, True)}
+
+
+def variants(contender: Engine, files: list[Path], root: Path, rounds: int) -> dict[str, Any]:
+    """On ``contender``'s started engine, ``rounds`` runs over ``files`` of each of :data:`VARIANTS`, the order
+    rotating each round: Stage I's input made in the CPU workers or by the engine from the uploaded image
+    (``inference.stage1_on_device``), the lung blobs found on the engine's host threads or on the device
+    (``inference.lung_blobs_on_device``); images/s, CPU per image by process and the median step times of
+    each run. Only a device engine can do either (``effective`` says whether it did)."""
     pool = contender.scorer.pool
-    before, saved = pool.stage1_on_device, contender.timings
+    before, saved = (pool.stage1_on_device, pool.engine.blobs_on_device), contender.timings
+    names = list(VARIANTS)
     runs: list[dict[str, Any]] = []
     try:
-        for n in range(pairs):
-            for where in (("host", "device") if n % 2 == 0 else ("device", "host")):
-                pool.stage1_on_device = where == "device" and pool.stored_values  # only a device engine can
+        for n in range(rounds):
+            for name in names[n % len(names):] + names[:n % len(names)]:
+                stage1, blobs = VARIANTS[name]
+                pool.stage1_on_device, pool.engine.blobs_on_device = stage1 and pool.stored_values, blobs
                 contender.timings = []
-                out = root / f"stage1-{n}-{where}"
+                out = root / f"variant-{n}-{name.replace(' ', '-')}"
                 c0, t0 = tree_cpu(contender.engine_pid), time.perf_counter()
                 contender.run(files, out)
                 seconds, c1 = time.perf_counter() - t0, tree_cpu(contender.engine_pid)
                 written = outputs(out)
                 shutil.rmtree(out, ignore_errors=True)
                 if (written["seg"], written["sr"]) != (len(files), len(files)):
-                    raise RuntimeError(f"stage1 {where}: wrote {written} for {len(files)} images")
-                steps = ("prepare", "engine", "engine_upload", "engine_stage1", "engine_wait")
-                runs.append({"pair": n, "stage1": where, "stage1_on_device": pool.stage1_on_device,
+                    raise RuntimeError(f"{name}: wrote {written} for {len(files)} images")
+                steps = ("prepare", "engine", "engine_upload", "engine_stage1", "engine_blobs", "engine_blobs_device",
+                         "engine_masks", "engine_wait")
+                runs.append({"round": n, "variant": name, "effective": pool.stored_values,
                              "images_per_s": len(files) / seconds,
                              "cpu_s_per_image": sum(c1[r] - c0[r] for r in c0) / len(files),
                              "cpu_ms_per_image_by_process": {r: round((c1[r] - c0[r]) * 1000 / len(files), 1)
                                                              for r in c0},
                              "timings_ms_median": {k: round(statistics.median(t[k] for t in contender.timings), 2)
                                                    for k in steps if all(k in t for t in contender.timings)}})
-                print(f"  stage1 on the {where}: {runs[-1]['images_per_s']:.1f} images/s, "
+                print(f"  {name}: {runs[-1]['images_per_s']:.1f} images/s, "
                       f"{runs[-1]['cpu_s_per_image'] * 1000:.0f} CPU-ms an image", flush=True)
     finally:
-        pool.stage1_on_device, contender.timings = before, saved
-    medians = {where: statistics.median(r["images_per_s"] for r in runs if r["stage1"] == where)
-               for where in ("host", "device")}
-    return {"runs": runs, "images_per_s_median": medians, "device_vs_host": medians["device"] / medians["host"]}
+        (pool.stage1_on_device, pool.engine.blobs_on_device), contender.timings = before, saved
+    medians = {name: statistics.median(r["images_per_s"] for r in runs if r["variant"] == name) for name in names}
+    return {"runs": runs, "images_per_s_median": medians,
+            "vs_default": {name: medians[name] / medians["default"] for name in names[1:]}}
 
 
 @contextmanager
@@ -329,9 +340,9 @@ def main() -> None:
     parser.add_argument("--profile", action=argparse.BooleanOptionalAction, default=None,
                         help="py-spy over the engine and workers during each steady-rate latency run (default: on, "
                         "where py-spy is installed, except on the dry run)")
-    parser.add_argument("--stage1-pairs", type=int, default=None,
-                        help="pairs of end-to-end runs, Stage I's input made on the host / the device, on each "
-                        "started engine (2; dry run: 1; 0: none)")
+    parser.add_argument("--variant-rounds", type=int, default=None,
+                        help="rounds of end-to-end runs of each engine variant (Stage I's input, lung blobs: on "
+                        "the host or the device) on each started engine (2; dry run: 1; 0: none)")
     parser.add_argument("--device-lanes", type=int, nargs="+", default=None,
                         help="end to end once per value of inference.device_lanes, in this order (1 2; dry run: 1)")
     args = parser.parse_args()
@@ -347,7 +358,7 @@ def main() -> None:
     iterations = args.iterations or (1 if dry else 20)
     device_lanes = args.device_lanes or ([1] if dry else [1, 2])  # on the CPU the engine's lanes are per core
     args.profile = (not dry) if args.profile is None else args.profile
-    stage1_pairs = (1 if dry else 2) if args.stage1_pairs is None else args.stage1_pairs
+    variant_rounds = (1 if dry else 2) if args.variant_rounds is None else args.variant_rounds
     rate = args.latency_rate or (4.0 if dry else 50.0)
     offer_s = args.latency_seconds or (1.0 if dry else 20.0)
     rows, cols = (int(v) for v in (args.size or ("256x256" if dry else "2500x2048")).split("x"))
@@ -428,11 +439,10 @@ def main() -> None:
             else:
                 e2e_settings = settings.model_copy(update={"precision": "bf16", "batch_size": pool_batch, "threads": 1})
                 contender = Cxrtriage("cxrtriage bf16 pool", e2e_settings, workers)
-            # on the same started engine (a pool has no per-image call to offer to): Stage I's input made on the
-            # host and on the device, alternating; then the steady-rate latency, profiled: at a steady rate below
-            # capacity, where the CPU goes
+            # on the same started engine (a pool has no per-image call to offer to): the variants, in rotating
+            # order; then the steady-rate latency, profiled: at a steady rate below capacity, where the CPU goes
             def after(c: Any) -> dict[str, Any]:
-                done = {"stage1": stage1_comparison(c, files, root, stage1_pairs)} if stage1_pairs else {}
+                done = {"variants": variants(c, files, root, variant_rounds)} if variant_rounds else {}
                 with py_spy(out / f"profile-lanes{lanes}.txt" if args.profile else None) as facts:
                     return done | {"latency": steady_latency(c.scorer, files, rate, offer_s, offer_s / 4) | facts}
             run = measure(contender, files, root, 0, after=after if engine else None)
@@ -446,8 +456,8 @@ def main() -> None:
                       "opacity_px_median": sorted(run["opacity_px"])[images // 2]}
             if "after" in run:
                 result["steady_latency"] = run["after"]["latency"]
-                if "stage1" in run["after"]:
-                    result["stage1_comparison"] = run["after"]["stage1"]
+                if "variants" in run["after"]:
+                    result["variants"] = run["after"]["variants"]
             if getattr(contender, "timings", None):  # where each image's time went: the engine's steps, the waits
                 keys = sorted({k for t in contender.timings for k in t})
                 result["timings_ms_median"] = {k: round(statistics.median(t[k] for t in contender.timings if k in t), 2)
@@ -475,8 +485,9 @@ def main() -> None:
           + "), published baseline "
           f"{number('baseline')} images/s; p95 latency at {rate:g} images/s offered: "
           f"{((p.get('end_to_end') or {}).get('steady_latency') or {}).get('latency_ms', {}).get('p95', 'not run')} ms"
-          + "".join(f"; {name}: Stage I's input on the device {c['device_vs_host']:.2f}x the workers' images/s"
-                    for name, phase_result in p.items() if (c := (phase_result or {}).get("stage1_comparison")))
+          + "".join(f"; {name}, images/s against the default: "
+                    + ", ".join(f"{variant} {ratio:.2f}x" for variant, ratio in v["vs_default"].items())
+                    for name, phase_result in p.items() if (v := (phase_result or {}).get("variants")))
           + f"; JSON: {report_path}")
 
 

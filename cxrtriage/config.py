@@ -74,6 +74,10 @@ class InferenceSettings(BaseModel):
         False, description="scoring engine on a GPU: make Stage I's input there, from Stage II's image (one upload "
         "instead of a resize per image in the CPU workers); Stage I then waits for the full-resolution upload"
     )
+    lung_blobs_on_device: bool = Field(
+        False, description="scoring engine on a GPU: find each image's lung blobs (opening, closing, small-blob "
+        "removal, the two largest) on the device, the same values as on the host, instead of on host threads"
+    )
     compile: bool = Field(
         False, description="torch.compile the networks (torch backend): on CUDA CUDA graphs per batch size, on the "
         "CPU C++ kernels with frozen weights (needs a C++ compiler); the first batch of each size compiles, a minute "

@@ -65,11 +65,13 @@ def test_gpu_script_dry_run_on_the_cpu(tmp_path: Path) -> None:
     by_process = e2e["cpu_ms_per_image_by_process"]
     assert by_process["engine"] > 0 and by_process["workers"] > 0
     assert sum(by_process.values()) / 1000 == pytest.approx(e2e["cpu_s_per_image"], rel=0.01, abs=1e-3)
-    # on the same engine, runs with Stage I's input made in the workers and (a device engine only) by the engine
-    runs = e2e["stage1_comparison"]["runs"]
-    assert [r["stage1"] for r in runs] == ["host", "device"] and all(r["images_per_s"] > 0 for r in runs)
-    assert not any(r["stage1_on_device"] for r in runs)  # the dry run's engine is on the CPU: it cannot
-    assert "Stage I's input on the device" in proc.stdout
+    # on the same engine, a run of each variant (Stage I's input, lung blobs: host or device), every run kept
+    runs = e2e["variants"]["runs"]
+    assert [r["variant"] for r in runs] == ["default", "stage1 on device", "blobs on device", "both on device"]
+    assert all(r["images_per_s"] > 0 for r in runs) and set(e2e["variants"]["vs_default"]) == set(
+        r["variant"] for r in runs[1:])
+    assert not any(r["effective"] for r in runs)  # the dry run's engine is on the CPU: it can do neither
+    assert "images/s against the default: stage1 on device" in proc.stdout
     assert "models-alone ceiling" in proc.stdout and (tmp_path / "gpu.log").exists()
 
 

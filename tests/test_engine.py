@@ -20,19 +20,34 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pydicom
 import pytest
 import torch
+from scipy import ndimage
 
 from cxrtriage.config import InferenceSettings
 from cxrtriage.inference import engine_jobs
-from cxrtriage.inference.device_ops import boxes_of, crop_to_input, lung_masks_batch, model_input
+from cxrtriage.inference.device_ops import (
+    boxes_of,
+    crop_to_input,
+    lung_blobs_batch,
+    lung_masks_batch,
+    model_input,
+)
 from cxrtriage.inference.engine import CPU_MAX_BATCH, EngineError, EngineOutput, EngineReply
 from cxrtriage.inference.engine_jobs import EnginePool, Prepared
 from cxrtriage.inference.instance import InstanceRefused, InstanceScored, score_instance
 from cxrtriage.inference.phantom import PhantomGenerator, write_cr
-from cxrtriage.inference.pipeline import Pipeline, lung_crop, model_blobs, model_inputs, stage_sources
+from cxrtriage.inference.pipeline import (
+    Pipeline,
+    lung_crop,
+    lung_kernel,
+    model_blobs,
+    model_inputs,
+    stage_sources,
+)
 from cxrtriage.inference.preprocess import CropBox
 from cxrtriage.inference.radiograph import load_dicom
 from cxrtriage.inference.shm import (
@@ -375,6 +390,76 @@ def test_device_lanes_run_batches_at_once_on_their_own_streams_with_the_same_out
         for reply in alone:
             if reply.output is not None:
                 unlink(reply.output.block)
+        for _, block in blocks:
+            unlink(block)
+
+
+def test_lung_blobs_found_on_the_device_are_the_hosts_to_the_last_bit(pipeline: Pipeline, crs: list[Path]) -> None:
+    """inference.lung_blobs_on_device: opening, closing, small-blob removal and the two largest blobs as torch
+    operations give model_blobs' planes exactly, on Stage I's maps of the CRs (at 256 px and brought to the
+    paper's 512), on maps of many blobs with small ones among them, and on an empty map, in one batch."""
+    lung_spec = pipeline.lungs_model.spec
+    threshold, min_fraction = lung_spec.pixel_threshold, pipeline.settings.min_lung_blob_fraction
+    disease_spec = pipeline.disease_model.spec
+    maps = [pipeline.lungs_model(model_inputs([stage_sources(load_dicom(path), lung_spec, disease_spec)[0]],
+                                              lung_spec))[0][0] for path in crs]
+    rng = np.random.default_rng(SEED)
+    for size in (256, 512):
+        batch = [m if m.shape[0] == size else cv2.resize(m, (size, size)) for m in maps]
+        for sigma in (size / 30, size / 60):  # blobby noise: tens of components, most of them small
+            noise = ndimage.gaussian_filter(rng.standard_normal((size, size)), sigma)
+            above = np.quantile(noise, 0.7)  # 30 % of the map above the threshold, in many blobs
+            batch.append(np.clip((noise - above) / np.ptp(noise) + threshold, 0, 1).astype(np.float32))
+        squares = np.zeros((size, size), np.float32)  # three blobs of one area: the first two in raster order
+        for top, left in ((size // 2, size // 10), (size // 10, size // 2), (size // 2, size // 2)):
+            squares[top:top + size // 8, left:left + size // 8] = 0.9
+        batch += [squares, np.zeros((size, size), np.float32)]
+        got = lung_blobs_batch(torch.from_numpy(np.stack(batch)), threshold, min_fraction, lung_kernel((size, size)))
+        assert got is not None and got.shape == (len(batch), 2, size, size)
+        counts = []
+        for prob, planes in zip(batch, got.numpy()):
+            want = model_blobs(prob, threshold, min_fraction)
+            counts.append(len(want))
+            np.testing.assert_array_equal(planes, np.stack(want + [np.zeros_like(prob)] * (2 - len(want))))
+        assert counts[:3] == [2, 2, 2] and counts[-1] == 0  # two lungs each; nothing in the empty map
+        for noise in batch[3:5]:  # many components, some of them below min_fraction, which both drop
+            labels, n = ndimage.label(noise > threshold, structure=np.ones((3, 3)))
+            assert n > 4 and (np.bincount(labels.ravel())[1:] < min_fraction * size * size).any()
+
+
+def test_the_device_stages_find_blobs_on_the_device_or_on_the_host_with_the_same_outputs(
+    crs: list[Path], worker_here: None, fake_cuda: _FakeCuda, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A device engine with its blobs found on the device gives the outputs of one that finds them on host
+    threads; a labelling that does not settle in MAX_LABEL_ROUNDS goes to the host's threads."""
+    from cxrtriage.inference import device_ops
+    from cxrtriage.inference.engine import DeviceStages, _run_batch
+
+    device = DeviceStages(SETTINGS.model_copy(update={"precision": "fp32"}), torch.device("cpu"))
+    assert not device.blobs_on_device.value  # inference.lung_blobs_on_device: off by default
+    prepared = [engine_jobs.prepare(path, f"uid-{i}", False, True) for i, path in enumerate(crs)]
+    blocks = [(i, p.block) for i, p in enumerate(prepared) if isinstance(p, Prepared)]
+    runs: dict[str, list[EngineReply]] = {}
+    try:
+        for name, on_device, rounds in (("host", False, device_ops.MAX_LABEL_ROUNDS),
+                                        ("device", True, device_ops.MAX_LABEL_ROUNDS), ("unsettled", True, 4)):
+            device.blobs_on_device.value = on_device
+            monkeypatch.setattr(device_ops, "MAX_LABEL_ROUNDS", rounds)
+            runs[name] = _run_batch(device, blocks, 1)
+        for name, step in (("host", "blobs"), ("device", "blobs_device"), ("unsettled", "blobs")):
+            assert all(r.output is not None and step in r.output.steps_ms for r in runs[name]), name
+        for host, *others in zip(runs["host"], runs["device"], runs["unsettled"]):
+            for other in others:
+                assert host.output is not None and other.output is not None
+                assert other.output.box == host.output.box and other.output.p_disease == host.output.p_disease
+                with open_block(host.output.block) as a, open_block(other.output.block) as b:
+                    np.testing.assert_array_equal(b["prob"], a["prob"])
+                    np.testing.assert_array_equal(b["seg"], a["seg"])
+    finally:
+        for replies in runs.values():
+            for reply in replies:
+                if reply.output is not None:
+                    unlink(reply.output.block)
         for _, block in blocks:
             unlink(block)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -115,3 +116,83 @@ def model_input(image: torch.Tensor, size: int, mean: Sequence[float] | torch.Te
     m = torch.as_tensor(mean, dtype=torch.float32, device=image.device)[:, None, None]
     s = torch.as_tensor(std, dtype=torch.float32, device=image.device)[:, None, None]
     return (resized[None] - m) / s
+
+
+#: Label-propagation rounds between two checks for convergence (each check waits for the device).
+_ROUNDS_PER_CHECK = 4
+#: Rounds after which :func:`lung_blobs_batch` gives up (lungs take 8-16 at 256-512 px; a spiral could take
+#: thousands) and the caller finds the blobs on the host.
+MAX_LABEL_ROUNDS = 256
+
+
+def _morphology(mask: torch.Tensor, offsets: list[tuple[int, int]], radius: int, erode: bool) -> torch.Tensor:
+    """cv2.erode / cv2.dilate of the bool (N, H, W) ``mask`` with a symmetric kernel (its ``offsets`` into a
+    window of ``2 * radius + 1``), cv2's default border: the outside neither erodes nor dilates."""
+    h, w = mask.shape[1:]
+    padded = F.pad(mask.to(torch.uint8), (radius, radius, radius, radius), value=1 if erode else 0)
+    windows = (padded[:, dy:dy + h, dx:dx + w] for dy, dx in offsets)
+    out = next(windows).clone()
+    for window in windows:
+        torch.minimum(out, window, out=out) if erode else torch.maximum(out, window, out=out)
+    return out.bool()
+
+
+def label_components(mask: torch.Tensor) -> torch.Tensor | None:
+    """8-connected components of the bool (N, H, W) ``mask``: (N, H, W) int64, each pixel of a component
+    labelled with the component's first pixel in raster order (its smallest flat index, so labels sort as
+    scipy.ndimage.label numbers them), H * W outside; None if it takes over :data:`MAX_LABEL_ROUNDS` rounds.
+
+    Each round takes the smallest label of each pixel's 3 x 3 neighbourhood, then follows each label to
+    that pixel's own label (a pixel's label is never above its own index, so this only jumps ahead)."""
+    n, h, w = mask.shape
+    outside = float(h * w)  # float32 labels: exact below 2**24, and max_pool2d takes no integers on CUDA
+    flat_index = torch.arange(h * w, dtype=torch.float32, device=mask.device).view(1, h, w)
+    labels = torch.where(mask, flat_index, outside)
+    for _ in range(0, MAX_LABEL_ROUNDS, _ROUNDS_PER_CHECK):
+        before = labels
+        for _ in range(_ROUNDS_PER_CHECK):
+            smallest = -F.max_pool2d(-labels[:, None], 3, stride=1, padding=1)[:, 0]
+            labels = torch.where(mask, smallest, outside)
+            flat = labels.view(n, -1)
+            labels = torch.where(mask, flat.gather(1, flat.long().clamp(max=h * w - 1)).view(n, h, w), outside)
+        if torch.equal(labels, before):
+            return labels.long()
+    return None
+
+
+def _areas(labels: torch.Tensor) -> torch.Tensor:
+    """(N, H * W + 1) int64: the pixels of each label of ``labels`` (:func:`label_components`); the last is the
+    outside."""
+    n = labels.shape[0]
+    flat = labels.view(n, -1)
+    return torch.zeros((n, flat.shape[1] + 1), dtype=torch.int64, device=labels.device).scatter_add_(
+        1, flat, torch.ones_like(flat))
+
+
+def lung_blobs_batch(probs: torch.Tensor, threshold: float, min_fraction: float,
+                     kernel: np.ndarray) -> torch.Tensor | None:
+    """:func:`~.pipeline.model_blobs` of each (S, S) map of Stage I's ``probs`` (N, S, S), on their device:
+    (N, 2, S, S), each image's (at most) two lungs' cleaned probabilities, largest first, all-zero planes
+    where it has fewer; ``kernel`` is :func:`~.pipeline.lung_kernel`'s. The same values as the host's
+    (opening and closing as OpenCV's, components as scipy's, ties by raster order); None where the labelling
+    does not settle (:func:`label_components`), for the host to do."""
+    n, h, w = probs.shape
+    radius = kernel.shape[0] // 2
+    offsets = [(int(dy), int(dx)) for dy, dx in zip(*np.nonzero(kernel))]
+    mask = probs > threshold
+    opened = _morphology(_morphology(mask, offsets, radius, True), offsets, radius, False)
+    mask = _morphology(_morphology(opened, offsets, radius, False), offsets, radius, True)
+    labels = label_components(mask)
+    if labels is None:
+        return None
+    large = _areas(labels).gather(1, labels.view(n, -1)).view(n, h, w) >= min_fraction * h * w
+    cleaned = probs * (mask & large)
+    labels = label_components(cleaned > threshold)
+    if labels is None:
+        return None
+    areas = _areas(labels)[:, :-1]
+    # the two largest, the first in raster order among equals (a stable sort of scipy's labels)
+    order = areas * (h * w + 1) + (h * w - torch.arange(h * w, device=probs.device))
+    top = order.topk(min(2, h * w), dim=1)
+    chosen = torch.where(areas.gather(1, top.indices) > 0, top.indices, -1)  # -1: no such blob
+    return cleaned[:, None] * (labels[:, None] == chosen[:, :, None, None])

@@ -81,6 +81,13 @@ class EngineReply:
 BLOB_THREADS = min(8, os.cpu_count() or 1)
 
 
+@dataclass
+class _Flag:
+    """A flag with a multiprocessing Value's ``value``, for a DeviceStages that no client switches."""
+
+    value: bool
+
+
 class StepClock:
     """Wall time of a batch's steps in the engine's one thread (on a device: up to the host's next sync)."""
 
@@ -188,10 +195,12 @@ class DeviceStages:
     one lane's host work (blobs, outputs, the next batch's hand-off) runs while the GPU runs another's batch.
     """
 
-    def __init__(self, settings: InferenceSettings, device: Any, compile_models: bool = False) -> None:
+    def __init__(self, settings: InferenceSettings, device: Any, compile_models: bool = False,
+                 blobs_on_device: Any = None) -> None:
         import torch
 
         from .device_ops import batch_buckets
+        from .pipeline import lung_kernel
         from .predictors import compile_for_inference, inference_model
         from .presets import model_specs
 
@@ -218,6 +227,11 @@ class DeviceStages:
         # GIL): about 4 CPU-ms an image at the paper's 512 px (bench/lung_blobs.py), one after another a large
         # part of the engine's 11.3 ms "crop" step an image on an H200 (docs/benchmarks.md, GPU)
         self.blob_threads = ThreadPoolExecutor(max_workers=BLOB_THREADS, thread_name_prefix="engine-blobs")
+        # or on the device (inference.lung_blobs_on_device): read per batch, so that a benchmark compares both
+        # on one started engine (ScoringEngine.blobs_on_device)
+        self.blobs_on_device = blobs_on_device if blobs_on_device is not None else _Flag(
+            settings.lung_blobs_on_device)
+        self.lung_kernel = lung_kernel((self.lung_spec.input_size, self.lung_spec.input_size))
         self.rings: dict[str, tuple[int, int] | None] = {}  # ring name -> registered (address, size), or None
 
     @property
@@ -291,6 +305,16 @@ class DeviceStages:
         with self.torch.cuda.stream(self.lane.copy):
             return table[codes.to(self.torch.int32)]
 
+    def _upload_planes(self, n: int, kept: list[list[np.ndarray]], size: tuple[int, ...]) -> Any:
+        """Images' blobs found on the host, as (N, K, s, s) on the device (all-zero planes where an image has
+        fewer than K), through a reused pinned buffer on the copy stream."""
+        planes = self._staging(f"planes{n}", (len(kept), max(len(blobs) for blobs in kept), *size), np.float32)
+        for j, blobs in enumerate(kept):
+            for k in range(planes.shape[1]):
+                planes[j, k] = blobs[k] if k < len(blobs) else 0.0
+        with self.torch.cuda.stream(self.lane.copy):
+            return self.torch.from_numpy(planes).to(self.device, non_blocking=True)
+
     def _wait_for(self, stream: Any) -> None:
         """Block this thread until the work queued on ``stream`` so far is done, asleep: a blocking event
         (cudaEventBlockingSync), where a tensor copy or stream sync would spin a CPU core for the whole wait,
@@ -330,7 +354,7 @@ class DeviceStages:
 
     def _batch(self, images: list[dict[str, np.ndarray]], lane: _Lane) -> list[
             tuple[dict[str, np.ndarray], tuple[int, ...], float] | Exception]:
-        from .device_ops import boxes_of, crop_to_input, lung_masks_batch, model_input
+        from .device_ops import boxes_of, crop_to_input, lung_blobs_batch, lung_masks_batch, model_input
         from .pipeline import model_blobs
 
         torch = self.torch
@@ -361,24 +385,27 @@ class DeviceStages:
         kept: dict[int, list[np.ndarray]] = {}
         by_shape: dict[tuple[int, ...], list[int]] = {}  # one batched mask + box pass per image size
         threshold, min_fraction = self.lung_spec.pixel_threshold, self.settings.min_lung_blob_fraction
-        blobs = [self.blob_threads.submit(model_blobs, prob, threshold, min_fraction) for prob in host_probs]
-        for i, future in enumerate(blobs):
+        # (N, 2, s, s) on the device, or None: on the host's threads (also where the labelling did not settle)
+        on_device = lung_blobs_batch(probs, threshold, min_fraction, self.lung_kernel) if bool(
+            self.blobs_on_device.value) else None
+        blobs = [] if on_device is not None else [
+            self.blob_threads.submit(model_blobs, prob, threshold, min_fraction) for prob in host_probs]
+        for i in range(len(images)):
             try:
-                kept[i] = future.result()
+                if on_device is None:
+                    kept[i] = blobs[i].result()
                 by_shape.setdefault(tuple(sources[i].shape), []).append(i)
             except Exception as exc:  # this image only
                 crops[i] = exc
-        clock.mark("blobs")
+        clock.mark("blobs" if on_device is None else "blobs_device")
         masks_of: dict[tuple[int, ...], tuple[Any, list[Any]]] = {}
         for n, (shape, members) in enumerate(by_shape.items()):
             try:
-                planes = self._staging(f"planes{n}", (len(members), max(len(kept[i]) for i in members),
-                                                      *host_probs.shape[1:]), np.float32)
-                for j, i in enumerate(members):
-                    for k in range(planes.shape[1]):
-                        planes[j, k] = kept[i][k] if k < len(kept[i]) else 0.0
-                with torch.cuda.stream(lane.copy):
-                    uploaded = torch.from_numpy(planes).to(self.device, non_blocking=True)
+                if on_device is not None:  # views of its images: no index copied from the host
+                    uploaded = on_device if len(members) == len(images) else torch.stack(
+                        [on_device[i] for i in members])
+                else:
+                    uploaded = self._upload_planes(n, [kept[i] for i in members], host_probs.shape[1:])
                 compute.wait_stream(lane.copy)  # the planes, and the full-resolution images before them
                 # full resolution stays here, for the crop only: the workers make the masks from ``prob``
                 masks = lung_masks_batch(uploaded, (shape[0], shape[1]), threshold)
@@ -422,11 +449,12 @@ def on_device(settings: InferenceSettings) -> bool:
     return resolve_device(settings.device).type == "cuda" and backend == "torch"
 
 
-def make_stages(settings: InferenceSettings, compile_models: bool = False) -> HostStages | DeviceStages:
+def make_stages(settings: InferenceSettings, compile_models: bool = False,
+                blobs_on_device: Any = None) -> HostStages | DeviceStages:
     if on_device(settings):
         from .predictors import resolve_device
 
-        return DeviceStages(settings, resolve_device(settings.device), compile_models)
+        return DeviceStages(settings, resolve_device(settings.device), compile_models, blobs_on_device)
     return HostStages(settings, compile_models)
 
 
@@ -502,7 +530,7 @@ CPU_MAX_BATCH = 2
 
 def serve(
     settings_json: str, requests: Connection, replies: Connection, threads: int, compile_models: bool, warm: bool,
-    lanes: int = 1, address: str | None = None,
+    lanes: int = 1, address: str | None = None, blobs_on_device: Any = None,
 ) -> None:
     """The engine process: load the models (with ``warm``, run each batch size once), say ready, then batch
     until told to stop or the client goes.
@@ -520,7 +548,7 @@ def serve(
         torch.set_num_threads(threads)
     settings = InferenceSettings.model_validate_json(settings_json)
     try:
-        stages = make_stages(settings, compile_models)
+        stages = make_stages(settings, compile_models, blobs_on_device)
         on_cpu = isinstance(stages, HostStages)
         max_batch = min(settings.max_batch, CPU_MAX_BATCH) if on_cpu else settings.max_batch
         if warm or (compile_models and lanes > 1):  # lanes must not compile one graph at once
@@ -601,6 +629,10 @@ class ScoringEngine:
         self.start_timeout = start_timeout
         self.warm_batches = False  # run every batch size once at start (a few seconds; the node's warm-up asks)
         self.batch_sizes: Counter[int] = Counter()
+        # inference.lung_blobs_on_device, shared with every engine process this client starts: a device engine
+        # reads it per batch, so that a benchmark compares both ways on one started engine (:attr:`blobs_on_device`)
+        self._blobs_on_device = multiprocessing.get_context("spawn").Value("b", settings.lung_blobs_on_device,
+                                                                           lock=False)
         self.stages = ""
         self._lock = threading.Lock()
         self._next_job = 0
@@ -615,6 +647,15 @@ class ScoringEngine:
     def start(self) -> None:
         with self._lock:
             self._ensure_started()
+
+    @property
+    def blobs_on_device(self) -> bool:
+        """Whether a device engine finds the lung blobs on the device (from the next batch on, when set)."""
+        return bool(self._blobs_on_device.value)
+
+    @blobs_on_device.setter
+    def blobs_on_device(self, on: bool) -> None:
+        self._blobs_on_device.value = on
 
     def worker_address(self) -> str:
         """The socket CPU workers send network calls to, of the engine now running (started if need be)."""
@@ -636,7 +677,7 @@ class ScoringEngine:
         process = context.Process(
             target=serve, name="cxrtriage-engine", daemon=True,
             args=(self.settings.model_dump_json(), requests_read, replies_write, self.threads, self.compile_models,
-                  self.warm_batches, self.lanes, address),
+                  self.warm_batches, self.lanes, address, self._blobs_on_device),
         )
         process.start()
         requests_read.close()

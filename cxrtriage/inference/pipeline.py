@@ -89,6 +89,13 @@ class Result:
         })
 
 
+def lung_kernel(shape: tuple[int, ...]) -> np.ndarray:
+    """The elliptic structuring element (uint8, odd side) of :func:`clean_lung_probabilities` for a map of
+    ``shape``: about 1 % of its side, at least 3."""
+    side = max(3, (min(shape) // 100) | 1)
+    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (side, side))
+
+
 def clean_lung_probabilities(prob: np.ndarray, threshold: float, min_fraction: float) -> np.ndarray:
     """Zero the probability outside blobs that survive the threshold and size filter.
 
@@ -96,8 +103,7 @@ def clean_lung_probabilities(prob: np.ndarray, threshold: float, min_fraction: f
     speckle and fills pinholes before small blobs are dropped.
     """
     mask = prob > threshold
-    side = max(3, (min(prob.shape) // 100) | 1)
-    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (side, side))
+    kernel = lung_kernel(prob.shape)
     mask = cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_OPEN, kernel).astype(bool)
     mask = cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_CLOSE, kernel).astype(bool)
     return prob * remove_small_components(mask, min_fraction)
