@@ -1,4 +1,4 @@
-"""CPU-ms per image of the scoring engine's first worker step, ``engine_jobs.prepare``, on 2500 x 2048 CRs.
+"""CPU-ms per image of the scoring engine's two CPU worker steps, ``engine_jobs.prepare`` and ``finish``, 2500 x 2048.
 
     nice -n 10 python bench/prepare.py [--images 10] [--rounds 3] [--preset bundled|paper]
                                        [--stage1 host device] [--json F]
@@ -16,6 +16,11 @@ where Stage I's input is made: ``host`` (here, as by default) or ``device``
 (``inference.stage1_on_device``: left to the engine); with both, every round
 runs each in turn, the order alternating. Compare trees by running each
 tree's copy of this script alternately.
+
+``finish`` is each worker's second step (the full-resolution masks from the
+engine's outputs, zones and scores, SEG + SR encoded, no overlay): timed
+the same way, after ``prepare``, on outputs the engine's own CPU stages
+made for these images once (untimed).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pipeline import bench_settings  # noqa: E402
 
 from cxrtriage.inference import engine_jobs  # noqa: E402
+from cxrtriage.inference.engine import HostStages, _run_batch  # noqa: E402
 from cxrtriage.inference.phantom import PhantomGenerator, write_cr  # noqa: E402
 from cxrtriage.inference.shm import create_ring, unlink  # noqa: E402
 
@@ -55,6 +61,8 @@ def main() -> None:
         files = [write_cr(generate(7000 + i, affected_zones=((0, 3), (1, 4))[i]), Path(scratch) / f"cr{i}.dcm")
                  for i in range(2)]
         ring, segment = create_ring(4, engine_jobs.RING_SLOT_BYTES)
+        held: list[Any] = []
+        engine_out: list[Any] = []
         try:
             def run(n: int, stage1: str) -> None:
                 for i in range(n):
@@ -63,20 +71,44 @@ def main() -> None:
                     assert isinstance(prepared, engine_jobs.Prepared)
                     unlink(prepared.block)
 
+            # the engine's outputs for each file, once: what finish starts from
+            held += [engine_jobs.prepare(path, f"uid-{i}", False, True) for i, path in enumerate(files)]
+            assert all(isinstance(p, engine_jobs.Prepared) for p in held)
+            replies = _run_batch(HostStages(settings), [(i, p.block) for i, p in enumerate(held)], 1)
+            engine_out += [r.output for r in replies]
+            assert all(o is not None for o in engine_out), [r.error for r in replies]
+
+            def finish(n: int) -> None:
+                for i in range(n):
+                    outcome = engine_jobs.finish(held[i % 2], engine_out[i % 2], None, False, False)
+                    assert outcome.seg is not None and outcome.sr is not None
+
             for n in range(args.rounds):
                 for stage1 in (args.stage1 if n % 2 == 0 else args.stage1[::-1]):
                     run(len(files), stage1)  # warm: the slots' pages and the first call
                     c0 = time.process_time()
                     run(args.images, stage1)
-                    rounds.append({"round": n, "stage1": stage1,
+                    rounds.append({"round": n, "step": "prepare", "stage1": stage1,
                                    "cpu_ms_per_image": round((time.process_time() - c0) * 1000 / args.images, 2)})
                     print(json.dumps(rounds[-1]), flush=True)
+                finish(len(files))
+                c0 = time.process_time()
+                finish(args.images)
+                rounds.append({"round": n, "step": "finish",
+                               "cpu_ms_per_image": round((time.process_time() - c0) * 1000 / args.images, 2)})
+                print(json.dumps(rounds[-1]), flush=True)
         finally:
+            for p in held:
+                unlink(p.block)
+            for o in engine_out:
+                unlink(o.block if o is not None else None)
             segment.close()
             segment.unlink()
     for stage1 in args.stage1:
         print(f"prepare, {args.preset}, 2500x2048, Stage I's input made on the {stage1}: CPU-ms per image by round "
-              f"{[r['cpu_ms_per_image'] for r in rounds if r['stage1'] == stage1]}")
+              f"{[r['cpu_ms_per_image'] for r in rounds if r.get('stage1') == stage1]}")
+    print(f"finish, {args.preset}, 2500x2048: CPU-ms per image by round "
+          f"{[r['cpu_ms_per_image'] for r in rounds if r['step'] == 'finish']}")
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rounds": rounds},
                                         indent=1))
