@@ -19,12 +19,13 @@ Phases, in this order (the JSON is rewritten after each, so a run cut short keep
    Reported as images/s, CPU s/image and the fraction of the models-alone ceiling. Then, on the same started
    engine, ``steady_latency``: images offered at a steady ``--latency-rate`` (50/s) for ``--latency-seconds``,
    open loop, p50/p95/p99 from hand-over to SEG + SR bytes (the first quarter left out as warm-up).
-   Run once per ``--device-lanes`` value (1, then 2: batches in flight at once on the device, each on its
-   own streams); the first is ``end_to_end``, the others ``end_to_end_lanes<N>``, each on a new engine.
-   Before the latency, ``variants`` on the same engine: ``--variant-rounds`` rounds of runs over the same
-   images with Stage I's input made in the CPU workers or on the device (``inference.stage1_on_device``) and
-   the lung blobs found on host threads or on the device (``inference.lung_blobs_on_device``), the order
-   rotating, every run kept.
+   The engine starts with ``--device-lanes`` lanes (2: batches in flight at once on the device, each on its
+   own streams) and runs the timed pass with one of them taking batches, the node's default. Before the
+   latency, ``variants`` on the same warm engine (``EngineSwitches``; a new engine would pay minutes of kernel
+   search): ``--variant-rounds`` rounds of runs over the same images of each of :data:`VARIANTS`, the order
+   rotating, every run kept: one lane or all, Stage I's input made in the CPU workers or on the device
+   (``inference.stage1_on_device``), the lung blobs found on host threads or on the device
+   (``inference.lung_blobs_on_device``).
 6. ``ceiling_compiled``: phase 3 with ``torch.compile(mode="reduce-overhead")`` (CUDA graphs); skipped
    on the dry run and with ``--no-compile``.
 
@@ -199,26 +200,31 @@ def models_alone(specs: tuple[ModelSpec, ModelSpec], device_name: str, batch: in
             "images_per_s": batch / (both / 1000)}
 
 
-#: Engine options compared on one started engine (``variants``): name -> (stage1_on_device, blobs_on_device).
-VARIANTS = {"default": (False, False), "stage1 on device": (True, False), "blobs on device": (False, True),
-            "both on device": (True, True)}
+#: Engine options compared on one started engine (``variants``): name -> (all lanes, stage1_on_device,
+#: lung_blobs_on_device); the default is the node's (one lane, neither on the device).
+VARIANTS = {"default": (False, False, False), "all lanes": (True, False, False),
+            "stage1 on device": (False, True, False), "blobs on device": (False, False, True),
+            "all of them": (True, True, True)}
 
 
 def variants(contender: Engine, files: list[Path], root: Path, rounds: int) -> dict[str, Any]:
     """On ``contender``'s started engine, ``rounds`` runs over ``files`` of each of :data:`VARIANTS`, the order
-    rotating each round: Stage I's input made in the CPU workers or by the engine from the uploaded image
-    (``inference.stage1_on_device``), the lung blobs found on the engine's host threads or on the device
-    (``inference.lung_blobs_on_device``); images/s, CPU per image by process and the median step times of
-    each run. Only a device engine can do either (``effective`` says whether it did)."""
+    rotating each round: one lane taking batches or all the engine started with, Stage I's input made in the
+    CPU workers or by the engine from the uploaded image (``inference.stage1_on_device``), the lung blobs found
+    on the engine's host threads or on the device (``inference.lung_blobs_on_device``); images/s, CPU per image
+    by process and the median step times of each run. Only a device engine can do the last two
+    (``on_device`` says whether it did)."""
     pool = contender.scorer.pool
-    before, saved = (pool.stage1_on_device, pool.engine.blobs_on_device), contender.timings
+    switches = pool.engine.switches
+    before, saved = (pool.stage1_on_device, switches.lanes, switches.blobs_on_device), contender.timings
     names = list(VARIANTS)
     runs: list[dict[str, Any]] = []
     try:
         for n in range(rounds):
             for name in names[n % len(names):] + names[:n % len(names)]:
-                stage1, blobs = VARIANTS[name]
-                pool.stage1_on_device, pool.engine.blobs_on_device = stage1 and pool.stored_values, blobs
+                all_lanes, stage1, blobs = VARIANTS[name]
+                switches.lanes = switches.started_lanes if all_lanes else 1
+                pool.stage1_on_device, switches.blobs_on_device = stage1 and pool.stored_values, blobs
                 contender.timings = []
                 out = root / f"variant-{n}-{name.replace(' ', '-')}"
                 c0, t0 = tree_cpu(contender.engine_pid), time.perf_counter()
@@ -230,7 +236,7 @@ def variants(contender: Engine, files: list[Path], root: Path, rounds: int) -> d
                     raise RuntimeError(f"{name}: wrote {written} for {len(files)} images")
                 steps = ("prepare", "engine", "engine_upload", "engine_stage1", "engine_blobs", "engine_blobs_device",
                          "engine_masks", "engine_wait")
-                runs.append({"round": n, "variant": name, "effective": pool.stored_values,
+                runs.append({"round": n, "variant": name, "lanes": switches.lanes, "on_device": pool.stored_values,
                              "images_per_s": len(files) / seconds,
                              "cpu_s_per_image": sum(c1[r] - c0[r] for r in c0) / len(files),
                              "cpu_ms_per_image_by_process": {r: round((c1[r] - c0[r]) * 1000 / len(files), 1)
@@ -240,9 +246,9 @@ def variants(contender: Engine, files: list[Path], root: Path, rounds: int) -> d
                 print(f"  {name}: {runs[-1]['images_per_s']:.1f} images/s, "
                       f"{runs[-1]['cpu_s_per_image'] * 1000:.0f} CPU-ms an image", flush=True)
     finally:
-        (pool.stage1_on_device, pool.engine.blobs_on_device), contender.timings = before, saved
+        (pool.stage1_on_device, switches.lanes, switches.blobs_on_device), contender.timings = before, saved
     medians = {name: statistics.median(r["images_per_s"] for r in runs if r["variant"] == name) for name in names}
-    return {"runs": runs, "images_per_s_median": medians,
+    return {"started_lanes": switches.started_lanes, "runs": runs, "images_per_s_median": medians,
             "vs_default": {name: medians[name] / medians["default"] for name in names[1:]}}
 
 
@@ -343,8 +349,8 @@ def main() -> None:
     parser.add_argument("--variant-rounds", type=int, default=None,
                         help="rounds of end-to-end runs of each engine variant (Stage I's input, lung blobs: on "
                         "the host or the device) on each started engine (2; dry run: 1; 0: none)")
-    parser.add_argument("--device-lanes", type=int, nargs="+", default=None,
-                        help="end to end once per value of inference.device_lanes, in this order (1 2; dry run: 1)")
+    parser.add_argument("--device-lanes", type=int, default=None,
+                        help="lanes the engine starts with (2); the timed pass runs one, the variants all")
     args = parser.parse_args()
     dry = args.dry_run
     args.device = args.device or ("cpu" if dry else "cuda")
@@ -356,7 +362,7 @@ def main() -> None:
     if dry:  # one thread each: the shared test machine has 2 cores for everything
         torch.set_num_threads(1)
     iterations = args.iterations or (1 if dry else 20)
-    device_lanes = args.device_lanes or ([1] if dry else [1, 2])  # on the CPU the engine's lanes are per core
+    device_lanes = args.device_lanes or 2  # on the CPU (the dry run) the engine starts a lane per core
     args.profile = (not dry) if args.profile is None else args.profile
     variant_rounds = (1 if dry else 2) if args.variant_rounds is None else args.variant_rounds
     rate = args.latency_rate or (4.0 if dry else 50.0)
@@ -378,7 +384,7 @@ def main() -> None:
 
     def phase(name: str, fn: Callable[[], dict[str, Any] | None], sample_gpu: bool = True) -> dict[str, Any] | None:
         """Run one phase; a failure is recorded and the next phase still runs."""
-        if name in args.skip or name.split("_lanes")[0] in args.skip:
+        if name in args.skip:
             return None
         print(f"== {name} ({time.monotonic() - started:.0f} s into the run)", flush=True)
         sampler = GpuSampler()
@@ -430,12 +436,12 @@ def main() -> None:
 
         phase("baseline", baseline)
 
-        def end_to_end(lanes: int) -> dict[str, Any]:
+        def end_to_end() -> dict[str, Any]:
             engine = engine_available()
             if engine:
                 e2e_settings = settings.model_copy(update={"precision": "bf16", "max_batch": batch,
-                                                           "device_lanes": lanes})
-                contender: Any = Engine(f"engine bf16, {lanes} lane(s)", e2e_settings, workers)
+                                                           "device_lanes": device_lanes})
+                contender: Any = Engine("engine bf16", e2e_settings, workers, lanes=1)
             else:
                 e2e_settings = settings.model_copy(update={"precision": "bf16", "batch_size": pool_batch, "threads": 1})
                 contender = Cxrtriage("cxrtriage bf16 pool", e2e_settings, workers)
@@ -443,10 +449,10 @@ def main() -> None:
             # order; then the steady-rate latency, profiled: at a steady rate below capacity, where the CPU goes
             def after(c: Any) -> dict[str, Any]:
                 done = {"variants": variants(c, files, root, variant_rounds)} if variant_rounds else {}
-                with py_spy(out / f"profile-lanes{lanes}.txt" if args.profile else None) as facts:
+                with py_spy(out / "profile.txt" if args.profile else None) as facts:
                     return done | {"latency": steady_latency(c.scorer, files, rate, offer_s, offer_s / 4) | facts}
             run = measure(contender, files, root, 0, after=after if engine else None)
-            result = {"scorer": "engine" if engine else "ScoringPool", "device_lanes": lanes if engine else None,
+            result = {"scorer": "engine" if engine else "ScoringPool", "device_lanes": 1 if engine else None,
                       "workers": workers, "images": images,
                       "distinct_images": len(distinct), "size": [rows, cols],
                       "batch": batch if engine else pool_batch, "precision": "bf16",
@@ -466,8 +472,7 @@ def main() -> None:
                 result["fraction_of_ceiling"] = run["images_per_s"] / ceiling["images_per_s"]
             return result
 
-        for n, lanes in enumerate(device_lanes):  # "end_to_end" the first, as before; then one per value
-            phase("end_to_end" if n == 0 else f"end_to_end_lanes{lanes}", lambda lanes=lanes: end_to_end(lanes))
+        phase("end_to_end", end_to_end)
         if not dry and not args.no_compile:
             phase("ceiling_compiled", lambda: models_alone(specs, args.device, batch, iterations, compiled=True))
     report["finished"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
@@ -481,7 +486,6 @@ def main() -> None:
     print(f"\n{p['environment'].get('gpu', args.device)}: models-alone ceiling {number('ceiling')} images/s "
           f"(compiled {number('ceiling_compiled')}), end to end {number('end_to_end')} images/s "
           f"({number('end_to_end', 'fraction_of_ceiling')} of the ceiling"
-          + "".join(f"; {lanes} lanes {number(f'end_to_end_lanes{lanes}')} images/s" for lanes in device_lanes[1:])
           + "), published baseline "
           f"{number('baseline')} images/s; p95 latency at {rate:g} images/s offered: "
           f"{((p.get('end_to_end') or {}).get('steady_latency') or {}).get('latency_ms', {}).get('p95', 'not run')} ms"

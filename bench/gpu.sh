@@ -1,12 +1,11 @@
 #!/usr/bin/env bash
-# The GPU run of issue #15: models-alone ceiling, end to end DICOM -> SEG + SR (once per
-# --device-lanes value, 1 then 2), the published baseline as the paper ran it, GPU utilisation. The
-# python step is stopped at 460 s; every phase's numbers are in the JSON as soon as it ends. All
-# phases took about 400 s on an H200 with one end to end. With two, the compiled ceiling (last) may
-# be cut. Phases already measured can be left out:
-#   bash bench/gpu.sh $OUT --skip baseline --no-compile --latency-seconds 12   # about 6.5 minutes before
-# the engine variants (Stage I's input, lung blobs: host or device), which add 4 runs of --images per
-# --variant-rounds per engine; with --variant-rounds 1 it should stay under the 460 s.
+# The GPU run of issue #15: models-alone ceiling, end to end DICOM -> SEG + SR on one engine with
+# its variants (lanes, Stage I's input and lung blobs on the host or the device), the published baseline
+# as the paper ran it, GPU utilisation. The python step is stopped at 460 s; every phase's numbers are
+# in the JSON as soon as it ends. All phases took about 400 s on an H200 with one end-to-end run and no
+# variants; the variants add 5 runs of --images per --variant-rounds, so the compiled ceiling (last)
+# may be cut. Phases already measured can be left out:
+#   bash bench/gpu.sh $OUT --skip baseline --no-compile --latency-seconds 12
 #
 #   bash bench/gpu.sh [OUT_DIR] [gpu.py options]    # OUT_DIR default: $CXRTRIAGE_GPU_BENCH_OUT, else
 #                                                   # bench/results; writes OUT_DIR/gpu.json + gpu.log

@@ -291,11 +291,14 @@ class Engine:
     scorer: Any = None
     dicom: bool = True
     timings: list[dict[str, float]] = dataclasses.field(default_factory=list)  # each image's, in ms
+    lanes: int | None = None  # lanes taking batches once warm (EngineSwitches); None: all it started with
 
     def start(self, sample: Path, scratch: Path) -> None:
         t0 = time.monotonic()
         self.scorer = make_engine_scorer(self.settings, self.workers)
         self.scorer.warm_up(sample)
+        if self.lanes is not None:
+            self.scorer.pool.engine.switches.lanes = min(self.lanes, self.scorer.pool.engine.switches.started_lanes)
         print(f"  {self.name}: engine and {self.workers} workers warm in {time.monotonic() - t0:.0f} s", flush=True)
 
     @property

@@ -1,4 +1,4 @@
-"""Where the CPU went in a py-spy profile of the end-to-end run (``bench/gpu.py`` writes ``profile-lanes<N>.txt``).
+"""Where the CPU went in a py-spy profile of the end-to-end run (``bench/gpu.py`` writes ``profile.txt``).
 
     python bench/profile_summary.py PROFILE [--top 15] [--json PATH]
 

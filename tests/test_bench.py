@@ -67,11 +67,14 @@ def test_gpu_script_dry_run_on_the_cpu(tmp_path: Path) -> None:
     assert sum(by_process.values()) / 1000 == pytest.approx(e2e["cpu_s_per_image"], rel=0.01, abs=1e-3)
     # on the same engine, a run of each variant (Stage I's input, lung blobs: host or device), every run kept
     runs = e2e["variants"]["runs"]
-    assert [r["variant"] for r in runs] == ["default", "stage1 on device", "blobs on device", "both on device"]
+    assert [r["variant"] for r in runs] == ["default", "all lanes", "stage1 on device", "blobs on device",
+                                            "all of them"]
     assert all(r["images_per_s"] > 0 for r in runs) and set(e2e["variants"]["vs_default"]) == set(
         r["variant"] for r in runs[1:])
-    assert not any(r["effective"] for r in runs)  # the dry run's engine is on the CPU: it can do neither
-    assert "images/s against the default: stage1 on device" in proc.stdout
+    # the dry run's engine is on the CPU: a lane a core, switched between one and all; no device steps
+    assert [r["lanes"] for r in runs] == [1, e2e["variants"]["started_lanes"], 1, 1, e2e["variants"]["started_lanes"]]
+    assert not any(r["on_device"] for r in runs)
+    assert "images/s against the default: all lanes" in proc.stdout
     assert "models-alone ceiling" in proc.stdout and (tmp_path / "gpu.log").exists()
 
 

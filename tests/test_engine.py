@@ -436,14 +436,14 @@ def test_the_device_stages_find_blobs_on_the_device_or_on_the_host_with_the_same
     from cxrtriage.inference.engine import DeviceStages, _run_batch
 
     device = DeviceStages(SETTINGS.model_copy(update={"precision": "fp32"}), torch.device("cpu"))
-    assert not device.blobs_on_device.value  # inference.lung_blobs_on_device: off by default
+    assert not device.switches.blobs_on_device  # inference.lung_blobs_on_device: off by default
     prepared = [engine_jobs.prepare(path, f"uid-{i}", False, True) for i, path in enumerate(crs)]
     blocks = [(i, p.block) for i, p in enumerate(prepared) if isinstance(p, Prepared)]
     runs: dict[str, list[EngineReply]] = {}
     try:
         for name, on_device, rounds in (("host", False, device_ops.MAX_LABEL_ROUNDS),
                                         ("device", True, device_ops.MAX_LABEL_ROUNDS), ("unsettled", True, 4)):
-            device.blobs_on_device.value = on_device
+            device.switches.blobs_on_device = on_device
             monkeypatch.setattr(device_ops, "MAX_LABEL_ROUNDS", rounds)
             runs[name] = _run_batch(device, blocks, 1)
         for name, step in (("host", "blobs"), ("device", "blobs_device"), ("unsettled", "blobs")):
@@ -496,6 +496,42 @@ def test_jobs_submitted_together_share_a_batch_and_score_like_the_pipeline(
     # 13 at T = 0.30; with round 11 at T = 0.45 they were 1, 0, 3)
     assert [o.total for o in outcomes[:-1]] == [2, 0, 4]  # type: ignore[union-attr]
     assert _segments(_pool_pids(pool)) <= before_segments  # every block of these jobs was unlinked
+
+
+def test_lanes_parked_by_the_client_take_no_batches_until_let_go(
+    pool: EnginePool, crs: list[Path], worker_here: None
+) -> None:
+    """EngineSwitches.lanes: a started engine's lanes beyond it take no more batches (a benchmark so compares
+    one lane with all on one warm engine); a lane waiting for work when parked takes at most that one batch."""
+    engine, switches = pool.engine, pool.engine.switches
+    if switches.started_lanes < 2:
+        pytest.skip("one core: the CPU engine started one lane")
+    prepared = [p for p in (engine_jobs.prepare(path, f"uid-{i}", False, True) for i, path in enumerate(crs))
+                if isinstance(p, Prepared)]
+
+    def lanes_of(blocks: list[Block]) -> list[int]:
+        outputs = [f.result(timeout=120) for f in [engine.submit(block) for block in blocks]]
+        for output in outputs:
+            unlink(output.block)
+        return [output.lane for output in outputs]
+
+    try:
+        with pytest.raises(ValueError, match="lanes must be 1 to"):
+            switches.lanes = switches.started_lanes + 1
+        switches.lanes = 1
+        lanes_of([prepared[0].block])  # the one batch a lane already waiting for work may still take
+        assert set(lanes_of([p.block for p in prepared] * 3)) == {0}
+        switches.lanes = switches.started_lanes  # let go: the parked lanes take batches again
+        seen: set[int] = set()
+        for _ in range(20):
+            seen.update(lanes_of([p.block for p in prepared] * 2))
+            if len(seen) == switches.started_lanes:
+                break
+        assert seen == set(range(switches.started_lanes))
+    finally:
+        switches.lanes = switches.started_lanes
+        for p in prepared:
+            unlink(p.block)
 
 
 def test_network_calls_reach_only_an_engine_that_knows_the_workers_key(pool: EnginePool) -> None:

@@ -81,11 +81,37 @@ class EngineReply:
 BLOB_THREADS = min(8, os.cpu_count() or 1)
 
 
-@dataclass
-class _Flag:
-    """A flag with a multiprocessing Value's ``value``, for a DeviceStages that no client switches."""
+class EngineSwitches:
+    """What a started engine reads before each batch, which its client may change: how many of the lanes it
+    started take batches, and whether a device engine finds the lung blobs on the device. Shared memory,
+    passed to each engine process the client starts; a benchmark so compares either way on one warm engine
+    (``bench/gpu.py``'s variants), where a new engine pays minutes of kernel search."""
 
-    value: bool
+    def __init__(self, lanes: int, blobs_on_device: bool) -> None:
+        context = multiprocessing.get_context("spawn")
+        self.started_lanes = lanes
+        self._lanes = context.Value("i", lanes, lock=False)
+        self._blobs_on_device = context.Value("b", blobs_on_device, lock=False)
+
+    @property
+    def lanes(self) -> int:
+        """Lanes taking batches (the others wait): 1 to :attr:`started_lanes`."""
+        return int(self._lanes.value)
+
+    @lanes.setter
+    def lanes(self, n: int) -> None:
+        if not 1 <= n <= self.started_lanes:
+            raise ValueError(f"lanes must be 1 to {self.started_lanes}, the lanes the engine started with")
+        self._lanes.value = n
+
+    @property
+    def blobs_on_device(self) -> bool:
+        """``inference.lung_blobs_on_device``, from the next batch on."""
+        return bool(self._blobs_on_device.value)
+
+    @blobs_on_device.setter
+    def blobs_on_device(self, on: bool) -> None:
+        self._blobs_on_device.value = on
 
 
 class StepClock:
@@ -196,7 +222,7 @@ class DeviceStages:
     """
 
     def __init__(self, settings: InferenceSettings, device: Any, compile_models: bool = False,
-                 blobs_on_device: Any = None) -> None:
+                 switches: EngineSwitches | None = None) -> None:
         import torch
 
         from .device_ops import batch_buckets
@@ -227,10 +253,8 @@ class DeviceStages:
         # GIL): about 4 CPU-ms an image at the paper's 512 px (bench/lung_blobs.py), one after another a large
         # part of the engine's 11.3 ms "crop" step an image on an H200 (docs/benchmarks.md, GPU)
         self.blob_threads = ThreadPoolExecutor(max_workers=BLOB_THREADS, thread_name_prefix="engine-blobs")
-        # or on the device (inference.lung_blobs_on_device): read per batch, so that a benchmark compares both
-        # on one started engine (ScoringEngine.blobs_on_device)
-        self.blobs_on_device = blobs_on_device if blobs_on_device is not None else _Flag(
-            settings.lung_blobs_on_device)
+        # or on the device (inference.lung_blobs_on_device), read per batch
+        self.switches = switches or EngineSwitches(settings.device_lanes, settings.lung_blobs_on_device)
         self.lung_kernel = lung_kernel((self.lung_spec.input_size, self.lung_spec.input_size))
         self.rings: dict[str, tuple[int, int] | None] = {}  # ring name -> registered (address, size), or None
 
@@ -379,15 +403,15 @@ class DeviceStages:
         clock.mark("upload")  # the host's part: staging into pinned memory
         probs, _ = self._run(self.models[0], x1)
         self._wait_for(compute)
-        host_probs = probs.cpu().numpy()  # model resolution: blob cleaning and labelling on the host
+        host_probs = probs.cpu().numpy()  # model resolution: for the workers, and for blobs found on the host
         clock.mark("stage1")
         crops: list[Any] = [None] * len(images)
         kept: dict[int, list[np.ndarray]] = {}
         by_shape: dict[tuple[int, ...], list[int]] = {}  # one batched mask + box pass per image size
         threshold, min_fraction = self.lung_spec.pixel_threshold, self.settings.min_lung_blob_fraction
         # (N, 2, s, s) on the device, or None: on the host's threads (also where the labelling did not settle)
-        on_device = lung_blobs_batch(probs, threshold, min_fraction, self.lung_kernel) if bool(
-            self.blobs_on_device.value) else None
+        on_device = lung_blobs_batch(probs, threshold, min_fraction, self.lung_kernel) if (
+            self.switches.blobs_on_device) else None
         blobs = [] if on_device is not None else [
             self.blob_threads.submit(model_blobs, prob, threshold, min_fraction) for prob in host_probs]
         for i in range(len(images)):
@@ -450,11 +474,11 @@ def on_device(settings: InferenceSettings) -> bool:
 
 
 def make_stages(settings: InferenceSettings, compile_models: bool = False,
-                blobs_on_device: Any = None) -> HostStages | DeviceStages:
+                switches: EngineSwitches | None = None) -> HostStages | DeviceStages:
     if on_device(settings):
         from .predictors import resolve_device
 
-        return DeviceStages(settings, resolve_device(settings.device), compile_models, blobs_on_device)
+        return DeviceStages(settings, resolve_device(settings.device), compile_models, switches)
     return HostStages(settings, compile_models)
 
 
@@ -528,9 +552,13 @@ def _answer(stages: HostStages | DeviceStages, batch: list[tuple[int, Block]], n
 CPU_MAX_BATCH = 2
 
 
+#: How often a parked lane (:class:`EngineSwitches`) looks whether it may take batches again.
+PARKED_LANE_POLL_S = 0.05
+
+
 def serve(
     settings_json: str, requests: Connection, replies: Connection, threads: int, compile_models: bool, warm: bool,
-    lanes: int = 1, address: str | None = None, blobs_on_device: Any = None,
+    lanes: int = 1, address: str | None = None, switches: EngineSwitches | None = None,
 ) -> None:
     """The engine process: load the models (with ``warm``, run each batch size once), say ready, then batch
     until told to stop or the client goes.
@@ -548,7 +576,7 @@ def serve(
         torch.set_num_threads(threads)
     settings = InferenceSettings.model_validate_json(settings_json)
     try:
-        stages = make_stages(settings, compile_models, blobs_on_device)
+        stages = make_stages(settings, compile_models, switches)
         on_cpu = isinstance(stages, HostStages)
         max_batch = min(settings.max_batch, CPU_MAX_BATCH) if on_cpu else settings.max_batch
         if warm or (compile_models and lanes > 1):  # lanes must not compile one graph at once
@@ -568,9 +596,16 @@ def serve(
 
     def lane(index: int) -> None:
         while True:
-            with taking:
-                taken = inbox.take(max_batch, max_wait)
-                number = next(numbers)
+            with taking:  # looked at here, so that once a lane is parked it takes nothing more
+                parked = switches is not None and index >= switches.lanes  # by the client (EngineSwitches)
+                if not parked:
+                    taken = inbox.take(max_batch, max_wait)
+                    number = next(numbers)
+            if parked:
+                if inbox.closed:
+                    return
+                time.sleep(PARKED_LANE_POLL_S)
+                continue
             if taken is None:
                 return
             kind, batch = taken
@@ -629,10 +664,7 @@ class ScoringEngine:
         self.start_timeout = start_timeout
         self.warm_batches = False  # run every batch size once at start (a few seconds; the node's warm-up asks)
         self.batch_sizes: Counter[int] = Counter()
-        # inference.lung_blobs_on_device, shared with every engine process this client starts: a device engine
-        # reads it per batch, so that a benchmark compares both ways on one started engine (:attr:`blobs_on_device`)
-        self._blobs_on_device = multiprocessing.get_context("spawn").Value("b", settings.lung_blobs_on_device,
-                                                                           lock=False)
+        self.switches = EngineSwitches(lanes, settings.lung_blobs_on_device)  # shared with each engine it starts
         self.stages = ""
         self._lock = threading.Lock()
         self._next_job = 0
@@ -647,15 +679,6 @@ class ScoringEngine:
     def start(self) -> None:
         with self._lock:
             self._ensure_started()
-
-    @property
-    def blobs_on_device(self) -> bool:
-        """Whether a device engine finds the lung blobs on the device (from the next batch on, when set)."""
-        return bool(self._blobs_on_device.value)
-
-    @blobs_on_device.setter
-    def blobs_on_device(self, on: bool) -> None:
-        self._blobs_on_device.value = on
 
     def worker_address(self) -> str:
         """The socket CPU workers send network calls to, of the engine now running (started if need be)."""
@@ -677,7 +700,7 @@ class ScoringEngine:
         process = context.Process(
             target=serve, name="cxrtriage-engine", daemon=True,
             args=(self.settings.model_dump_json(), requests_read, replies_write, self.threads, self.compile_models,
-                  self.warm_batches, self.lanes, address, self._blobs_on_device),
+                  self.warm_batches, self.lanes, address, self.switches),
         )
         process.start()
         requests_read.close()
