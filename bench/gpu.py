@@ -200,6 +200,9 @@ def models_alone(specs: tuple[ModelSpec, ModelSpec], device_name: str, batch: in
             "images_per_s": batch / (both / 1000)}
 
 
+#: Seconds into the run after which no variant run starts: gpu.sh stops the script at 460 s, and the compiled
+#: ceiling and the summary come after.
+VARIANTS_DEADLINE_S = 380.0
 #: Engine options compared on one started engine (``variants``): name -> (all lanes, stage1_on_device,
 #: lung_blobs_on_device); the default is the node's (one lane, neither on the device).
 VARIANTS = {"default": (False, False, False), "all lanes": (True, False, False),
@@ -207,49 +210,77 @@ VARIANTS = {"default": (False, False, False), "all lanes": (True, False, False),
             "all of them": (True, True, True)}
 
 
-def variants(contender: Engine, files: list[Path], root: Path, rounds: int) -> dict[str, Any]:
+def variants(contender: Engine, files: list[Path], root: Path, rounds: int, deadline: float,
+             progress: Callable[[dict[str, Any]], None] = lambda _: None) -> dict[str, Any]:
     """On ``contender``'s started engine, ``rounds`` runs over ``files`` of each of :data:`VARIANTS`, the order
     rotating each round: one lane taking batches or all the engine started with, Stage I's input made in the
     CPU workers or by the engine from the uploaded image (``inference.stage1_on_device``), the lung blobs found
     on the engine's host threads or on the device (``inference.lung_blobs_on_device``); images/s, CPU per image
     by process and the median step times of each run. Only a device engine can do the last two
-    (``on_device`` says whether it did)."""
+    (``on_device``; ``steps`` counts the images whose blobs were found on the host and on the device).
+
+    A run that fails is kept with its error and the next goes on; none starts after ``deadline``
+    (time.monotonic()); ``progress`` gets the result so far after each run."""
     pool = contender.scorer.pool
     switches = pool.engine.switches
     before, saved = (pool.stage1_on_device, switches.lanes, switches.blobs_on_device), contender.timings
     names = list(VARIANTS)
     runs: list[dict[str, Any]] = []
+
+    def summary(cut: bool) -> dict[str, Any]:
+        done = {name: [r["images_per_s"] for r in runs if r["variant"] == name and "images_per_s" in r]
+                for name in names}
+        medians = {name: statistics.median(v) for name, v in done.items() if v}
+        return {"started_lanes": switches.started_lanes, "cut_by_deadline": cut, "runs": runs,
+                "images_per_s_median": medians,
+                "vs_default": {name: medians[name] / medians["default"] for name in names[1:]
+                               if name in medians and "default" in medians}}
+
+    cut = False
     try:
         for n in range(rounds):
             for name in names[n % len(names):] + names[:n % len(names)]:
+                if time.monotonic() > deadline:
+                    cut = True
+                    break
                 all_lanes, stage1, blobs = VARIANTS[name]
                 switches.lanes = switches.started_lanes if all_lanes else 1
                 pool.stage1_on_device, switches.blobs_on_device = stage1 and pool.stored_values, blobs
                 contender.timings = []
                 out = root / f"variant-{n}-{name.replace(' ', '-')}"
-                c0, t0 = tree_cpu(contender.engine_pid), time.perf_counter()
-                contender.run(files, out)
-                seconds, c1 = time.perf_counter() - t0, tree_cpu(contender.engine_pid)
-                written = outputs(out)
-                shutil.rmtree(out, ignore_errors=True)
-                if (written["seg"], written["sr"]) != (len(files), len(files)):
-                    raise RuntimeError(f"{name}: wrote {written} for {len(files)} images")
-                steps = ("prepare", "engine", "engine_upload", "engine_stage1", "engine_blobs", "engine_blobs_device",
-                         "engine_masks", "engine_wait")
-                runs.append({"round": n, "variant": name, "lanes": switches.lanes, "on_device": pool.stored_values,
-                             "images_per_s": len(files) / seconds,
-                             "cpu_s_per_image": sum(c1[r] - c0[r] for r in c0) / len(files),
-                             "cpu_ms_per_image_by_process": {r: round((c1[r] - c0[r]) * 1000 / len(files), 1)
-                                                             for r in c0},
-                             "timings_ms_median": {k: round(statistics.median(t[k] for t in contender.timings), 2)
-                                                   for k in steps if all(k in t for t in contender.timings)}})
-                print(f"  {name}: {runs[-1]['images_per_s']:.1f} images/s, "
-                      f"{runs[-1]['cpu_s_per_image'] * 1000:.0f} CPU-ms an image", flush=True)
+                entry: dict[str, Any] = {"round": n, "variant": name, "lanes": switches.lanes,
+                                         "on_device": pool.stored_values}
+                try:
+                    c0, t0 = tree_cpu(contender.engine_pid), time.perf_counter()
+                    contender.run(files, out)
+                    seconds, c1 = time.perf_counter() - t0, tree_cpu(contender.engine_pid)
+                    written = outputs(out)
+                    if (written["seg"], written["sr"]) != (len(files), len(files)):
+                        raise RuntimeError(f"wrote {written} for {len(files)} images")
+                    timings = contender.timings
+                    keys = ("prepare", "engine", "engine_upload", "engine_stage1", "engine_blobs",
+                            "engine_blobs_device", "engine_masks", "engine_wait")
+                    entry |= {"images_per_s": len(files) / seconds,
+                              "cpu_s_per_image": sum(c1[r] - c0[r] for r in c0) / len(files),
+                              "cpu_ms_per_image_by_process": {r: round((c1[r] - c0[r]) * 1000 / len(files), 1)
+                                                              for r in c0},
+                              "steps": {k: sum(k in t for t in timings) for k in keys},  # images that had it
+                              "timings_ms_median": {k: round(statistics.median(t[k] for t in timings if k in t), 2)
+                                                    for k in keys if any(k in t for t in timings)}}
+                    print(f"  {name}: {entry['images_per_s']:.1f} images/s, "
+                          f"{entry['cpu_s_per_image'] * 1000:.0f} CPU-ms an image", flush=True)
+                except Exception as exc:  # this run only: the others' numbers stand
+                    entry["error"] = f"{type(exc).__name__}: {exc}"
+                    print(f"  {name}: failed: {entry['error']}", flush=True)
+                finally:
+                    shutil.rmtree(out, ignore_errors=True)
+                runs.append(entry)
+                progress(summary(False))
+            if cut:
+                break
     finally:
         (pool.stage1_on_device, switches.lanes, switches.blobs_on_device), contender.timings = before, saved
-    medians = {name: statistics.median(r["images_per_s"] for r in runs if r["variant"] == name) for name in names}
-    return {"started_lanes": switches.started_lanes, "runs": runs, "images_per_s_median": medians,
-            "vs_default": {name: medians[name] / medians["default"] for name in names[1:]}}
+    return summary(cut)
 
 
 @contextmanager
@@ -447,10 +478,21 @@ def main() -> None:
                 contender = Cxrtriage("cxrtriage bf16 pool", e2e_settings, workers)
             # on the same started engine (a pool has no per-image call to offer to): the variants, in rotating
             # order; then the steady-rate latency, profiled: at a steady rate below capacity, where the CPU goes
-            def after(c: Any) -> dict[str, Any]:
-                done = {"variants": variants(c, files, root, variant_rounds)} if variant_rounds else {}
+            def after(c: Any, timed: dict[str, float]) -> dict[str, Any]:
                 with py_spy(out / "profile.txt" if args.profile else None) as facts:
-                    return done | {"latency": steady_latency(c.scorer, files, rate, offer_s, offer_s / 4) | facts}
+                    done = {"latency": steady_latency(c.scorer, files, rate, offer_s, offer_s / 4) | facts}
+                # kept if the run is cut during the variants
+                report["phases"]["end_to_end_so_far"] = {"timed": timed, **done}
+                save()
+                if variant_rounds:
+                    def progress(so_far: dict[str, Any]) -> None:
+                        report["phases"]["end_to_end_so_far"]["variants"] = so_far
+                        save()
+
+                    done["variants"] = variants(c, files, root, variant_rounds, started + VARIANTS_DEADLINE_S,
+                                                progress)
+                del report["phases"]["end_to_end_so_far"]
+                return done
             run = measure(contender, files, root, 0, after=after if engine else None)
             result = {"scorer": "engine" if engine else "ScoringPool", "device_lanes": 1 if engine else None,
                       "workers": workers, "images": images,

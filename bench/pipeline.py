@@ -395,9 +395,10 @@ def outputs(folder: Path) -> dict[str, int]:
 
 
 def measure(contender: Contender, files: list[Path], root: Path, round_: int,
-            after: Callable[[Contender], dict[str, Any]] | None = None) -> dict[str, Any]:
+            after: Callable[[Contender, dict[str, float]], dict[str, Any]] | None = None) -> dict[str, Any]:
     """Start the contender's processes (untimed), time one run over ``files``, stop them; ``after`` runs on the
-    started contender once the timed run is over (its result under ``"after"``)."""
+    started contender once the timed run is over, given its images/s and CPU s/image (its result under
+    ``"after"``)."""
     out = root / f"out-{round_}-{contender.name.replace(' ', '-')}"
     scratch = root / "warm"
     contender.start(files[0], scratch)
@@ -407,7 +408,9 @@ def measure(contender: Contender, files: list[Path], root: Path, round_: int,
         scored = contender.run(files, out)
         seconds = time.perf_counter() - t0
         c1 = tree_cpu(engine_pid)
-        extra = after(contender) if after is not None else None
+        timed = {"images_per_s": len(files) / seconds,
+                 "cpu_s_per_image": sum(c1[r] - c0[r] for r in c0) / len(files)}
+        extra = after(contender, timed) if after is not None else None
     finally:
         contender.close()
     written = outputs(out)
@@ -415,8 +418,7 @@ def measure(contender: Contender, files: list[Path], root: Path, round_: int,
         raise RuntimeError(f"{contender.name} wrote {written} for {len(files)} images")
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(scratch, ignore_errors=True)
-    return {"round": round_, "seconds": seconds, "images_per_s": len(files) / seconds,
-            "cpu_s_per_image": sum(c1[r] - c0[r] for r in c0) / len(files),
+    return {"round": round_, "seconds": seconds, **timed,
             "cpu_ms_per_image_by_process": {r: round((c1[r] - c0[r]) * 1000 / len(files), 1) for r in c0},
             "outputs": written,
             "zones": [s[0] for s in scored], "lung_px": [s[1] for s in scored], "opacity_px": [s[2] for s in scored],

@@ -73,7 +73,8 @@ def test_gpu_script_dry_run_on_the_cpu(tmp_path: Path) -> None:
         r["variant"] for r in runs[1:])
     # the dry run's engine is on the CPU: a lane a core, switched between one and all; no device steps
     assert [r["lanes"] for r in runs] == [1, e2e["variants"]["started_lanes"], 1, 1, e2e["variants"]["started_lanes"]]
-    assert not any(r["on_device"] for r in runs)
+    assert not any(r["on_device"] for r in runs) and not e2e["variants"]["cut_by_deadline"]
+    assert all(r["steps"]["engine_blobs_device"] == 0 for r in runs)  # a CPU engine has no device blobs
     assert "images/s against the default: all lanes" in proc.stdout
     assert "models-alone ceiling" in proc.stdout and (tmp_path / "gpu.log").exists()
 

@@ -427,6 +427,27 @@ def test_lung_blobs_found_on_the_device_are_the_hosts_to_the_last_bit(pipeline: 
             assert n > 4 and (np.bincount(labels.ravel())[1:] < min_fraction * size * size).any()
 
 
+def test_lung_blobs_on_the_device_keep_a_blob_of_exactly_the_smallest_area_as_the_host_does() -> None:
+    """min_fraction at a blob's exact area: the host keeps it (area >= min_fraction * pixels) and drops the
+    smaller one; so does the device, comparing whole pixels."""
+    size = 256
+    prob = np.zeros((size, size), np.float32)
+    for top, left, side in ((20, 20, 30), (120, 30, 12), (60, 150, 11)):
+        prob[top:top + side, left:left + side] = 0.9
+    kernel = lung_kernel(prob.shape)
+    mask = cv2.morphologyEx(cv2.morphologyEx((prob > 0.5).astype(np.uint8), cv2.MORPH_OPEN, kernel),
+                            cv2.MORPH_CLOSE, kernel)
+    labels, _ = ndimage.label(mask, structure=np.ones((3, 3)))
+    areas = sorted(np.bincount(labels.ravel())[1:])
+    assert len(areas) == 3 and areas[0] < areas[1] < areas[2]
+    fraction = areas[1] / prob.size  # the middle blob exactly at the limit
+    want = model_blobs(prob, 0.5, fraction)
+    assert [int(np.count_nonzero(b)) for b in want] == [areas[2], areas[1]]  # kept; the smallest dropped
+    got = lung_blobs_batch(torch.from_numpy(prob)[None], 0.5, fraction, kernel)
+    assert got is not None
+    np.testing.assert_array_equal(got[0].numpy(), np.stack(want))
+
+
 def test_the_device_stages_find_blobs_on_the_device_or_on_the_host_with_the_same_outputs(
     crs: list[Path], worker_here: None, fake_cuda: _FakeCuda, monkeypatch: pytest.MonkeyPatch
 ) -> None:

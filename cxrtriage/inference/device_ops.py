@@ -11,6 +11,7 @@ check that on CPU tensors.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -140,12 +141,15 @@ def _morphology(mask: torch.Tensor, offsets: list[tuple[int, int]], radius: int,
 def label_components(mask: torch.Tensor) -> torch.Tensor | None:
     """8-connected components of the bool (N, H, W) ``mask``: (N, H, W) int64, each pixel of a component
     labelled with the component's first pixel in raster order (its smallest flat index, so labels sort as
-    scipy.ndimage.label numbers them), H * W outside; None if it takes over :data:`MAX_LABEL_ROUNDS` rounds.
+    scipy.ndimage.label numbers them), H * W outside; None if it takes over :data:`MAX_LABEL_ROUNDS` rounds
+    (or H * W is over 2**24, where float32 labels would not be exact).
 
     Each round takes the smallest label of each pixel's 3 x 3 neighbourhood, then follows each label to
     that pixel's own label (a pixel's label is never above its own index, so this only jumps ahead)."""
     n, h, w = mask.shape
-    outside = float(h * w)  # float32 labels: exact below 2**24, and max_pool2d takes no integers on CUDA
+    if h * w > 1 << 24:
+        return None
+    outside = float(h * w)  # float32 labels: exact up to 2**24, and max_pool2d takes no integers on CUDA
     flat_index = torch.arange(h * w, dtype=torch.float32, device=mask.device).view(1, h, w)
     labels = torch.where(mask, flat_index, outside)
     for _ in range(0, MAX_LABEL_ROUNDS, _ROUNDS_PER_CHECK):
@@ -155,9 +159,22 @@ def label_components(mask: torch.Tensor) -> torch.Tensor | None:
             labels = torch.where(mask, smallest, outside)
             flat = labels.view(n, -1)
             labels = torch.where(mask, flat.gather(1, flat.long().clamp(max=h * w - 1)).view(n, h, w), outside)
-        if torch.equal(labels, before):
+        if not _on_host((labels != before).any()):
             return labels.long()
     return None
+
+
+def _on_host(flag: torch.Tensor) -> bool:
+    """A 0-d bool tensor's value. On CUDA copied into page-locked memory and waited for on a blocking event,
+    asleep: ``bool(flag)`` would spin a CPU core until the stream gets there, behind another lane's network."""
+    if flag.device.type != "cuda":
+        return bool(flag)
+    host = torch.empty((), dtype=torch.bool, pin_memory=True)
+    host.copy_(flag, non_blocking=True)
+    done = torch.cuda.Event(blocking=True)
+    done.record()
+    done.synchronize()
+    return bool(host)
 
 
 def _areas(labels: torch.Tensor) -> torch.Tensor:
@@ -185,7 +202,8 @@ def lung_blobs_batch(probs: torch.Tensor, threshold: float, min_fraction: float,
     labels = label_components(mask)
     if labels is None:
         return None
-    large = _areas(labels).gather(1, labels.view(n, -1)).view(n, h, w) >= min_fraction * h * w
+    # whole pixels: the host compares the areas with the float64 min_fraction * (h * w), the same as this
+    large = _areas(labels).gather(1, labels.view(n, -1)).view(n, h, w) >= math.ceil(min_fraction * (h * w))
     cleaned = probs * (mask & large)
     labels = label_components(cleaned > threshold)
     if labels is None:

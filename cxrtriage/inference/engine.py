@@ -226,7 +226,6 @@ class DeviceStages:
         import torch
 
         from .device_ops import batch_buckets
-        from .pipeline import lung_kernel
         from .predictors import compile_for_inference, inference_model
         from .presets import model_specs
 
@@ -255,7 +254,6 @@ class DeviceStages:
         self.blob_threads = ThreadPoolExecutor(max_workers=BLOB_THREADS, thread_name_prefix="engine-blobs")
         # or on the device (inference.lung_blobs_on_device), read per batch
         self.switches = switches or EngineSwitches(settings.device_lanes, settings.lung_blobs_on_device)
-        self.lung_kernel = lung_kernel((self.lung_spec.input_size, self.lung_spec.input_size))
         self.rings: dict[str, tuple[int, int] | None] = {}  # ring name -> registered (address, size), or None
 
     @property
@@ -379,7 +377,7 @@ class DeviceStages:
     def _batch(self, images: list[dict[str, np.ndarray]], lane: _Lane) -> list[
             tuple[dict[str, np.ndarray], tuple[int, ...], float] | Exception]:
         from .device_ops import boxes_of, crop_to_input, lung_blobs_batch, lung_masks_batch, model_input
-        from .pipeline import model_blobs
+        from .pipeline import lung_kernel, model_blobs
 
         torch = self.torch
         clock = lane.clock
@@ -410,8 +408,12 @@ class DeviceStages:
         by_shape: dict[tuple[int, ...], list[int]] = {}  # one batched mask + box pass per image size
         threshold, min_fraction = self.lung_spec.pixel_threshold, self.settings.min_lung_blob_fraction
         # (N, 2, s, s) on the device, or None: on the host's threads (also where the labelling did not settle)
-        on_device = lung_blobs_batch(probs, threshold, min_fraction, self.lung_kernel) if (
-            self.switches.blobs_on_device) else None
+        on_device = None
+        if self.switches.blobs_on_device:
+            try:
+                on_device = lung_blobs_batch(probs, threshold, min_fraction, lung_kernel(tuple(probs.shape[1:])))
+            except Exception as exc:  # out of device memory, say: the host's threads find them
+                log.warning("lung blobs on the device failed, found on the host: %s", type(exc).__name__)
         blobs = [] if on_device is not None else [
             self.blob_threads.submit(model_blobs, prob, threshold, min_fraction) for prob in host_probs]
         for i in range(len(images)):
