@@ -20,12 +20,12 @@ Phases, in this order (the JSON is rewritten after each, so a run cut short keep
    engine, ``steady_latency``: images offered at a steady ``--latency-rate`` (50/s) for ``--latency-seconds``,
    open loop, p50/p95/p99 from hand-over to SEG + SR bytes (the first quarter left out as warm-up).
    The engine starts with ``--device-lanes`` lanes (2: batches in flight at once on the device, each on its
-   own streams) and runs the timed pass with one of them taking batches, the node's default. Before the
+   own streams) and runs the timed pass with one of them taking batches, the node's default. After the
    latency, ``variants`` on the same warm engine (``EngineSwitches``; a new engine would pay minutes of kernel
    search): ``--variant-rounds`` rounds of runs over the same images of each of :data:`VARIANTS`, the order
    rotating, every run kept: one lane or all, Stage I's input made in the CPU workers or on the device
    (``inference.stage1_on_device``), the lung blobs found on host threads or on the device
-   (``inference.lung_blobs_on_device``).
+   (``inference.lung_blobs_on_device``). None starts after 380 s; the timed pass and latency are saved first.
 6. ``ceiling_compiled``: phase 3 with ``torch.compile(mode="reduce-overhead")`` (CUDA graphs); skipped
    on the dry run and with ``--no-compile``.
 
@@ -61,6 +61,7 @@ from pipeline import (  # noqa: E402
     Cxrtriage,
     Engine,
     Published,
+    cpu_per_image,
     engine_available,
     make_images,
     measure,
@@ -260,10 +261,7 @@ def variants(contender: Engine, files: list[Path], root: Path, rounds: int, dead
                     timings = contender.timings
                     keys = ("prepare", "engine", "engine_upload", "engine_stage1", "engine_blobs",
                             "engine_blobs_device", "engine_masks", "engine_wait")
-                    entry |= {"images_per_s": len(files) / seconds,
-                              "cpu_s_per_image": sum(c1[r] - c0[r] for r in c0) / len(files),
-                              "cpu_ms_per_image_by_process": {r: round((c1[r] - c0[r]) * 1000 / len(files), 1)
-                                                              for r in c0},
+                    entry |= {"images_per_s": len(files) / seconds, **cpu_per_image(c0, c1, len(files)),
                               "steps": {k: sum(k in t for t in timings) for k in keys},  # images that had it
                               "timings_ms_median": {k: round(statistics.median(t[k] for t in timings if k in t), 2)
                                                     for k in keys if any(k in t for t in timings)}}
@@ -478,7 +476,7 @@ def main() -> None:
                 contender = Cxrtriage("cxrtriage bf16 pool", e2e_settings, workers)
             # on the same started engine (a pool has no per-image call to offer to): the variants, in rotating
             # order; then the steady-rate latency, profiled: at a steady rate below capacity, where the CPU goes
-            def after(c: Any, timed: dict[str, float]) -> dict[str, Any]:
+            def after(c: Any, timed: dict[str, Any]) -> dict[str, Any]:
                 with py_spy(out / "profile.txt" if args.profile else None) as facts:
                     done = {"latency": steady_latency(c.scorer, files, rate, offer_s, offer_s / 4) | facts}
                 # kept if the run is cut during the variants

@@ -389,13 +389,19 @@ def tree_cpu(engine_pid: int | None = None) -> dict[str, float]:
     return roles
 
 
+def cpu_per_image(c0: dict[str, float], c1: dict[str, float], images: int) -> dict[str, Any]:
+    """CPU s/image over two :func:`tree_cpu` readings, and its ms/image split by process."""
+    return {"cpu_s_per_image": sum(c1[r] - c0[r] for r in c0) / images,
+            "cpu_ms_per_image_by_process": {r: round((c1[r] - c0[r]) * 1000 / images, 1) for r in c0}}
+
+
 def outputs(folder: Path) -> dict[str, int]:
     return {"seg": len(list(folder.rglob("*.seg.dcm"))), "sr": len(list(folder.rglob("*.sr.dcm"))),
             "png": len(list(folder.rglob("*.png")))}
 
 
 def measure(contender: Contender, files: list[Path], root: Path, round_: int,
-            after: Callable[[Contender, dict[str, float]], dict[str, Any]] | None = None) -> dict[str, Any]:
+            after: Callable[[Contender, dict[str, Any]], dict[str, Any]] | None = None) -> dict[str, Any]:
     """Start the contender's processes (untimed), time one run over ``files``, stop them; ``after`` runs on the
     started contender once the timed run is over, given its images/s and CPU s/image (its result under
     ``"after"``)."""
@@ -408,8 +414,7 @@ def measure(contender: Contender, files: list[Path], root: Path, round_: int,
         scored = contender.run(files, out)
         seconds = time.perf_counter() - t0
         c1 = tree_cpu(engine_pid)
-        timed = {"images_per_s": len(files) / seconds,
-                 "cpu_s_per_image": sum(c1[r] - c0[r] for r in c0) / len(files)}
+        timed = {"images_per_s": len(files) / seconds, **cpu_per_image(c0, c1, len(files))}
         extra = after(contender, timed) if after is not None else None
     finally:
         contender.close()
@@ -418,9 +423,7 @@ def measure(contender: Contender, files: list[Path], root: Path, round_: int,
         raise RuntimeError(f"{contender.name} wrote {written} for {len(files)} images")
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(scratch, ignore_errors=True)
-    return {"round": round_, "seconds": seconds, **timed,
-            "cpu_ms_per_image_by_process": {r: round((c1[r] - c0[r]) * 1000 / len(files), 1) for r in c0},
-            "outputs": written,
+    return {"round": round_, "seconds": seconds, **timed, "outputs": written,
             "zones": [s[0] for s in scored], "lung_px": [s[1] for s in scored], "opacity_px": [s[2] for s in scored],
             **({"after": extra} if extra is not None else {})}
 
