@@ -43,7 +43,7 @@ from cxrtriage.inference.models import ModelSpec, load_model
 from cxrtriage.inference.pipeline import Result
 from cxrtriage.inference.preprocess import CropBox
 from cxrtriage.inference.radiograph import Radiograph
-from cxrtriage.inference.scoring import ScoringConfig, ZoneMasks, brixia_grade, extent_grade, ZoneScores
+from cxrtriage.inference.scoring import ScoringConfig, ZoneMasks, ZoneScores, brixia_grade, extent_grade
 
 CROP_SPACE = 512
 CONTOUR_AREA_AT_512 = 6000
@@ -178,7 +178,7 @@ class CovidScoringNet:
 
         order = [2, 1, 0, 5, 4, 3]
         fractions = [fractions[i] for i in order]
-        zone_masks = ZoneMasks(tuple(full(zones[i]) for i in order), full(left), full(right), 2)
+        zone_masks = ZoneMasks.of_planes([full(zones[i]) for i in order], full(left), full(right), 2)
         binary = [int(f > self.threshold) for f in fractions]
         cutoffs = ScoringConfig().brixia_cutoffs
         brixia = [brixia_grade(f, cutoffs) for f in fractions]

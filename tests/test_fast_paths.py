@@ -87,7 +87,8 @@ def test_zone_boxes_hold_their_zones_and_scoring_inside_them_changes_nothing(ori
         assert zones.boxes is not None and len(zones.boxes) == len(ZONE_NAMES)
         for zone, (top, bottom, left, right) in zip(zones.zones, zones.boxes):
             assert np.count_nonzero(zone[top:bottom, left:right]) == np.count_nonzero(zone)
-        whole = ZoneMasks(zones.zones, zones.right, zones.left, zones.lungs_found)  # no boxes: whole image
+        box = (0, h, 0, w)  # each zone scored over the whole image
+        whole = ZoneMasks(zones.right, zones.left, zones.lungs_found, (box,) * 6, tuple(zones.zones))
         assert vars(score_zones(zones, disease, config)) == vars(score_zones(whole, disease, config))
         # The zones themselves are the raster-order thirds of each lung in the canonical orientation.
         transform = canonical_transform(orientation)

@@ -28,7 +28,7 @@ from cxrtriage.inference.result_templates import (
     save_result_objects,
     template_counts,
 )
-from cxrtriage.inference.scoring import ScoringConfig, score
+from cxrtriage.inference.scoring import ScoringConfig, ZoneMasks, score
 
 from .tools import dciodvfy_errors
 
@@ -47,7 +47,7 @@ def cases(pipeline, rg1: Path, tmp_path_factory: pytest.TempPathFactory) -> list
     one_lung = replace(diseased, lungs=diseased.zones.right, zones=zones, scores=scores)
     none = np.zeros(r.shape, dtype=bool)
     empty = replace(diseased, lungs=none, disease=none,
-                    zones=replace(diseased.zones, right=none, left=none, zones=(none,) * 6))
+                    zones=ZoneMasks.of_planes((none,) * 6, none, none, diseased.zones.lungs_found))
     # 301 x 250 pixels: not a multiple of 8, so the bits of a frame run on into the next
     odd = load_radiograph(write_cr(PhantomGenerator(301, 250, p_normal=0.0)(2_000_103), folder / "odd.dcm",
                                    monochrome1=True))
@@ -148,18 +148,20 @@ def test_frames_packed_inside_their_boxes_equal_whole_plane_packing() -> None:
             top, left = int(rng.integers(0, rows)), int(rng.integers(0, columns))
             plane[top:top + int(rng.integers(1, 30)), left:left + int(rng.integers(1, 40))] = rng.random() < 0.9
             box = bounds(plane)
-            wider = (max(box[0] - 3, 0), box[1] + 2, max(box[2] - 5, 0), min(box[3] + 9, columns))
+            wider = (max(box[0] - 3, 0), min(box[1] + 2, rows), max(box[2] - 5, 0), min(box[3] + 9, columns))
             whole = np.packbits(plane, axis=None, bitorder="little")
             for b in (box, wider, None) if plane.any() else (EMPTY_BOX, None):
-                np.testing.assert_array_equal(packed_frame(plane, b), whole)
+                inside = plane if b is None else plane[b[0]:b[1], b[2]:b[3]]
+                np.testing.assert_array_equal(packed_frame(inside, b, plane.shape), whole)
 
 
 @pytest.mark.parametrize("orientation", [None, ["L", "F"], ["R", "F"], ["R", "H"], ["F", "L"], ["H", "R"]])
 def test_each_segment_lies_inside_its_box(orientation: list[str] | None) -> None:
-    """The boxes the SEG packs within hold every pixel of their segment, in every display orientation."""
+    """The boxes the SEG packs within hold every pixel of their segment, in every display orientation, and the
+    parts inside them are the planes' own pixels."""
     from types import SimpleNamespace
 
-    from cxrtriage.inference.dicom_results import segmentation_plane_boxes, segmentation_planes
+    from cxrtriage.inference.dicom_results import segmentation_parts, segmentation_planes
 
     rng = np.random.default_rng(16)
     lungs = np.zeros((120, 96), bool)
@@ -168,11 +170,14 @@ def test_each_segment_lies_inside_its_box(orientation: list[str] | None) -> None
     disease = lungs & (rng.random(lungs.shape) < 0.2)
     scores, zones = score(lungs, disease, ScoringConfig(0.3), orientation, None, None)
     result = SimpleNamespace(zones=zones, disease=disease)
-    boxes = segmentation_plane_boxes(result)  # type: ignore[arg-type]
+    parts = segmentation_parts(result)  # type: ignore[arg-type]
     planes = segmentation_planes(result)  # type: ignore[arg-type]
-    assert boxes[2] is None and sum(b is not None for b in boxes) == 8
-    for plane, box in zip(planes, boxes):
-        if box is not None:
+    assert parts[2][0] is None and sum(box is not None for box, _ in parts) == 8
+    for plane, (box, inside) in zip(planes, parts):
+        if box is None:
+            assert inside is plane
+        else:
+            np.testing.assert_array_equal(inside, plane[box[0]:box[1], box[2]:box[3]])
             outside = plane.copy()
             outside[box[0]:box[1], box[2]:box[3]] = False
             assert plane.any() and not outside.any()

@@ -45,7 +45,7 @@ from pydicom.valuerep import DA, DT, TM
 
 from ..dicom_header import EncodedObject, derived_uid
 from .pipeline import Result
-from .scoring import BRIXIA_LETTERS, Box, hull
+from .scoring import BRIXIA_LETTERS, Box, hull, take_box
 
 MANUFACTURER = "cxrtriage"
 MODEL_NAME = "cxrtriage zone severity"
@@ -193,15 +193,18 @@ def segmentation_planes(result: Result) -> list[np.ndarray]:
     return [zones.right, zones.left, result.disease, *zones.zones]
 
 
-def segmentation_plane_boxes(result: Result) -> list[Box | None]:
-    """For each of :func:`segmentation_planes`, a box holding all its pixels, or None (unknown: the whole plane).
+def segmentation_parts(result: Result) -> list[tuple[Box | None, np.ndarray]]:
+    """:func:`segmentation_planes` as (box, the plane inside it): each box holds all of its plane's pixels;
+    None: the whole plane (the disease mask's).
 
-    The zones carry their boxes; each lung is the union of its three zones. The disease mask has none.
+    The zones carry their boxes; each lung is the union of its three zones. So the
+    SEG template reads a zone's few percent of the film, not its full plane.
     """
-    boxes = result.zones.boxes
-    if boxes is None:
-        return [None] * (3 + len(result.zones.zones))
-    return [hull(boxes[:3]), hull(boxes[3:]), None, *boxes]
+    zones = result.zones
+    right, left = hull(zones.boxes[:3]), hull(zones.boxes[3:])
+    parts: list[tuple[Box | None, np.ndarray]] = [(right, take_box(zones.right, right)),
+                                                   (left, take_box(zones.left, left)), (None, result.disease)]
+    return parts + list(zip(zones.boxes, zones.insides))
 
 
 def zone_values(result: Result, k: int) -> tuple[float, int, int]:

@@ -118,8 +118,8 @@ def overlay_from_seg(seg: Any, record: ImageResult) -> OverlayContent:
     identity = record.model_identity
     lungs = _stage(identity.lungs if identity else None, "lungs", record.models.get("lungs", ""))
     disease = _stage(identity.disease if identity else None, "disease", record.models.get("disease", ""))
-    zones = ZoneMasks(zones=tuple(masks.get(_FIRST_ZONE + k, empty) for k in range(len(ZONE_NAMES))),
-                      right=masks.get(_RIGHT, empty), left=masks.get(_LEFT, empty), lungs_found=record.lungs_found)
+    zones = ZoneMasks.of_planes([masks.get(_FIRST_ZONE + k, empty) for k in range(len(ZONE_NAMES))],
+                                masks.get(_RIGHT, empty), masks.get(_LEFT, empty), record.lungs_found)
     return OverlayContent(disease=masks.get(_OPACITY, empty), zones=zones, scores=scores_from_record(record),
                           p_disease=record.p_disease, identity=ModelIdentity(lungs, disease))
 

@@ -78,12 +78,8 @@ class Phantom:
         return bool(self.disease.any())
 
     def zones(self) -> ZoneMasks:
-        return ZoneMasks(
-            zones=lung_zones(self.right_lung) + lung_zones(self.left_lung),
-            right=self.right_lung,
-            left=self.left_lung,
-            lungs_found=2,
-        )
+        return ZoneMasks.of_planes(lung_zones(self.right_lung) + lung_zones(self.left_lung), self.right_lung,
+                                   self.left_lung, lungs_found=2)
 
     def truth(self, config: ScoringConfig | None = None) -> ZoneScores:
         spacing = (self.pixel_spacing_mm, self.pixel_spacing_mm)

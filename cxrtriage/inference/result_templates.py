@@ -65,7 +65,7 @@ from .dataset_template import (
     short_element,
 )
 from .pipeline import Result
-from .scoring import Box
+from .scoring import Box, ZoneMasks
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +123,8 @@ class Values:
     numbers: list[float | int]
     codes: dict[str, hd.sr.CodedConcept]
     options: dict[str, bool]
-    planes: list[np.ndarray]
-    boxes: list[Box | None]  # per plane, a box holding all its pixels (None: not known)
+    parts: list[tuple[Box | None, np.ndarray]]  # per segment plane, a box holding all its pixels and the plane in it
+    shape: tuple[int, int]  # the planes' rows and columns
     present: list[bool]
     jpeg2000: bool
     acquisition: bytes | None = None  # the source's acquisition equipment item, once made
@@ -133,8 +133,14 @@ class Values:
     def packed_plane(self, index: int) -> np.ndarray:
         """Segment plane ``index`` bit-packed as DICOM packs 1-bit pixels (little bit order), made once."""
         if index not in self.packed:
-            self.packed[index] = packed_frame(self.planes[index], self.boxes[index])
+            box, inside = self.parts[index]
+            self.packed[index] = packed_frame(inside, box, self.shape)
         return self.packed[index]
+
+    def plane(self, index: int) -> np.ndarray:
+        """Segment plane ``index`` whole (for JPEG 2000, or frames whose bits run across rows)."""
+        box, inside = self.parts[index]
+        return inside if box is None else _whole(inside, box, self.shape)
 
     def overlap(self) -> bool:
         """Is any pixel in more than one segment (highdicom's Segments Overlap)?"""
@@ -152,25 +158,32 @@ class Values:
         return False
 
 
-def packed_frame(plane: np.ndarray, box: Box | None) -> np.ndarray:
-    """``np.packbits(plane, axis=None, bitorder="little")``, reading only ``box`` (which holds all the plane's pixels).
+def packed_frame(inside: np.ndarray, box: Box | None, shape: tuple[int, int]) -> np.ndarray:
+    """``np.packbits(plane, axis=None, bitorder="little")`` of the ``shape`` plane that is ``inside`` within ``box``
+    (which holds all the plane's pixels) and empty elsewhere; ``box`` None: ``inside`` is the whole plane.
 
     With a whole number of bytes per row, packed rows start on byte boundaries: the box's rows are
     packed over its columns widened to whole bytes, into a zeroed frame (a zone is a few percent of a film).
     """
-    rows, columns = plane.shape
-    if box is None or columns % 8:
-        return np.packbits(plane, axis=None, bitorder="little")
+    rows, columns = shape
+    if box is None:
+        return np.packbits(inside, axis=None, bitorder="little")
+    if columns % 8:
+        return np.packbits(_whole(inside, box, shape), axis=None, bitorder="little")
     frame = np.zeros((rows, columns // 8), np.uint8)
     top, bottom, left, right = box
     first, end = left // 8, -(-right // 8)
     if bottom > top and end > first:
-        frame[top:bottom, first:end] = np.packbits(plane[top:bottom, 8 * first:8 * end], axis=1, bitorder="little")
+        widened = np.zeros((bottom - top, 8 * (end - first)), bool)  # the box's columns out to whole bytes
+        widened[:, left - 8 * first:right - 8 * first] = inside
+        frame[top:bottom, first:end] = np.packbits(widened, axis=1, bitorder="little")
     return frame.ravel()
 
 
-def _inside(plane: np.ndarray, box: Box | None) -> np.ndarray:
-    return plane if box is None else plane[box[0]:box[1], box[2]:box[3]]
+def _whole(inside: np.ndarray, box: Box, shape: tuple[int, int]) -> np.ndarray:
+    plane = np.zeros(shape, bool)
+    plane[box[0]:box[1], box[2]:box[3]] = inside
+    return plane
 
 
 def _values(source: Dataset, result: Result, now: datetime, jpeg2000: bool) -> Values:
@@ -191,14 +204,15 @@ def _values(source: Dataset, result: Result, now: datetime, jpeg2000: bool) -> V
         chosen[f"evaluation-{k}"] = codes.SCT.Present if s.binary[k] else codes.SCT.Absent
         chosen[f"severity-{k}"] = ref.SEVERITY.get(s.brixia[k], codes.SCT.Mild)
     scored = s.scored
-    planes, boxes = ref.segmentation_planes(result), ref.segmentation_plane_boxes(result)
-    present = [bool(_inside(p, b).any()) for p, b in zip(planes, boxes)]
+    parts = ref.segmentation_parts(result)
+    present = [bool(inside.any()) for _, inside in parts]
     omit = any(present)  # highdicom omits empty frames unless all are empty
     options = {f"zone-{k}": scored[k] for k in range(_ZONES)}
     options.update({f"severity-{k}": bool(s.brixia[k]) for k in range(_ZONES)})
     options["area"] = s.lesion_area_mm2 is not None
-    options.update({f"frame-{i}": present[i] or not omit for i in range(len(planes))})
-    return Values(source, now, uids, numbers, chosen, options, planes, boxes, present, jpeg2000)
+    options.update({f"frame-{i}": present[i] or not omit for i in range(len(parts))})
+    shape = (result.lungs.shape[0], result.lungs.shape[1])
+    return Values(source, now, uids, numbers, chosen, options, parts, shape, present, jpeg2000)
 
 
 _has_pixels: dict[str, bool] = {}
@@ -261,7 +275,7 @@ def _full(result: Result) -> Result:
     scores = replace(s, brixia=[b or 1 for b in s.brixia], zone_area_px=[1] * _ZONES,
                      lesion_area_mm2=s.lesion_area_mm2 if s.lesion_area_mm2 is not None else 1.0)
     ones = np.ones(result.lungs.shape, dtype=bool)
-    zones = replace(result.zones, right=ones, left=ones, zones=(ones,) * _ZONES, boxes=None)  # whole planes now
+    zones = ZoneMasks.of_planes((ones,) * _ZONES, ones, ones, result.zones.lungs_found)  # whole planes now
     return replace(result, disease=ones, zones=zones, scores=scores)
 
 
@@ -366,7 +380,7 @@ class _Slots:
         if kind == "PatientOrientation":
             return self.element(slot, v.source.get("PatientOrientation", ""))
         if kind == "NumberOfFrames":
-            return self.element(slot, sum(v.options[f"frame-{i}"] for i in range(len(v.planes))))
+            return self.element(slot, sum(v.options[f"frame-{i}"] for i in range(len(v.parts))))
         if kind == "PixelData":
             return self.pixel_data(slot, v)
         if kind == "SegmentsOverlap":
@@ -404,7 +418,7 @@ class _Slots:
         if not v.jpeg2000:
             return self.pixel_parts(slot, v)
         # frame by frame with highdicom's own encoder, then encapsulated (with a Basic Offset Table) as it does
-        frames = [p for i, p in enumerate(v.planes) if v.options[f"frame-{i}"]]
+        frames = [v.plane(i) for i in range(len(v.parts)) if v.options[f"frame-{i}"]]
         encoded = [encode_frame(np.ascontiguousarray(p, dtype=np.uint8), transfer_syntax_uid=JPEG2000Lossless,
                                 bits_allocated=1, bits_stored=1, photometric_interpretation="MONOCHROME2",
                                 pixel_representation=0) for p in frames]
@@ -412,14 +426,13 @@ class _Slots:
 
     def pixel_parts(self, slot: Slot, v: Values) -> list[Any]:
         """Native Pixel Data as pieces (header, packed frames, pad), so that 5 MB are copied once."""
-        included = [i for i in range(len(v.planes)) if v.options[f"frame-{i}"]]
-        frames = [v.planes[i] for i in included]
-        rows, columns = frames[0].shape
+        included = [i for i in range(len(v.parts)) if v.options[f"frame-{i}"]]
+        rows, columns = v.shape
         packed: list[Any]
         if (rows * columns) % 8 == 0:  # frames pack on byte boundaries: one at a time, no stacked copy
             packed = [v.packed_plane(i) for i in included]
         else:  # bits run on across frames, as highdicom packs them
-            packed = [np.packbits(np.stack(frames), axis=None, bitorder="little")]
+            packed = [np.packbits(np.stack([v.plane(i) for i in included]), axis=None, bitorder="little")]
         size = sum(int(p.size) for p in packed)
         pad = [b"0"] if size % 2 else []  # highdicom's pad byte
         return [long_header(slot.head, size + len(pad)), *packed, *pad]

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 from scipy import ndimage
@@ -71,7 +72,8 @@ def hull(boxes: Sequence[Box]) -> Box:
     return min(b[0] for b in held), max(b[1] for b in held), min(b[2] for b in held), max(b[3] for b in held)
 
 
-def _take(array: np.ndarray, box: Box) -> np.ndarray:
+def take_box(array: np.ndarray, box: Box) -> np.ndarray:
+    """``array`` inside ``box`` (a view)."""
     return array[box[0]:box[1], box[2]:box[3]]
 
 
@@ -278,41 +280,45 @@ def lung_zones(lung: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     Zone areas therefore differ by at most one pixel, and each zone is a
     horizontal band except for the single row it shares with its neighbour.
     """
-    zones, _ = _lung_zones(lung if lung.dtype == bool else lung.astype(bool))
+    zones = []
+    for inside, box in zip(*_lung_zones(lung if lung.dtype == bool else lung.astype(bool))):
+        zone = np.zeros(lung.shape, dtype=bool)
+        take_box(zone, box)[...] = inside
+        zones.append(zone)
     return zones[0], zones[1], zones[2]
 
 
 def _lung_zones(lung: np.ndarray, box: Box | None = None) -> tuple[list[np.ndarray], list[Box]]:
-    """:func:`lung_zones` and each zone's box (:func:`bounds` or larger).
+    """:func:`lung_zones` as each zone's box (:func:`bounds` or larger) and its pixels inside it.
 
     The cut rows come from the lung's pixel count per row; only the two
     boundary rows are split pixel by pixel. Each zone is copied from the lung
     inside its band: the lung's pixels are read about twice, not once per
-    zone and pixel index.
+    zone and pixel index, and no full-resolution plane is made.
     """
     box = bounds(lung) if box is None else box  # split_lungs has usually found it already
-    zones = [np.zeros(lung.shape, dtype=bool) for _ in range(3)]
     if box == EMPTY_BOX:
-        return zones, [EMPTY_BOX] * 3
+        return [take_box(lung, EMPTY_BOX)] * 3, [EMPTY_BOX] * 3
     top, _, left, right = box
-    inside = _take(lung, box)
+    inside = take_box(lung, box)
     ends = np.cumsum(np.count_nonzero(inside, axis=1))  # ends[r]: pixels in rows up to r
     n = int(ends[-1])
     c1, c2 = round(n / 3), round(2 * n / 3)
-    boxes = []
-    for zone, (lo, hi) in zip(zones, ((0, c1), (c1, c2), (c2, n))):
+    bands, boxes = [], []
+    for lo, hi in ((0, c1), (c1, c2), (c2, n)):
         if hi <= lo:
+            bands.append(take_box(lung, EMPTY_BOX))
             boxes.append(EMPTY_BOX)
             continue
         first, last = (int(np.searchsorted(ends, k, side="right")) for k in (lo, hi - 1))  # rows of pixels lo, hi-1
-        band = zone[top + first:top + last + 1, left:right]
-        band[...] = inside[first:last + 1]
+        band = inside[first:last + 1].copy()
         for row in {first, last}:  # keep only the pixels of ranks lo..hi-1 in the boundary rows
             cols = np.flatnonzero(inside[row])
             ranks = (int(ends[row - 1]) if row else 0) + np.arange(cols.size)
             band[row - first, cols[(ranks < lo) | (ranks >= hi)]] = False
+        bands.append(band)
         boxes.append((top + first, top + last + 1, left, right))
-    return zones, boxes
+    return bands, boxes
 
 
 #: T when neither the config nor the disease model gives one: the paper's default (Danilov et al. 2022).
@@ -420,15 +426,39 @@ def extent_grade(fraction: float) -> int:
 
 @dataclass(frozen=True)
 class ZoneMasks:
-    """The six zone masks in :data:`ZONE_NAMES` order, in the source orientation."""
+    """The six zones in :data:`ZONE_NAMES` order and the two lungs, in the source orientation.
 
-    zones: tuple[np.ndarray, ...]
+    Each zone is kept as a box holding all its pixels (:func:`bounds` or larger) and
+    the zone inside it: a zone is a few percent of a film, and its full plane (5 MB
+    of bool on a 2500 x 2048 CR, zeroed for each zone) is made only when
+    :attr:`zones` is read (the overlay, JPEG 2000 frames, highdicom's reference SEG).
+    Scoring and the SEG template read :attr:`insides` alone.
+    """
+
     right: np.ndarray
     left: np.ndarray
     lungs_found: int
-    #: Per zone, a box holding all its pixels (:func:`bounds` or larger), so scoring reads only those;
-    #: None: the whole image.
-    boxes: tuple[Box, ...] | None = None
+    boxes: tuple[Box, ...]
+    #: Per zone, its pixels inside its box (``zones[k][box]``).
+    insides: tuple[np.ndarray, ...]
+
+    @classmethod
+    def of_planes(cls, zones: Sequence[np.ndarray], right: np.ndarray, left: np.ndarray,
+                  lungs_found: int) -> ZoneMasks:
+        """From full-resolution zone planes (each then kept inside its :func:`bounds`)."""
+        planes = [z if z.dtype == bool else z.astype(bool) for z in zones]
+        boxes = tuple(bounds(z) for z in planes)
+        return cls(right, left, lungs_found, boxes, tuple(take_box(z, b) for z, b in zip(planes, boxes)))
+
+    @cached_property
+    def zones(self) -> tuple[np.ndarray, ...]:
+        """The six zones as full-resolution planes, made on first use."""
+        planes = []
+        for box, inside in zip(self.boxes, self.insides):
+            plane = np.zeros(self.right.shape, dtype=bool)
+            take_box(plane, box)[...] = inside
+            planes.append(plane)
+        return tuple(planes)
 
 
 def zone_masks(
@@ -445,14 +475,14 @@ def zone_masks(
     pair = split_lungs(canonical, image_laterality, canonical_blobs)
     right, right_boxes = _lung_zones(pair.right, pair.boxes[0])
     left, left_boxes = _lung_zones(pair.left, pair.boxes[1])
-    back = tuple(np.ascontiguousarray(transform.invert(z)) for z in right + left)
     shape = (canonical.shape[0], canonical.shape[1])
     return ZoneMasks(
-        zones=back,
         right=np.ascontiguousarray(transform.invert(pair.right)),
         left=np.ascontiguousarray(transform.invert(pair.left)),
         lungs_found=pair.lungs_found,
         boxes=tuple(transform.invert_box(b, shape) for b in right_boxes + left_boxes),
+        # a band of the canonical image, inverted, is the inverted image's band in the inverted box
+        insides=tuple(np.ascontiguousarray(transform.invert(z)) for z in right + left),
     )
 
 
@@ -465,10 +495,8 @@ def score_zones(
     """Score the disease mask against precomputed zones."""
     config = config or ScoringConfig()
     disease = disease_mask if disease_mask.dtype == bool else disease_mask.astype(bool)
-    whole = (0, disease.shape[0], 0, disease.shape[1])
-    boxes = zones.boxes or (whole,) * len(zones.zones)
-    zone_area = [int(np.count_nonzero(_take(z, b))) for z, b in zip(zones.zones, boxes)]
-    affected = [int(np.count_nonzero(_take(z, b) & _take(disease, b))) for z, b in zip(zones.zones, boxes)]
+    zone_area = [int(np.count_nonzero(z)) for z in zones.insides]
+    affected = [int(np.count_nonzero(z & take_box(disease, b))) for z, b in zip(zones.insides, zones.boxes)]
     fractions = [a / z if z else 0.0 for a, z in zip(affected, zone_area)]
     binary = [int(f > config.zone_threshold) for f in fractions]
     brixia = [brixia_grade(f, config.brixia_cutoffs) for f in fractions]
