@@ -410,6 +410,7 @@ def test_lung_blobs_found_on_the_device_are_the_hosts_to_the_last_bit(pipeline: 
             noise = ndimage.gaussian_filter(rng.standard_normal((size, size)), sigma)
             above = np.quantile(noise, 0.7)  # 30 % of the map above the threshold, in many blobs
             batch.append(np.clip((noise - above) / np.ptp(noise) + threshold, 0, 1).astype(np.float32))
+        batch += [0.9 * m for m in _long_thin_blobs(size)]
         squares = np.zeros((size, size), np.float32)  # three blobs of one area: the first two in raster order
         for top, left in ((size // 2, size // 10), (size // 10, size // 2), (size // 2, size // 2)):
             squares[top:top + size // 8, left:left + size // 8] = 0.9
@@ -421,10 +422,26 @@ def test_lung_blobs_found_on_the_device_are_the_hosts_to_the_last_bit(pipeline: 
             want = model_blobs(prob, threshold, min_fraction)
             counts.append(len(want))
             np.testing.assert_array_equal(planes, np.stack(want + [np.zeros_like(prob)] * (2 - len(want))))
-        assert counts[:3] == [2, 2, 2] and counts[-1] == 0  # two lungs each; nothing in the empty map
+        assert counts[:3] == [2, 2, 2] and counts[5:7] == [1, 1] and counts[-1] == 0  # two lungs each; one
+        # crescent, one serpentine; nothing in the empty map
         for noise in batch[3:5]:  # many components, some of them below min_fraction, which both drop
             labels, n = ndimage.label(noise > threshold, structure=np.ones((3, 3)))
             assert n > 4 and (np.bincount(labels.ravel())[1:] < min_fraction * size * size).any()
+
+
+def _long_thin_blobs(size: int) -> list[np.ndarray]:
+    """A crescent and a serpentine: blobs whose far ends a 3 x 3 minimum alone joins only after hundreds of
+    rounds at 512 px (about 240 and 430; over MAX_LABEL_ROUNDS, the serpentine went to the host)."""
+    yy, xx = np.mgrid[:size, :size] * (512 / size)
+    r = np.hypot(yy - 256, xx - 256)
+    crescent = (r < 200) & (r > 150) & ~((yy < 256) & (xx < 256))
+    serpentine = np.zeros((512, 512), bool)
+    for k in range(8):
+        serpentine[40 + k * 55:65 + k * 55, 30:480] = True
+        column = 455 if k % 2 == 0 else 30
+        serpentine[40 + k * 55:120 + k * 55, column:column + 25] = True
+    serpentine = cv2.resize(serpentine.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST) > 0
+    return [crescent.astype(np.float32), serpentine.astype(np.float32)]
 
 
 def test_lung_blobs_on_the_device_keep_a_blob_of_exactly_the_smallest_area_as_the_host_does() -> None:
@@ -483,6 +500,34 @@ def test_the_device_stages_find_blobs_on_the_device_or_on_the_host_with_the_same
                     unlink(reply.output.block)
         for _, block in blocks:
             unlink(block)
+
+
+def test_a_failed_device_batch_waits_for_its_streams_before_the_error_goes_on(
+    crs: list[Path], worker_here: None, fake_cuda: _FakeCuda, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stage II failing (out of device memory, say) after Stage I's wait: the lane waits, asleep, for its compute
+    and copy streams before the error leaves, so its next batch cannot refill buffers a copy still reads."""
+    from cxrtriage.inference.engine import DeviceStages
+
+    device = DeviceStages(SETTINGS.model_copy(update={"precision": "fp32"}), torch.device("cpu"))
+    run = device._run
+
+    def out_of_memory_in_stage2(model: object, x: torch.Tensor) -> tuple[object, object]:
+        if model is device.models[1]:
+            raise RuntimeError("CUDA out of memory (in this test)")
+        return run(model, x)
+
+    monkeypatch.setattr(device, "_run", out_of_memory_in_stage2)
+    prepared = engine_jobs.prepare(crs[0], "uid-0", False, True)
+    assert isinstance(prepared, Prepared)
+    try:
+        with open_block(prepared.block) as arrays:
+            fake_cuda.waits.clear()
+            with pytest.raises(RuntimeError, match="out of memory"):
+                device([arrays])
+        assert fake_cuda.waits == [True, True, True]  # after Stage I; then the compute and the copy streams
+    finally:
+        unlink(prepared.block)
 
 
 def test_jobs_submitted_together_share_a_batch_and_score_like_the_pipeline(

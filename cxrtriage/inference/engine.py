@@ -372,7 +372,21 @@ class DeviceStages:
         lane = self.lane
         lane.clock = StepClock()
         with self.torch.cuda.stream(lane.compute):  # every kernel of this batch on this lane's stream
-            return self._batch(images, lane)
+            try:
+                return self._batch(images, lane)
+            except Exception:
+                self._drain(lane)
+                raise
+
+    def _drain(self, lane: _Lane) -> None:
+        """After a failed batch: wait until its kernels and copies are done, so that the lane's next batch
+        does not refill pinned buffers a copy still reads (a broken device raises here too; the batch's own
+        error is the one that counts)."""
+        try:
+            self._wait_for(lane.compute)
+            self._wait_for(lane.copy)
+        except Exception as exc:
+            log.warning("a failed batch's streams could not be waited for: %s", type(exc).__name__)
 
     def _batch(self, images: list[dict[str, np.ndarray]], lane: _Lane) -> list[
             tuple[dict[str, np.ndarray], tuple[int, ...], float] | Exception]:
