@@ -69,7 +69,7 @@ def resize_like_cv2(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def boxes_of(masks: torch.Tensor, margin: float) -> list[CropBox]:
-    """:func:`~.preprocess.lung_box` of each bool (H, W) mask of ``masks`` (N, H, W): one host sync for all."""
+    """:func:`~.preprocess.lung_box` of each bool (H, W) mask of ``masks`` (N, H, W): one host wait for all."""
     _, h, w = masks.shape
     rows, cols = masks.any(dim=2), masks.any(dim=1)
 
@@ -81,7 +81,7 @@ def boxes_of(masks: torch.Tensor, margin: float) -> list[CropBox]:
     found = rows.any(dim=1).to(top.dtype)
     my, mx = int(round(margin * h)), int(round(margin * w))
     boxes = []
-    for t, b, lt, rt, ok in torch.stack([top, bottom, left, right, found], dim=1).tolist():
+    for t, b, lt, rt, ok in host_copy(torch.stack([top, bottom, left, right, found], dim=1)).tolist():
         boxes.append(CropBox(max(0, t - my), min(h, b + 1 + my), max(0, lt - mx), min(w, rt + 1 + mx))
                      if ok else CropBox(0, h, 0, w))
     return boxes
@@ -176,16 +176,22 @@ def label_components(mask: torch.Tensor) -> torch.Tensor | None:
 
 
 def _on_host(flag: torch.Tensor) -> bool:
-    """A 0-d bool tensor's value. On CUDA copied into page-locked memory and waited for on a blocking event,
-    asleep: ``bool(flag)`` would spin a CPU core until the stream gets there, behind another lane's network."""
-    if flag.device.type != "cuda":
-        return bool(flag)
-    host = torch.empty((), dtype=torch.bool, pin_memory=True)
-    host.copy_(flag, non_blocking=True)
+    """A 0-d bool tensor's value, waited for asleep (:func:`host_copy`)."""
+    return bool(host_copy(flag))
+
+
+def host_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` on the host. On CUDA copied into page-locked memory and waited for on a blocking event,
+    asleep: ``.cpu()`` or ``.tolist()`` would spin a CPU core until the stream gets there, behind another
+    lane's network."""
+    if tensor.device.type != "cuda":
+        return tensor
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
     done = torch.cuda.Event(blocking=True)
     done.record()
     done.synchronize()
-    return bool(host)
+    return host
 
 
 def _areas(labels: torch.Tensor) -> torch.Tensor:
