@@ -65,7 +65,7 @@ from .dataset_template import (
     short_element,
 )
 from .pipeline import Result
-from .scoring import Box, ZoneMasks
+from .scoring import Box, ZoneMasks, whole_plane
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ class Values:
     def plane(self, index: int) -> np.ndarray:
         """Segment plane ``index`` whole (for JPEG 2000, or frames whose bits run across rows)."""
         box, inside = self.parts[index]
-        return inside if box is None else _whole(inside, box, self.shape)
+        return inside if box is None else whole_plane(inside, box, self.shape)
 
     def overlap(self) -> bool:
         """Is any pixel in more than one segment (highdicom's Segments Overlap)?"""
@@ -169,7 +169,7 @@ def packed_frame(inside: np.ndarray, box: Box | None, shape: tuple[int, int]) ->
     if box is None:
         return np.packbits(inside, axis=None, bitorder="little")
     if columns % 8:
-        return np.packbits(_whole(inside, box, shape), axis=None, bitorder="little")
+        return np.packbits(whole_plane(inside, box, shape), axis=None, bitorder="little")
     frame = np.zeros((rows, columns // 8), np.uint8)
     top, bottom, left, right = box
     first, end = left // 8, -(-right // 8)
@@ -178,12 +178,6 @@ def packed_frame(inside: np.ndarray, box: Box | None, shape: tuple[int, int]) ->
         widened[:, left - 8 * first:right - 8 * first] = inside
         frame[top:bottom, first:end] = np.packbits(widened, axis=1, bitorder="little")
     return frame.ravel()
-
-
-def _whole(inside: np.ndarray, box: Box, shape: tuple[int, int]) -> np.ndarray:
-    plane = np.zeros(shape, bool)
-    plane[box[0]:box[1], box[2]:box[3]] = inside
-    return plane
 
 
 def _values(source: Dataset, result: Result, now: datetime, jpeg2000: bool) -> Values:

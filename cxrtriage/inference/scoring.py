@@ -77,6 +77,13 @@ def take_box(array: np.ndarray, box: Box) -> np.ndarray:
     return array[box[0]:box[1], box[2]:box[3]]
 
 
+def whole_plane(inside: np.ndarray, box: Box, shape: tuple[int, ...]) -> np.ndarray:
+    """The bool ``shape`` plane that is ``inside`` within ``box`` and False elsewhere."""
+    plane = np.zeros(shape, dtype=bool)
+    take_box(plane, box)[...] = inside
+    return plane
+
+
 @dataclass(frozen=True)
 class OrientationTransform:
     """How to bring an image into the canonical chest display orientation.
@@ -280,12 +287,9 @@ def lung_zones(lung: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     Zone areas therefore differ by at most one pixel, and each zone is a
     horizontal band except for the single row it shares with its neighbour.
     """
-    zones = []
-    for inside, box in zip(*_lung_zones(lung if lung.dtype == bool else lung.astype(bool))):
-        zone = np.zeros(lung.shape, dtype=bool)
-        take_box(zone, box)[...] = inside
-        zones.append(zone)
-    return zones[0], zones[1], zones[2]
+    insides, boxes = _lung_zones(lung if lung.dtype == bool else lung.astype(bool))
+    upper, middle, lower = (whole_plane(inside, box, lung.shape) for inside, box in zip(insides, boxes))
+    return upper, middle, lower
 
 
 def _lung_zones(lung: np.ndarray, box: Box | None = None) -> tuple[list[np.ndarray], list[Box]]:
@@ -453,12 +457,7 @@ class ZoneMasks:
     @cached_property
     def zones(self) -> tuple[np.ndarray, ...]:
         """The six zones as full-resolution planes, made on first use."""
-        planes = []
-        for box, inside in zip(self.boxes, self.insides):
-            plane = np.zeros(self.right.shape, dtype=bool)
-            take_box(plane, box)[...] = inside
-            planes.append(plane)
-        return tuple(planes)
+        return tuple(whole_plane(inside, box, self.right.shape) for box, inside in zip(self.boxes, self.insides))
 
 
 def zone_masks(
