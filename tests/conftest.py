@@ -50,6 +50,17 @@ def pipeline():
     return Pipeline()
 
 
+@pytest.fixture(scope="session")
+def held_out_evaluation(pipeline):
+    """The bundled models on the 200 held-out phantoms (issue #2's goals, the ranking's Spearman rho).
+
+    The tests that read it are marked ``xdist_group("held_out_phantoms")``: with ``--dist loadgroup``
+    (pyproject.toml) they run on one worker, which scores the 200 images once."""
+    from cxrtriage.inference.training.evaluation import evaluate_synthetic
+
+    return evaluate_synthetic(pipeline, images=200)
+
+
 def _database_backends() -> list[str]:
     return ["sqlite", "postgresql"] if os.environ.get("CXRTRIAGE_TEST_DATABASE_URL") else ["sqlite"]
 
