@@ -14,6 +14,7 @@ import io
 import os
 import pickle
 import signal
+import sys
 import threading
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -430,18 +431,14 @@ def test_lung_blobs_found_on_the_device_are_the_hosts_to_the_last_bit(pipeline: 
 
 
 def _long_thin_blobs(size: int) -> list[np.ndarray]:
-    """A crescent and a serpentine: blobs whose far ends a 3 x 3 minimum alone joins only after hundreds of
-    rounds at 512 px (about 240 and 430; over MAX_LABEL_ROUNDS, the serpentine went to the host)."""
-    yy, xx = np.mgrid[:size, :size] * (512 / size)
-    r = np.hypot(yy - 256, xx - 256)
-    crescent = (r < 200) & (r > 150) & ~((yy < 256) & (xx < 256))
-    serpentine = np.zeros((512, 512), bool)
-    for k in range(8):
-        serpentine[40 + k * 55:65 + k * 55, 30:480] = True
-        column = 455 if k % 2 == 0 else 30
-        serpentine[40 + k * 55:120 + k * 55, column:column + 25] = True
-    serpentine = cv2.resize(serpentine.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST) > 0
-    return [crescent.astype(np.float32), serpentine.astype(np.float32)]
+    """A crescent and a serpentine, as ``bench/label_rounds.py`` counts their rounds: blobs whose far ends a
+    3 x 3 minimum alone joins only after hundreds of rounds at 512 px (about 240 and 430; over
+    MAX_LABEL_ROUNDS, the serpentine went to the host)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    from label_rounds import shapes
+
+    maps = shapes(size)
+    return [maps["crescent"].astype(np.float32), maps["serpentine"].astype(np.float32)]
 
 
 def test_lung_blobs_on_the_device_keep_a_blob_of_exactly_the_smallest_area_as_the_host_does() -> None:
