@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import pickle
 import uuid
 from pathlib import Path
 from typing import Iterator
@@ -51,14 +53,25 @@ def pipeline():
 
 
 @pytest.fixture(scope="session")
-def held_out_evaluation(pipeline):
+def held_out_evaluation(pipeline, tmp_path_factory: pytest.TempPathFactory, worker_id: str):
     """The bundled models on the 200 held-out phantoms (issue #2's goals, the ranking's Spearman rho).
 
-    The tests that read it are marked ``xdist_group("held_out_phantoms")``: with ``--dist loadgroup``
-    (pyproject.toml) they run on one worker, which scores the 200 images once."""
+    Scored once per run: the first xdist worker to ask scores them and leaves the result beside the
+    workers' temp folders, under a lock the others wait on (pytest-xdist's recipe for a session
+    fixture run once; its ``loadgroup`` mode does not group tests under pytest 9).
+    """
     from cxrtriage.inference.training.evaluation import evaluate_synthetic
 
-    return evaluate_synthetic(pipeline, images=200)
+    if worker_id == "master":  # not under xdist
+        return evaluate_synthetic(pipeline, images=200)
+    shared = tmp_path_factory.getbasetemp().parent / "held-out-evaluation.pickle"
+    with open(shared.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if shared.exists():
+            return pickle.loads(shared.read_bytes())
+        result = evaluate_synthetic(pipeline, images=200)
+        shared.write_bytes(pickle.dumps(result))
+        return result
 
 
 def _database_backends() -> list[str]:

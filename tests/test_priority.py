@@ -104,7 +104,6 @@ def test_the_worst_image_is_one_image_chosen_by_ranking_total() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("held_out_phantoms")
 def test_ranking_quality_on_200_synthetic_studies(held_out_evaluation: Evaluation) -> None:
     """Spearman rho between worklist position and true severity (Goncharov et al. report rho), on the
     held-out phantoms that tests/test_quality.py scores."""

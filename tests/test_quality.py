@@ -17,7 +17,6 @@ pytestmark = pytest.mark.slow
 PHANTOM_ONLY_MAE = 0.025
 
 
-@pytest.mark.xdist_group("held_out_phantoms")
 def test_bundled_models_meet_the_goals_on_held_out_phantoms(held_out_evaluation: Evaluation) -> None:
     result = held_out_evaluation
     assert result.lung_dice >= 0.95
