@@ -156,6 +156,21 @@ def test_deflate_bomb_is_refused_without_inflating_it(database, small_cr: Path, 
     assert json.loads(note.read_text())["reason"] == "dataset_too_large"
 
 
+def test_pixel_data_length_is_checked_without_reading_a_deferred_value(database, small_cr: Path, tmp_path: Path) -> None:
+    """Pixel Data over 256 KB stays unread while parsing; its declared length still has to fit the geometry."""
+    ingest = make_ingest(database, tmp_path / "archive")
+    ds = pydicom.dcmread(small_cr)
+    assert len(ds.PixelData) > 256 * 1024  # deferred by the parse
+    ds.Rows = 2 * ds.Rows  # twice the rows the Pixel Data holds
+    short = file_bytes(ds, str(ds.file_meta.TransferSyntaxUID), encode_body(ds, implicit=False, little=True))
+    assert ingest.store(short, CR, "MODALITY", 2) == 0xA900
+    [note] = ingest.archive.quarantine_dir.glob("*.json")
+    assert json.loads(note.read_text())["reason"] == "pixel_data_mismatch"
+    assert f"Pixel Data is {len(ds.PixelData)} bytes" in json.loads(note.read_text())["detail"]
+    assert rows_of(database, ds.SOPInstanceUID) == []
+    assert ingest.store(small_cr.read_bytes(), CR, "MODALITY", 2) == 0x0000  # the real geometry fits
+
+
 def test_archive_verify_finds_a_changed_byte_and_a_missing_file(database_url: str, small_cr: Path,
                                                                 tmp_path: Path) -> None:
     from cxrtriage.storage.db import Database

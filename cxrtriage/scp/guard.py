@@ -160,10 +160,9 @@ class Refused(Exception):
         self.level = level
 
 
-def read_exact(sock: socket.socket, size: int, deadline: float, late: str) -> bytes:
-    """``size`` bytes before ``deadline`` (monotonic), else Refused(late); EOF is Refused too."""
-    buffer = bytearray(size)
-    view = memoryview(buffer)
+def _fill(sock: socket.socket, view: memoryview, deadline: float, late: str) -> None:
+    """Fill ``view`` from ``sock`` before ``deadline`` (monotonic), else Refused(late); EOF is Refused too."""
+    size = len(view)
     got = 0
     while got < size:
         remaining = deadline - time.monotonic()
@@ -179,16 +178,29 @@ def read_exact(sock: socket.socket, size: int, deadline: float, late: str) -> by
         if n == 0:
             raise Refused("closed by the peer mid-PDU" if got else "closed by the peer", level=logging.INFO)
         got += n
-    return bytes(buffer)
 
 
-def read_pdu(sock: socket.socket, deadline: float, cap: Callable[[int], int], late: str) -> bytes:
-    """One whole PDU; its declared length is checked against ``cap(type)`` before the body is read."""
+def read_exact(sock: socket.socket, size: int, deadline: float, late: str) -> bytearray:
+    """``size`` bytes before ``deadline`` (monotonic), else Refused(late); EOF is Refused too."""
+    buffer = bytearray(size)
+    _fill(sock, memoryview(buffer), deadline, late)
+    return buffer
+
+
+def read_pdu(sock: socket.socket, deadline: float, cap: Callable[[int], int], late: str) -> bytearray:
+    """One whole PDU; its declared length is checked against ``cap(type)`` before the body is read.
+
+    The body is received straight into the PDU's one buffer, and the DUL reads views of it
+    (:meth:`GuardedSocket.recv`): every copy here was another pass over each 10 MB image.
+    """
     header = read_exact(sock, 6, deadline, late)
     pdu_type, _, length = struct.unpack(">BBL", header)
     if length > cap(pdu_type):
         raise Refused("PDU too large", abort=INVALID_PARAMETER)
-    return header + read_exact(sock, length, deadline, late)
+    pdu = bytearray(6 + length)
+    pdu[:6] = header
+    _fill(sock, memoryview(pdu)[6:], deadline, late)
+    return pdu
 
 
 def associate_rq_cap(pdu_type: int) -> int:
@@ -200,19 +212,21 @@ def associate_rq_cap(pdu_type: int) -> int:
     raise Refused("garbage: not a DICOM PDU", abort=UNRECOGNISED_PDU)
 
 
-def ae_title(raw: bytes) -> str:
+def ae_title(raw: bytes | bytearray) -> str:
     """An AE title field as printable text (a peer may send anything)."""
     return raw.decode("ascii", "replace").strip(" \x00")
 
 
-def limit_datasets(pdu: bytes, state: DatasetBudget) -> bytes:
+def limit_datasets(pdu: bytearray, state: DatasetBudget) -> bytearray:
     """P-DATA-TF with dataset fragments past the budget emptied (PS3.8 9.3.5, PS3.8 E.2).
 
     Command fragments reset the budget (a new message). A dataset keeps at
     most ``max_dataset_bytes + 1`` bytes, so the C-STORE handler sees that
     it was larger than allowed; the last-fragment flag is always kept.
+    ``pdu`` itself comes back when nothing is cut (the usual case: no copy).
     """
-    items: list[bytes] = []
+    view = memoryview(pdu)
+    items: list[bytes | memoryview] = []
     changed = False
     offset = 6
     while offset + 6 <= len(pdu):
@@ -225,7 +239,7 @@ def limit_datasets(pdu: bytes, state: DatasetBudget) -> bytes:
         if control & 0x01:
             state.received = 0
             state.dropped = False
-            items.append(pdu[offset:end])
+            items.append(view[offset:end])
         else:
             size = end - fragment_start
             keep = max(0, min(size, state.limit + 1 - state.received))
@@ -233,15 +247,15 @@ def limit_datasets(pdu: bytes, state: DatasetBudget) -> bytes:
             if keep < size:
                 changed = True
                 state.dropped = True
-                items.append(struct.pack(">LBB", keep + 2, context_id, control) +
-                             pdu[fragment_start:fragment_start + keep])
+                items.append(struct.pack(">LBB", keep + 2, context_id, control))
+                items.append(view[fragment_start:fragment_start + keep])
             else:
-                items.append(pdu[offset:end])
+                items.append(view[offset:end])
         offset = end
     if not changed:
         return pdu
     body = b"".join(items)
-    return struct.pack(">BBL", P_DATA_TF, 0, len(body)) + body
+    return bytearray(struct.pack(">BBL", P_DATA_TF, 0, len(body)) + body)
 
 
 @dataclass
@@ -268,11 +282,12 @@ class GuardedSocket(AssociationSocket):
     limits: Limits
     peer: str
     on_rejected: OnRejected
-    _buffer: bytes
+    _buffer: bytearray  # the PDU being read
+    _offset: int  # how much of it the DUL has read
     _budget: DatasetBudget
 
     @classmethod
-    def adopt(cls, plain: AssociationSocket, limits: Limits, peer: str, first_pdu: bytes,
+    def adopt(cls, plain: AssociationSocket, limits: Limits, peer: str, first_pdu: bytearray,
               on_rejected: OnRejected = _ignore) -> GuardedSocket:
         """Take over a fresh AssociationSocket (its state, not a second Evt5)."""
         guarded = cls.__new__(cls)
@@ -281,6 +296,7 @@ class GuardedSocket(AssociationSocket):
         guarded.peer = peer
         guarded.on_rejected = on_rejected
         guarded._buffer = first_pdu
+        guarded._offset = 0
         guarded._budget = DatasetBudget(limits.max_dataset_bytes)
         if guarded.socket is not None:
             guarded.socket.settimeout(limits.pdu_timeout)  # a peer that stops reading cannot block a send
@@ -288,13 +304,15 @@ class GuardedSocket(AssociationSocket):
 
     @property
     def ready(self) -> bool:
-        return bool(self._buffer) or super().ready
+        return self._offset < len(self._buffer) or super().ready
 
-    def recv(self, nr_bytes: int) -> bytearray:
-        if not self._buffer:
-            self._buffer = self._next_pdu()
-        chunk, self._buffer = self._buffer[:nr_bytes], self._buffer[nr_bytes:]
-        return bytearray(chunk)
+    def recv(self, nr_bytes: int) -> memoryview:  # type: ignore[override]
+        """The next ``nr_bytes`` of the current PDU, as a view: the DUL only appends it to its own bytearray."""
+        if self._offset >= len(self._buffer):
+            self._buffer, self._offset = self._next_pdu(), 0
+        chunk = memoryview(self._buffer)[self._offset:self._offset + nr_bytes]
+        self._offset += len(chunk)
+        return chunk
 
     def _cap(self, pdu_type: int) -> int:
         if pdu_type == P_DATA_TF:
@@ -303,11 +321,11 @@ class GuardedSocket(AssociationSocket):
             return MAX_CONTROL_PDU
         raise Refused("garbage: not a DICOM PDU", abort=UNRECOGNISED_PDU)
 
-    def _next_pdu(self) -> bytes:
-        """The next whole PDU, or b"" (the DUL then sees the transport closed, Evt17)."""
+    def _next_pdu(self) -> bytearray:
+        """The next whole PDU, or an empty one (the DUL then sees the transport closed, Evt17)."""
         sock = self.socket
         if sock is None:
-            return b""
+            return bytearray()
         try:
             pdu = read_pdu(sock, time.monotonic() + self.limits.pdu_timeout, self._cap, "PDU timeout")
         except Refused as refused:
@@ -315,7 +333,7 @@ class GuardedSocket(AssociationSocket):
                 event(log, logging.WARNING, "association aborted", reason=refused.reason, address=self.peer)
                 self.on_rejected(rejection_label(refused.reason))
             self._drop(refused.abort)
-            return b""
+            return bytearray()
         finally:
             if self.socket is not None:
                 self._settimeout(self.limits.pdu_timeout)
@@ -468,7 +486,7 @@ class GuardedRequestHandler(RequestHandler):
             server.admission.release(host)
             _close(sock, None)
 
-    def _handshake(self, sock: socket.socket, entry: Pending) -> tuple[socket.socket, bytes]:
+    def _handshake(self, sock: socket.socket, entry: Pending) -> tuple[socket.socket, bytearray]:
         """TLS handshake (if on) and the whole A-ASSOCIATE-RQ, all within handshake_timeout."""
         limits = self.server.limits
         deadline = time.monotonic() + limits.handshake_timeout
@@ -490,7 +508,7 @@ class GuardedRequestHandler(RequestHandler):
         try:
             if len(pdu) < 6 + RQ_FIXED_LENGTH:
                 raise ValueError("shorter than its fixed fields")
-            A_ASSOCIATE_RQ().decode(pdu)  # what the DUL will decode: refuse here what it would not
+            A_ASSOCIATE_RQ().decode(bytes(pdu))  # what the DUL will decode: refuse here what it would not
         except Exception:
             raise Refused("garbage: undecodable A-ASSOCIATE-RQ", abort=INVALID_PARAMETER) from None
         return sock, pdu

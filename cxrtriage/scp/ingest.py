@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pydicom
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import _read_file_meta_info, read_dataset, read_preamble
@@ -144,8 +145,9 @@ def parse_strictly(data: bytes, max_inflated: int) -> Parsed:
     if deflated:  # parse what was inflated here, not a second, unbounded inflation by pydicom
         ds = FileDataset("", read_dataset(io.BytesIO(body), False, True), file_meta=meta, preamble=data[:128])
     else:
+        # Every element's header is read here, to the end of the dataset; values over 256 KB (Pixel Data)
+        # stay unread: check_encoding has walked their bytes, and the archive keeps ``data`` itself.
         ds = pydicom.dcmread(io.BytesIO(data), defer_size="256 KB")
-    _ = ds.get("PixelData")  # force the parse to the end of the dataset
     return Parsed(ds, str(transfer_syntax))
 
 
@@ -169,7 +171,11 @@ def pixel_data_problem(ds: pydicom.Dataset, transfer_syntax: str) -> str | None:
     samples = integer(ds, "SamplesPerPixel") or 1
     frames = integer(ds, "NumberOfFrames") or 1
     expected = rows * cols * samples * frames * bits // 8
-    actual = len(ds.PixelData)
+    element = ds.get_item("PixelData", keep_deferred=True)  # its length, without reading a deferred value
+    if isinstance(element, RawDataElement) and element.value is None:
+        actual = element.length
+    else:
+        actual = len(element.value)
     if rows <= 0 or cols <= 0 or bits not in (1, 8, 16, 32):
         return f"invalid image geometry: {rows}x{cols}, {bits} bits allocated"
     if actual < expected:
