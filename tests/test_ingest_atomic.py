@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
 import subprocess
 import sys
 import threading
@@ -26,7 +27,7 @@ from sqlalchemy import func, select
 
 from cxrtriage.inference.phantom import PhantomGenerator, write_cr
 from cxrtriage.observability import Metrics
-from cxrtriage.scp.ingest import Ingest
+from cxrtriage.scp.ingest import Ingest, parse_strictly
 from cxrtriage.storage.archive import Archive
 from cxrtriage.storage.models import Instance, Job
 from cxrtriage.storage.queue import JobQueue
@@ -156,17 +157,42 @@ def test_deflate_bomb_is_refused_without_inflating_it(database, small_cr: Path, 
     assert json.loads(note.read_text())["reason"] == "dataset_too_large"
 
 
-def test_pixel_data_length_is_checked_without_reading_a_deferred_value(database, small_cr: Path, tmp_path: Path) -> None:
-    """Pixel Data over 256 KB stays unread while parsing; its declared length still has to fit the geometry."""
+def _with_pixel_element(ds: pydicom.Dataset, element: bytes) -> bytes:
+    """``ds`` in Explicit VR Little Endian, its Pixel Data replaced by ``element``'s raw bytes (tag onwards)."""
+    header = pydicom.Dataset()
+    header.update({tag: ds[tag] for tag in ds.keys() if tag != 0x7FE00010})
+    header.file_meta = ds.file_meta
+    body = encode_body(header, implicit=False, little=True) + element
+    return file_bytes(ds, "1.2.840.10008.1.2.1", body)
+
+
+def test_pixel_data_is_checked_without_reading_a_deferred_value(database, small_cr: Path, tmp_path: Path) -> None:
+    """Pixel Data over 256 KB stays unread while parsing; its declared length still has to fit the geometry, its
+    VR has to be OB or OW, and an uncompressed transfer syntax cannot carry it encapsulated."""
     ingest = make_ingest(database, tmp_path / "archive")
     ds = pydicom.dcmread(small_cr)
-    assert len(ds.PixelData) > 256 * 1024  # deferred by the parse
-    ds.Rows = 2 * ds.Rows  # twice the rows the Pixel Data holds
-    short = file_bytes(ds, str(ds.file_meta.TransferSyntaxUID), encode_body(ds, implicit=False, little=True))
-    assert ingest.store(short, CR, "MODALITY", 2) == 0xA900
-    [note] = ingest.archive.quarantine_dir.glob("*.json")
-    assert json.loads(note.read_text())["reason"] == "pixel_data_mismatch"
-    assert f"Pixel Data is {len(ds.PixelData)} bytes" in json.loads(note.read_text())["detail"]
+    pixels = ds.PixelData
+    assert len(pixels) > 256 * 1024
+    parsed = parse_strictly(small_cr.read_bytes(), MIB)
+    assert parsed.ds.get_item("PixelData", keep_deferred=True).value is None  # deferred by the parse, not read
+    short = pydicom.dcmread(small_cr)
+    short.Rows = 2 * short.Rows
+    tag = struct.pack("<HH", 0x7FE0, 0x0010)
+    item, delimiter = struct.pack("<HHL", 0xFFFE, 0xE000, 0), struct.pack("<HHL", 0xFFFE, 0xE0DD, 0)
+    fragment = struct.pack("<HHL", 0xFFFE, 0xE000, len(pixels)) + pixels
+    cases = {
+        "twice the rows the Pixel Data holds": (
+            f"Pixel Data is {len(pixels)} bytes",
+            file_bytes(short, "1.2.840.10008.1.2.1", encode_body(short, implicit=False, little=True))),
+        "encapsulated, undefined length": (
+            "undefined length",
+            _with_pixel_element(ds, tag + b"OB\0\0" + struct.pack("<L", 0xFFFFFFFF) + item + fragment + delimiter)),
+        "VR OF": ("has VR OF", _with_pixel_element(ds, tag + b"OF\0\0" + struct.pack("<L", len(pixels)) + pixels)),
+    }
+    for name, (detail, data) in cases.items():
+        assert ingest.store(data, CR, "MODALITY", 2) == 0xA900, name
+        notes = [json.loads(n.read_text()) for n in ingest.archive.quarantine_dir.glob("*.json")]
+        assert any(n["reason"] == "pixel_data_mismatch" and detail in n["detail"] for n in notes), name
     assert rows_of(database, ds.SOPInstanceUID) == []
     assert ingest.store(small_cr.read_bytes(), CR, "MODALITY", 2) == 0x0000  # the real geometry fits
 

@@ -312,6 +312,8 @@ class GuardedSocket(AssociationSocket):
             self._buffer, self._offset = self._next_pdu(), 0
         chunk = memoryview(self._buffer)[self._offset:self._offset + nr_bytes]
         self._offset += len(chunk)
+        if self._offset >= len(self._buffer):  # read to the end: an idle association holds no PDU
+            self._buffer, self._offset = bytearray(), 0
         return chunk
 
     def _cap(self, pdu_type: int) -> int:

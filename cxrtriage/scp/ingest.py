@@ -116,7 +116,8 @@ def inflate_bounded(deflated: bytes | memoryview, limit: int) -> bytes:
 
 @dataclass(frozen=True)
 class Parsed:
-    """A received file, checked: its dataset (Pixel Data read) and declared transfer syntax."""
+    """A received file, checked: its dataset (values over 256 KB, such as Pixel Data, left unread) and
+    declared transfer syntax."""
 
     ds: pydicom.Dataset
     transfer_syntax: str
@@ -160,6 +161,11 @@ def encode_file(file_meta: FileMetaDataset, dataset_bytes: bytes) -> bytes:
     return buffer.getvalue()
 
 
+#: Pixel Data's VR as read: explicit OB or OW (UN from a peer that did not know it), None when implicit.
+_PIXEL_DATA_VRS = frozenset({None, "OB", "OW", "UN", "OB or OW"})
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+
+
 def pixel_data_problem(ds: pydicom.Dataset, transfer_syntax: str) -> str | None:
     """Why an image dataset does not match its SOP class, or None."""
     if "PixelData" not in ds:
@@ -171,11 +177,12 @@ def pixel_data_problem(ds: pydicom.Dataset, transfer_syntax: str) -> str | None:
     samples = integer(ds, "SamplesPerPixel") or 1
     frames = integer(ds, "NumberOfFrames") or 1
     expected = rows * cols * samples * frames * bits // 8
-    element = ds.get_item("PixelData", keep_deferred=True)  # its length, without reading a deferred value
-    if isinstance(element, RawDataElement) and element.value is None:
-        actual = element.length
-    else:
-        actual = len(element.value)
+    element = ds.get_item("PixelData", keep_deferred=True)  # as read: a deferred value stays unread
+    if element.VR not in _PIXEL_DATA_VRS:
+        return f"Pixel Data (7FE0,0010) has VR {element.VR}; an image's is OB or OW"
+    actual = element.length if isinstance(element, RawDataElement) else len(element.value)
+    if actual == _UNDEFINED_LENGTH:  # PS3.5 A.4: encapsulated Pixel Data belongs to compressed transfer syntaxes
+        return "Pixel Data (7FE0,0010) of undefined length (encapsulated) in an uncompressed transfer syntax"
     if rows <= 0 or cols <= 0 or bits not in (1, 8, 16, 32):
         return f"invalid image geometry: {rows}x{cols}, {bits} bits allocated"
     if actual < expected:
