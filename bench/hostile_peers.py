@@ -35,11 +35,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/ for th
 
 import pydicom
 import yaml
+from netutil import free_port  # noqa: E402
 from pydicom.uid import DeflatedExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 
 from cxrtriage.inference.phantom import PhantomGenerator, write_cr
-from netutil import free_port  # noqa: E402
 
 VERIFICATION = "1.2.840.10008.1.1"
 

@@ -33,9 +33,10 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -55,7 +56,7 @@ from cxrtriage.triage.worklist import Worklist  # noqa: E402
 
 CR, SEG, SR = "1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.88.34"
 ROOT = "1.2.826.0.1.3680043.10.999"
-NOW = dt.datetime.now(dt.timezone.utc)
+NOW = dt.datetime.now(dt.UTC)
 
 
 def details(rng: random.Random, total: int, brixia: int, p: float, missing: list[str]) -> str:

@@ -29,11 +29,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from netutil import free_port, wait_port  # noqa: E402
+
 from cxrtriage.config import Settings
 from cxrtriage.inference.phantom import PhantomGenerator, write_cr
 from cxrtriage.node import Node
 from cxrtriage.storage.models import Instance, Job, JobKind, JobState
-from netutil import free_port, wait_port  # noqa: E402
 
 
 class Hanging:

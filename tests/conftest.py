@@ -6,8 +6,8 @@ import fcntl
 import os
 import pickle
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 

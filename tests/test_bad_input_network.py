@@ -123,7 +123,7 @@ def test_bad_input_corpus_over_the_network(tmp_path: Path, database_url: str, ph
         assert by_uid[pydicom.dcmread(good, stop_before_pixels=True).SOPInstanceUID][0] == "scored"
 
         log = node.log
-        for name, (status, reason) in EXPECTED.items():
+        for name, (_status, reason) in EXPECTED.items():
             if reason:
                 assert f'"reason": "{reason}"' in log, f"no log line with reason {reason} ({name})"
         # Refused bytes are kept in quarantine with their reason, never in the archive proper.

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from cxrtriage.config import InferenceSettings
+from cxrtriage.inference.model_cache import ModelNotCached, cached_path
 from cxrtriage.inference.models import (
     ARCHITECTURES,
     WEIGHTS_DIR,
@@ -20,7 +21,6 @@ from cxrtriage.inference.models import (
     read_spec,
     save_bundled,
 )
-from cxrtriage.inference.model_cache import ModelNotCached, cached_path
 from cxrtriage.inference.presets import model_specs
 from cxrtriage.inference.registry import REGISTRY, expand
 

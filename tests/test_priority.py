@@ -12,7 +12,7 @@ from cxrtriage.config import PrioritySettings
 from cxrtriage.inference.training.evaluation import Evaluation
 from cxrtriage.triage.priority import TOP, ImageFinding, prioritise, rank, worst_image
 
-T0 = dt.datetime(2026, 11, 22, 8, 0, tzinfo=dt.timezone.utc)
+T0 = dt.datetime(2026, 11, 22, 8, 0, tzinfo=dt.UTC)
 SETTINGS = PrioritySettings()
 
 

@@ -11,8 +11,9 @@ import datetime as dt
 import hashlib
 import itertools
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pydicom
 import pytest
@@ -30,7 +31,7 @@ from cxrtriage.triage.worklist import StudyNotFound, Worklist
 
 CR = "1.2.840.10008.5.1.4.1.1.1"
 SEG = "1.2.840.10008.5.1.4.1.1.66.4"
-T0 = dt.datetime(2026, 11, 22, 8, 0, tzinfo=dt.timezone.utc)
+T0 = dt.datetime(2026, 11, 22, 8, 0, tzinfo=dt.UTC)
 _uids = itertools.count(1)
 
 

@@ -278,7 +278,7 @@ def test_lease_loop_retries_a_failing_job_with_backoff_then_fails_it_for_good(en
     assert loop.turn() is Turn.RETRYING
     (job,) = env.rows(Job)
     assert (job.state, job.attempts, job.last_error) == (JobState.PENDING, 1, "RuntimeError: model file unreadable")
-    waits = (job.available_at.replace(tzinfo=dt.timezone.utc) - t0).total_seconds()
+    waits = (job.available_at.replace(tzinfo=dt.UTC) - t0).total_seconds()
     assert 0.15 < waits < 1.0  # the first backoff: backoff_base
     assert loop.turn() is Turn.IDLE  # backing off: not claimable yet
     assert env.count(ScoreResult) == 0  # not recorded while it may still succeed
