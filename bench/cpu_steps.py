@@ -42,7 +42,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -56,7 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cv2  # noqa: E402
 import pydicom  # noqa: E402
 import torch  # noqa: E402
-from netutil import free_port  # noqa: E402
+from receive import receive  # noqa: E402
 
 from cxrtriage.config import DicomSettings  # noqa: E402
 from cxrtriage.inference.dicom_results import build_result_objects  # noqa: E402
@@ -73,12 +72,7 @@ from cxrtriage.inference.pipeline import (  # noqa: E402
 from cxrtriage.inference.radiograph import radiograph_from_dataset  # noqa: E402
 from cxrtriage.inference.result_templates import encode_result_objects  # noqa: E402
 from cxrtriage.inference.scoring import score  # noqa: E402
-from cxrtriage.observability import Metrics  # noqa: E402
-from cxrtriage.scp.ingest import Ingest  # noqa: E402
-from cxrtriage.scp.server import start_server  # noqa: E402
 from cxrtriage.storage.archive import Archive  # noqa: E402
-from cxrtriage.storage.db import Database  # noqa: E402
-from cxrtriage.storage.queue import JobQueue  # noqa: E402
 
 ROWS, COLS = 2500, 2048
 NETWORKS = ("stage1 network", "stage2 network")
@@ -147,22 +141,7 @@ def score_one(pipeline: Pipeline, path: Path, scratch: Path, clock: Clock, seg_s
 
 def receive_ms(files: list[Path], scratch: Path) -> float:
     """This process's CPU ms per image while the node's SCP receives ``files`` from DCMTK storescu."""
-    db = Database(f"sqlite:///{scratch / 'receive.db'}")
-    db.migrate()
-    archive = Archive(scratch / "archive")
-    ingest = Ingest(db, archive, JobQueue(db), Metrics(), 0, 3)
-    port = free_port()
-    settings = DicomSettings(port=port)
-    unused = {name: (lambda e: iter(())) for name in ("find", "move", "get")}  # only C-STORE is measured
-    server = start_server(settings, {"store": ingest.handle, **unused})
-    try:
-        t0 = time.process_time()
-        subprocess.run(["/usr/bin/storescu", "-aec", settings.ae_title, "127.0.0.1", str(port),
-                        *map(str, files)], check=True, capture_output=True)
-        return (time.process_time() - t0) * 1000 / len(files)
-    finally:
-        server.shutdown()
-        db.dispose()
+    return receive(files, scratch, DicomSettings().maximum_pdu_size)["cpu_ms_per_image"]
 
 
 def main() -> None:

@@ -168,7 +168,7 @@ _SHORT_VRS = frozenset({
     "AE", "AS", "AT", "CS", "DA", "DS", "DT", "FD", "FL", "IS", "LO", "LT", "PN", "SH", "SL", "SS", "ST", "TM", "UI",
     "UL", "US",
 })
-_UNDEFINED = 0xFFFFFFFF
+UNDEFINED_LENGTH = 0xFFFFFFFF
 _ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _PIXEL_DATA = 0x7FE00010
 _MAX_DEPTH = 32  # sequences nested deeper than this are refused rather than recursed into
@@ -268,7 +268,7 @@ class _Walker:
                     length, pos = struct.unpack_from(self.e + "H", self.buf, pos + 6)[0], pos + 8
                 else:
                     raise _Malformed(f"{_tag_name(tag)} at offset {pos}: bytes {raw.hex()} are not a VR")
-            if length == _UNDEFINED:
+            if length == UNDEFINED_LENGTH:
                 pos = self._undefined(tag, vr, pos, end, depth)
                 continue
             if length > end - pos:
@@ -304,7 +304,7 @@ class _Walker:
             if tag != _ITEM:
                 raise _Malformed(f"{_tag_name(tag)} at offset {pos} inside a sequence, where an item belongs")
             pos += 8
-            if length == _UNDEFINED:
+            if length == UNDEFINED_LENGTH:
                 pos = self.dataset(pos, end, depth, in_item=True)
             else:
                 if length > end - pos:
@@ -325,7 +325,7 @@ class _Walker:
             pos += 8
             if tag == _SEQUENCE_END:
                 return pos
-            if tag != _ITEM or length == _UNDEFINED:
+            if tag != _ITEM or length == UNDEFINED_LENGTH:
                 raise _Malformed(f"{_tag_name(tag)} inside encapsulated Pixel Data, where a fragment belongs")
             if length > end - pos:
                 raise _Truncated(f"the bytes end inside a Pixel Data fragment: {length} bytes declared, "

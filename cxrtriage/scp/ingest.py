@@ -50,7 +50,15 @@ from sqlalchemy import text as sql_text
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
-from ..dicom_header import EncodingError, catalog_attributes, check_encoding, integer, requested_priority, text
+from ..dicom_header import (
+    UNDEFINED_LENGTH,
+    EncodingError,
+    catalog_attributes,
+    check_encoding,
+    integer,
+    requested_priority,
+    text,
+)
 from ..observability import Metrics, event, hex_status, safe_error
 from ..storage.archive import Archive, ArchiveConflictError, InvalidUIDError, check_uid
 from ..storage.catalog import instance_row
@@ -163,7 +171,6 @@ def encode_file(file_meta: FileMetaDataset, dataset_bytes: bytes) -> bytes:
 
 #: Pixel Data's VR as read: explicit OB or OW (UN from a peer that did not know it), None when implicit.
 _PIXEL_DATA_VRS = frozenset({None, "OB", "OW", "UN", "OB or OW"})
-_UNDEFINED_LENGTH = 0xFFFFFFFF
 
 
 def pixel_data_problem(ds: pydicom.Dataset, transfer_syntax: str) -> str | None:
@@ -181,7 +188,7 @@ def pixel_data_problem(ds: pydicom.Dataset, transfer_syntax: str) -> str | None:
     if element.VR not in _PIXEL_DATA_VRS:
         return f"Pixel Data (7FE0,0010) has VR {element.VR}; an image's is OB or OW"
     actual = element.length if isinstance(element, RawDataElement) else len(element.value)
-    if actual == _UNDEFINED_LENGTH:  # PS3.5 A.4: encapsulated Pixel Data belongs to compressed transfer syntaxes
+    if actual == UNDEFINED_LENGTH:  # PS3.5 A.4: encapsulated Pixel Data belongs to compressed transfer syntaxes
         return "Pixel Data (7FE0,0010) of undefined length (encapsulated) in an uncompressed transfer syntax"
     if rows <= 0 or cols <= 0 or bits not in (1, 8, 16, 32):
         return f"invalid image geometry: {rows}x{cols}, {bits} bits allocated"
